@@ -1,0 +1,188 @@
+"""Dataset audit: counts, undecodable files, exact and near duplicates, patient overlap.
+
+The report (a JSON-able dict) has these keys:
+
+- ``counts``: ``read``/``used``/``skipped``/``samples`` (read = used + skipped),
+  ``by_class`` and ``by_split`` (split -> class -> samples).
+- ``skipped``: ``[{path, reason, kind, stage}]`` for every entry that could not be used.
+- ``duplicate_groups``: lists of paths with byte-identical content (SHA-256).
+- ``cross_split_duplicate_groups``: those groups that span more than one split.
+- ``near_duplicate_groups`` / ``cross_split_near_duplicate_groups``: groups linked by a
+  perceptual hash (DCT pHash) within ``near_threshold`` bits that are not all identical.
+- ``label_conflicts``: duplicate or near-duplicate groups whose members carry different
+  labels.
+- ``patient_overlap``: patients found in more than one split, as salted pseudonyms (a
+  fresh random salt per report, so nothing links back to a real ID).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from collections import Counter, defaultdict
+
+from kmedtl.data import scan
+from kmedtl.data.hashing import hamming_pairs
+from kmedtl.data.options import ImageOptions
+from kmedtl.data.sources import DatasetIndex, Skipped
+from kmedtl.data.splits import _UnionFind
+
+DEFAULT_NEAR_THRESHOLD = 2
+
+
+def scan_index(index: DatasetIndex, options: ImageOptions, cache_dir=None, workers=None,
+               progress=None):
+    """Decode every sample once; returns (digests, phashes, skipped) keyed by sample id."""
+    if cache_dir is not None:
+        from kmedtl.data.cache import build_cache
+
+        res = build_cache(index, options, cache_dir, workers, progress, phash=True)
+        return res.digests, res.phashes, res.skipped
+    tasks = [scan.Task(s.path, s.frame, options, None, True) for s in index.samples]
+    digests, phashes, skipped = {}, {}, []
+    for s, r in zip(index.samples, scan.run(tasks, workers, progress, desc="audit")):
+        if r.ok:
+            digests[s.id], phashes[s.id] = r.digest, r.phash
+        else:
+            skipped.append(Skipped(r.path, r.error_reason, r.error_kind, "decode"))
+    return digests, phashes, skipped
+
+
+def audit(index: DatasetIndex, options: ImageOptions | None = None, *, splits=None,
+          cache_dir=None, workers=None, near_threshold: int = DEFAULT_NEAR_THRESHOLD,
+          progress=None, patients: dict | None = None, hierarchy=None) -> dict:
+    """Audit a dataset index. ``splits`` (sample id -> split name) defaults to the split
+    the source gave each sample (folder layout or manifest column)."""
+    options = options or ImageOptions()
+    digests, phashes, skipped = scan_index(index, options, cache_dir, workers, progress)
+    used = index.drop(skipped)
+    split_of = dict(splits) if splits else {s.id: (s.split or "all") for s in used.samples}
+    label_of = {s.id: s.label for s in used.samples}
+    path_of = {s.id: s.path for s in used.samples}
+    rel = index.relpath
+
+    by_class = Counter(hierarchy.leaf_of(s.label) if hierarchy else s.label
+                       for s in used.samples)
+    by_split: dict = defaultdict(Counter)
+    for s in used.samples:
+        by_split[split_of.get(s.id, "unassigned")][hierarchy.leaf_of(s.label) if hierarchy
+                                                   else s.label] += 1
+
+    # Exact duplicates: identical file content (frames of one file are not duplicates).
+    by_digest = defaultdict(list)
+    for sid, d in digests.items():
+        if sid in path_of:
+            by_digest[(d, sid.rsplit("#", 1)[1] if "#" in sid else None)].append(sid)
+    exact = [sorted(v) for v in by_digest.values() if len({path_of[x] for x in v}) > 1]
+
+    # Near duplicates: components of the "pHash within threshold" graph.
+    ids = [sid for sid in phashes if sid in path_of]
+    pairs = hamming_pairs([phashes[i] for i in ids], near_threshold) if near_threshold >= 0 else []
+    uf = _UnionFind(len(ids))
+    for a, b in pairs:
+        uf.union(a, b)
+    comp = defaultdict(list)
+    for i, sid in enumerate(ids):
+        comp[uf.find(i)].append(sid)
+    near = [sorted(v) for v in comp.values()
+            if len(v) > 1 and len({digests[x] for x in v}) > 1]
+
+    def crosses(group):
+        return len({split_of.get(x) for x in group}) > 1
+
+    def as_paths(group):
+        return [rel(path_of[x]) + (f"#{x.rsplit('#', 1)[1]}" if "#" in x else "") for x in group]
+
+    conflicts = [as_paths(g) for g in exact + near if len({label_of[x] for x in g}) > 1]
+    report = {
+        "counts": {**used.counts(), "by_class": dict(sorted(by_class.items())),
+                   "by_split": {k: dict(sorted(v.items())) for k, v in sorted(by_split.items())}},
+        "skipped": [s.to_dict() | {"path": rel(s.path)} for s in used.skipped],
+        "duplicate_groups": sorted(as_paths(g) for g in exact),
+        "cross_split_duplicate_groups": sorted(as_paths(g) for g in exact if crosses(g)),
+        "near_duplicate_groups": sorted(as_paths(g) for g in near),
+        "cross_split_near_duplicate_groups": sorted(as_paths(g) for g in near if crosses(g)),
+        "label_conflicts": sorted(conflicts),
+        "patient_overlap": _patient_overlap(used, split_of, patients),
+        "params": {"near_threshold": near_threshold, "hash": "sha256 + 64-bit DCT pHash",
+                   "image_options": options.key(), "root": index.root},
+    }
+    report["summary"] = {
+        "duplicate_groups": len(report["duplicate_groups"]),
+        "duplicate_files": sum(len(g) for g in report["duplicate_groups"]),
+        "cross_split_duplicate_groups": len(report["cross_split_duplicate_groups"]),
+        "near_duplicate_groups": len(report["near_duplicate_groups"]),
+        "cross_split_near_duplicate_groups": len(report["cross_split_near_duplicate_groups"]),
+        "label_conflicts": len(report["label_conflicts"]),
+        "patients_in_several_splits": report["patient_overlap"]["count"],
+    }
+    # Kept for callers that build leakage-free splits from the same pass (not serialised).
+    report["_internal"] = {"digests": digests, "near_pairs": [(ids[a], ids[b]) for a, b in pairs],
+                           "index": used}
+    return report
+
+
+def _patient_overlap(index: DatasetIndex, split_of, patients):
+    patients = dict(patients or {})
+    for s in index.samples:
+        if s.patient_id:
+            patients.setdefault(s.id, s.patient_id)
+    seen = defaultdict(set)
+    for sid, pid in patients.items():
+        if sid in split_of and pid:
+            seen[pid].add(split_of[sid])
+    salt = secrets.token_bytes(16)
+    overlap = sorted(
+        ("patient-" + hashlib.sha256(salt + pid.encode()).hexdigest()[:10], sorted(splits))
+        for pid, splits in seen.items() if len(splits) > 1)
+    return {"count": len(overlap), "patients_with_id": len(seen),
+            "pseudonyms": [{"patient": p, "splits": s} for p, s in overlap]}
+
+
+def public(report: dict) -> dict:
+    """The report without in-memory helpers (what gets written to JSON)."""
+    return {k: v for k, v in report.items() if not k.startswith("_")}
+
+
+def dicom_patients(index: DatasetIndex) -> dict:
+    """PatientID from DICOM headers for samples without one (in memory only)."""
+    from kmedtl.data import dicom
+    from kmedtl.data.decode import looks_like_dicom
+    from kmedtl.errors import DataError
+
+    out = {}
+    for s in index.samples:
+        if s.patient_id:
+            continue
+        try:
+            with open(s.path, "rb") as fh:
+                head = fh.read(132)
+            if not looks_like_dicom(s.path, head):
+                continue
+            ds = dicom.read_dataset(s.path, s.path, stop_before_pixels=True)
+        except (DataError, OSError):
+            continue
+        pid = dicom.patient_key(ds)
+        if pid:
+            out[s.id] = pid
+    return out
+
+
+def format_summary(report: dict) -> str:
+    c = report["counts"]
+    s = report["summary"]
+    lines = [
+        f"read {c['read']} = used {c['used']} + skipped {c['skipped']}  ({c['samples']} samples)",
+        "by split: " + "; ".join(f"{k}: {sum(v.values())}" for k, v in c["by_split"].items()),
+        f"exact duplicate groups: {s['duplicate_groups']} ({s['duplicate_files']} files), "
+        f"across splits: {s['cross_split_duplicate_groups']}",
+        f"near-duplicate groups: {s['near_duplicate_groups']}, across splits: "
+        f"{s['cross_split_near_duplicate_groups']}",
+        f"label conflicts: {s['label_conflicts']}; patients in several splits: "
+        f"{s['patients_in_several_splits']}",
+    ]
+    kinds = Counter(x["kind"] for x in report["skipped"])
+    if kinds:
+        lines.append("skipped by reason: " + ", ".join(f"{k} {v}" for k, v in kinds.most_common()))
+    return "\n".join(lines)
+

@@ -1,0 +1,329 @@
+"""Where samples come from: folder-per-class trees, CSV manifests, DICOM series folders.
+
+Indexing is cheap (no pixel decoding): it lists entries, maps labels through the
+``Hierarchy`` and expands multi-frame DICOMs / series folders into one sample per frame
+when asked to.  Every entry it cannot use is recorded in ``DatasetIndex.skipped`` with a
+reason, and ``DatasetIndex.counts()`` reconciles: read = used + skipped.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kmedtl.data.options import ImageOptions
+from kmedtl.errors import DataError, ManifestError, StrictModeError
+
+#: Folder names recognised as split folders in a folder-per-class tree.
+SPLIT_NAMES = {
+    "train": "train", "training": "train",
+    "val": "val", "valid": "val", "validation": "val",
+    "test": "test", "testing": "test",
+}
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".dicom", ".dic",
+                  ".ima", "")
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One training example: an image file (one frame of it) and its labels.
+
+    ``patient_id`` stays in memory (split grouping only); ``split`` is the split given by
+    the source (folder layout or manifest column), if any.  ``extra`` holds further
+    images of the same case for multi-input models as ``((name, path), ...)``.
+    """
+
+    path: str
+    label: str | None
+    patient_id: str | None = None
+    split: str | None = None
+    frame: int | None = None
+    extra: tuple = ()
+
+    @property
+    def id(self) -> str:
+        return self.path if self.frame is None else f"{self.path}#{self.frame}"
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """An entry that could not be used, and why (``kind`` is a short reason code)."""
+
+    path: str
+    reason: str
+    kind: str = "data_error"
+    stage: str = "index"
+
+    def to_dict(self) -> dict:
+        return {"path": self.path, "reason": self.reason, "kind": self.kind, "stage": self.stage}
+
+    @classmethod
+    def from_error(cls, err: DataError, stage: str) -> "Skipped":
+        return cls(err.path, err.reason, err.kind, stage)
+
+
+@dataclass
+class DatasetIndex:
+    """Samples plus what was skipped. ``read`` counts entries (files / manifest rows)."""
+
+    samples: list[Sample]
+    skipped: list[Skipped] = field(default_factory=list)
+    read: int = 0
+    root: str | None = None
+
+    def counts(self) -> dict:
+        used_entries = len({s.path for s in self.samples})
+        return {
+            "read": self.read,
+            "used": used_entries,
+            "skipped": len({s.path for s in self.skipped}),
+            "samples": len(self.samples),
+        }
+
+    def drop(self, skipped: list[Skipped]) -> "DatasetIndex":
+        """A new index without the samples whose files were skipped by a later pass."""
+        bad = {s.path for s in skipped}
+        return DatasetIndex(
+            samples=[s for s in self.samples if s.path not in bad],
+            skipped=self.skipped + [s for s in skipped if s.path not in
+                                    {k.path for k in self.skipped}],
+            read=self.read,
+            root=self.root,
+        )
+
+    def check_strict(self, strict: bool):
+        if strict and self.skipped:
+            raise StrictModeError(self.skipped)
+
+    def relpath(self, path: str) -> str:
+        if self.root:
+            try:
+                return os.path.relpath(path, self.root)
+            except ValueError:
+                return path
+        return path
+
+    def label_counts(self) -> Counter:
+        return Counter(s.label for s in self.samples)
+
+
+def _walk_files(folder: Path, skipped: list[Skipped]) -> list[Path]:
+    """Files under ``folder`` (recursively, sorted), recording folders that cannot be read."""
+    out = []
+
+    def onerror(exc):
+        skipped.append(Skipped(str(exc.filename), f"cannot list folder ({exc.strerror}): "
+                               "check its permissions", "unreadable_folder"))
+
+    for dirpath, dirnames, filenames in os.walk(folder, onerror=onerror):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        out.extend(Path(dirpath) / f for f in sorted(filenames) if not f.startswith("."))
+    return out
+
+
+def index_folder(root, hierarchy=None, options: ImageOptions | None = None) -> DatasetIndex:
+    """Index ``root/<class>/...`` or ``root/<split>/<class>/...`` (split names such as
+    ``Training``/``Testing`` are recognised case-insensitively).
+
+    Files below a class folder belong to that class (a series sub-folder is fine).
+    Hidden files and folders (``.name``) are ignored.
+    """
+    root_path = Path(root)
+    if not root_path.is_dir():
+        raise DataError(str(root_path), "dataset folder does not exist", kind="missing_folder")
+    skipped: list[Skipped] = []
+    samples: list[Sample] = []
+    read = 0
+    try:
+        top = sorted(p for p in root_path.iterdir() if not p.name.startswith("."))
+    except PermissionError:
+        raise DataError(str(root_path), "cannot list the dataset folder (permission denied)",
+                        kind="unreadable_folder") from None
+    top_dirs = [p for p in top if p.is_dir()]
+    has_splits = bool(top_dirs) and all(p.name.lower() in SPLIT_NAMES for p in top_dirs)
+    layers = [(SPLIT_NAMES[p.name.lower()], p) for p in top_dirs] if has_splits else [(None, root_path)]
+    for p in top:
+        if p.is_file() and p.name.lower() not in ("readme.md", "readme.txt", "readme"):
+            read += 1
+            skipped.append(Skipped(str(p), "file is not inside a class folder", "no_label"))
+    for split, base in layers:
+        if has_splits:
+            for p in sorted(base.iterdir()):
+                if p.is_file() and not p.name.startswith("."):
+                    read += 1
+                    skipped.append(Skipped(str(p), "file is not inside a class folder", "no_label"))
+        try:
+            class_dirs = sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
+        except PermissionError:
+            skipped.append(Skipped(str(base), "cannot list folder (permission denied)",
+                                   "unreadable_folder"))
+            continue
+        for class_dir in class_dirs:
+            label = class_dir.name
+            files = _walk_files(class_dir, skipped)
+            read += len(files)
+            if hierarchy is not None and label not in hierarchy:
+                for f in files:
+                    skipped.append(Skipped(str(f), _label_reason(label, hierarchy), "unknown_label"))
+                continue
+            samples.extend(Sample(str(f), label, split=split) for f in files)
+    index = DatasetIndex(samples, skipped, read, root=str(root_path))
+    return _expand_frames(index, options)
+
+
+def _label_reason(label, hierarchy) -> str:
+    return (f"label {label!r} is not in the hierarchy (known: {sorted(hierarchy.raw_labels)}); "
+            "add it to the hierarchy YAML or remove these files")
+
+
+def read_manifest(path, hierarchy=None, options: ImageOptions | None = None,
+                  extra_columns: list[str] | tuple = (), root=None) -> DatasetIndex:
+    """Index a CSV manifest with columns ``path``, ``label`` and ``patient_id``.
+
+    Optional columns: ``split`` (train/val/test), ``frame`` and the image columns named in
+    ``extra_columns`` (further image types of the same case).  Relative paths are resolved
+    against ``root`` (default: the manifest's folder).  A path may name a DICOM series
+    folder: its slices become frames, ordered by InstanceNumber.
+    """
+    mpath = Path(path)
+    if not mpath.is_file():
+        raise ManifestError(f"{mpath}: manifest file not found")
+    base = Path(root) if root else mpath.parent
+    skipped: list[Skipped] = []
+    samples: list[Sample] = []
+    with open(mpath, newline="", encoding="utf-8-sig") as fh:
+        reader = csv.DictReader(fh)
+        cols = [c.strip() for c in (reader.fieldnames or [])]
+        required = ("path", "label")
+        missing = [c for c in required if c not in cols]
+        if missing:
+            raise ManifestError(f"{mpath}: missing column(s) {missing}; the header has {cols} "
+                                "(required: path, label; recommended: patient_id)")
+        absent = [c for c in extra_columns if c not in cols]
+        if absent:
+            raise ManifestError(f"{mpath}: extra image column(s) {absent} not in header {cols}")
+        rows = list(reader)
+    for lineno, row in enumerate(rows, start=2):
+        row = {(k or "").strip(): (v or "").strip() for k, v in row.items()}
+        where = f"{mpath}:{lineno}"
+        rel = row.get("path", "")
+        if not rel:
+            skipped.append(Skipped(where, "empty path", "bad_row"))
+            continue
+        full = str(base / rel) if not os.path.isabs(rel) else rel
+        label = row.get("label") or None
+        if label is None:
+            skipped.append(Skipped(full, f"{where}: empty label", "no_label"))
+            continue
+        if hierarchy is not None and label not in hierarchy:
+            skipped.append(Skipped(full, _label_reason(label, hierarchy), "unknown_label"))
+            continue
+        if not os.path.exists(full):
+            skipped.append(Skipped(full, f"{where}: path in manifest does not exist",
+                                   "missing_file"))
+            continue
+        split = row.get("split") or None
+        if split is not None:
+            split = SPLIT_NAMES.get(split.lower())
+            if split is None:
+                skipped.append(Skipped(full, f"{where}: split {row['split']!r} is not one of "
+                                       "train/val/test", "bad_row"))
+                continue
+        frame = None
+        if row.get("frame"):
+            try:
+                frame = int(row["frame"])
+            except ValueError:
+                skipped.append(Skipped(full, f"{where}: frame {row['frame']!r} is not an integer",
+                                       "bad_row"))
+                continue
+        extra = []
+        for col in extra_columns:
+            value = row.get(col, "")
+            if not value:
+                extra = None
+                skipped.append(Skipped(full, f"{where}: empty image column {col!r}", "bad_row"))
+                break
+            epath = str(base / value) if not os.path.isabs(value) else value
+            if not os.path.exists(epath):
+                extra = None
+                skipped.append(Skipped(full, f"{where}: {col} path {epath} does not exist",
+                                       "missing_file"))
+                break
+            extra.append((col, epath))
+        if extra is None:
+            continue
+        samples.append(Sample(full, label, row.get("patient_id") or None, split, frame,
+                              tuple(extra)))
+    index = DatasetIndex(samples, skipped, read=len(rows), root=str(base))
+    return _expand_frames(index, options)
+
+
+def _expand_frames(index: DatasetIndex, options: ImageOptions | None) -> DatasetIndex:
+    """Series folders become their slices; with ``frames: all`` every frame is a sample."""
+    from kmedtl.data import dicom
+
+    mode = options.frames if options is not None else "middle"
+    out: list[Sample] = []
+    skipped = list(index.skipped)
+    for s in index.samples:
+        if os.path.isdir(s.path):
+            try:
+                slices = series_slices(s.path)
+            except DataError as err:
+                skipped.append(Skipped.from_error(err, "index"))
+                continue
+            chosen = {"first": slices[:1], "middle": slices[len(slices) // 2:][:1],
+                      "all": slices}[mode] if s.frame is None else [slices[s.frame]]
+            out.extend(Sample(f, s.label, s.patient_id, s.split, None, s.extra) for f in chosen)
+            continue
+        if mode == "all" and s.frame is None and _maybe_dicom(s.path):
+            try:
+                ds = dicom.read_dataset(s.path, s.path, stop_before_pixels=True)
+                n = dicom.n_frames(ds)
+            except DataError:
+                n = 1  # the decode pass reports the real problem
+            if n > 1:
+                out.extend(Sample(s.path, s.label, s.patient_id, s.split, i, s.extra)
+                           for i in range(n))
+                continue
+        out.append(s)
+    return DatasetIndex(out, skipped, index.read, index.root)
+
+
+def _maybe_dicom(path: str) -> bool:
+    from kmedtl.data.decode import looks_like_dicom
+
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(132)
+    except OSError:
+        return False
+    return looks_like_dicom(path, head)
+
+
+def series_slices(folder) -> list[str]:
+    """DICOM files of a series folder ordered by InstanceNumber (then file name)."""
+    from kmedtl.data import dicom
+
+    files = [str(p) for p in sorted(Path(folder).iterdir()) if p.is_file()
+             and not p.name.startswith(".")]
+    keyed = []
+    for f in files:
+        try:
+            ds = dicom.read_dataset(f, f, stop_before_pixels=True)
+        except DataError:
+            continue
+        try:
+            inst = int(ds.get("InstanceNumber", 0) or 0)
+        except (TypeError, ValueError):
+            inst = 0
+        keyed.append((inst, f))
+    if not keyed:
+        raise DataError(str(folder), "series folder holds no readable DICOM file",
+                        kind="empty_series")
+    return [f for _, f in sorted(keyed)]

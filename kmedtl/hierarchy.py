@@ -1,0 +1,375 @@
+"""The label tree: the single source of class names, order and parent/child structure.
+
+A ``Hierarchy`` is built from YAML (or the equivalent Python objects) of any depth::
+
+    normal: [no_tumor]            # a leaf and the raw labels that map to it
+    tumor:                        # an internal node
+      glioma: [glioma_tumor]
+      meningioma: [meningioma_tumor]
+      pituitary: [pituitary_tumor]
+
+A mapping value is an internal node; a list of strings (or one string) is a leaf with the
+raw labels found in the data; ``null`` is a leaf whose raw label is its own name.  A plain
+list ``[a, b, c]`` is the flat (depth-1) case.  Every leaf also accepts its own name as a
+raw label.
+
+Data encodes labels with it (:meth:`Hierarchy.encode`), models build one head per parent
+node (:attr:`Hierarchy.parents`) and metrics/exports name their outputs from it.
+
+Example::
+
+    >>> h = Hierarchy.from_yaml("normal: [no_tumor]\\ntumor: {glioma: [glioma_tumor], "
+    ...                         "pituitary: [pituitary_tumor]}")
+    >>> h.leaves
+    ('normal', 'glioma', 'pituitary')
+    >>> h.encode(["glioma_tumor"])["node:tumor"]
+    array([0])
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from kmedtl.errors import HierarchyError
+
+ROOT = "root"
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]+$")
+_RESERVED = {ROOT, "leaf", "leaves", "confidence", "label"}
+
+
+@dataclass(frozen=True)
+class Node:
+    """One node of the tree. ``depth`` is 1 for the root's children."""
+
+    name: str
+    parent: str | None
+    children: tuple[str, ...]
+    depth: int
+    raw_labels: tuple[str, ...] = ()
+
+    @property
+    def is_leaf(self) -> bool:
+        return not self.children
+
+
+class Hierarchy:
+    """A label tree of any depth. See the module docstring for the YAML form."""
+
+    def __init__(self, tree: Any):
+        self._spec = _normalise(tree, where="hierarchy")
+        if not self._spec:
+            raise HierarchyError("hierarchy: the label tree is empty; give at least two classes")
+        self._nodes: dict[str, Node] = {}
+        self._build(ROOT, None, self._spec, 0)
+        leaves = [n for n in self._nodes.values() if n.is_leaf]
+        if len(leaves) < 2:
+            raise HierarchyError(
+                f"hierarchy: needs at least two leaf classes, got {[n.name for n in leaves]}"
+            )
+        self.leaves: tuple[str, ...] = tuple(n.name for n in leaves)
+        self._leaf_index = {name: i for i, name in enumerate(self.leaves)}
+        self._raw_to_leaf: dict[str, str] = {}
+        for leaf in leaves:
+            for raw in (leaf.name, *leaf.raw_labels):
+                other = self._raw_to_leaf.get(raw)
+                if other is not None and other != leaf.name:
+                    raise HierarchyError(
+                        f"hierarchy: raw label {raw!r} maps to both {other!r} and {leaf.name!r}; "
+                        "each raw label must belong to exactly one leaf"
+                    )
+                self._raw_to_leaf[raw] = leaf.name
+        # Internal nodes in breadth-first order, root first: one classification head each.
+        order, queue = [], [ROOT]
+        while queue:
+            name = queue.pop(0)
+            node = self._nodes[name]
+            if node.children:
+                order.append(name)
+                queue.extend(node.children)
+        self.parents: tuple[str, ...] = tuple(order)
+        self.depth: int = max(n.depth for n in leaves)
+        self.levels: tuple[tuple[str, ...], ...] = tuple(
+            tuple(n for n in self._bfs() if self._nodes[n].depth == k)
+            for k in range(1, self.depth + 1)
+        )
+
+    # ------------------------------------------------------------------ construction
+    def _build(self, name, parent, spec, depth):
+        if name in self._nodes:
+            raise HierarchyError(
+                f"hierarchy: node name {name!r} appears twice; node names must be unique "
+                "because outputs are named after them"
+            )
+        if isinstance(spec, dict):
+            children = tuple(spec)
+            self._nodes[name] = Node(name, parent, children, depth)
+            for child, sub in spec.items():
+                self._build(child, name, sub, depth + 1)
+        else:
+            self._nodes[name] = Node(name, parent, (), depth, tuple(spec))
+
+    def _bfs(self):
+        queue = [ROOT]
+        while queue:
+            name = queue.pop(0)
+            if name != ROOT:
+                yield name
+            queue.extend(self._nodes[name].children)
+
+    @classmethod
+    def from_yaml(cls, source: str | Path) -> "Hierarchy":
+        """Build from a YAML file path or a YAML string."""
+        import yaml
+
+        text = source
+        if isinstance(source, Path) or (
+            isinstance(source, str) and "\n" not in source and source.endswith((".yaml", ".yml"))
+        ):
+            path = Path(source)
+            if not path.is_file():
+                raise HierarchyError(f"{path}: hierarchy file not found")
+            text = path.read_text()
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise HierarchyError(f"hierarchy: not valid YAML: {exc}") from None
+        return cls(data)
+
+    @classmethod
+    def flat(cls, labels: Iterable[str]) -> "Hierarchy":
+        """The depth-1 case: one class per label."""
+        return cls(list(labels))
+
+    def to_config(self) -> dict:
+        """A plain dict that ``Hierarchy(...)`` turns back into an equal hierarchy."""
+
+        def dump(name):
+            node = self._nodes[name]
+            if node.children:
+                return {c: dump(c) for c in node.children}
+            return list(node.raw_labels)
+
+        return dump(ROOT)
+
+    # ------------------------------------------------------------------ queries
+    def node(self, name: str) -> Node:
+        try:
+            return self._nodes[name]
+        except KeyError:
+            raise HierarchyError(
+                f"hierarchy: no node named {name!r}; nodes are {sorted(self._nodes)}"
+            ) from None
+
+    def children(self, name: str = ROOT) -> tuple[str, ...]:
+        return self.node(name).children
+
+    def path(self, leaf: str) -> tuple[str, ...]:
+        """Nodes from depth 1 down to ``leaf`` (the root excluded)."""
+        out, name = [], leaf
+        node = self.node(name)
+        while node.parent is not None:
+            out.append(node.name)
+            node = self._nodes[node.parent]
+        return tuple(reversed(out))
+
+    @property
+    def raw_labels(self) -> dict[str, str]:
+        """Raw label -> leaf name."""
+        return dict(self._raw_to_leaf)
+
+    def leaf_of(self, raw_label: str) -> str:
+        try:
+            return self._raw_to_leaf[str(raw_label)]
+        except KeyError:
+            raise HierarchyError(
+                f"label {raw_label!r} is not in the hierarchy; known labels: "
+                f"{sorted(self._raw_to_leaf)} (add it to the hierarchy YAML or fix the data)"
+            ) from None
+
+    def __contains__(self, raw_label) -> bool:
+        return str(raw_label) in self._raw_to_leaf
+
+    def leaf_index(self, raw_label: str) -> int:
+        return self._leaf_index[self.leaf_of(raw_label)]
+
+    @property
+    def is_flat(self) -> bool:
+        return self.depth == 1
+
+    # ------------------------------------------------------------------ names
+    def level_name(self, k: int) -> str:
+        return f"level_{k}"
+
+    def node_output_name(self, parent: str) -> str:
+        """Name of the head that classifies among ``parent``'s children."""
+        self.node(parent)
+        return parent
+
+    @property
+    def output_names(self) -> dict[str, Any]:
+        """Names of every model output: ``leaf``, one per level, one per parent node."""
+        return {
+            "leaf": "leaf",
+            "levels": [self.level_name(k) for k in range(1, self.depth + 1)],
+            "nodes": [self.node_output_name(p) for p in self.parents],
+        }
+
+    # ------------------------------------------------------------------ encoding
+    def encode(self, raw_labels: Sequence[str]) -> dict[str, np.ndarray]:
+        """Integer targets for every output.
+
+        Keys: ``"leaf"`` (index into :attr:`leaves`), ``"level_k"`` (index into
+        ``levels[k-1]``) and ``"node:<parent>"`` (index into ``children(parent)``).  A level
+        or node that does not apply to a sample (a ``normal`` scan has no subtype) is ``-1``;
+        ``masks(...)`` turns that into 0/1 weights.
+        """
+        leaves = [self.leaf_of(r) for r in raw_labels]
+        n = len(leaves)
+        out = {"leaf": np.array([self._leaf_index[x] for x in leaves], dtype=np.int64)}
+        level_pos = [{name: i for i, name in enumerate(lv)} for lv in self.levels]
+        levels = np.full((self.depth, n), -1, dtype=np.int64)
+        nodes = {p: np.full(n, -1, dtype=np.int64) for p in self.parents}
+        for i, leaf in enumerate(leaves):
+            path = self.path(leaf)
+            for k, name in enumerate(path):
+                levels[k, i] = level_pos[k][name]
+            for parent, child in zip((ROOT, *path[:-1]), path):
+                nodes[parent][i] = self._nodes[parent].children.index(child)
+        for k in range(self.depth):
+            out[self.level_name(k + 1)] = levels[k]
+        for p in self.parents:
+            out[f"node:{p}"] = nodes[p]
+        return out
+
+    @staticmethod
+    def masks(encoded: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """1.0 where a target applies, 0.0 where it is ``-1``."""
+        return {k: (np.asarray(v) >= 0).astype(np.float32) for k, v in encoded.items()}
+
+    def decode_leaf(self, indices: Iterable[int]) -> list[str]:
+        return [self.leaves[int(i)] for i in indices]
+
+    # ------------------------------------------------------------------ matrices
+    def level_matrix(self, k: int) -> np.ndarray:
+        """(n_leaves, len(levels[k-1])) 0/1 matrix: leaf -> its ancestor at level ``k``.
+
+        ``leaf_probs @ level_matrix(k)`` gives the level-k distribution; rows of leaves
+        shallower than ``k`` are zero.
+        """
+        names = self.levels[k - 1]
+        m = np.zeros((len(self.leaves), len(names)), dtype=np.float32)
+        for i, leaf in enumerate(self.leaves):
+            path = self.path(leaf)
+            if len(path) >= k:
+                m[i, names.index(path[k - 1])] = 1.0
+        return m
+
+    def ancestor_matrix(self) -> np.ndarray:
+        """(n_leaves, n_nodes) 0/1 matrix over :meth:`all_nodes`: leaf -> itself and ancestors."""
+        names = self.all_nodes()
+        pos = {n: i for i, n in enumerate(names)}
+        m = np.zeros((len(self.leaves), len(names)), dtype=np.float32)
+        for i, leaf in enumerate(self.leaves):
+            for name in self.path(leaf):
+                m[i, pos[name]] = 1.0
+        return m
+
+    def all_nodes(self) -> tuple[str, ...]:
+        """Every node but the root, breadth-first."""
+        return tuple(self._bfs())
+
+    def leaf_probabilities(self, node_probs: Mapping[str, np.ndarray]) -> np.ndarray:
+        """Leaf distribution from per-parent child distributions (product along each path).
+
+        ``node_probs[parent]`` has shape (N, len(children(parent))).  Rows sum to 1 when
+        every head's rows do.
+        """
+        first = np.asarray(node_probs[ROOT])
+        out = np.ones((first.shape[0], len(self.leaves)), dtype=np.float64)
+        for i, leaf in enumerate(self.leaves):
+            path = self.path(leaf)
+            for parent, child in zip((ROOT, *path[:-1]), path):
+                j = self._nodes[parent].children.index(child)
+                out[:, i] *= np.asarray(node_probs[parent])[:, j]
+        return out
+
+    # ------------------------------------------------------------------ dunder
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Hierarchy) and self.to_config() == other.to_config()
+
+    def __hash__(self):
+        return hash(repr(self.to_config()))
+
+    def __repr__(self) -> str:
+        return f"Hierarchy(depth={self.depth}, leaves={list(self.leaves)})"
+
+
+def _normalise(spec: Any, where: str) -> dict:
+    """Turn the accepted YAML shapes into nested dicts whose leaves are tuples of raw labels."""
+    if isinstance(spec, Hierarchy):
+        return spec._spec
+    if isinstance(spec, Mapping):
+        out = {}
+        for key, value in spec.items():
+            name = _check_name(key, where)
+            out[name] = _normalise_value(value, name, f"{where}.{name}")
+        return out
+    if isinstance(spec, (list, tuple)):
+        out = {}
+        for i, item in enumerate(spec):
+            if isinstance(item, Mapping) and len(item) == 1:
+                (key, value), = item.items()
+                name = _check_name(key, f"{where}[{i}]")
+                value = _normalise_value(value, name, f"{where}.{name}")
+            elif isinstance(item, (str, int)):
+                name = _check_name(item, f"{where}[{i}]")
+                value = (name,)
+            else:
+                raise HierarchyError(
+                    f"{where}[{i}]: expected a class name or a one-key mapping, got {item!r}"
+                )
+            if name in out:
+                raise HierarchyError(f"{where}: class {name!r} is listed twice")
+            out[name] = value
+        return out
+    raise HierarchyError(
+        f"{where}: expected a mapping (tree) or a list (flat classes), got {type(spec).__name__}"
+    )
+
+
+def _normalise_value(value, name, where):
+    if value is None:
+        return (name,)
+    if isinstance(value, (str, int)):
+        return (str(value),)
+    if isinstance(value, Mapping):
+        if not value:
+            raise HierarchyError(f"{where}: an internal node needs at least one child")
+        return _normalise(value, where)
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise HierarchyError(f"{where}: a leaf needs at least one raw label (or null)")
+        if all(isinstance(v, (str, int)) for v in value):
+            return tuple(str(v) for v in value)
+        raise HierarchyError(
+            f"{where}: a list holds the raw labels of leaf {name!r} and must contain strings "
+            "only; write children as a mapping, e.g. {glioma: [glioma_tumor]}"
+        )
+    raise HierarchyError(f"{where}: unsupported value {value!r}")
+
+
+def _check_name(key, where) -> str:
+    name = str(key)
+    if not _NAME_RE.match(name):
+        raise HierarchyError(
+            f"{where}: node name {name!r} may contain only letters, digits, '_', '.' and '-' "
+            "(outputs and layers are named after nodes)"
+        )
+    if name in _RESERVED:
+        raise HierarchyError(f"{where}: node name {name!r} is reserved; choose another")
+    return name
