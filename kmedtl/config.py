@@ -1,0 +1,243 @@
+"""Typed run configuration loaded from YAML.
+
+Validation is pydantic's; errors are re-worded into one ``ConfigError`` whose lines name
+the file, the dotted field path, what was given and what is allowed, e.g.::
+
+    pipelines/demo.yaml: data.dicom.window: 'lungs' is not allowed; allowed: 'header',
+    'percentile', 'minmax', 'brain', ... or [center, width]
+
+Strings may reference environment variables as ``${NAME}``; a missing variable is an
+error that names it (``KMEDTL_DATASETS`` is how shared datasets are found).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from kmedtl.data.options import WINDOW_MODES, ImageOptions
+from kmedtl.errors import ConfigError, DatasetNotFoundError
+from kmedtl.hierarchy import Hierarchy
+
+_ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+WindowName = Literal[WINDOW_MODES]  # type: ignore[valid-type]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class ImageSection(_Strict):
+    size: Union[int, tuple[int, int]] = 224
+    channels: Literal[1, 3] = 1
+    resize: Literal["pad", "crop", "stretch"] = "pad"
+
+
+class DicomSection(_Strict):
+    window: Union[WindowName, tuple[float, float]] = "header"
+    percentiles: tuple[float, float] = (0.5, 99.5)
+    frames: Literal["first", "middle", "all"] = "middle"
+
+
+class DataSection(_Strict):
+    source: Literal["folder", "manifest"] = "folder"
+    root: str | None = None
+    manifest: str | None = None
+    extra_columns: list[str] = Field(default_factory=list)
+    hierarchy: Union[dict, list, str, None] = None
+    image: ImageSection = Field(default_factory=ImageSection)
+    dicom: DicomSection = Field(default_factory=DicomSection)
+    decoder: Literal["pydicom", "tfio"] = "pydicom"
+    normalization: Literal["unit", "symmetric", "imagenet", "caffe", "raw255"] = "unit"
+    balance: Literal["none", "weights", "sampling"] = "none"
+    cache_dir: str | None = ".kmedtl_cache"
+    workers: int | None = Field(default=None, ge=1)
+    strict: bool = False
+    max_pixels: int = Field(default=500_000_000, ge=1)
+
+    @field_validator("root", "manifest")
+    @classmethod
+    def _no_empty(cls, v):
+        if v is not None and not v.strip():
+            raise ValueError("must not be empty")
+        return v
+
+
+class SplitSection(_Strict):
+    method: Literal["source", "holdout", "kfold", "repeated"] = "holdout"
+    val: float = Field(default=0.15, ge=0.0, lt=1.0)
+    test: float = Field(default=0.15, gt=0.0, lt=1.0)
+    k: int = Field(default=5, ge=2)
+    repeats: int = Field(default=5, ge=1)
+    seed: int = 0
+    dedupe: Literal["none", "exact", "near"] = "near"
+    near_threshold: int = Field(default=2, ge=0, le=32)
+    n_per_class: int | None = Field(default=None, ge=1)
+
+
+class AugmentSection(_Strict):
+    flip: Literal["horizontal", "vertical", "horizontal_and_vertical", None] = "horizontal"
+    rotation: float = Field(default=0.0, ge=0)
+    zoom: float = Field(default=0.0, ge=0)
+    contrast: float = Field(default=0.0, ge=0)
+    brightness: float = Field(default=0.0, ge=0)
+    randaugment: int = Field(default=0, ge=0)
+    randaugment_factor: float = Field(default=0.3, ge=0)
+    mixup: float = Field(default=0.0, ge=0)
+    cutmix: float = Field(default=0.0, ge=0)
+
+
+class Config(_Strict):
+    """The whole run configuration. Sections not yet used by a stage are still checked."""
+
+    name: str = "run"
+    data: DataSection = Field(default_factory=DataSection)
+    split: SplitSection = Field(default_factory=SplitSection)
+    augment: AugmentSection = Field(default_factory=AugmentSection)
+    train: dict[str, Any] = Field(default_factory=dict)
+    output_dir: str = "runs"
+
+    # ------------------------------------------------------------------ derived objects
+    def image_options(self) -> ImageOptions:
+        d = self.data
+        return ImageOptions(size=d.image.size, channels=d.image.channels, resize=d.image.resize,
+                            window=d.dicom.window, percentiles=d.dicom.percentiles,
+                            frames=d.dicom.frames, max_pixels=d.max_pixels)
+
+    def hierarchy(self) -> Hierarchy | None:
+        h = self.data.hierarchy
+        if h is None:
+            return None
+        if isinstance(h, str):
+            return Hierarchy.from_yaml(Path(h))
+        return Hierarchy(h)
+
+    def augmentation(self, seed: int | None = None):
+        from kmedtl.data.augment import Augmentation
+
+        return Augmentation(**self.augment.model_dump(), seed=seed)
+
+
+def expand_env(value: Any, where: str = "") -> Any:
+    """Replace ``${VAR}`` in every string; a missing variable raises ConfigError."""
+    if isinstance(value, dict):
+        return {k: expand_env(v, f"{where}.{k}" if where else str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [expand_env(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, str):
+        def sub(m):
+            name = m.group(1)
+            if name not in os.environ:
+                hint = (" (the folder that holds the shared datasets, e.g. "
+                        "export KMEDTL_DATASETS=../shared/datasets)" if name == "KMEDTL_DATASETS"
+                        else "")
+                raise ConfigError(f"{where}: environment variable {name} is not set{hint}")
+            return os.environ[name]
+
+        return _ENV_RE.sub(sub, value)
+    return value
+
+
+def load_config(source: str | Path | dict, base_dir: str | Path | None = None) -> Config:
+    """Load and validate a YAML config (path or already-parsed dict).
+
+    Relative paths in ``data.root``/``data.manifest``/``data.hierarchy`` are resolved
+    against the config file's folder.
+    """
+    label = str(source) if not isinstance(source, dict) else "config"
+    if isinstance(source, dict):
+        raw = source
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        base_dir = base_dir or path.parent
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{label}: the top level must be a mapping of sections")
+    raw = expand_env(raw)
+    try:
+        cfg = Config.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(label, exc)) from None
+    if base_dir is not None:
+        d = cfg.data
+        for field in ("root", "manifest"):
+            v = getattr(d, field)
+            if v and not os.path.isabs(v):
+                setattr(d, field, os.path.normpath(os.path.join(base_dir, v)))
+        if isinstance(d.hierarchy, str) and not os.path.isabs(d.hierarchy):
+            d.hierarchy = os.path.normpath(os.path.join(base_dir, d.hierarchy))
+    _check_source(cfg, label)
+    return cfg
+
+
+def _check_source(cfg: Config, label: str):
+    d = cfg.data
+    if d.source == "folder" and not d.root:
+        raise ConfigError(f"{label}: data.root is required when data.source is 'folder'")
+    if d.source == "manifest" and not d.manifest:
+        raise ConfigError(f"{label}: data.manifest is required when data.source is 'manifest'")
+    try:
+        cfg.image_options()
+        cfg.hierarchy()
+    except ConfigError as exc:
+        raise ConfigError(f"{label}: {exc}") from None
+    except Exception as exc:  # HierarchyError and friends name their field already
+        raise ConfigError(f"{label}: data.hierarchy: {exc}") from None
+
+
+def _format_errors(label: str, exc: ValidationError) -> str:
+    lines = [f"{label}: invalid config:"]
+    seen: dict[str, int] = {}
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("tuple[", "int")))
+        loc = re.sub(r"\.(literal\[.*?\]|function-after\[.*?\])", "", loc)
+        if err["type"] == "extra_forbidden":
+            parent = err["loc"][:-1]
+            allowed = _allowed_fields(parent)
+            lines.append(f"  {loc}: unknown field; allowed fields here: {allowed}")
+            continue
+        given = err.get("input")
+        given_s = f" (got {given!r})" if not isinstance(given, dict) else ""
+        if loc in seen:  # a union field: merge the alternatives into one line
+            lines[seen[loc]] = lines[seen[loc]].replace(given_s, "") + f", or {err['msg']}{given_s}"
+            continue
+        seen[loc] = len(lines)
+        lines.append(f"  {loc}: {err['msg']}{given_s}")
+    return "\n".join(lines)
+
+
+def _allowed_fields(loc) -> list[str]:
+    model: type[BaseModel] = Config
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None or not isinstance(field.annotation, type) or \
+                not issubclass(field.annotation, BaseModel):
+            break
+        model = field.annotation
+    return sorted(model.model_fields)
+
+
+def dataset_path(name: str) -> Path:
+    """``$KMEDTL_DATASETS/<name>``, with a clear error when the variable or folder is missing."""
+    base = os.environ.get("KMEDTL_DATASETS")
+    if not base:
+        raise DatasetNotFoundError(
+            f"KMEDTL_DATASETS is not set: set it to the folder that holds {name!r} "
+            "(e.g. export KMEDTL_DATASETS=../shared/datasets)")
+    path = Path(base) / name
+    if not path.is_dir():
+        raise DatasetNotFoundError(
+            f"dataset {name!r} not found at {path} (KMEDTL_DATASETS={base}); check the "
+            "variable or copy the dataset there")
+    return path

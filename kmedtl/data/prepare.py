@@ -1,0 +1,94 @@
+"""From a config to ready data: index -> audit/cache (one decode pass) -> leakage-free split.
+
+Used by the CLI (``kmedtl data ...``) and by training/pipelines, so every stage sees the
+same samples, the same skips and the same split.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kmedtl.config import Config
+from kmedtl.data import splits as splitlib
+from kmedtl.data.audit import audit, dicom_patients
+from kmedtl.data.cache import CacheResult, build_cache
+from kmedtl.data.options import ImageOptions
+from kmedtl.data.sources import DatasetIndex, Sample, index_folder, read_manifest
+from kmedtl.hierarchy import Hierarchy
+
+
+@dataclass
+class Prepared:
+    index: DatasetIndex  # usable samples (undecodable files dropped, listed in skipped)
+    hierarchy: Hierarchy
+    options: ImageOptions
+    report: dict  # the audit report (see kmedtl.data.audit)
+    splits: splitlib.Splits
+    cache: CacheResult | None
+
+    def samples(self, part: str, fold: int = 0) -> list[Sample]:
+        """Samples of ``train``/``val``/``test`` in fold ``fold``."""
+        by_id = {s.id: s for s in self.index.samples}
+        return [by_id[i] for i in getattr(self.splits.folds[fold], part)]
+
+
+def load_index(cfg: Config) -> tuple[DatasetIndex, Hierarchy]:
+    """Index the configured source; without a hierarchy the labels found make a flat one."""
+    hierarchy = cfg.hierarchy()
+    options = cfg.image_options()
+    d = cfg.data
+    if d.source == "folder":
+        index = index_folder(d.root, hierarchy, options)
+    else:
+        index = read_manifest(d.manifest, hierarchy, options, d.extra_columns)
+    if hierarchy is None:
+        labels = sorted({s.label for s in index.samples})
+        hierarchy = Hierarchy.flat(labels)
+    return index, hierarchy
+
+
+def prepare(cfg: Config, *, workers: int | None = None, progress: bool | None = None) -> Prepared:
+    index, hierarchy = load_index(cfg)
+    options = cfg.image_options()
+    workers = workers or cfg.data.workers
+    report = audit(index, options, cache_dir=cfg.data.cache_dir, workers=workers,
+                   progress=progress, near_threshold=cfg.split.near_threshold,
+                   hierarchy=hierarchy)
+    used: DatasetIndex = report["_internal"]["index"]
+    used.check_strict(cfg.data.strict)
+    cache = None
+    if cfg.data.cache_dir:
+        cache = build_cache(used, options, cfg.data.cache_dir, workers, progress=False)
+    splits = make_splits(cfg, used, hierarchy, report)
+    return Prepared(used, hierarchy, options, report, splits, cache)
+
+
+def make_splits(cfg: Config, index: DatasetIndex, hierarchy: Hierarchy, report: dict):
+    s = cfg.split
+    ids = [x.id for x in index.samples]
+    labels = [hierarchy.leaf_of(x.label) for x in index.samples]
+    patients = {x.id: x.patient_id for x in index.samples if x.patient_id}
+    patients.update(dicom_patients(index))
+    digests = report["_internal"]["digests"] if s.dedupe != "none" else None
+    near = report["_internal"]["near_pairs"] if s.dedupe == "near" else ()
+    groups = splitlib.leakage_groups(ids, patients, digests, near)
+    if s.method == "source":
+        out = splitlib.source_split(ids, labels, groups, [x.split for x in index.samples],
+                                    s.val, s.seed)
+    elif s.method == "holdout":
+        out = splitlib.holdout(ids, labels, groups, s.val, s.test, s.seed)
+    elif s.method == "kfold":
+        out = splitlib.kfold(ids, labels, groups, s.k, s.val, s.seed)
+    else:
+        out = splitlib.repeated(ids, labels, groups, s.repeats, s.val, s.test, s.seed)
+    if s.n_per_class is not None:
+        label_of = dict(zip(ids, labels))
+        for fold in out.folds:
+            fold.train = splitlib.per_class_subset(fold.train, [label_of[i] for i in fold.train],
+                                                   s.n_per_class, s.seed)
+        out.params["n_per_class"] = s.n_per_class
+    problems = splitlib.check_no_leak(out, dict(zip(ids, groups.tolist())))
+    if problems:  # a bug, never a data problem: refuse to hand out a leaking split
+        raise AssertionError("leaking split: " + "; ".join(problems[:5]))
+    out.params["dedupe"] = s.dedupe
+    return out
