@@ -66,8 +66,13 @@ def _save_index(folder, options, files, phashes):
 def build_cache(index: DatasetIndex | list[Sample], options: ImageOptions, cache_dir,
                 workers: int | None = None, progress: bool | None = None,
                 phash: bool = True) -> CacheResult:
-    """Decode every sample not yet cached, in a process pool; reuse the rest."""
+    """Decode every sample not yet cached, in a process pool; reuse the rest.
+
+    Extra images of multi-input samples are cached too (keyed by their path).
+    """
     samples = index.samples if isinstance(index, DatasetIndex) else list(index)
+    extras = {path: Sample(path, s.label) for s in samples for _, path in s.extra}
+    samples = samples + [x for p, x in extras.items() if p not in {s.id for s in samples}]
     folder = cache_folder(cache_dir, options)
     os.makedirs(folder, exist_ok=True)
     known_files, known_phash = _load_index(folder)

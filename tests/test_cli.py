@@ -1,0 +1,99 @@
+"""The kmedtl command: audit, cache, show, split, exit codes."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pydicom
+import pytest
+from helpers import smooth_image, write_image
+from PIL import Image
+
+from kmedtl.cli import main
+
+
+@pytest.fixture
+def tree(tmp_path):
+    root = tmp_path / "tree"
+    for split in ("Training", "Testing"):
+        for c, label in enumerate(("no_tumor", "glioma_tumor")):
+            for i in range(4):
+                write_image(root / split / label / f"{i}.png",
+                            smooth_image(100 * c + 10 * i + (split == "Testing"), size=40))
+    # a cross-split exact duplicate and a bad file
+    (root / "Testing" / "glioma_tumor" / "dup.png").write_bytes(
+        (root / "Training" / "glioma_tumor" / "0.png").read_bytes())
+    (root / "Training" / "no_tumor" / "empty.png").write_bytes(b"")
+    return root
+
+
+def test_audit_writes_json_with_required_keys(tree, tmp_path, capsys):
+    out = tmp_path / "audit.json"
+    rc = main(["data", "audit", str(tree), "--json", str(out), "--cache-dir",
+               str(tmp_path / "c"), "--size", "32", "--workers", "1"])
+    assert rc == 0
+    report = json.loads(out.read_text())
+    for key in ("counts", "skipped", "duplicate_groups", "cross_split_duplicate_groups"):
+        assert key in report
+    c = report["counts"]
+    assert c["read"] == 18 and c["read"] == c["used"] + c["skipped"] and c["skipped"] == 1
+    assert report["skipped"][0]["path"].endswith("empty.png")
+    assert ["Testing/glioma_tumor/dup.png", "Training/glioma_tumor/0.png"] in \
+        report["cross_split_duplicate_groups"]
+    assert "read 18 = used 17 + skipped 1" in capsys.readouterr().out
+
+
+def test_audit_strict_exits_1(tree, tmp_path):
+    assert main(["data", "audit", str(tree), "--strict", "--no-cache", "--size", "32",
+                 "--workers", "1"]) == 1
+
+
+def test_cache_command_reports_and_reuses(tree, tmp_path, capsys):
+    args = ["data", "cache", str(tree), "--cache-dir", str(tmp_path / "c"), "--size", "32",
+            "--workers", "1"]
+    assert main(args) == 0
+    first = capsys.readouterr().out
+    assert "16 decoded" in first and "skipped 1" in first  # dup.png reuses 0.png's entry
+    assert main(args) == 0
+    assert "0 decoded" in capsys.readouterr().out
+
+
+def test_show_renders_png_without_patient_identifiers(tmp_path, capsys):
+    src = os.path.join(os.path.dirname(pydicom.__file__), "data", "test_files", "CT_small.dcm")
+    ds = pydicom.dcmread(src)
+    out = tmp_path / "ct.png"
+    assert main(["data", "show", src, "--out", str(out), "--window", "brain", "--size", "64"]) == 0
+    printed = capsys.readouterr().out
+    img = np.asarray(Image.open(out))
+    assert img.ndim == 3 and img.shape[0] > 200
+    assert "preset brain" in printed and "CT" in printed
+    for ident in (str(ds.PatientName), str(ds.PatientID)):
+        if ident:
+            assert ident not in printed
+
+
+def test_show_missing_file_exits_2_with_clear_message(tmp_path, capsys):
+    rc = main(["data", "show", str(tmp_path / "nope.dcm"), "--out", str(tmp_path / "x.png")])
+    assert rc == 2
+    assert "nope.dcm: file does not exist" in capsys.readouterr().err
+
+
+def test_split_command_writes_leakage_free_split(tree, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"data: {{root: {tree}, cache_dir: {tmp_path / 'c'}, image: {{size: 32}}}}\n"
+                   "split: {method: source, val: 0.25}\n")
+    out = tmp_path / "splits.json"
+    assert main(["data", "split", str(cfg), "--out", str(out), "--workers", "1"]) == 0
+    data = json.loads(out.read_text())
+    fold = data["folds"][0]
+    assert "Training/glioma_tumor/0.png" not in fold["train"] + fold["val"]
+    assert "Testing/glioma_tumor/dup.png" in fold["test"]
+    assert {d["id"] for d in data["dropped"]} == {"Training/glioma_tumor/0.png"}
+
+
+def test_console_script_runs_in_a_fresh_process(tmp_path):
+    exe = os.path.join(os.path.dirname(sys.executable), "kmedtl")
+    res = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout.startswith("kmedtl ")
