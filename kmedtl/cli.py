@@ -70,14 +70,14 @@ def _window_arg(value: str):
 
 
 def cmd_audit(args) -> int:
-    from kmedtl.data.audit import audit, format_summary, public
+    from kmedtl.data.audit import audit, dicom_patients, format_summary, public
     from kmedtl.data.prepare import load_index
 
     cfg = _source_config(args)
     index, hierarchy = load_index(cfg)
     report = audit(index, cfg.image_options(), cache_dir=cfg.data.cache_dir,
                    workers=cfg.data.workers, near_threshold=cfg.split.near_threshold,
-                   progress=None, hierarchy=hierarchy)
+                   progress=None, hierarchy=hierarchy, patients=dicom_patients(index))
     print(format_summary(report))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

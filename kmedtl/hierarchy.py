@@ -300,7 +300,7 @@ class Hierarchy:
 
     # ------------------------------------------------------------------ dunder
     def __eq__(self, other) -> bool:
-        return isinstance(other, Hierarchy) and self.to_config() == other.to_config()
+        return isinstance(other, Hierarchy) and repr(self.to_config()) == repr(other.to_config())
 
     def __hash__(self):
         return hash(repr(self.to_config()))

@@ -66,12 +66,16 @@ def _has_image_magic(head: bytes) -> bool:
     return head.startswith((b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"BM", b"II*\x00", b"MM\x00*"))
 
 
-def decode_bytes(data: bytes, name: str, options: ImageOptions, frame: int | None = None):
-    """Decode to float32 [0, 1] (H, W, C) at native resolution, plus meta."""
+def decode_bytes(data: bytes, name: str, options: ImageOptions, frame: int | None = None,
+                 summary: bool = True):
+    """Decode to float32 [0, 1] (H, W, C) at native resolution, plus meta.
+
+    ``summary=False`` skips the DICOM header summary (hot paths only need pixels).
+    """
     if len(data) == 0:
         raise DataError(name, "file is empty (0 bytes)", kind="zero_byte")
     if looks_like_dicom(name, data[:132]):
-        d = dicom.decode_dicom(data, options, frame=frame, name=name)
+        d = dicom.decode_dicom(data, options, frame=frame, name=name, summary=summary)
         meta = dict(d.meta, source="dicom", n_frames=d.n_frames)
         return d.image, meta
     if frame not in (None, 0):
@@ -98,5 +102,5 @@ def load_image(path, options: ImageOptions, frame: int | None = None,
         from kmedtl.data.hashing import content_digest
 
         digest = content_digest(data)
-    img, meta = decode_bytes(data, name, options, frame=frame)
+    img, meta = decode_bytes(data, name, options, frame=frame, summary=False)
     return Loaded(image=preprocess(img, options), meta=meta, digest=digest)

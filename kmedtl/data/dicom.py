@@ -245,7 +245,7 @@ def _check_codec(ds, name):
 
 
 def decode_dicom(source, options: ImageOptions, *, frame: int | None = None,
-                 name: str | None = None) -> DicomImage:
+                 name: str | None = None, summary: bool = True) -> DicomImage:
     """Decode one frame of a DICOM file into a float32 [0, 1] image.
 
     ``source`` is a path, bytes or a file object; ``frame`` overrides ``options.frames``
@@ -279,7 +279,7 @@ def decode_dicom(source, options: ImageOptions, *, frame: int | None = None,
                 kind=kind,
             ) from None
     image, window_info = to_display(arr, ds, options, name)
-    meta = header_summary(ds)
+    meta = header_summary(ds) if summary else {"Modality": str(ds.get("Modality", ""))}
     meta.update(window_info)
     meta["frame"] = index
     return DicomImage(image=image, meta=meta, n_frames=total)
@@ -313,16 +313,35 @@ def to_display(arr: np.ndarray, ds, options: ImageOptions, name: str):
         img = arr.astype(np.float32) / float(2**bits - 1)
         info["window_source"] = "colour (full range)"
     else:
-        values = apply_modality_lut(arr, ds).astype(np.float32)
+        values = _modality(arr, ds, apply_modality_lut)
         img, info = _window(values, ds, options)
         if photometric == "MONOCHROME1":
             img = 1.0 - img
             info["inverted"] = True
         img = img[..., None]
-    img = np.clip(img, 0.0, 1.0).astype(np.float32, copy=False)
+    img = np.clip(img, 0.0, 1.0, out=img if img.dtype == np.float32 else None)
     if img.ndim == 2:
         img = img[..., None]
     return img, info
+
+
+def _modality(arr, ds, apply_modality_lut):
+    """Stored values -> modality values (e.g. HU) as float32.
+
+    The common Rescale Slope/Intercept case is done in float32 here (pydicom's
+    ``apply_modality_lut`` works in float64, twice the memory traffic); a Modality LUT
+    Sequence goes through pydicom.
+    """
+    if "ModalityLUTSequence" in ds:
+        return apply_modality_lut(arr, ds).astype(np.float32)
+    values = arr.astype(np.float32)
+    slope = float(ds.get("RescaleSlope", 1) or 1)
+    intercept = float(ds.get("RescaleIntercept", 0) or 0)
+    if slope != 1.0:
+        values *= np.float32(slope)
+    if intercept != 0.0:
+        values += np.float32(intercept)
+    return values
 
 
 def _window(values: np.ndarray, ds, options: ImageOptions):
@@ -397,7 +416,10 @@ def _scale(values, lo, hi):
 def _linear(x, c, w):
     if w <= 1:
         return (x > c - 0.5).astype(np.float32)
-    return (x - (c - 0.5)) / (w - 1.0) + 0.5
+    out = np.subtract(x, np.float32(c - 0.5), dtype=np.float32)
+    out *= np.float32(1.0 / (w - 1.0))
+    out += np.float32(0.5)
+    return out
 
 
 def _linear_exact(x, c, w):

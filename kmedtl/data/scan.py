@@ -71,7 +71,8 @@ def process(task: Task) -> Result:
                 img = np.fromfile(target, dtype=np.uint8).reshape(task.options.shape)
                 return Result(task.path, task.frame, True, digest, hashing.perceptual_hash(img),
                               target, True)
-        raw, meta = decode.decode_bytes(data, task.path, task.options, frame=task.frame)
+        raw, meta = decode.decode_bytes(data, task.path, task.options, frame=task.frame,
+                                        summary=False)
         del data
         img = decode.preprocess(raw, task.options)
         ph = hashing.perceptual_hash(img) if task.phash else None

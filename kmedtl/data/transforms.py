@@ -40,6 +40,8 @@ def resize(img: np.ndarray, size: tuple[int, int], mode: str = "pad") -> np.ndar
         nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
     if (nh, nw) == (h, w):
         out = img.astype(np.float32, copy=False)
+    elif img.shape[-1] == 1:
+        out = _resize_plane(img[..., 0], nw, nh)[..., None]
     else:
         out = np.stack([_resize_plane(img[..., c], nw, nh) for c in range(img.shape[-1])], -1)
     if mode == "pad":
@@ -55,4 +57,7 @@ def resize(img: np.ndarray, size: tuple[int, int], mode: str = "pad") -> np.ndar
 
 def to_uint8(img: np.ndarray) -> np.ndarray:
     """Quantise [0, 1] floats to the 8-bit display values the model is trained on."""
-    return np.clip(np.rint(img * 255.0), 0, 255).astype(np.uint8)
+    scaled = np.multiply(img, np.float32(255.0), dtype=np.float32)
+    np.rint(scaled, out=scaled)
+    np.clip(scaled, 0, 255, out=scaled)
+    return scaled.astype(np.uint8)
