@@ -97,8 +97,8 @@ def read_dataset(source, path_for_errors, *, stop_before_pixels=False):
         if os.path.getsize(source) == 0:
             raise DicomDecodeError(name, "file is empty (0 bytes)", kind="zero_byte")
         fp = source
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         try:
             ds = pydicom.dcmread(fp, stop_before_pixels=stop_before_pixels)
         except InvalidDicomError:
@@ -123,6 +123,10 @@ def read_dataset(source, path_for_errors, *, stop_before_pixels=False):
                 name, f"truncated or corrupt DICOM ({type(exc).__name__}: {_first_line(exc)})",
                 kind="truncated",
             ) from None
+    # pydicom stops quietly at an unexpected end of file (it only warns): remember it, so
+    # a dataset that lost its pixel data is reported as truncated, not as "not an image".
+    ds.kmedtl_truncated = any("end of file" in str(w.message).lower() or
+                              "truncat" in str(w.message).lower() for w in caught)
     return ds
 
 
@@ -185,6 +189,10 @@ def check_pixels_present(ds, name):
         return
     sop = ds.get("SOPClassUID")
     sop_name = getattr(sop, "name", str(sop)) if sop is not None else "unknown SOP class"
+    if getattr(ds, "kmedtl_truncated", False) or not len(ds):
+        raise DicomDecodeError(
+            name, "the file ends before its pixel data: it is truncated; re-export or "
+            "re-download it", kind="truncated")
     if "Rows" in ds and "Columns" in ds:
         raise DicomDecodeError(
             name,
@@ -298,6 +306,7 @@ def to_display(arr: np.ndarray, ds, options: ImageOptions, name: str):
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     info: dict = {}
     if photometric == "PALETTE COLOR":
+        _fix_big_endian_palette(ds)
         try:
             rgb = apply_color_lut(arr, ds)
         except Exception as exc:  # noqa: BLE001
@@ -344,6 +353,21 @@ def _modality(arr, ds, apply_modality_lut):
     return values
 
 
+def _fix_big_endian_palette(ds):
+    """pydicom 3.0's ``apply_color_lut`` reads 16-bit palette data as little endian; a
+    big-endian file then maps to near-black.  Byte-swap those tables in place (the dataset
+    is ours alone) so both byte orders decode alike."""
+    if ds.original_encoding[1] is not False:
+        return
+    for colour in ("Red", "Green", "Blue"):
+        # (segmented tables are already read in the right byte order)
+        key = f"{colour}PaletteColorLookupTableData"
+        desc = ds.get(f"{colour}PaletteColorLookupTableDescriptor")
+        if key in ds and (desc is None or int(desc[2]) > 8):
+            raw = np.frombuffer(ds[key].value, dtype=">u2")
+            ds[key].value = raw.astype("<u2").tobytes()
+
+
 def _window(values: np.ndarray, ds, options: ImageOptions):
     window = options.window
     if isinstance(window, tuple):
@@ -368,7 +392,9 @@ def _window(values: np.ndarray, ds, options: ImageOptions):
         if "VOILUTSequence" in ds:
             from pydicom.pixels import apply_voi_lut
 
-            out = apply_voi_lut(values, ds, prefer_lut=True).astype(np.float32)
+            # a VOI LUT is indexed by integer modality values
+            out = apply_voi_lut(np.rint(values).astype(np.int32), ds,
+                                prefer_lut=True).astype(np.float32)
             lo, hi = float(out.min()), float(out.max())
             return _scale(out, lo, hi), {"window_source": "header VOI LUT"}
         lo, hi = np.percentile(values, options.percentiles)

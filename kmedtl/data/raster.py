@@ -30,6 +30,8 @@ def decode_raster(data: bytes, name: str, max_pixels: int) -> tuple[np.ndarray, 
             raise DecodeError(
                 name, "not a recognised image (PNG/JPEG/TIFF/BMP) nor DICOM; remove it or "
                 "fix the file", kind="not_image") from None
+        except Image.DecompressionBombError as exc:  # Pillow's own limit, checked on open
+            raise ImageTooLargeError(name, f"{exc}; refused before decoding") from None
         except Exception as exc:  # noqa: BLE001
             raise DecodeError(name, f"unreadable image header ({exc})", kind="corrupt_image") from None
         w, h = img.size

@@ -43,10 +43,15 @@ class Sample:
     split: str | None = None
     frame: int | None = None
     extra: tuple = ()
+    entry: str | None = None  # the source entry (manifest row) it came from; default: path
 
     @property
     def id(self) -> str:
         return self.path if self.frame is None else f"{self.path}#{self.frame}"
+
+    @property
+    def entry_key(self) -> str:
+        return self.entry or self.path
 
 
 @dataclass(frozen=True)
@@ -57,6 +62,11 @@ class Skipped:
     reason: str
     kind: str = "data_error"
     stage: str = "index"
+    entry: str | None = None
+
+    @property
+    def entry_key(self) -> str:
+        return self.entry or self.path
 
     def to_dict(self) -> dict:
         return {"path": self.path, "reason": self.reason, "kind": self.kind, "stage": self.stage}
@@ -76,21 +86,33 @@ class DatasetIndex:
     root: str | None = None
 
     def counts(self) -> dict:
-        used_entries = len({s.path for s in self.samples})
-        return {
-            "read": self.read,
-            "used": used_entries,
-            "skipped": len({s.path for s in self.skipped}),
-            "samples": len(self.samples),
-        }
+        """Entries (files of a folder tree, rows of a manifest): read = used + skipped.
+
+        An entry is *used* while at least one of its samples (frames, series slices)
+        remains, *skipped* otherwise; ``samples`` counts what the model will see.
+        """
+        used = {s.entry_key for s in self.samples}
+        skipped = {s.entry_key for s in self.skipped} - used
+        return {"read": self.read, "used": len(used), "skipped": len(skipped),
+                "samples": len(self.samples)}
 
     def drop(self, skipped: list[Skipped]) -> "DatasetIndex":
-        """A new index without the samples whose files were skipped by a later pass."""
+        """A new index without the samples whose files a later pass skipped.
+
+        Each skipped file is recorded once per entry (manifest row) that named it.
+        """
         bad = {s.path for s in skipped}
+        entries: dict[str, list[str]] = {}
+        for s in self.samples:
+            if s.path in bad and s.entry_key not in entries.get(s.path, []):
+                entries.setdefault(s.path, []).append(s.entry_key)
+        extra = []
+        for k in skipped:
+            for entry in entries.get(k.path, [k.entry]):
+                extra.append(Skipped(k.path, k.reason, k.kind, k.stage, entry))
         return DatasetIndex(
             samples=[s for s in self.samples if s.path not in bad],
-            skipped=self.skipped + [s for s in skipped if s.path not in
-                                    {k.path for k in self.skipped}],
+            skipped=self.skipped + extra,
             read=self.read,
             root=self.root,
         )
@@ -116,6 +138,7 @@ def _walk_files(folder: Path, skipped: list[Skipped]) -> list[Path]:
     out = []
 
     def onerror(exc):
+        # an unreadable folder is one entry read and skipped (its files are unknown)
         skipped.append(Skipped(str(exc.filename), f"cannot list folder ({exc.strerror}): "
                                "check its permissions", "unreadable_folder"))
 
@@ -159,13 +182,15 @@ def index_folder(root, hierarchy=None, options: ImageOptions | None = None) -> D
         try:
             class_dirs = sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
         except PermissionError:
+            read += 1
             skipped.append(Skipped(str(base), "cannot list folder (permission denied)",
                                    "unreadable_folder"))
             continue
         for class_dir in class_dirs:
             label = class_dir.name
+            before = len(skipped)
             files = _walk_files(class_dir, skipped)
-            read += len(files)
+            read += len(files) + (len(skipped) - before)
             if hierarchy is not None and label not in hierarchy:
                 for f in files:
                     skipped.append(Skipped(str(f), _label_reason(label, hierarchy), "unknown_label"))
@@ -212,26 +237,27 @@ def read_manifest(path, hierarchy=None, options: ImageOptions | None = None,
         where = f"{mpath}:{lineno}"
         rel = row.get("path", "")
         if not rel:
-            skipped.append(Skipped(where, "empty path", "bad_row"))
+            skipped.append(Skipped(where, "empty path", "bad_row", entry=where))
             continue
         full = str(base / rel) if not os.path.isabs(rel) else rel
         label = row.get("label") or None
         if label is None:
-            skipped.append(Skipped(full, f"{where}: empty label", "no_label"))
+            skipped.append(Skipped(full, f"{where}: empty label", "no_label", entry=where))
             continue
         if hierarchy is not None and label not in hierarchy:
-            skipped.append(Skipped(full, _label_reason(label, hierarchy), "unknown_label"))
+            skipped.append(Skipped(full, _label_reason(label, hierarchy), "unknown_label",
+                                   entry=where))
             continue
         if not os.path.exists(full):
             skipped.append(Skipped(full, f"{where}: path in manifest does not exist",
-                                   "missing_file"))
+                                   "missing_file", entry=where))
             continue
         split = row.get("split") or None
         if split is not None:
             split = SPLIT_NAMES.get(split.lower())
             if split is None:
                 skipped.append(Skipped(full, f"{where}: split {row['split']!r} is not one of "
-                                       "train/val/test", "bad_row"))
+                                       "train/val/test", "bad_row", entry=where))
                 continue
         frame = None
         if row.get("frame"):
@@ -239,26 +265,27 @@ def read_manifest(path, hierarchy=None, options: ImageOptions | None = None,
                 frame = int(row["frame"])
             except ValueError:
                 skipped.append(Skipped(full, f"{where}: frame {row['frame']!r} is not an integer",
-                                       "bad_row"))
+                                       "bad_row", entry=where))
                 continue
         extra = []
         for col in extra_columns:
             value = row.get(col, "")
             if not value:
                 extra = None
-                skipped.append(Skipped(full, f"{where}: empty image column {col!r}", "bad_row"))
+                skipped.append(Skipped(full, f"{where}: empty image column {col!r}", "bad_row",
+                                       entry=where))
                 break
             epath = str(base / value) if not os.path.isabs(value) else value
             if not os.path.exists(epath):
                 extra = None
                 skipped.append(Skipped(full, f"{where}: {col} path {epath} does not exist",
-                                       "missing_file"))
+                                       "missing_file", entry=where))
                 break
             extra.append((col, epath))
         if extra is None:
             continue
         samples.append(Sample(full, label, row.get("patient_id") or None, split, frame,
-                              tuple(extra)))
+                              tuple(extra), entry=where))
     index = DatasetIndex(samples, skipped, read=len(rows), root=str(base))
     return _expand_frames(index, options)
 
@@ -275,11 +302,12 @@ def _expand_frames(index: DatasetIndex, options: ImageOptions | None) -> Dataset
             try:
                 slices = series_slices(s.path)
             except DataError as err:
-                skipped.append(Skipped.from_error(err, "index"))
+                skipped.append(Skipped(err.path, err.reason, err.kind, "index", s.entry))
                 continue
             chosen = {"first": slices[:1], "middle": slices[len(slices) // 2:][:1],
                       "all": slices}[mode] if s.frame is None else [slices[s.frame]]
-            out.extend(Sample(f, s.label, s.patient_id, s.split, None, s.extra) for f in chosen)
+            out.extend(Sample(f, s.label, s.patient_id, s.split, None, s.extra, s.entry_key)
+                       for f in chosen)
             continue
         if mode == "all" and s.frame is None and _maybe_dicom(s.path):
             try:
@@ -288,7 +316,7 @@ def _expand_frames(index: DatasetIndex, options: ImageOptions | None) -> Dataset
             except DataError:
                 n = 1  # the decode pass reports the real problem
             if n > 1:
-                out.extend(Sample(s.path, s.label, s.patient_id, s.split, i, s.extra)
+                out.extend(Sample(s.path, s.label, s.patient_id, s.split, i, s.extra, s.entry)
                            for i in range(n))
                 continue
         out.append(s)

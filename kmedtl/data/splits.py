@@ -109,7 +109,7 @@ class Splits:
         folds = [Fold(*[[absolute(s) for s in f[k]] for k in ("train", "val", "test")])
                  for f in data["folds"]]
         return cls(data["method"], data["seed"], folds, data.get("params", {}),
-                   data.get("dropped", []))
+                   [dict(d, id=absolute(d["id"])) for d in data.get("dropped", [])])
 
 
 def _sgkf_take(idx, labels, groups, fraction, seed):

@@ -1,0 +1,67 @@
+"""Fixtures shared by every test file.
+
+- ``pydicom_files``: every file shipped with ``pydicom`` (``pydicom/data/test_files``) and
+  ``pydicom-data`` (module ``data_store``, folder ``data``), found on disk; never
+  ``get_testdata_files``, which tries to download.
+- ``datasets_dir``: the real datasets root from ``$KMEDTL_DATASETS`` (must hold
+  ``brain-tumor-mri``); skips when absent, fails under CI (``CI=true`` or ``CI=1``).
+- ``tiny_images``: a folder-per-class tree of a few small PNG/JPEG files in ``tmp_path``.
+"""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+from helpers import pydicom_test_files, smooth_image, write_image  # noqa: E402
+
+BRAIN_TUMOR = "brain-tumor-mri"
+
+
+def _under_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in ("true", "1")
+
+
+@pytest.fixture(scope="session")
+def pydicom_files() -> list[Path]:
+    """Paths of every real test file in the pydicom and pydicom-data wheels."""
+    files = pydicom_test_files()
+    if not files:
+        pytest.fail("no pydicom test files found; is pydicom installed?")
+    return files
+
+
+@pytest.fixture(scope="session")
+def datasets_dir() -> Path:
+    """``$KMEDTL_DATASETS`` (containing ``brain-tumor-mri``): skip if missing, fail under CI."""
+    value = os.environ.get("KMEDTL_DATASETS", "")
+    problem = None
+    if not value:
+        problem = "KMEDTL_DATASETS is not set"
+    elif not (Path(value) / BRAIN_TUMOR).is_dir():
+        problem = f"KMEDTL_DATASETS={value} has no {BRAIN_TUMOR} folder"
+    if problem:
+        message = (f"{problem}; point it at the datasets folder, e.g. "
+                   "export KMEDTL_DATASETS=$PWD/../shared/datasets")
+        if _under_ci():
+            pytest.fail(f"real datasets are required under CI: {message}")
+        pytest.skip(message)
+    return Path(value)
+
+
+@pytest.fixture
+def tiny_images(tmp_path) -> Path:
+    """``<tmp>/tiny/{no_tumor,glioma_tumor}/`` with three small images each.
+
+    Each class holds a grayscale PNG, an RGB PNG and a JPEG (64x64, smooth content,
+    distinct per file), so the tree indexes with ``index_folder`` as 6 samples.
+    """
+    root = tmp_path / "tiny"
+    for c, label in enumerate(("no_tumor", "glioma_tumor")):
+        write_image(root / label / "gray.png", smooth_image(10 * c + 1))
+        write_image(root / label / "rgb.png", smooth_image(10 * c + 2, channels=3))
+        write_image(root / label / "photo.jpg", smooth_image(10 * c + 3), quality=90)
+    return root
