@@ -29,9 +29,10 @@ Example::
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -122,7 +123,7 @@ class Hierarchy:
             queue.extend(self._nodes[name].children)
 
     @classmethod
-    def from_yaml(cls, source: str | Path) -> "Hierarchy":
+    def from_yaml(cls, source: str | Path) -> Hierarchy:
         """Build from a YAML file path or a YAML string."""
         import yaml
 
@@ -141,7 +142,7 @@ class Hierarchy:
         return cls(data)
 
     @classmethod
-    def flat(cls, labels: Iterable[str]) -> "Hierarchy":
+    def flat(cls, labels: Iterable[str]) -> Hierarchy:
         """The depth-1 case: one class per label."""
         return cls(list(labels))
 

@@ -79,7 +79,8 @@ def decode_bytes(data: bytes, name: str, options: ImageOptions, frame: int | Non
         meta = dict(d.meta, source="dicom", n_frames=d.n_frames)
         return d.image, meta
     if frame not in (None, 0):
-        raise DataError(name, f"frame {frame} requested from a single-frame image", kind="bad_frame")
+        raise DataError(name, f"frame {frame} requested from a single-frame image",
+                        kind="bad_frame")
     img, meta = raster.decode_raster(data, name, options.max_pixels)
     meta["source"] = "raster"
     return img, meta

@@ -117,7 +117,7 @@ def read_dataset(source, path_for_errors, *, stop_before_pixels=False):
                     "not a DICOM file (no 'DICM' marker and no recognisable DICOM elements); "
                     "remove it or fix the file extension",
                     kind="not_dicom",
-                )
+                ) from None
         except (EOFError, OSError, ValueError, KeyError, TypeError) as exc:
             raise DicomDecodeError(
                 name, f"truncated or corrupt DICOM ({type(exc).__name__}: {_first_line(exc)})",

@@ -69,7 +69,8 @@ class ImageOptions:
             size = (size, size)
         size = tuple(int(s) for s in size)
         if len(size) != 2 or min(size) < 8 or max(size) > 8192:
-            raise ConfigError(f"data.image.size: expected one or two ints in 8..8192, got {self.size!r}")
+            raise ConfigError(
+                f"data.image.size: expected one or two ints in 8..8192, got {self.size!r}")
         object.__setattr__(self, "size", size)
         if self.channels not in (1, 3):
             raise ConfigError(f"data.image.channels: must be 1 or 3, got {self.channels!r}")
@@ -78,7 +79,8 @@ class ImageOptions:
                 f"data.image.resize: {self.resize!r} is not one of {list(RESIZE_MODES)}"
             )
         if self.frames not in FRAME_MODES:
-            raise ConfigError(f"data.dicom.frames: {self.frames!r} is not one of {list(FRAME_MODES)}")
+            raise ConfigError(
+                f"data.dicom.frames: {self.frames!r} is not one of {list(FRAME_MODES)}")
         window = self.window
         if isinstance(window, (list, tuple)):
             if len(window) != 2 or float(window[1]) <= 0:

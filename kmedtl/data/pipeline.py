@@ -115,7 +115,8 @@ def make_dataset(samples: list[Sample], hierarchy, options: ImageOptions, *,
                  targets: str = "leaf", normalization: str = "unit",
                  augment: Augmentation | None = None, balance: str = "none",
                  drop_remainder: bool = False, report: PipelineReport | None = None,
-                 decoder: str = "pydicom", num_parallel_calls: int | None = None) -> tf.data.Dataset:
+                 decoder: str = "pydicom",
+                 num_parallel_calls: int | None = None) -> tf.data.Dataset:
     """Build the ``tf.data.Dataset`` of ``(images, targets)`` (``sample_weight`` third when
     ``balance="weights"``).
 

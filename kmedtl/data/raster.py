@@ -33,7 +33,8 @@ def decode_raster(data: bytes, name: str, max_pixels: int) -> tuple[np.ndarray, 
         except Image.DecompressionBombError as exc:  # Pillow's own limit, checked on open
             raise ImageTooLargeError(name, f"{exc}; refused before decoding") from None
         except Exception as exc:  # noqa: BLE001
-            raise DecodeError(name, f"unreadable image header ({exc})", kind="corrupt_image") from None
+            raise DecodeError(name, f"unreadable image header ({exc})",
+                              kind="corrupt_image") from None
         w, h = img.size
         if w * h > max_pixels:
             raise ImageTooLargeError(
@@ -71,4 +72,6 @@ def _is_gray(img) -> bool:
         return True
     palette = img.getpalette() or []
     rgb = np.asarray(palette[: 3 * 256]).reshape(-1, 3) if palette else None
-    return rgb is not None and bool(np.all(rgb[:, 0] == rgb[:, 1]) and np.all(rgb[:, 1] == rgb[:, 2]))
+    if rgb is None:
+        return False
+    return bool(np.all(rgb[:, 0] == rgb[:, 1]) and np.all(rgb[:, 1] == rgb[:, 2]))

@@ -72,7 +72,7 @@ class Skipped:
         return {"path": self.path, "reason": self.reason, "kind": self.kind, "stage": self.stage}
 
     @classmethod
-    def from_error(cls, err: DataError, stage: str) -> "Skipped":
+    def from_error(cls, err: DataError, stage: str) -> Skipped:
         return cls(err.path, err.reason, err.kind, stage)
 
 
@@ -96,7 +96,7 @@ class DatasetIndex:
         return {"read": self.read, "used": len(used), "skipped": len(skipped),
                 "samples": len(self.samples)}
 
-    def drop(self, skipped: list[Skipped]) -> "DatasetIndex":
+    def drop(self, skipped: list[Skipped]) -> DatasetIndex:
         """A new index without the samples whose files a later pass skipped.
 
         Each skipped file is recorded once per entry (manifest row) that named it.
@@ -168,7 +168,8 @@ def index_folder(root, hierarchy=None, options: ImageOptions | None = None) -> D
                         kind="unreadable_folder") from None
     top_dirs = [p for p in top if p.is_dir()]
     has_splits = bool(top_dirs) and all(p.name.lower() in SPLIT_NAMES for p in top_dirs)
-    layers = [(SPLIT_NAMES[p.name.lower()], p) for p in top_dirs] if has_splits else [(None, root_path)]
+    layers = ([(SPLIT_NAMES[p.name.lower()], p) for p in top_dirs] if has_splits
+              else [(None, root_path)])
     for p in top:
         if p.is_file() and p.name.lower() not in ("readme.md", "readme.txt", "readme"):
             read += 1
@@ -180,7 +181,8 @@ def index_folder(root, hierarchy=None, options: ImageOptions | None = None) -> D
                     read += 1
                     skipped.append(Skipped(str(p), "file is not inside a class folder", "no_label"))
         try:
-            class_dirs = sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
+            class_dirs = sorted(p for p in base.iterdir()
+                                if p.is_dir() and not p.name.startswith("."))
         except PermissionError:
             read += 1
             skipped.append(Skipped(str(base), "cannot list folder (permission denied)",
@@ -193,7 +195,8 @@ def index_folder(root, hierarchy=None, options: ImageOptions | None = None) -> D
             read += len(files) + (len(skipped) - before)
             if hierarchy is not None and label not in hierarchy:
                 for f in files:
-                    skipped.append(Skipped(str(f), _label_reason(label, hierarchy), "unknown_label"))
+                    skipped.append(Skipped(str(f), _label_reason(label, hierarchy),
+                                           "unknown_label"))
                 continue
             samples.extend(Sample(str(f), label, split=split) for f in files)
     index = DatasetIndex(samples, skipped, read, root=str(root_path))

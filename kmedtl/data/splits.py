@@ -99,7 +99,7 @@ class Splits:
         os.replace(tmp, path)
 
     @classmethod
-    def load(cls, path, root: str | None = None) -> "Splits":
+    def load(cls, path, root: str | None = None) -> Splits:
         with open(path) as fh:
             data = json.load(fh)
         if data.get("kind") != "kmedtl-splits":
