@@ -175,3 +175,21 @@ def test_encode_targets_rejects_unknown_mode(tree):
     index = index_folder(tree, H)
     with pytest.raises(ConfigError, match="targets"):
         encode_targets(index.samples, H, "sparse")
+
+
+def test_worker_crash_is_reported_and_the_pass_goes_on(tmp_path, monkeypatch):
+    """A decoder that kills its worker process (segfault) costs one file, not the pass."""
+    from kmedtl.data import scan
+
+    for i in range(12):
+        write_image(tmp_path / f"img_{i:02d}.png", smooth_image(i, size=24))
+    write_image(tmp_path / "img_crashme.png", smooth_image(99, size=24))
+    monkeypatch.setenv("KMEDTL_TEST_CRASH_MARKER", "crashme")  # read by spawned workers
+    paths = sorted(str(p) for p in tmp_path.glob("*.png"))
+    tasks = [scan.Task(p, None, ImageOptions(size=(16, 16)), None, False) for p in paths]
+    results = scan.run(tasks, workers=2, progress=False)
+    assert [r.path for r in results] == paths
+    bad = [r for r in results if not r.ok]
+    assert [(r.path.endswith("img_crashme.png"), r.error_kind) for r in bad] == \
+        [(True, "worker_crashed")]
+    assert sum(r.ok for r in results) == 12

@@ -14,9 +14,15 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 
 from kmedtl.data.options import ImageOptions
+
+#: Tests set KMEDTL_TEST_CRASH_MARKER so a worker aborts on matching paths, standing in
+#: for a codec that segfaults on a corrupt file.
+_CRASH_MARKER = os.environ.get("KMEDTL_TEST_CRASH_MARKER", "")
 
 
 @dataclass(frozen=True)
@@ -58,6 +64,8 @@ def process(task: Task) -> Result:
     from kmedtl.data import decode, hashing
     from kmedtl.errors import DataError
 
+    if _CRASH_MARKER and _CRASH_MARKER in task.path:  # fault injection for tests only
+        os.abort()
     try:
         data = decode.read_bytes(task.path)
         digest = hashing.content_digest(data)
@@ -102,7 +110,12 @@ def default_workers() -> int:
 
 def run(tasks: list[Task], workers: int | None = None, progress: bool | None = None,
         desc: str = "decode") -> list[Result]:
-    """Process ``tasks`` in a pool of ``workers`` spawned processes, results in task order."""
+    """Process ``tasks`` in ``workers`` spawned processes; results in task order.
+
+    A worker killed by a crashing decoder (a segfault in a codec on a corrupt file) does
+    not stop the pass: the pool is rebuilt, the task that crashed is identified by running
+    it alone, reported as ``worker_crashed``, and the rest continue.
+    """
     workers = default_workers() if workers is None else max(1, int(workers))
     if progress is None:
         progress = sys.stderr.isatty()
@@ -114,20 +127,41 @@ def run(tasks: list[Task], workers: int | None = None, progress: bool | None = N
                 out.append(process(t))
                 bar.update(1)
             return out
-        import multiprocessing as mp
-
-        chunk = max(1, min(32, len(tasks) // (workers * 8)))
-        ctx = mp.get_context("spawn")
-        with _detached_main():
-            pool = ctx.Pool(workers)
-        with pool:
-            out = []
-            for r in pool.imap(process, tasks, chunksize=chunk):
+        out: list[Result] = []
+        while len(out) < len(tasks):
+            rest = tasks[len(out):]
+            try:
+                for r in _pool_map(rest, workers, max(1, min(32, len(rest) // (workers * 8)))):
+                    out.append(r)
+                    bar.update(1)
+            except BrokenProcessPool:
+                suspect = tasks[len(out)]
+                try:
+                    (r,) = list(_pool_map([suspect], 1, 1))
+                except BrokenProcessPool:
+                    r = Result(suspect.path, suspect.frame, False, error_kind="worker_crashed",
+                               error_reason="decoding this file crashed the worker process "
+                               "(corrupt data or a codec bug); check or remove the file")
                 out.append(r)
                 bar.update(1)
-            return out
+        return out
     finally:
         bar.close()
+
+
+def _pool_map(tasks, workers, chunk):
+    """Yield ``process`` results from a fresh spawned pool (workers start without __main__)."""
+    import multiprocessing as mp
+
+    with _detached_main():
+        pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"))
+        try:
+            results = pool.map(process, tasks, chunksize=chunk)  # submits (and spawns) now
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+    with pool:
+        yield from results
 
 
 @contextlib.contextmanager
