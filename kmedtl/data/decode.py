@@ -67,14 +67,20 @@ def _has_image_magic(head: bytes) -> bool:
 
 
 def decode_bytes(data: bytes, name: str, options: ImageOptions, frame: int | None = None,
-                 summary: bool = True):
+                 summary: bool = True, decoder: str = "pydicom"):
     """Decode to float32 [0, 1] (H, W, C) at native resolution, plus meta.
 
-    ``summary=False`` skips the DICOM header summary (hot paths only need pixels).
+    ``summary=False`` skips the DICOM header summary (hot paths only need pixels);
+    ``decoder="tfio"`` decodes DICOM with tensorflow-io (see ``tfio_backend``).
     """
     if len(data) == 0:
         raise DataError(name, "file is empty (0 bytes)", kind="zero_byte")
     if looks_like_dicom(name, data[:132]):
+        if decoder == "tfio":
+            from kmedtl.data import tfio_backend
+
+            img, meta = tfio_backend.decode_dicom_tfio_with_meta(data, options, name, frame)
+            return img, dict(meta, source="dicom", decoder="tfio")
         d = dicom.decode_dicom(data, options, frame=frame, name=name, summary=summary)
         meta = dict(d.meta, source="dicom", n_frames=d.n_frames)
         return d.image, meta
@@ -94,7 +100,7 @@ def preprocess(img: np.ndarray, options: ImageOptions) -> np.ndarray:
 
 
 def load_image(path, options: ImageOptions, frame: int | None = None,
-               with_digest: bool = False) -> Loaded:
+               with_digest: bool = False, decoder: str = "pydicom") -> Loaded:
     """Read, decode and preprocess one file (one frame of a multi-frame DICOM)."""
     name = os.fspath(path)
     data = read_bytes(name)
@@ -103,5 +109,5 @@ def load_image(path, options: ImageOptions, frame: int | None = None,
         from kmedtl.data.hashing import content_digest
 
         digest = content_digest(data)
-    img, meta = decode_bytes(data, name, options, frame=frame, summary=False)
+    img, meta = decode_bytes(data, name, options, frame=frame, summary=False, decoder=decoder)
     return Loaded(image=preprocess(img, options), meta=meta, digest=digest)

@@ -132,6 +132,9 @@ def make_dataset(samples: list[Sample], hierarchy, options: ImageOptions, *,
         from kmedtl.data import tfio_backend
 
         tfio_backend.require()
+        if cache is not None:
+            raise ConfigError("data.decoder: tfio decodes inside the tf.data stream; the cache "
+                              "is built with pydicom: use one or the other (data.cache_dir: null)")
     if not samples:
         raise ConfigError("make_dataset: no samples (check the source and the hierarchy)")
     augment = augment if training else None
@@ -157,7 +160,7 @@ def make_dataset(samples: list[Sample], hierarchy, options: ImageOptions, *,
         if shuffle and balance != "sampling":
             ds = ds.shuffle(len(sub), seed=seed, reshuffle_each_iteration=True)
         loader = _cached_loader(options) if cache is not None else \
-            _uncached_loader(options, report)
+            _uncached_loader(options, report, decoder)
         ds = ds.map(lambda cols, *rest: (loader(cols), *rest), num_parallel_calls=parallel,
                     deterministic=not training)
         if cache is None:
@@ -226,13 +229,14 @@ def _cached_loader(options: ImageOptions):
     return load
 
 
-def _uncached_loader(options: ImageOptions, report: PipelineReport):
+def _uncached_loader(options: ImageOptions, report: PipelineReport, decoder: str = "pydicom"):
     shape = options.shape
 
     def py_load(path, frame):
         path = path.decode() if isinstance(path, bytes) else str(path)
         try:
-            img = load_image(path, options, None if int(frame) < 0 else int(frame)).image
+            img = load_image(path, options, None if int(frame) < 0 else int(frame),
+                             decoder=decoder).image
             return img.astype(np.int16)
         except DataError as err:
             report.add(Skipped.from_error(err, "stream"))

@@ -355,23 +355,29 @@ def _stored_values(out: np.ndarray, header, monochrome1: bool) -> np.ndarray:
     low = top if monochrome1 else 0.0
     gradient = ((0.0 if monochrome1 else top) - low + 1.0) / (absmax - absmin + 1.0)
     s, b = rescale if rescale is not None else (1.0, 0.0)
-    x = out.astype(np.float64)
 
     def forward(p):
         w = np.trunc(p * s + b) if rescale is not None else p
         return np.trunc(low + (w - absmin) * gradient)
 
-    estimate = ((x - low) / gradient + absmin - b) / s
-    base = np.floor(estimate)
-    best = np.clip(np.round(estimate), smin, smax)
-    best_dist = np.full(x.shape, np.inf)
-    for k in (-1.0, 0.0, 1.0, 2.0):
-        cand = np.clip(base + k, smin, smax)
-        dist = np.abs(cand - estimate)
-        take = (forward(cand) == x) & (dist < best_dist)
-        best = np.where(take, cand, best)
-        best_dist = np.where(take, dist, best_dist)
-    return best
+    def invert(x):
+        estimate = ((x - low) / gradient + absmin - b) / s
+        base = np.floor(estimate)
+        best = np.clip(np.round(estimate), smin, smax)
+        best_dist = np.full(x.shape, np.inf)
+        for k in (-1.0, 0.0, 1.0, 2.0):
+            cand = np.clip(base + k, smin, smax)
+            dist = np.abs(cand - estimate)
+            take = (forward(cand) == x) & (dist < best_dist)
+            best = np.where(take, cand, best)
+            best_dist = np.where(take, dist, best_dist)
+        return best
+
+    if depth <= 20:  # invert every possible output once, then look pixels up
+        table = invert(np.arange(2**depth, dtype=np.float64)).astype(np.float32)
+        index = out if np.issubdtype(out.dtype, np.integer) else out.astype(np.int64)
+        return table[np.minimum(index, 2**depth - 1)]
+    return invert(out.astype(np.float64))
 
 
 def _render(pixels: np.ndarray, header: _Header, data: bytes, options: ImageOptions,
