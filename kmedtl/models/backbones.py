@@ -1,0 +1,376 @@
+"""The backbone registry and :func:`backbone`, the one way to get a feature extractor.
+
+A backbone maps images to a feature map.  Every family lives in one registry
+(:data:`BACKBONES`): the ``keras.applications`` families (ResNet v1/v2, DenseNet,
+EfficientNet v1/v2, MobileNetV2/V3, VGG, InceptionV3, Xception, ConvNeXt) and kmedtl's
+from-scratch families (the Transfusion CBR networks, a parallel-convolution ResNet).  Each
+:class:`BackboneSpec` knows its constructor, minimum input size, the input preprocessing
+its stock model expects and how to find its named cut points.
+
+:class:`Backbone` is a functional-model subclass: input ``[0, 1]`` images (see
+:mod:`kmedtl.models.preprocessing` for why the normalisation is inside the model) ->
+optional cut -> feature map.  Its config is ``(family, input_shape, cut,
+include_preprocessing)``, so a saved model rebuilds the same graph and Keras restores the
+weights; no weight source is stored.
+
+Layer names are made reproducible: ``keras.applications`` leaves some layers unnamed (all
+of InceptionV3, Xception's adds, ...) and Keras numbers those per process; :class:`Backbone`
+renames them ``<type>``, ``<type>_1`` ... in graph order, so cut names and name-based
+weight transfer work across processes.
+
+Example::
+
+    >>> from kmedtl.models import backbone
+    >>> bb = backbone("resnet50", cut="conv4_block4_out", input_shape=(64, 64, 1))
+    >>> bb.output_shape, bb.preprocessing
+    ((None, 4, 4, 1024), 'unit')
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import keras
+
+from kmedtl.errors import ModelError
+from kmedtl.models import cbr, parallel_resnet, truncation
+from kmedtl.models.preprocessing import ImagePreprocessing, check_mode
+
+WEIGHT_CHOICES = "None, 'imagenet', or a path to a .keras / .weights.h5 / .h5 file"
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """One registry entry.
+
+    ``preprocessing``: what the stock model expects -- ``"caffe"``, ``"tf"`` ([-1, 1]),
+    ``"torch"``, ``"none"`` (raw 0-255, the model rescales itself) or ``"unit"`` ([0, 1]).
+    ``weights_change_graph``: the keras constructor builds a different graph with
+    ``weights="imagenet"`` (EfficientNet v1 adds a rescaling); kmedtl then always builds the
+    random-weight graph and transfers the ImageNet weights into it.
+    """
+
+    name: str
+    constructor: Callable
+    preprocessing: str
+    min_size: int
+    cuts: Callable
+    family: str
+    pretrained: bool = True
+    weights_change_graph: bool = False
+    kwargs: dict = field(default_factory=dict)
+    reference: str = ""
+
+    def __post_init__(self):
+        check_mode(self.preprocessing)
+
+
+BACKBONES: dict[str, BackboneSpec] = {}
+
+
+def _key(name: str) -> str:
+    return re.sub(r"[\s_\-]", "", str(name)).lower()
+
+
+def register_backbone(spec: BackboneSpec) -> BackboneSpec:
+    """Add a family to the registry (overwrites an entry of the same name)."""
+    BACKBONES[spec.name] = spec
+    return spec
+
+
+def backbone_names() -> list[str]:
+    return list(BACKBONES)
+
+
+def get_spec(name) -> BackboneSpec:
+    if isinstance(name, BackboneSpec):
+        return name
+    wanted = _key(name)
+    for spec in BACKBONES.values():
+        if _key(spec.name) == wanted:
+            return spec
+    raise ModelError(
+        f"backbone name={name!r} is not a known family; known families: {backbone_names()}"
+    )
+
+
+def _register_defaults():
+    A = keras.applications
+    T = truncation
+    ka = "keras.applications"
+    entries = [
+        *[(f"resnet{d}", getattr(A, f"ResNet{d}"), "caffe", 32, T.resnet_cuts, "resnet")
+          for d in (50, 101, 152)],
+        *[(f"resnet{d}v2", getattr(A, f"ResNet{d}V2"), "tf", 32, T.resnet_cuts, "resnet_v2")
+          for d in (50, 101, 152)],
+        *[(f"densenet{d}", getattr(A, f"DenseNet{d}"), "torch", 32, T.densenet_cuts,
+           "densenet") for d in (121, 169, 201)],
+        *[(f"efficientnetb{i}", getattr(A, f"EfficientNetB{i}"), "none", 32,
+           T.efficientnet_cuts, "efficientnet") for i in range(8)],
+        *[(f"efficientnetv2{v.lower()}", getattr(A, f"EfficientNetV2{v}"), "none", 32,
+           T.efficientnet_cuts, "efficientnet_v2") for v in ("B0", "B1", "B2", "B3", "S",
+                                                              "M", "L")],
+        ("mobilenetv2", A.MobileNetV2, "tf", 32, T.mobilenetv2_cuts, "mobilenet_v2"),
+        ("mobilenetv3small", A.MobileNetV3Small, "none", 32, T.mobilenetv3_cuts,
+         "mobilenet_v3"),
+        ("mobilenetv3large", A.MobileNetV3Large, "none", 32, T.mobilenetv3_cuts,
+         "mobilenet_v3"),
+        ("vgg16", A.VGG16, "caffe", 32, T.vgg_cuts, "vgg"),
+        ("vgg19", A.VGG19, "caffe", 32, T.vgg_cuts, "vgg"),
+        ("inceptionv3", A.InceptionV3, "tf", 75, T.inception_cuts, "inception_v3"),
+        ("xception", A.Xception, "tf", 71, T.xception_cuts, "xception"),
+        *[(f"convnext_{s.lower()}", getattr(A, f"ConvNeXt{s}"), "none", 32, T.convnext_cuts,
+           "convnext") for s in ("Tiny", "Small", "Base", "Large", "XLarge")],
+    ]
+    for name, ctor, prep, size, cuts, fam in entries:
+        register_backbone(
+            BackboneSpec(name, ctor, prep, size, cuts, fam,
+                         weights_change_graph=(fam == "efficientnet"),
+                         reference=f"{ka}.{ctor.__name__}")
+        )
+    for name, ctor in (("cbr_tiny", cbr.CBRTiny), ("cbr_small", cbr.CBRSmall),
+                       ("cbr_larget", cbr.CBRLargeT), ("cbr_largew", cbr.CBRLargeW)):
+        register_backbone(
+            BackboneSpec(name, ctor, "unit", 32, T.cbr_cuts, "cbr", pretrained=False,
+                         reference="Raghu et al. 2019, arXiv:1902.07208")
+        )
+    register_backbone(
+        BackboneSpec("parallel_resnet", parallel_resnet.parallel_resnet, "unit", 32,
+                     T.parallel_resnet_cuts, "parallel_resnet", pretrained=False,
+                     reference="after Alzubaidi et al. 2020, Appl. Sci. 10(13):4523")
+    )
+
+
+_register_defaults()
+
+
+# ---------------------------------------------------------------------------- naming
+def _snake(name: str) -> str:
+    # Same rule Keras uses to auto-name layers (keras.src.utils.naming.to_snake_case).
+    name = re.sub(r"\W+", "", name)
+    name = re.sub("(.)([A-Z][a-z]+)", r"\1_\2", name)
+    return re.sub("([a-z])([A-Z])", r"\1_\2", name).lower()
+
+
+def canonicalise_names(model: keras.Model) -> None:
+    """Rename auto-named operations ``<type>[_N]`` to ``<type>``, ``<type>_1``... in order.
+
+    Keras numbers unnamed layers per process (``conv2d_187``); this makes the names of a
+    freshly built graph the same in every process.  Explicit names are left alone.
+    """
+    ops = list(model.operations)
+    auto = []
+    for op in ops:
+        base = _snake(type(op).__name__)
+        if re.fullmatch(rf"{re.escape(base)}(_\d+)?", op.name):
+            auto.append((op, base))
+    taken = {op.name for op in ops} - {op.name for op, _ in auto}
+    counters: dict[str, int] = {}
+    for op, base in auto:
+        k = counters.get(base, 0)
+        new = base if k == 0 else f"{base}_{k}"
+        while new in taken:
+            k += 1
+            new = f"{base}_{k}"
+        counters[base] = k + 1
+        op.name = new
+        taken.add(new)
+
+
+# ---------------------------------------------------------------------------- Backbone
+@keras.saving.register_keras_serializable(package="kmedtl")
+class Backbone(keras.Model):
+    """A registry family as a functional model: images -> feature map.
+
+    Args:
+        family: registry name (``"resnet50"``, ``"cbr_tiny"`` ...; case, ``-`` and ``_``
+            are ignored).
+        input_shape: ``(H, W, C)``; ``H``/``W`` may be ``None``; ``C`` is 1 or 3 for the
+            ImageNet-normalised families.
+        cut: a named cut point or any layer name; ``None`` keeps the whole network.
+        include_preprocessing: put :class:`ImagePreprocessing` first, so the model takes
+            ``[0, 1]`` images (``preprocessing == "unit"``).
+        weights: ``None``, ``"imagenet"`` or a legacy ``.h5`` path, passed to the keras
+            constructor (use :func:`backbone` for anything else, e.g. 1-channel ImageNet).
+        frozen: names of layers to set ``trainable = False`` (restored from the config).
+        dtype: dtype policy to build under (default: the global policy).
+
+    Example::
+
+        >>> bb = Backbone("vgg16", input_shape=(32, 32, 3), cut="block3_pool")
+        >>> bb.output_shape
+        (None, 4, 4, 256)
+    """
+
+    def __init__(
+        self,
+        family,
+        input_shape=(224, 224, 3),
+        cut=None,
+        include_preprocessing=True,
+        weights=None,
+        frozen=None,
+        dtype=None,
+        name=None,
+        _transfer_source=False,
+        **kwargs,
+    ):
+        spec = get_spec(family)
+        input_shape = tuple(None if d is None else int(d) for d in input_shape)
+        _check_input_shape(spec, input_shape)
+        if weights == "imagenet" and spec.weights_change_graph and not _transfer_source:
+            # The graph would differ from the one from_config rebuilds (no weights), so a
+            # saved model would not predict the same: backbone() transfers instead.
+            raise ModelError(
+                f"Backbone({spec.name!r}, weights='imagenet'): use "
+                f"kmedtl.models.backbone({spec.name!r}, weights='imagenet') for this family"
+            )
+        if weights == "imagenet" and not spec.pretrained:
+            raise ModelError(
+                f"weights='imagenet': {spec.name} has no ImageNet weights; families with "
+                f"ImageNet weights: {[n for n, s in BACKBONES.items() if s.pretrained]}"
+            )
+        # keras.applications takes no dtype argument: build under the requested policy.
+        previous_policy = keras.config.dtype_policy()
+        if dtype is not None:
+            keras.config.set_dtype_policy(dtype)
+        try:
+            # === Layers ===
+            inputs = keras.Input(shape=input_shape, name="image")
+            x = inputs
+            if include_preprocessing:
+                x = ImagePreprocessing(spec.preprocessing, name="preprocessing")(x)
+            # === Functional wiring ===
+            full = spec.constructor(
+                include_top=False,
+                weights=weights,
+                input_tensor=x,
+                input_shape=input_shape,
+                **spec.kwargs,
+            )
+        finally:
+            keras.config.set_dtype_policy(previous_policy)
+        canonicalise_names(full)
+        outputs = full.output
+        if cut is not None:
+            outputs = truncation.resolve_cut(full, cut, spec.cuts, spec.name).output
+        super().__init__(inputs=inputs, outputs=outputs, name=name or spec.name, **kwargs)
+        for layer_name in frozen or ():
+            self.get_layer(layer_name).trainable = False
+        # === Config ===
+        self.spec = spec
+        self.family = spec.name
+        self.image_shape = input_shape
+        self.cut = cut
+        self.include_preprocessing = bool(include_preprocessing)
+        self.preprocessing = "unit" if include_preprocessing else spec.preprocessing
+
+    def named_cuts(self):
+        """The named cuts present in this (possibly already truncated) graph."""
+        return truncation.named_cuts(self, self.spec.cuts)
+
+    def get_config(self):
+        return {
+            "name": self.name,
+            "trainable": self.trainable,
+            "family": self.family,
+            "input_shape": list(self.image_shape),
+            "cut": self.cut,
+            "include_preprocessing": self.include_preprocessing,
+            # per-layer freezing (e.g. a freeze-depth schedule) survives save/load
+            "frozen": [la.name for la in self.layers if not la.trainable and la.weights]
+            if self.trainable else [],
+            "dtype": _weights_policy(self),
+        }
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        return cls(**config)
+
+
+def _weights_policy(model) -> str:
+    """The dtype policy the backbone's layers were built with (e.g. ``mixed_float16``)."""
+    for layer in model.layers:
+        if layer.weights:
+            return layer.dtype_policy.name
+    return keras.config.dtype_policy().name
+
+
+def _check_input_shape(spec, input_shape):
+    if len(input_shape) != 3:
+        raise ModelError(
+            f"input_shape={input_shape} must be (height, width, channels), channels last"
+        )
+    h, w, c = input_shape
+    if c is None or c < 1:
+        raise ModelError(f"input_shape={input_shape}: the channel count must be given")
+    for d in (h, w):
+        if d is not None and d < spec.min_size:
+            raise ModelError(
+                f"input_shape={input_shape}: {spec.name} needs images of at least "
+                f"{spec.min_size}x{spec.min_size} pixels"
+            )
+
+
+def backbone(
+    name,
+    weights=None,
+    cut=None,
+    input_shape=(224, 224, 3),
+    include_preprocessing: bool = True,
+    trainable: bool = True,
+    model_name=None,
+) -> Backbone:
+    """Build a backbone (images in ``[0, 1]`` -> feature map), optionally pretrained and cut.
+
+    Args:
+        name: registry family, see :func:`backbone_names`.
+        weights: ``None`` (random), ``"imagenet"`` (downloaded through
+            ``keras.applications``), or a path: ``.keras`` (any saved model containing the
+            backbone's layers, e.g. one written by :func:`~kmedtl.models.save_backbone`),
+            ``.weights.h5`` (Keras 3 weights of such a model) or a legacy ``.h5``
+            (``keras.applications`` layout).  Weights are matched by layer name.
+        cut: named cut point or layer name (TruncatedTL), see :func:`cut_points`.
+        input_shape: ``(H, W, C)``.  With ``C == 1`` and RGB-pretrained weights the first
+            convolution's kernels are folded (summed over input channels with the
+            normalisation folded in), see :func:`~kmedtl.models.transfer_weights`.
+        include_preprocessing: normalisation inside the model (input ``[0, 1]``).
+        trainable: initial ``trainable`` flag of the whole backbone.
+        model_name: the Keras name of the returned model (default: the family name).
+
+    Example::
+
+        >>> bb = backbone("densenet121", cut="pool3_pool", input_shape=(64, 64, 3))
+        >>> bb.output_shape
+        (None, 4, 4, 256)
+    """
+    from kmedtl.models import weights as wlib
+
+    spec = get_spec(name)
+    shape = tuple(input_shape)
+    common = dict(cut=cut, include_preprocessing=include_preprocessing, name=model_name)
+    if weights is None:
+        model = Backbone(spec.name, shape, **common)
+    elif isinstance(weights, str) and weights == "imagenet":
+        if not spec.pretrained:
+            raise ModelError(
+                f"weights='imagenet': {spec.name} has no ImageNet weights; use weights=None "
+                "or a same-domain weight file"
+            )
+        if shape[-1] == 3 and not spec.weights_change_graph:
+            model = Backbone(spec.name, shape, weights="imagenet", **common)
+        else:
+            source = Backbone(spec.name, shape[:2] + (3,), weights="imagenet",
+                              _transfer_source=True, **common)
+            model = Backbone(spec.name, shape, **common)
+            wlib.transfer_weights(source, model)
+    elif isinstance(weights, (str, Path)):
+        model = Backbone(spec.name, shape, **common)
+        wlib.load_backbone_weights(model, weights)
+    else:
+        raise ModelError(f"weights={weights!r} is not valid; use {WEIGHT_CHOICES}")
+    model.trainable = trainable
+    return model
