@@ -1,0 +1,304 @@
+"""The ``train:`` section of a run config, typed.
+
+:class:`kmedtl.config.Config` keeps ``train`` as a free mapping (the data layer does not
+know about training); :func:`train_section` validates it into a :class:`TrainSection`.
+Errors are one :class:`~kmedtl.errors.ConfigError` whose lines name ``train.<field>``, what
+was given and what is allowed, worded by :func:`kmedtl.config._format_errors`::
+
+    run.yaml: invalid config:
+      train.optimizer: Input should be 'adam', 'adamw', 'sgd', ... (got 'adagrad')
+      train.tune.max_trials: Input should be greater than or equal to 1 (got 0)
+
+Example::
+
+    >>> cfg = train_section({"backbone": "cbr_tiny", "strategy": "linear_probe"})
+    >>> cfg.epochs, cfg.optimizer, cfg.strategy
+    (10, 'adam', 'linear_probe')
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from kmedtl.errors import ConfigError
+
+OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop", "nadam", "adamax", "lion")
+SCHEDULES = ("constant", "one_cycle", "cosine", "step")
+STRATEGIES = ("full", "linear_probe", "freeze", "gradual", "fine_tune")
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16", "auto")
+MODELS = ("flat", "hierarchical", "staged")
+TUNERS = ("random", "hyperband", "bayesian")
+DISTRIBUTE = ("none", "mirrored", "multi_worker")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class OneCycleSection(_Strict):
+    """One-cycle shape (Smith 2018; fastai's defaults)."""
+
+    pct_start: float = Field(default=0.25, gt=0.0, lt=1.0)
+    div_factor: float = Field(default=25.0, gt=0.0)  # start lr = max lr / div_factor
+    final_div_factor: float = Field(default=1e4, gt=0.0)  # end lr = start lr / this
+    # (high, low) beta_1 (Adam family) or momentum (SGD/RMSprop); null keeps it constant
+    momentum: Union[tuple[float, float], None] = (0.95, 0.85)
+
+    @field_validator("momentum")
+    @classmethod
+    def _momentum_range(cls, v):
+        if v is not None and not all(0.0 <= m < 1.0 for m in v):
+            raise ValueError(f"both values must be in [0, 1), got {list(v)}")
+        return v
+
+
+class StagedSection(_Strict):
+    """The staged hierarchical workflow (``train.model: staged``)."""
+
+    transfer: Literal["hierarchy", "pretrained"] = "hierarchy"
+    n_folds: int = Field(default=5, ge=2)
+
+
+class TuneSection(_Strict):
+    """``kmedtl tune``: the KerasTuner search space and the stock tuner that explores it."""
+
+    tuner: Literal[TUNERS] = "random"  # type: ignore[valid-type]
+    max_trials: int = Field(default=10, ge=1)
+    executions_per_trial: int = Field(default=1, ge=1)
+    epochs: int | None = Field(default=None, ge=1)  # per trial; default train.epochs
+    objective: str = "auc"  # short metric name or a Keras log key (val_leaf_auc)
+    direction: Literal["auto", "min", "max"] = "auto"
+    backbones: list[str] | None = None  # default [train.backbone]
+    cuts: Union[Literal["stages", "all", "none"], list[str]] = "stages"
+    strategies: list[Literal[STRATEGIES]] = Field(  # type: ignore[valid-type]
+        default_factory=lambda: ["linear_probe", "fine_tune"], min_length=1)
+    learning_rate: tuple[float, float] = (1e-4, 1e-2)  # log-uniform range
+    lr_ratios: list[float] = Field(default_factory=lambda: [1.0, 3.0], min_length=1)
+    dropout: tuple[float, float] = (0.0, 0.5)
+    freeze_stages: tuple[int, int] | None = None  # range for strategy freeze; default all
+    hyperband_factor: int = Field(default=3, ge=2)
+    bayesian_initial_points: int | None = Field(default=None, ge=1)
+    feature_cache: bool = True
+    cache_dir: str | None = None  # on-disk feature cache; default <run>/tuning/features
+    overwrite: bool = False
+    seed: int = 0
+    max_consecutive_failed_trials: int = Field(default=3, ge=1)
+    max_failed_fraction: float = Field(default=0.5, ge=0.0, le=1.0)
+
+    @field_validator("learning_rate", "dropout")
+    @classmethod
+    def _ordered(cls, v):
+        if v[0] > v[1]:
+            raise ValueError(f"give [low, high] with low <= high, got {list(v)}")
+        return v
+
+    @field_validator("learning_rate")
+    @classmethod
+    def _positive(cls, v):
+        if v[0] <= 0:
+            raise ValueError(f"learning rates must be > 0, got {list(v)}")
+        return v
+
+    @field_validator("dropout")
+    @classmethod
+    def _dropout(cls, v):
+        if not (0.0 <= v[0] and v[1] < 1.0):
+            raise ValueError(f"dropout must lie in [0, 1), got {list(v)}")
+        return v
+
+    @field_validator("lr_ratios")
+    @classmethod
+    def _ratios(cls, v):
+        if any(r < 1.0 for r in v):
+            raise ValueError(f"ratios are >= 1 (lr / ratio per lower group), got {v}")
+        return v
+
+
+class TrainSection(_Strict):
+    """Everything ``kmedtl train`` / :class:`~kmedtl.training.Trainer` needs.
+
+    See ``pipelines/train_*.yaml`` for commented examples.  ``monitor`` and
+    ``tune.objective`` take a short metric name (``loss``, ``accuracy``, ``auc``,
+    ``kappa``: validation, leaf level) or any Keras log key (``val_root_loss``).
+    """
+
+    model: Literal[MODELS] = "hierarchical"  # type: ignore[valid-type]
+    backbone: str = "cbr_small"
+    weights: str | None = None  # null (random), imagenet, or a weight file
+    cut: str | None = None  # named cut point (TruncatedTL) or layer name
+    dropout: float = Field(default=0.2, ge=0.0, lt=1.0)
+    pooling: Literal["avg", "max"] = "avg"
+
+    epochs: int = Field(default=10, ge=1)
+    batch_size: int = Field(default=32, ge=1)
+    steps_per_epoch: int | None = Field(default=None, ge=1)
+
+    optimizer: Literal[OPTIMIZERS] = "adam"  # type: ignore[valid-type]
+    learning_rate: float = Field(default=1e-3, gt=0.0)
+    weight_decay: float = Field(default=0.0, ge=0.0)
+    momentum: float = Field(default=0.9, ge=0.0, lt=1.0)  # sgd / rmsprop
+    clipnorm: float | None = Field(default=None, gt=0.0)
+    schedule: Literal[SCHEDULES] = "constant"  # type: ignore[valid-type]
+    warmup_epochs: float = Field(default=0.0, ge=0.0)  # cosine: linear warm-up
+    step_every: int = Field(default=10, ge=1)  # step: epochs between drops
+    step_factor: float = Field(default=0.1, gt=0.0, le=1.0)
+    one_cycle: OneCycleSection = Field(default_factory=OneCycleSection)
+
+    strategy: Literal[STRATEGIES] = "full"  # type: ignore[valid-type]
+    freeze_below: str | None = None  # strategy freeze: a named cut (frozen up to it)
+    freeze_layers: int | None = Field(default=None, ge=0)  # strategy freeze: first K layers
+    unfreeze_at: list[float] = Field(default_factory=list)  # strategy gradual
+    head_epochs: int = Field(default=1, ge=1)  # strategy fine_tune: head warm-up epochs
+    lr_multipliers: list[float] | None = None  # per layer group, input side -> head
+
+    label_smoothing: float = Field(default=0.0, ge=0.0, lt=1.0)
+    leaf_loss_weight: float = Field(default=0.0, ge=0.0)  # hierarchical: extra leaf loss
+    monitor: str = "loss"
+    monitor_mode: Literal["auto", "min", "max"] = "auto"
+    early_stopping: int | None = Field(default=None, ge=1)  # patience in epochs
+    reduce_lr: int | None = Field(default=None, ge=1)  # ReduceLROnPlateau patience
+    reduce_lr_factor: float = Field(default=0.2, gt=0.0, lt=1.0)
+
+    precision: Literal[PRECISIONS] = "auto"  # type: ignore[valid-type]
+    jit_compile: Union[bool, Literal["auto"]] = True
+    seed: int = 0
+    deterministic: bool = False
+    distribute: Literal[DISTRIBUTE] = "none"  # type: ignore[valid-type]
+    backup_every: Union[Literal["epoch"], int] = "epoch"  # or every N batches
+    tensorboard: bool = True
+    verbose: Union[Literal["auto"], Literal[0, 1, 2]] = "auto"
+
+    staged: StagedSection = Field(default_factory=StagedSection)
+    tune: TuneSection = Field(default_factory=TuneSection)
+
+    @field_validator("backbone")
+    @classmethod
+    def _known_backbone(cls, v):
+        from kmedtl.models.backbones import backbone_names, get_spec
+
+        try:
+            return get_spec(v).name
+        except Exception:
+            raise ValueError(f"{v!r} is not a known backbone; known: {backbone_names()}") from None
+
+    @field_validator("unfreeze_at")
+    @classmethod
+    def _fractions(cls, v):
+        if any(not 0.0 < f < 1.0 for f in v) or any(b <= a for a, b in zip(v, v[1:])):
+            raise ValueError(f"epoch fractions must be strictly increasing in (0, 1), got {v}")
+        return v
+
+    @field_validator("lr_multipliers")
+    @classmethod
+    def _multipliers(cls, v):
+        if v is not None and (len(v) < 2 or any(m < 0 for m in v)):
+            raise ValueError(f"give >= 2 non-negative multipliers (input side -> head), got {v}")
+        return v
+
+    @field_validator("backup_every")
+    @classmethod
+    def _backup(cls, v):
+        if not isinstance(v, str) and v < 1:
+            raise ValueError(f"'epoch' or a number of batches >= 1, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _strategy_fields(self):
+        s = self.strategy
+        if s == "freeze" and (self.freeze_below is None) == (self.freeze_layers is None):
+            raise ValueError("train.strategy 'freeze' needs exactly one of train.freeze_below "
+                             "(a named cut) or train.freeze_layers (first K layers)")
+        if s != "freeze" and (self.freeze_below is not None or self.freeze_layers is not None):
+            raise ValueError(f"train.freeze_below / train.freeze_layers apply to train.strategy "
+                             f"'freeze' only (got strategy {s!r})")
+        if s == "gradual" and not self.unfreeze_at:
+            raise ValueError("train.strategy 'gradual' needs train.unfreeze_at: epoch fractions at "
+                             "which the next layer group (head first) is unfrozen, e.g. "
+                             "[0.25, 0.5, 0.75]")
+        if s != "gradual" and self.unfreeze_at:
+            raise ValueError(f"train.unfreeze_at applies to train.strategy 'gradual' only (got "
+                             f"strategy {s!r})")
+        if self.reduce_lr and self.schedule != "constant":
+            raise ValueError(f"train.reduce_lr needs train.schedule 'constant' (the "
+                             f"{self.schedule!r} schedule owns the learning rate)")
+        if s == "fine_tune" and self.epochs <= self.head_epochs:
+            raise ValueError(f"train.strategy 'fine_tune' trains the head for train.head_epochs "
+                             f"({self.head_epochs}) then everything: train.epochs must be larger "
+                             f"(got {self.epochs})")
+        return self
+
+
+class _Wrapper(_Strict):
+    train: TrainSection = Field(default_factory=TrainSection)
+
+
+def train_section(source: Any = None, label: str = "config", **overrides) -> TrainSection:
+    """Validate a ``train`` mapping (or a :class:`kmedtl.config.Config`, or a
+    :class:`TrainSection`) with ``overrides`` applied; errors name ``train.<field>``."""
+    from kmedtl.config import Config
+
+    if isinstance(source, Config):
+        raw = dict(source.train)
+    elif isinstance(source, TrainSection):
+        raw = source.model_dump()
+    elif source is None:
+        raw = {}
+    elif isinstance(source, dict):
+        raw = dict(source)
+    else:
+        raise ConfigError(f"{label}: train must be a mapping, got {type(source).__name__}")
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(raw.get(key), dict):
+            raw[key] = {**raw[key], **value}
+        else:
+            raw[key] = value
+    try:
+        return _Wrapper.model_validate({"train": raw}).train
+    except ValidationError as exc:
+        raise ConfigError(_errors(label, exc)) from None
+
+
+def _errors(label: str, exc: ValidationError) -> str:
+    """:func:`kmedtl.config._format_errors`, with the allowed fields of ``train.*`` fixed.
+
+    ``_format_errors`` looks allowed fields up from :class:`kmedtl.config.Config`, where
+    ``train`` is a plain dict, so for ``train.<unknown>`` it would list the top-level
+    sections; walk :class:`TrainSection` instead.
+    """
+    from kmedtl.config import _allowed_fields, _format_errors
+
+    text = _format_errors(label, exc)
+    for err in exc.errors():
+        if err["type"] != "extra_forbidden":
+            continue
+        wrong = f"allowed fields here: {_allowed_fields(err['loc'][:-1])}"
+        right = f"allowed fields here: {_allowed(err['loc'][:-1])}"
+        loc = ".".join(str(p) for p in err["loc"])
+        text = re.sub(re.escape(f"{loc}: unknown field; {wrong}"),
+                      lambda _m, loc=loc, right=right: f"{loc}: unknown field; {right}", text)
+    return text
+
+
+def _allowed(loc) -> list[str]:
+    model: type[BaseModel] = _Wrapper
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None or not isinstance(field.annotation, type) or \
+                not issubclass(field.annotation, BaseModel):
+            break
+        model = field.annotation
+    return sorted(model.model_fields)
+
+
+def resolved_config(cfg, train: TrainSection, hierarchy=None) -> dict:
+    """The whole run config as written to ``config.yaml``: every default filled in, the
+    ``train`` section validated and the label tree inlined (so the run folder is
+    self-contained)."""
+    out = cfg.model_dump(mode="json")
+    out["train"] = train.model_dump(mode="json")
+    if hierarchy is not None:
+        out["data"]["hierarchy"] = hierarchy.to_config()
+    return out

@@ -1,0 +1,337 @@
+"""Layer groups, freezing, and the training phases of each strategy.
+
+A model is split into **layer groups**, input side first, head last.  For a kmedtl
+backbone the groups are its *stages*, read from the registry's named cut points (those of
+``kind == "stage"``, see :func:`kmedtl.models.cut_points`): ResNet's ``conv2..conv5``,
+CBR's ``block1..blockN``, ...; ``n`` merges consecutive stages into ``n - 1`` backbone
+groups (plus the head).  Any other model (no ``.backbone``) is split evenly over its
+weighted layers, the last weighted layer being the head.
+
+Freezing follows Keras 3 semantics: ``layer.trainable = False`` removes its weights from
+training and runs ``BatchNormalization`` in inference mode (moving statistics used and
+left untouched), which is what a linear probe wants.  Changing ``trainable`` only takes
+effect at the next ``compile``: :class:`~kmedtl.training.Trainer` therefore runs one
+``fit`` per :class:`Phase`.
+
+Strategies (``train.strategy``):
+
+============  =================================================================
+full          everything trains
+linear_probe  backbone frozen (BatchNorm in inference mode), head trains
+freeze        backbone frozen up to a named cut (``freeze_below``) or its first K
+              layers (``freeze_layers``); the rest trains
+gradual       head first; at each fraction of ``unfreeze_at`` the next backbone
+              group from the top is unfrozen (ULMFiT's gradual unfreezing)
+fine_tune     ``head_epochs`` with the backbone frozen, then everything, each phase
+              with its own schedule (fastai's ``fine_tune``)
+============  =================================================================
+
+Example::
+
+    >>> from kmedtl.models import FlatClassifier, backbone
+    >>> m = FlatClassifier(backbone("cbr_tiny", input_shape=(32, 32, 1)), 2)
+    >>> [g.name for g in layer_groups(m)]
+    ['block1_pool', 'block2_pool', 'block3_pool', 'block4_pool', 'head']
+    >>> [g.name for g in layer_groups(m, 3)]
+    ['block1_pool+block2_pool', 'block3_pool+block4_pool', 'head']
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import keras
+import numpy as np
+
+from kmedtl.errors import ConfigError
+
+FINE_TUNE_MULTIPLIERS = (1 / 9, 1 / 3, 1.0)
+
+
+@dataclass
+class LayerGroup:
+    """Consecutive layers that freeze, unfreeze and take a learning-rate multiplier
+    together.  ``name`` is the stage cut it ends at (``+``-joined when merged) or
+    ``"head"``."""
+
+    name: str
+    layers: list = field(default_factory=list)
+
+    @property
+    def weights(self) -> list:
+        return [w for layer in self.layers for w in layer.weights]
+
+    def set_trainable(self, value: bool) -> None:
+        for layer in self.layers:
+            set_trainable(layer, value)
+
+
+def set_trainable(layer, value: bool) -> None:
+    """``layer.trainable = value``, propagated to every sublayer.
+
+    On the TensorFlow backend Keras' ``__setattr__`` skips the assignment when the
+    attribute already holds that value, so ``model.trainable = True`` on a model whose
+    backbone was frozen separately leaves the backbone frozen.  Toggling forces the
+    setter (and its propagation to sublayers and variables) to run.
+    """
+    layer.trainable = not value
+    layer.trainable = value
+
+
+# ---------------------------------------------------------------------------- groups
+def find_backbone(model) -> keras.Model | None:
+    """``model.backbone`` when the model has one (every kmedtl classifier does)."""
+    bb = getattr(model, "backbone", None)
+    return bb if isinstance(bb, keras.Model) else None
+
+
+def _is_input(layer) -> bool:
+    return isinstance(layer, keras.layers.InputLayer)
+
+
+def backbone_layers(model) -> list:
+    bb = find_backbone(model)
+    if bb is not None:
+        return [la for la in bb.layers if not _is_input(la)]
+    weighted = [la for la in _flat_layers(model) if la.weights]
+    if len(weighted) < 2:
+        raise ConfigError(f"model {model.name!r} has fewer than two weighted layers: nothing to "
+                          "split into backbone and head")
+    last = weighted[-1]
+    layers = _flat_layers(model)
+    return layers[:layers.index(last)]
+
+
+def _flat_layers(model) -> list:
+    return [la for la in model.layers if not _is_input(la)]
+
+
+def head_layers(model) -> list:
+    bb = find_backbone(model)
+    if bb is not None:
+        return [la for la in model.layers if la is not bb and not _is_input(la)]
+    inside = {id(la) for la in backbone_layers(model)}
+    return [la for la in _flat_layers(model) if id(la) not in inside]
+
+
+def stage_groups(model) -> list[LayerGroup]:
+    """Backbone layers split at the stage cut points (one group per stage)."""
+    bb = find_backbone(model)
+    layers = backbone_layers(model)
+    cuts = []
+    if bb is not None and hasattr(bb, "named_cuts"):
+        cuts = [c for c in bb.named_cuts() if c.kind == "stage"]
+    if not cuts:  # no registry stages: one group per weighted layer
+        groups, current = [], []
+        for layer in layers:
+            current.append(layer)
+            if layer.weights:
+                groups.append(LayerGroup(layer.name, current))
+                current = []
+        if current and groups:
+            groups[-1].layers.extend(current)
+        return groups
+    order = {id(op): i for i, op in enumerate(bb.operations)}
+    ends = [(order[id(c.op)], c.name) for c in cuts]
+    groups = [LayerGroup(name) for _, name in ends]
+    for layer in layers:
+        pos = order.get(id(layer))
+        k = next((i for i, (end, _) in enumerate(ends) if pos is not None and pos <= end),
+                 len(ends) - 1)
+        groups[k].layers.append(layer)
+    return [g for g in groups if g.layers]
+
+
+def layer_groups(model, n: int | None = None) -> list[LayerGroup]:
+    """Backbone groups (input side first) then the head group.
+
+    ``n``: total number of groups including the head; the backbone stages are merged into
+    ``n - 1`` contiguous groups of near-equal size.  ``None`` keeps one group per stage.
+    """
+    stages = stage_groups(model)
+    if n is not None:
+        if n < 2:
+            raise ConfigError(f"layer groups: need at least 2 groups (backbone + head), got {n}")
+        if n - 1 > len(stages):
+            raise ConfigError(
+                f"layer groups: {n} groups asked (e.g. len(train.lr_multipliers)) but the "
+                f"backbone has only {len(stages)} stage(s) {[g.name for g in stages]} + head; "
+                f"use at most {len(stages) + 1}")
+        merged = []
+        for idx in np.array_split(np.arange(len(stages)), n - 1):
+            part = [stages[i] for i in idx]
+            merged.append(LayerGroup("+".join(g.name for g in part),
+                                     [la for g in part for la in g.layers]))
+        stages = merged
+    return [*stages, LayerGroup("head", head_layers(model))]
+
+
+def group_multipliers(groups: Sequence[LayerGroup], multipliers: Sequence[float]) -> list:
+    """``[(regex, multiplier)]`` for :class:`~kmedtl.training.DiscriminativeOptimizer`:
+    each group's variable paths, escaped, with that group's multiplier."""
+    if len(groups) != len(multipliers):
+        raise ConfigError(f"train.lr_multipliers: {len(multipliers)} multiplier(s) for "
+                          f"{len(groups)} layer groups {[g.name for g in groups]}")
+    seen: dict[str, float] = {}
+    out = []
+    for group, mult in zip(groups, multipliers):
+        for w in group.weights:
+            if w.path in seen and seen[w.path] != float(mult):
+                raise ConfigError(f"variable path {w.path!r} appears in two layer groups with "
+                                  "different multipliers; give the layers unique names")
+            if w.path not in seen:
+                seen[w.path] = float(mult)
+                out.append((re.escape(w.path), float(mult)))
+    return out
+
+
+# ---------------------------------------------------------------------------- freezing
+def unfreeze_all(model) -> None:
+    set_trainable(model, True)
+
+
+def freeze_backbone(model) -> None:
+    """Linear probe: backbone frozen (BatchNorm in inference mode), head trainable."""
+    set_trainable(model, True)
+    bb = find_backbone(model)
+    if bb is not None:
+        bb.trainable = False
+    else:
+        for layer in backbone_layers(model):
+            layer.trainable = False
+
+
+def freeze_below(model, cut: str) -> list:
+    """Freeze the backbone up to and including ``cut`` (a named cut or layer name);
+    returns the frozen layers."""
+    set_trainable(model, True)
+    layers = backbone_layers(model)
+    bb = find_backbone(model)
+    target = None
+    if bb is not None and hasattr(bb, "named_cuts"):
+        target = next((c.op for c in bb.named_cuts() if c.name == cut), None)
+    if target is None:
+        target = next((la for la in layers if la.name == cut), None)
+    if target is None:
+        names = [c.name for c in bb.named_cuts()] if bb is not None and \
+            hasattr(bb, "named_cuts") else []
+        raise ConfigError(f"train.freeze_below: {cut!r} is not a cut point or layer of the "
+                          f"backbone; named cuts: {names} (or any backbone layer name)")
+    ops = list(bb.operations) if bb is not None else layers
+    order = {id(op): i for i, op in enumerate(ops)}
+    limit = order[id(target)]
+    frozen = [la for la in layers if order.get(id(la), 1 << 30) <= limit]
+    for layer in frozen:
+        layer.trainable = False
+    return frozen
+
+
+def freeze_first(model, k: int) -> list:
+    """Freeze the first ``k`` backbone layers (graph order, input layer excluded)."""
+    set_trainable(model, True)
+    layers = backbone_layers(model)
+    if k > len(layers):
+        raise ConfigError(f"train.freeze_layers: {k} is more than the backbone's {len(layers)} "
+                          "layers")
+    for layer in layers[:k]:
+        layer.trainable = False
+    return layers[:k]
+
+
+def unfreeze_top(model, groups: Sequence[LayerGroup], n_backbone: int) -> None:
+    """Head plus the top ``n_backbone`` backbone groups trainable, the rest frozen."""
+    set_trainable(model, True)
+    backbone = list(groups[:-1])
+    for i, group in enumerate(backbone):
+        group.set_trainable(i >= len(backbone) - n_backbone)
+    groups[-1].set_trainable(True)
+
+
+def trainable_summary(model) -> dict:
+    """Counts of trainable / frozen weights (for logs and ``train_metrics.json``)."""
+    trainable = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
+    total = sum(int(np.prod(w.shape)) for w in model.weights)
+    return {"trainable_params": trainable, "non_trainable_params": total - trainable}
+
+
+# ---------------------------------------------------------------------------- phases
+@dataclass
+class Phase:
+    """One ``fit`` of a run: epochs ``[start, end)`` with ``apply(model)`` setting which
+    layers train.  ``restart_schedule``: the LR schedule restarts for this phase (fine_tune)
+    instead of continuing the run-long one."""
+
+    index: int
+    start: int
+    end: int
+    name: str
+    apply: Callable = field(repr=False)
+    restart_schedule: bool = False
+    groups: list = field(default_factory=list, repr=False)
+
+    @property
+    def epochs(self) -> int:
+        return self.end - self.start
+
+    def to_dict(self) -> dict:
+        return {"index": self.index, "start_epoch": self.start, "end_epoch": self.end,
+                "name": self.name}
+
+
+def plan_phases(cfg, model, epochs: int) -> list[Phase]:
+    """The phases of ``cfg.strategy`` over ``epochs`` epochs (``cfg``: a TrainSection)."""
+    s = cfg.strategy
+    if s == "full":
+        return [Phase(0, 0, epochs, "all", unfreeze_all)]
+    if s == "linear_probe":
+        return [Phase(0, 0, epochs, "linear_probe", freeze_backbone)]
+    if s == "freeze":
+        if cfg.freeze_below is not None:
+            return [Phase(0, 0, epochs, f"frozen_below:{cfg.freeze_below}",
+                          lambda m: freeze_below(m, cfg.freeze_below))]
+        return [Phase(0, 0, epochs, f"frozen_first:{cfg.freeze_layers}",
+                      lambda m: freeze_first(m, cfg.freeze_layers))]
+    if s == "fine_tune":
+        h = cfg.head_epochs
+        if epochs <= h:
+            raise ConfigError(f"train.epochs ({epochs}) must exceed train.head_epochs ({h}) for "
+                              "strategy 'fine_tune'")
+        return [Phase(0, 0, h, "head", freeze_backbone, restart_schedule=True),
+                Phase(1, h, epochs, "all", unfreeze_all, restart_schedule=True)]
+    if s == "gradual":
+        n = len(cfg.lr_multipliers) if cfg.lr_multipliers else None
+        groups = layer_groups(model, n)
+        backbone = groups[:-1]
+        fracs = list(cfg.unfreeze_at)
+        if len(fracs) > len(backbone):
+            raise ConfigError(
+                f"train.unfreeze_at: {len(fracs)} unfreezing points but the backbone has only "
+                f"{len(backbone)} layer group(s) {[g.name for g in backbone]}")
+        bounds = [int(round(f * epochs)) for f in fracs]
+        if any(b < 1 or b >= epochs for b in bounds) or any(
+                b2 <= b1 for b1, b2 in zip(bounds, bounds[1:])):
+            raise ConfigError(
+                f"train.unfreeze_at: {fracs} of {epochs} epochs gives unfreezing epochs "
+                f"{bounds}; they must be distinct and between 1 and {epochs - 1} (use more "
+                "epochs or fewer points)")
+        edges = [0, *bounds, epochs]
+        phases = []
+        for i in range(len(edges) - 1):
+            top = [g.name for g in backbone[len(backbone) - i:]] if i else []
+            name = "head" if not i else "head+" + ",".join(top)
+            phases.append(Phase(i, edges[i], edges[i + 1], name,
+                                lambda m, i=i: unfreeze_top(m, groups, i), groups=groups))
+        return phases
+    raise ConfigError(f"train.strategy: {s!r} is not one of "
+                      "['full', 'linear_probe', 'freeze', 'gradual', 'fine_tune']")
+
+
+def phase_multipliers(cfg) -> list[float] | None:
+    """The per-group multipliers in force (fine_tune defaults to lr/9, lr/3, lr)."""
+    if cfg.lr_multipliers:
+        return list(cfg.lr_multipliers)
+    if cfg.strategy == "fine_tune":
+        return list(FINE_TUNE_MULTIPLIERS)
+    return None

@@ -1,0 +1,351 @@
+"""Config-driven stages: ``kmedtl train``, ``kmedtl tune`` and ``kmedtl lr-find``.
+
+Each prepares the data once (:func:`kmedtl.data.prepare.prepare`: index, audit, cache,
+leakage-free split), builds the model the ``train`` section describes under the chosen
+precision (and distribution strategy), and writes the run folder described in
+:mod:`kmedtl.training`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+import yaml
+
+from kmedtl.errors import ConfigError, ModelError
+from kmedtl.training.config import TrainSection, resolved_config, train_section
+from kmedtl.training.distribute import get_strategy, strategy_scope
+from kmedtl.training.precision import precision_policy
+
+log = logging.getLogger("kmedtl.training")
+
+RUN_FILES = ("config.yaml", "splits.json", "audit.json", "model.keras", "history.csv",
+             "train_metrics.json")
+RUN_DIRS = ("checkpoints", "backup", "logs")
+
+
+# ---------------------------------------------------------------------------- models
+def build_backbone(cfg: TrainSection, input_shape):
+    from kmedtl.models import backbone
+
+    try:
+        with precision_policy(cfg.precision):
+            return backbone(cfg.backbone, weights=cfg.weights, cut=cfg.cut,
+                            input_shape=tuple(input_shape))
+    except ModelError as exc:
+        field = "train.cut" if "cut=" in str(exc) else (
+            "train.weights" if "weights" in str(exc) else "train.backbone")
+        raise ConfigError(f"{field}: {exc}") from None
+
+
+def build_model(cfg: TrainSection, hierarchy, input_shape):
+    """The classifier of ``train.model`` (``flat`` or ``hierarchical``) over ``train.backbone``
+    (cut at ``train.cut``), built under ``train.precision``."""
+    from kmedtl.models import FlatClassifier, HierarchicalClassifier
+
+    bb = build_backbone(cfg, input_shape)
+    with precision_policy(cfg.precision):
+        if cfg.model == "flat":
+            return FlatClassifier(bb, hierarchy, dropout=cfg.dropout, pooling=cfg.pooling)
+        if cfg.model == "hierarchical":
+            return HierarchicalClassifier(bb, hierarchy, dropout=cfg.dropout,
+                                          pooling=cfg.pooling)
+    raise ConfigError(f"train.model: {cfg.model!r} builds no single Keras model; use "
+                      "run_training() for the staged workflow")
+
+
+# ---------------------------------------------------------------------------- data
+def _check_data(cfg):
+    if cfg.data.normalization != "unit":
+        raise ConfigError(f"data.normalization: kmedtl models normalise inside the model and "
+                          f"take images in [0, 1]; set data.normalization: unit (got "
+                          f"{cfg.data.normalization!r})")
+
+
+def datasets(cfg, prep, tc: TrainSection, targets: str, fold: int = 0) -> dict:
+    """``train`` (shuffled, augmented, balanced as ``data.balance``), ``train_eval``
+    (plain), ``val`` (or None) and the step count for one epoch."""
+    from kmedtl.data.pipeline import make_dataset
+
+    _check_data(cfg)
+    common = dict(hierarchy=prep.hierarchy, options=prep.options, cache=prep.cache,
+                  batch_size=tc.batch_size, targets=targets, normalization="unit",
+                  decoder=cfg.data.decoder)
+    train_samples, val_samples = prep.samples("train", fold), prep.samples("val", fold)
+    if not train_samples:
+        raise ConfigError("split: the training split is empty; check data.root and split.*")
+    out = {
+        "train": make_dataset(train_samples, training=True, seed=tc.seed,
+                              augment=cfg.augmentation(seed=tc.seed),
+                              balance=cfg.data.balance, **common),
+        "train_eval": make_dataset(train_samples, **common),
+        "val": make_dataset(val_samples, **common) if val_samples else None,
+        "n_train": len(train_samples), "n_val": len(val_samples),
+        "n_test": len(prep.samples("test", fold)),
+    }
+    out["steps_per_epoch"] = tc.steps_per_epoch or (
+        math.ceil(len(train_samples) / tc.batch_size) if cfg.data.balance == "sampling" else None)
+    return out
+
+
+def targets_for(tc: TrainSection) -> str:
+    return "hierarchy" if tc.model == "hierarchical" else "leaf"
+
+
+# ---------------------------------------------------------------------------- run folder
+def run_folder(cfg, run_dir=None) -> Path:
+    return Path(run_dir) if run_dir else Path(cfg.output_dir) / cfg.name
+
+
+def _finished(run_dir: Path) -> bool:
+    from kmedtl.training.callbacks import read_state
+
+    return (run_dir / "train_metrics.json").exists() and \
+        read_state(run_dir / "backup" / "state.json") is None
+
+
+def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
+    if _finished(run_dir):
+        if not overwrite:
+            raise ConfigError(f"{run_dir}: already holds a finished run (train_metrics.json); "
+                              "pass --overwrite, another --run-dir, or change name:")
+        for f in RUN_FILES:
+            (run_dir / f).unlink(missing_ok=True)
+        for d in RUN_DIRS:
+            shutil.rmtree(run_dir / d, ignore_errors=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def write_provenance(run_dir: Path, cfg, tc: TrainSection, prep) -> None:
+    """``config.yaml`` (resolved), ``splits.json`` and ``audit.json``."""
+    from kmedtl.data.audit import public
+
+    with open(run_dir / "config.yaml", "w") as fh:
+        yaml.safe_dump(resolved_config(cfg, tc, prep.hierarchy), fh, sort_keys=False)
+    prep.splits.save(str(run_dir / "splits.json"), root=prep.index.root)
+    with open(run_dir / "audit.json", "w") as fh:
+        json.dump(public(prep.report), fh, indent=1, default=str)
+
+
+# ---------------------------------------------------------------------------- train
+def run_training(cfg, run_dir=None, *, epochs: int | None = None, overwrite: bool = False,
+                 label: str = "config", callbacks=(), fold: int = 0):
+    """``kmedtl train``: prepare data, build, train, write ``runs/<name>/``.
+
+    Returns the :class:`~kmedtl.training.TrainResult` (staged runs: a dict).  An
+    interrupted run (``backup/`` holds its state) resumes when called again.  ``fold``
+    picks the fold of a k-fold / repeated split (recorded as ``"fold"`` in
+    ``train_metrics.json``).
+    """
+    from kmedtl.data.prepare import prepare
+    from kmedtl.training.trainer import Trainer
+
+    t0 = time.perf_counter()
+    overrides = {"epochs": epochs} if epochs else {}
+    tc = train_section(cfg, label, **overrides)
+    _check_data(cfg)
+    run_dir = run_folder(cfg, run_dir)
+    prepare_run_dir(run_dir, overwrite)
+    keras.utils.set_random_seed(tc.seed)
+    if tc.deterministic:
+        from kmedtl.training.distribute import enable_determinism
+
+        enable_determinism(tc.seed)
+    prep = prepare(cfg)
+    if not 0 <= fold < len(prep.splits.folds):
+        raise ConfigError(f"--fold {fold}: the split has {len(prep.splits.folds)} fold(s) "
+                          f"(split.method: {cfg.split.method})")
+    write_provenance(run_dir, cfg, tc, prep)
+    prepare_seconds = time.perf_counter() - t0
+    if tc.model == "staged":
+        return run_staged(cfg, tc, prep, run_dir, prepare_seconds, fold)
+    data = datasets(cfg, prep, tc, targets_for(tc), fold)
+    strategy = get_strategy(tc.distribute)
+    with strategy_scope(strategy):
+        model = build_model(tc, prep.hierarchy, prep.options.shape)
+    extra = {"model": tc.model, "backbone": tc.backbone, "cut": tc.cut, "fold": fold,
+             "leaves": list(prep.hierarchy.leaves), "hierarchy": prep.hierarchy.to_config(),
+             "n_train": data["n_train"], "n_val": data["n_val"], "n_test": data["n_test"],
+             "prepare_seconds": round(prepare_seconds, 3), "backend": keras.backend.backend(),
+             "distribute": tc.distribute,
+             "replicas": getattr(strategy, "num_replicas_in_sync", 1)}
+    trainer = Trainer(model, tc, run_dir=run_dir, distribution=strategy, callbacks=callbacks)
+    return trainer.fit(data["train"], data["val"], steps_per_epoch=data["steps_per_epoch"],
+                       eval_train=data["train_eval"], extra_metrics=extra)
+
+
+def _arrays(dataset):
+    from kmedtl.training.features import materialise
+
+    return materialise(dataset)
+
+
+def run_staged(cfg, tc: TrainSection, prep, run_dir: Path, prepare_seconds: float,
+               fold: int = 0) -> dict:
+    """The staged hierarchical workflow (level-1, level-2 with hierarchy transfer,
+    out-of-fold stacking) from one config; each node model is trained by the Trainer with
+    ``train.strategy``/schedule/multipliers.  History rows carry ``stage`` and ``fold``."""
+    from kmedtl.models import StagedHierarchicalClassifier
+    from kmedtl.training.trainer import Trainer, save_inference_model
+
+    t0 = time.perf_counter()
+    data = datasets(cfg, prep, tc, "leaf", fold)
+    h = prep.hierarchy
+    x_tr, y_tr = _arrays(data["train_eval"])
+    labels = [h.leaves[int(i)] for i in y_tr]
+    rows: list[dict] = []
+    node_cfg = train_section(tc, model="flat", verbose=0)
+
+    def fit_fn(model, x, y, *, name, fold, indices):
+        result = Trainer(model, node_cfg).fit((x, np.asarray(y)))
+        for i, e in enumerate(result.epochs):
+            rows.append({"stage": name, "fold": "final" if fold is None else fold, "epoch": e,
+                         **{k: v[i] for k, v in result.history.items() if k != "epoch"}})
+
+    staged = StagedHierarchicalClassifier(
+        h, lambda: build_backbone(tc, prep.options.shape), transfer=tc.staged.transfer,
+        dropout=tc.dropout, pooling=tc.pooling, n_folds=tc.staged.n_folds, seed=tc.seed,
+        fit_fn=fit_fn)
+    staged.fit(x_tr, labels)
+    fit_seconds = time.perf_counter() - t0
+    # clean (un-compiled) node models, so model.keras needs no training objects to load
+    staged.models_ = {k: _clean(m) for k, m in staged.models_.items()}
+    (run_dir / "checkpoints").mkdir(exist_ok=True)
+    for node, m in staged.models_.items():
+        m.save_weights(str(run_dir / "checkpoints" / f"stage_{node}.weights.h5"))
+    save_inference_model(staged.to_keras(name=f"{cfg.name}_staged"), run_dir / "model.keras")
+    for d in ("backup", "logs"):
+        (run_dir / d).mkdir(exist_ok=True)
+    _write_rows(run_dir / "history.csv", rows)
+    metrics = {"train": _proba_metrics(staged.predict_proba(x_tr), y_tr)}
+    if data["val"] is not None:
+        x_va, y_va = _arrays(data["val"])
+        metrics["val"] = _proba_metrics(staged.predict_proba(x_va), y_va)
+    out = {"kind": "kmedtl-train-metrics", "version": 1, "model": "staged", "fold": fold,
+           "backbone": tc.backbone, "cut": tc.cut, "leaves": list(h.leaves),
+           "hierarchy": h.to_config(), "n_train": data["n_train"], "n_val": data["n_val"],
+           "n_test": data["n_test"], "epochs": tc.epochs, "n_folds": tc.staged.n_folds,
+           "transfer": tc.staged.transfer, "stages": list(h.parents),
+           "train_metrics": metrics["train"], "val_metrics": metrics.get("val", {}),
+           "timings": {"prepare_seconds": round(prepare_seconds, 3),
+                       "fit_seconds": round(fit_seconds, 3)},
+           "backend": keras.backend.backend(), "config": tc.model_dump(mode="json")}
+    with open(run_dir / "train_metrics.json", "w") as fh:
+        json.dump(out, fh, indent=1, default=str)
+    return out
+
+
+def _clean(model):
+    clone = model.__class__.from_config(model.get_config())
+    clone.set_weights(model.get_weights())
+    return clone
+
+
+def _write_rows(path, rows):
+    import csv
+
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=cols)
+        w.writeheader()
+        for r in rows:
+            w.writerow(r)
+
+
+def _proba_metrics(proba, y) -> dict:
+    from sklearn.metrics import cohen_kappa_score, roc_auc_score
+
+    y = np.asarray(y).astype(int)
+    pred = np.argmax(proba, axis=1)
+    out = {"accuracy": float((pred == y).mean()),
+           "kappa": float(cohen_kappa_score(y, pred)) if len(set(y)) > 1 else None}
+    try:
+        labels = list(range(proba.shape[1]))
+        out["auc"] = float(roc_auc_score(y, proba, multi_class="ovr", labels=labels)
+                           if proba.shape[1] > 2 else roc_auc_score(y, proba[:, 1]))
+    except ValueError:  # a class absent from y
+        out["auc"] = None
+    return out
+
+
+# ---------------------------------------------------------------------------- lr-find
+def run_lr_find(cfg, out_png=None, *, steps: int = 200, start_lr: float = 1e-7,
+                end_lr: float = 10.0, label: str = "config"):
+    """``kmedtl lr-find``: sweep the LR on the configured model in the state it starts
+    training in (the strategy's first phase); writes the PNG (default
+    ``<run>/lr_find.png``) and ``lr_find.json`` beside it."""
+    from kmedtl.data.prepare import prepare
+    from kmedtl.training.freezing import plan_phases
+    from kmedtl.training.lr_finder import lr_find
+
+    tc = train_section(cfg, label)
+    if tc.model == "staged":
+        raise ConfigError("train.model: lr-find needs one Keras model; use flat or "
+                          "hierarchical (the staged workflow trains one model per node)")
+    keras.utils.set_random_seed(tc.seed)
+    prep = prepare(cfg)
+    data = datasets(cfg, prep, tc, targets_for(tc))
+    model = build_model(tc, prep.hierarchy, prep.options.shape)
+    plan_phases(tc, model, tc.epochs)[0].apply(model)
+    result = lr_find(model, data["train"], start_lr=start_lr, end_lr=end_lr, steps=steps,
+                     config=tc)
+    out_png = Path(out_png) if out_png else run_folder(cfg) / "lr_find.png"
+    result.plot(out_png)
+    with open(out_png.with_suffix(".json"), "w") as fh:
+        json.dump(result.to_json(), fh, indent=1)
+    return result, out_png
+
+
+# ---------------------------------------------------------------------------- tune
+def run_tuning(cfg, run_dir=None, *, label: str = "config", overwrite: bool | None = None,
+               max_trials: int | None = None, tuner: str | None = None,
+               epochs: int | None = None, verbose=1):
+    """``kmedtl tune``: the KerasTuner search of ``train.tune`` on the configured data;
+    writes ``<run>/tuning/{results.csv, results.md, best_config.yaml}`` and KerasTuner's
+    project folder ``<run>/tuning/search/``."""
+    from kmedtl.data.prepare import prepare
+    from kmedtl.training.features import FeatureCache
+    from kmedtl.training.tuning import TransferHyperModel, preflight, run_search
+
+    tune_over = {k: v for k, v in {"max_trials": max_trials, "tuner": tuner,
+                                   "epochs": epochs}.items() if v is not None}
+    if overwrite is not None:
+        tune_over["overwrite"] = overwrite
+    tc = train_section(cfg, label, **({"tune": tune_over} if tune_over else {}))
+    _check_data(cfg)
+    if tc.model == "staged":
+        raise ConfigError("train.model: the search builds one Keras model per trial; tune "
+                          "with flat or hierarchical, then train staged with the best config")
+    preflight()
+    run_dir = run_folder(cfg, run_dir)
+    tdir = run_dir / "tuning"
+    tdir.mkdir(parents=True, exist_ok=True)
+    keras.utils.set_random_seed(tc.tune.seed)
+    prep = prepare(cfg)
+    write_provenance(run_dir, cfg, tc, prep)
+    data = datasets(cfg, prep, tc, targets_for(tc))
+    if data["val"] is None:
+        raise ConfigError("split.val: the search needs a validation split (split.val > 0)")
+    cache = None
+    if tc.tune.feature_cache:
+        cache = FeatureCache(tc.tune.cache_dir or tdir / "features", batch_size=tc.batch_size)
+    hm = TransferHyperModel(tc, prep.hierarchy, prep.options.shape,
+                            plain_train=data["train_eval"], plain_val=data["val"],
+                            feature_cache=cache)
+    result = run_search(hm, data["train"], data["val"], directory=tdir,
+                        epochs=tc.tune.epochs or tc.epochs, verbose=verbose)
+    if result.best_section is not None:
+        best = resolved_config(cfg, result.best_section, prep.hierarchy)
+        path = tdir / "best_config.yaml"
+        with open(path, "w") as fh:
+            yaml.safe_dump(best, fh, sort_keys=False)
+        result.files["best_config"] = str(path)
+    return result
+
