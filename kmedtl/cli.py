@@ -178,6 +178,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True)
     sp.add_argument("--workers", type=int)
     sp.set_defaults(func=cmd_split)
+
+    # Later stages register their own subcommands; their modules import TensorFlow/Keras
+    # only when a handler runs, so `kmedtl data ...` stays quick to start.
+    from kmedtl.evaluation.cli import add_parsers as add_evaluate_parsers
+    from kmedtl.training.cli import add_parsers as add_training_parsers
+
+    add_training_parsers(sub)
+    add_evaluate_parsers(sub)
     return p
 
 

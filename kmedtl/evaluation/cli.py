@@ -1,0 +1,68 @@
+"""``kmedtl evaluate RUN_DIR [--test SOURCE]``: the evaluation subcommand.
+
+Wire it into the top-level parser with::
+
+    from kmedtl.evaluation.cli import add_parsers
+    add_parsers(sub)          # sub = parser.add_subparsers(...)
+
+The handler (``args.func``) returns an exit code: 0 when every artefact was written.
+kmedtl errors propagate to ``kmedtl.cli.main``, which prints them and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parsers(subparsers) -> argparse.ArgumentParser:
+    """Register ``evaluate`` on an ``argparse`` subparsers object; returns its parser."""
+    p = subparsers.add_parser(
+        "evaluate", help="metrics with CIs, plots, HTML report and model card for a run",
+        description="Evaluate the model of a run folder on its test split (or --test data) "
+                    "and write metrics.json, calibration.json, plots/, report.html, "
+                    "model_card.md and model_card.json.")
+    p.add_argument("run_dir", help="run folder (config.yaml, splits.json, model.keras)")
+    p.add_argument("--test", metavar="SOURCE",
+                   help="evaluate on every image of this folder-per-class tree, CSV manifest "
+                        "or YAML config instead of the run's test split")
+    p.add_argument("--out", help="write the artefacts here (default: the run folder)")
+    p.add_argument("--fold", type=int,
+                   help="fold of the split file (default: train_metrics.json's 'fold' or 0)")
+    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples (1000)")
+    p.add_argument("--alpha", type=float, default=0.05, help="1 - CI level (0.05)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap / sampling seed (0)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--threshold", type=float, default=0.5,
+                   help="operating point on the disease probability (0.5)")
+    p.add_argument("--target-sensitivity", type=float, default=0.95,
+                   help="report the threshold reaching this sensitivity (0.95)")
+    p.add_argument("--negative", help="depth-1 class meaning 'normal' (default: guessed)")
+    p.add_argument("--ordered", action="store_true",
+                   help="leaf classes are an ordered scale (adds quadratic-weighted kappa)")
+    p.add_argument("--bins", type=int, default=15, help="calibration bins (15)")
+    p.add_argument("--gradcam", type=int, default=8,
+                   help="test images with Grad-CAM heatmaps (8; 0 to skip)")
+    p.add_argument("--examples", type=int, default=12,
+                   help="misclassified test images shown in the report (12)")
+    p.set_defaults(func=cmd_evaluate)
+    return p
+
+
+def cmd_evaluate(args) -> int:
+    from kmedtl.evaluation.run import evaluate_run
+    from kmedtl.evaluation.uncertainty import format_interval
+
+    doc = evaluate_run(args.run_dir, test=args.test, out=args.out, fold=args.fold,
+                       n_boot=args.n_boot, alpha=args.alpha, seed=args.seed,
+                       batch_size=args.batch_size, threshold=args.threshold,
+                       target_sensitivity=args.target_sensitivity, negative=args.negative,
+                       ordered=args.ordered, n_bins=args.bins, n_gradcam=args.gradcam,
+                       n_examples=args.examples)
+    print(f"evaluated {doc['test']['n']} test images ({doc['test']['source']}); "
+          f"{len(doc['test']['skipped'])} skipped")
+    for name, ci in doc["headline"].items():
+        print(f"  {name:<18} {format_interval(ci)}")
+    out = args.out or args.run_dir
+    print(f"wrote metrics.json, report.html, model_card.md/.json and "
+          f"{len(doc['artefacts']['plots'])} plot(s) to {out}")
+    return 0

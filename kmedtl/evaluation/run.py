@@ -1,0 +1,492 @@
+"""Evaluate a run folder: load, predict, compute, write every artefact.
+
+:func:`evaluate_run` is what ``kmedtl evaluate RUN_DIR [--test SOURCE]`` does:
+
+1. read ``config.yaml``, ``splits.json`` (and ``train_metrics.json`` for the fold) and load
+   ``model.keras`` (after ``import kmedtl.models``);
+2. build the test set -- by default the run's test split of the configured data (the
+   split file is authoritative; the data are re-indexed, not re-split), or every image of
+   ``test`` (a folder-per-class tree, a CSV manifest or a YAML config) -- and the
+   validation split (for temperature scaling and the target-sensitivity threshold);
+3. predict both with the ``tf.data`` pipeline (:func:`kmedtl.data.pipeline.make_dataset`);
+   an unreadable file is skipped and listed, never fatal;
+4. compute :func:`~kmedtl.evaluation.evaluate.evaluate_predictions` and write
+   ``metrics.json``, ``calibration.json``, ``plots/*.png``, ``report.html``,
+   ``model_card.md`` and ``model_card.json`` into the run folder (or ``out``).
+
+``metrics.json`` is the body documented in :mod:`kmedtl.evaluation.evaluate` plus
+``run`` (``name``, ``dir``, ``model``, ``fold``), ``test`` (``source``, ``n``,
+``by_class``, ``skipped``: ``[{path, reason}]``), ``data`` (``split_sizes``: images per
+class in train/val/test of the fold; ``audit``: the audit summary) and ``artefacts``
+(relative paths of everything written).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from kmedtl.errors import ConfigError, KmedtlError
+
+log = logging.getLogger("kmedtl.evaluation")
+
+#: kmedtl.models preprocessing names -> kmedtl.data.pipeline normalisation names.
+_NORMALIZATION = {"unit": "unit", "tf": "symmetric", "torch": "imagenet", "caffe": "caffe",
+                  "none": "raw255"}
+
+
+@dataclass
+class Predictions:
+    """Model outputs on a list of samples (the samples that could be read)."""
+
+    samples: list
+    y: np.ndarray  # leaf indices
+    leaf_probs: np.ndarray
+    node_probs: dict | None
+    skipped: list = field(default_factory=list)  # [{"path", "reason"}]
+
+
+def _json_safe(obj):
+    """NaN/inf -> None and NumPy scalars -> Python, recursively (valid strict JSON)."""
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _json_safe(obj.tolist())
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(obj) else None
+    return obj
+
+
+def write_json(path, data) -> str:
+    path = os.fspath(path)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as fh:
+        json.dump(_json_safe(data), fh, indent=1, allow_nan=False)
+    os.replace(tmp, path)
+    return path
+
+
+def load_model(path):
+    """``keras.saving.load_model`` with kmedtl's layers registered."""
+    import keras
+
+    import kmedtl.models  # noqa: F401  (registers kmedtl's serializable classes)
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ConfigError(f"{path}: model file not found (the training stage writes "
+                          "model.keras into the run folder)")
+    return keras.saving.load_model(path)
+
+
+def _leaf_output(output):
+    """The leaf-probability output of a model's (symbolic) output structure."""
+    if isinstance(output, dict):
+        if "leaf" in output:
+            return output["leaf"]
+        if len(output) == 1:
+            return next(iter(output.values()))
+        raise ConfigError(f"evaluate: the model's outputs are {sorted(output)}; expected a "
+                          "'leaf' output (probabilities over the hierarchy's leaves)")
+    if isinstance(output, (list, tuple)):
+        return output[0]
+    return output
+
+
+def normalization_for(model, default: str = "unit") -> str:
+    """The pipeline normalisation a model expects (kmedtl models: ``"unit"``)."""
+    pre = getattr(model, "preprocessing", None)
+    return _NORMALIZATION.get(pre, default) if pre is not None else default
+
+
+def predict(model, samples, hierarchy, options, *, batch_size: int = 32,
+            normalization: str = "unit", decoder: str = "pydicom") -> Predictions:
+    """Run ``model`` over ``samples`` through the uncached ``tf.data`` pipeline.
+
+    Files that fail to decode are dropped from the stream and returned in ``skipped``; the
+    kept samples stay aligned with the outputs (the pipeline keeps order when not
+    training).
+    """
+    from kmedtl.data.pipeline import PipelineReport, make_dataset
+
+    if not samples:
+        return Predictions([], np.zeros(0, np.int64), np.zeros((0, len(hierarchy.leaves))),
+                           None)
+    report = PipelineReport()
+    ds = make_dataset(samples, hierarchy, options, batch_size=batch_size, training=False,
+                      shuffle=False, targets="leaf", normalization=normalization,
+                      report=report, decoder=decoder)
+    outs, ys = [], []
+    for x, y in ds:
+        out = model(x, training=False)
+        if isinstance(out, dict):
+            outs.append({k: np.asarray(v, dtype=np.float64) for k, v in out.items()})
+        else:
+            outs.append({"leaf": np.asarray(_leaf_output(out), dtype=np.float64)})
+        ys.append(np.asarray(y))
+    skipped = [{"path": s.path, "reason": s.reason} for s in report.skipped]
+    if not outs:
+        raise ConfigError(f"evaluate: none of the {len(samples)} images could be read; first "
+                          f"problem: {skipped[0]['path'] if skipped else '?'}: "
+                          f"{skipped[0]['reason'] if skipped else 'unknown'}")
+    merged = {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+    bad = {s.path for s in report.skipped}
+    kept = [s for s in samples if s.path not in bad]
+    y = np.concatenate(ys).astype(np.int64)
+    if len(kept) != len(y):
+        raise KmedtlError(f"evaluate: {len(y)} predictions for {len(kept)} readable samples "
+                          "(the pipeline lost alignment); please report this")
+    if "leaf" not in merged:
+        if len(merged) != 1:
+            raise ConfigError(f"evaluate: the model returns {sorted(merged)}; expected a "
+                              "'leaf' output (probabilities over the hierarchy's leaves)")
+        merged = {"leaf": next(iter(merged.values()))}
+    leaf = merged.pop("leaf")
+    nodes = {k: v for k, v in merged.items() if k in hierarchy.parents} or None
+    return Predictions(kept, y, leaf, nodes, skipped)
+
+
+def _source_index(source: str, cfg, hierarchy):
+    """Index an external test source with the run's hierarchy and image options."""
+    from kmedtl.config import load_config
+    from kmedtl.data.prepare import load_index
+
+    src = os.path.abspath(source)
+    if src.endswith((".yaml", ".yml")):
+        other = load_config(src)
+        data = other.model_dump(mode="json")["data"]
+    elif src.endswith(".csv"):
+        data = {"source": "manifest", "manifest": src}
+    else:
+        data = {"source": "folder", "root": src}
+    run = cfg.model_dump(mode="json")["data"]
+    data.update({"hierarchy": hierarchy.to_config(), "image": run["image"],
+                 "dicom": run["dicom"], "decoder": run["decoder"]})
+    test_cfg = load_config({"data": data})
+    index, _ = load_index(test_cfg)
+    return index
+
+
+def _thumbnail(img: np.ndarray, size: int = 140) -> bytes:
+    import io
+
+    from PIL import Image
+
+    a = np.asarray(img)
+    if a.dtype != np.uint8:
+        a = (np.clip(a, 0, 1) * 255).round().astype(np.uint8)
+    if a.ndim == 3 and a.shape[-1] == 1:
+        a = a[..., 0]
+    im = Image.fromarray(a)
+    im.thumbnail((size, size))
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _load_images(samples, options) -> np.ndarray:
+    """[0, 1] float32 images of a few samples (for Grad-CAM and thumbnails)."""
+    from kmedtl.data.decode import load_image
+
+    return np.stack([load_image(s.path, options, s.frame).image.astype("float32") / 255.0
+                     for s in samples])
+
+
+def _pick(rng, idx, k):
+    idx = np.asarray(idx)
+    return idx if len(idx) <= k else np.sort(rng.choice(idx, k, replace=False))
+
+
+def evaluate_run(run_dir, *, test: str | None = None, out=None, fold: int | None = None,
+                 n_boot: int = 1000, alpha: float = 0.05, seed: int = 0,
+                 batch_size: int = 32, threshold: float = 0.5,
+                 target_sensitivity: float = 0.95, negative: str | None = None,
+                 ordered: bool = False, n_bins: int = 15, n_gradcam: int = 8,
+                 n_examples: int = 12) -> dict:
+    """Evaluate the model of a run folder; returns ``metrics.json``'s content (with the
+    written paths under ``"artefacts"``).  See the module docstring for the steps."""
+    from kmedtl.config import load_config
+    from kmedtl.data.prepare import load_index
+    from kmedtl.data.splits import Splits
+    from kmedtl.evaluation import calibration as cal
+    from kmedtl.evaluation import metrics as M
+    from kmedtl.evaluation import plots
+    from kmedtl.evaluation.evaluate import evaluate_predictions
+    from kmedtl.evaluation.learning_curves import FILE_NAME as LC_FILE
+    from kmedtl.evaluation.learning_curves import load_learning_curve
+    from kmedtl.evaluation.model_card import (
+        build_model_card,
+        known_limitations,
+        label_tree_text,
+        write_model_card,
+    )
+    from kmedtl.evaluation.report import write_report
+    from kmedtl.hierarchy import Hierarchy
+
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise ConfigError(f"{run}: run folder not found")
+    out_dir = Path(out) if out else run
+    plot_dir = out_dir / "plots"
+    plot_dir.mkdir(parents=True, exist_ok=True)
+    cfg = load_config(run / "config.yaml")
+    model = load_model(run / "model.keras")
+    options = cfg.image_options()
+    train_metrics = _read_json(run / "train_metrics.json") or {}
+    audit = _read_json(run / "audit.json")
+
+    # ---- data: the run's index (for val, and test by default)
+    index = None
+    try:
+        index, idx_hierarchy = load_index(cfg)
+    except KmedtlError as exc:
+        if test is None:
+            raise
+        log.warning("evaluate: the run's data cannot be indexed (%s); no validation set", exc)
+        idx_hierarchy = None
+    hierarchy = getattr(model, "hierarchy", None)
+    if not isinstance(hierarchy, Hierarchy):
+        hierarchy = cfg.hierarchy() or idx_hierarchy
+    if hierarchy is None:
+        raise ConfigError(f"{run}: no label tree in the model, config or data")
+    n_out = int(_leaf_output(model.output).shape[-1])
+    if n_out != len(hierarchy.leaves):
+        raise ConfigError(f"{run}: the model has {n_out} leaf outputs but the label tree "
+                          f"{len(hierarchy.leaves)} leaves {list(hierarchy.leaves)}")
+    splits = None
+    if (run / "splits.json").is_file():
+        splits = Splits.load(run / "splits.json", root=index.root if index else None)
+    elif test is None:
+        raise ConfigError(f"{run / 'splits.json'}: split file not found; pass --test SOURCE "
+                          "to evaluate on other data")
+    fold = int(train_metrics.get("fold", 0) if fold is None else fold)
+    if splits is not None and not 0 <= fold < len(splits.folds):
+        raise ConfigError(f"fold {fold}: the split file has {len(splits.folds)} fold(s)")
+    by_id = {s.id: s for s in index.samples} if index else {}
+    missing: list[dict] = []
+
+    def part(name):
+        if splits is None or index is None:
+            return []
+        ids = getattr(splits.folds[fold], name)
+        gone = [i for i in ids if i not in by_id]
+        missing.extend({"path": i, "reason": "in the split file but not in the data "
+                        "(deleted, unreadable or relabelled)"} for i in gone)
+        return [by_id[i] for i in ids if i in by_id]
+
+    val_samples = part("val")
+    if test is None:
+        test_samples = part("test")
+        test_source = f"test split of fold {fold} ({cfg.data.root or cfg.data.manifest})"
+    else:
+        missing.clear()
+        test_samples = _source_index(test, cfg, hierarchy).samples
+        test_source = os.path.abspath(test)
+    if not test_samples:
+        raise ConfigError(f"{run}: no test samples ({test_source})")
+    norm = normalization_for(model, cfg.data.normalization)
+    kw = dict(batch_size=batch_size, normalization=norm, decoder=cfg.data.decoder)
+    log.info("evaluate: predicting %d test and %d validation images", len(test_samples),
+             len(val_samples))
+    pt = predict(model, test_samples, hierarchy, options, **kw)
+    pv = predict(model, val_samples, hierarchy, options, **kw) if val_samples else None
+
+    # ---- metrics
+    patients = [s.patient_id for s in pt.samples]
+    try:  # DICOM PatientID for samples without one: bootstrap clusters only, never written
+        from kmedtl.data.audit import dicom_patients
+        from kmedtl.data.sources import DatasetIndex
+
+        from_headers = dicom_patients(DatasetIndex(list(pt.samples)))
+        patients = [p or from_headers.get(s.id) for p, s in zip(patients, pt.samples)]
+    except (KmedtlError, OSError, ImportError) as exc:
+        log.warning("evaluate: cannot read DICOM patient ids (%s); bootstrap by image", exc)
+    groups = None
+    if any(patients):
+        groups = np.array([p or f"sample:{s.id}" for p, s in zip(patients, pt.samples)])
+    metrics = evaluate_predictions(
+        hierarchy, pt.y, pt.leaf_probs, node_probs=pt.node_probs,
+        val=(pv.y, pv.leaf_probs) if pv is not None and len(pv.y) else None,
+        n_boot=n_boot, alpha=alpha, seed=seed, groups=groups, ordered=ordered,
+        negative=negative, threshold=threshold, target_sensitivity=target_sensitivity,
+        n_bins=n_bins)
+    calib = metrics.pop("_calibration")
+    artefacts: dict = {"plots": []}
+    if calib is not None:
+        artefacts["calibration"] = os.path.relpath(
+            cal.save_calibration(out_dir / "calibration.json", _json_safe(calib)), out_dir)
+
+    # ---- split sizes / data summary
+    label_of = {s.id: hierarchy.leaf_of(s.label) for s in (index.samples if index else [])}
+    split_sizes = {}
+    if splits is not None and index is not None:
+        f = splits.folds[fold]
+        for name in ("train", "val", "test"):
+            split_sizes[name] = dict(sorted(Counter(label_of[i] for i in getattr(f, name)
+                                                    if i in label_of).items()))
+    if test is not None:
+        split_sizes["external test"] = dict(sorted(Counter(
+            hierarchy.leaves[i] for i in pt.y).items()))
+        split_sizes.pop("test", None)
+
+    # ---- figures
+    figures: list[tuple[str, str, bytes]] = []
+
+    def add(section, caption, fig, name):
+        path = plot_dir / f"{name}.png"
+        plots.save(fig, path)
+        artefacts["plots"].append(os.path.relpath(path, out_dir))
+        figures.append((section, caption, plots.png_bytes(fig)))
+
+    for task in M.tasks(hierarchy):
+        ty, tp, _ = M.task_view(hierarchy, task, pt.y, pt.leaf_probs)
+        label = "final class" if task.level is None else f"level {task.level}"
+        if len(ty):
+            add("ROC and precision-recall curves", f"ROC, {label}",
+                plots.plot_roc(ty, tp, task.classes, f"ROC ({label})"), f"roc_{task.name}")
+            add("ROC and precision-recall curves", f"Precision-recall, {label}",
+                plots.plot_pr(ty, tp, task.classes, f"Precision-recall ({label})"),
+                f"pr_{task.name}")
+        cm = metrics["tasks"][task.name]["confusion_matrix"]
+        add("Confusion matrices", f"Confusion matrix, {label} (count and share of the "
+            "true class)", plots.plot_confusion(cm, task.classes, f"Confusion ({label})"),
+            f"confusion_{task.name}")
+    curves = {"model output": cal.reliability_curve(pt.y, pt.leaf_probs, n_bins)}
+    if calib is not None:
+        curves[f"temperature {calib['temperature']:.2f}"] = cal.reliability_curve(
+            pt.y, cal.apply_temperature(pt.leaf_probs, calib["temperature"]), n_bins)
+    add("Calibration", "Reliability diagram on the test set (points on the diagonal = "
+        "confidence matches accuracy)", plots.plot_reliability(curves), "reliability")
+    if (run / "history.csv").is_file():
+        try:
+            add("Training", "Loss and metrics per epoch (dashed: validation)",
+                plots.plot_training_curves(run / "history.csv"), "training_curves")
+        except (OSError, ValueError, StopIteration) as exc:
+            log.warning("evaluate: cannot plot history.csv: %s", exc)
+    if (run / LC_FILE).is_file():
+        lc, lc_metric = load_learning_curve(run / LC_FILE)
+        add("Learning curve", "Test metric against training images per class (band: "
+            "\u00b11 sd over seeds)", plots.plot_learning_curve(lc, lc_metric),
+            "learning_curve")
+
+    # ---- Grad-CAM and misclassified examples
+    rng = np.random.default_rng(seed)
+    pred = pt.leaf_probs.argmax(1)
+    wrong = np.nonzero(pred != pt.y)[0]
+    right = np.nonzero(pred == pt.y)[0]
+    gradcam_imgs: list[tuple[str, bytes]] = []
+    if n_gradcam > 0 and not pt.samples[0].extra:
+        chosen = np.concatenate([_pick(rng, right, n_gradcam - n_gradcam // 2),
+                                 _pick(rng, wrong, n_gradcam // 2)]).astype(int)
+        try:
+            from kmedtl.data.pipeline import normalize
+            from kmedtl.evaluation.gradcam import GradCAM, overlay
+
+            imgs = _load_images([pt.samples[i] for i in chosen], options)
+            cam = GradCAM(model)
+            heat, cls, _ = cam(np.asarray(normalize(imgs, norm), "float32"),
+                               batch_size=batch_size)
+            tiles, titles = [], []
+            for j, i in enumerate(chosen):
+                tiles.append(overlay(imgs[j], heat[j]))
+                ok = "correct" if pred[i] == pt.y[i] else "WRONG"
+                titles.append(f"{ok}: true {hierarchy.leaves[pt.y[i]]}\npred "
+                              f"{hierarchy.leaves[cls[j]]} ({pt.leaf_probs[i, cls[j]]:.0%})")
+            fig = plots.plot_image_grid(tiles, titles, ncols=4,
+                                        title=f"Grad-CAM at layer {cam.layer_name}")
+            path = plot_dir / "gradcam.png"
+            plots.save(fig, path)
+            artefacts["plots"].append(os.path.relpath(path, out_dir))
+            gradcam_imgs.append((f"Grad-CAM (layer {cam.layer_name}) on correctly and "
+                                 "wrongly classified test images", plots.png_bytes(fig)))
+        except (KmedtlError, ValueError, OSError) as exc:
+            log.warning("evaluate: Grad-CAM skipped: %s", exc)
+    examples = []
+    if n_examples > 0 and len(wrong):
+        conf = pt.leaf_probs[wrong, pred[wrong]]
+        worst = wrong[np.argsort(-conf)][:n_examples]
+        imgs = _load_images([pt.samples[i] for i in worst], options)
+        root = index.root if index is not None and test is None else (
+            test if test and os.path.isdir(test) else None)
+        for j, i in enumerate(worst):
+            s = pt.samples[i]
+            name = os.path.relpath(s.path, root) if root else os.path.basename(s.path)
+            examples.append({"png": _thumbnail(imgs[j]), "true": hierarchy.leaves[pt.y[i]],
+                             "pred": hierarchy.leaves[pred[i]],
+                             "confidence": float(pt.leaf_probs[i, pred[i]]),
+                             "name": name + (f" #{s.frame}" if s.frame is not None else "")})
+        fig = plots.plot_image_grid([imgs[j] for j in range(len(worst))],
+                                    [f"true {e['true']}\npred {e['pred']} "
+                                     f"({e['confidence']:.0%})" for e in examples], ncols=6,
+                                    title="Most confident mistakes")
+        path = plot_dir / "misclassified.png"
+        plots.save(fig, path)
+        artefacts["plots"].append(os.path.relpath(path, out_dir))
+
+    # ---- metrics.json
+    by_class = Counter(hierarchy.leaves[i] for i in pt.y)
+    doc = {
+        "kind": metrics["kind"], "version": metrics["version"],
+        "run": {"name": cfg.name, "dir": str(run), "model": "model.keras", "fold": fold},
+        "test": {"source": test_source, "n": int(len(pt.y)),
+                 "by_class": dict(sorted(by_class.items())),
+                 "skipped": pt.skipped + (missing if test is None else [])},
+        "data": {"split_sizes": split_sizes,
+                 "audit": (audit or {}).get("summary"),
+                 "audit_counts": {k: v for k, v in (audit or {}).get("counts", {}).items()
+                                  if k in ("read", "used", "skipped", "samples")}},
+        **{k: v for k, v in metrics.items() if k not in ("kind", "version")},
+    }
+    artefacts["metrics"] = "metrics.json"
+    artefacts["report"] = "report.html"
+    artefacts["model_card"] = ["model_card.md", "model_card.json"]
+    doc["artefacts"] = artefacts
+    doc = _json_safe(doc)
+
+    # ---- model card and report
+    limitations = known_limitations(doc, audit, split_sizes, calib)
+    card = build_model_card(name=cfg.name, hierarchy=hierarchy, metrics=doc, config=cfg,
+                            audit=audit, splits=splits, split_sizes=split_sizes,
+                            calibration=_json_safe(calib) if calib else None, model=model)
+    write_model_card(card, out_dir)
+    summary = {}
+    if audit:
+        c = audit.get("counts", {})
+        s = audit.get("summary", {})
+        summary = {"files read": c.get("read"), "images used": c.get("used"),
+                   "unreadable files skipped": c.get("skipped"),
+                   "exact-duplicate groups found": s.get("duplicate_groups"),
+                   "near-duplicate groups found": s.get("near_duplicate_groups"),
+                   "label conflicts among duplicates": s.get("label_conflicts")}
+    if splits is not None:
+        summary["split"] = f"{splits.method} (seed {splits.seed}), fold {fold}"
+        summary["training images removed for leakage"] = len(splits.dropped)
+    summary["test images evaluated"] = len(pt.y)
+    if doc["test"]["skipped"]:
+        summary["test images not evaluated (unreadable or missing)"] = len(doc["test"]["skipped"])
+    write_report(out_dir / "report.html", doc, title=f"Evaluation report: {cfg.name}",
+                 run_info={"run": cfg.name, "model": type(model).__name__,
+                           "test set": test_source},
+                 data_summary=summary, split_sizes=split_sizes, figures=figures,
+                 gradcam=gradcam_imgs, examples=examples, limitations=limitations,
+                 label_tree=label_tree_text(hierarchy))
+    write_json(out_dir / "metrics.json", doc)
+    return doc
+
+
+def _read_json(path: Path):
+    if not Path(path).is_file():
+        return None
+    with open(path) as fh:
+        return json.load(fh)
