@@ -186,6 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_training_parsers(sub)
     add_evaluate_parsers(sub)
+    from kmedtl.export.cli import add_parsers as add_export_parsers
+
+    add_export_parsers(sub)
     return p
 
 

@@ -1,0 +1,321 @@
+"""The trained model, made exportable: float32 rebuild, run context, named outputs.
+
+- :func:`float32_model` rebuilds a (possibly mixed-precision) Keras model in float32 and
+  copies the weights: float16 graphs do not convert to TFLite/ONNX cleanly and would not
+  match the 1e-4 parity bound.  The rebuild rewrites every ``mixed_*`` dtype policy of the
+  serialized config to ``float32`` and deserialises under a float32 global policy, so it
+  also works for configs that omit ``dtype`` (Flat/HierarchicalClassifier.get_config).
+- :class:`RunContext` gathers what every exporter needs from a run folder.
+- :func:`postprocess` turns the model's raw outputs into the named outputs every format
+  returns (NumPy); :func:`postprocess_tf` is the same in-graph for the SavedModel.
+
+Output names (see :func:`output_names`): ``leaf`` (N, leaves), ``calibrated`` (leaf
+probabilities after temperature scaling), ``level_<k>`` (N, nodes at depth k),
+``node_<parent>`` (each head: N, children), ``label`` (predicted leaf name),
+``label_index`` and ``confidence`` (calibrated probability of the predicted leaf).
+
+Example::
+
+    >>> import keras, numpy as np
+    >>> from kmedtl.hierarchy import Hierarchy
+    >>> h = Hierarchy({"normal": None, "tumor": {"glioma": None, "pituitary": None}})
+    >>> out = postprocess({"leaf": np.array([[0.2, 0.5, 0.3]])}, h)
+    >>> out["label"].tolist(), [round(float(p), 2) for p in out["level_1"][0]]
+    (['glioma'], [0.2, 0.8])
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from kmedtl.export.errors import ExportError
+
+_EPS = 1e-12
+
+
+def _float32_config(obj):
+    """Copy of a serialized Keras config with every mixed dtype policy set to float32."""
+    if isinstance(obj, dict):
+        out = {k: _float32_config(v) for k, v in obj.items()}
+        if "DTypePolicy" in str(out.get("class_name", "")) and isinstance(out.get("config"), dict):
+            name = str(out["config"].get("name", ""))
+            if name.startswith("mixed_") or name in ("float16", "bfloat16"):
+                out["config"] = {**out["config"], "name": "float32"}
+        for key in ("dtype", "compute_dtype"):
+            if isinstance(out.get(key), str) and (out[key].startswith("mixed_")
+                                                  or out[key] in ("float16", "bfloat16")):
+                out[key] = "float32"
+        return out
+    if isinstance(obj, list):
+        return [_float32_config(v) for v in obj]
+    return obj
+
+
+def _all_layers(model):
+    for layer in getattr(model, "layers", []):
+        yield layer
+        yield from _all_layers(layer)
+
+
+def float32_model(model):
+    """A float32 copy of ``model`` with the same weights (works for mixed precision)."""
+    import keras
+
+    import kmedtl.models  # noqa: F401  (registers kmedtl's classes)
+
+    config = _float32_config(keras.saving.serialize_keras_object(model))
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("float32")
+    try:
+        clone = keras.saving.deserialize_keras_object(config)
+    except Exception as exc:  # noqa: BLE001 - any rebuild failure is an export failure
+        raise ExportError(f"model {model.name!r}: cannot rebuild it in float32 from its "
+                          f"config ({type(exc).__name__}: {exc}); is it a kmedtl model with "
+                          "get_config?") from exc
+    finally:
+        keras.config.set_dtype_policy(previous)
+    try:
+        clone.set_weights([np.asarray(w, dtype=np.float32) if np.asarray(w).dtype.kind == "f"
+                           else np.asarray(w) for w in model.get_weights()])
+    except ValueError as exc:
+        raise ExportError(f"model {model.name!r}: the float32 rebuild has other weights than "
+                          f"the trained model ({exc})") from exc
+    bad = [f"{layer.name} ({layer.compute_dtype})" for layer in _all_layers(clone)
+           if getattr(layer, "compute_dtype", "float32") not in ("float32", None)
+           and layer.weights]
+    if bad:
+        raise ExportError(f"model {model.name!r}: layers still not float32 after the rebuild: "
+                          f"{bad[:5]}")
+    return clone
+
+
+def safe_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_]", "_", name)
+
+
+def output_names(hierarchy, node_outputs=()) -> list[str]:
+    """Names of the outputs every exported format returns (in this order)."""
+    names = ["leaf", "calibrated"]
+    names += [f"level_{k}" for k in range(1, hierarchy.depth + 1)]
+    names += [f"node_{safe_name(p)}" for p in node_outputs]
+    names += ["label", "label_index", "confidence"]
+    if len(set(names)) != len(names):
+        raise ExportError(f"hierarchy: node names {list(node_outputs)} give clashing output "
+                          f"names {names}; rename the nodes")
+    return names
+
+
+def class_names(hierarchy, node_outputs=()) -> dict[str, list[str]]:
+    """Class order of every probability output (written into the export metadata)."""
+    out = {"leaf": list(hierarchy.leaves), "calibrated": list(hierarchy.leaves)}
+    for k in range(1, hierarchy.depth + 1):
+        out[f"level_{k}"] = list(hierarchy.levels[k - 1])
+    for p in node_outputs:
+        out[f"node_{safe_name(p)}"] = list(hierarchy.children(p))
+    return out
+
+
+def raw_outputs(out) -> dict[str, np.ndarray]:
+    """A Keras/exported model's raw outputs as ``{"leaf": ..., "<parent>": ...}``."""
+    if isinstance(out, dict):
+        return {k: np.asarray(v) for k, v in out.items()}
+    if isinstance(out, (list, tuple)):
+        return {"leaf": np.asarray(out[0])}
+    return {"leaf": np.asarray(out)}
+
+
+def postprocess(raw: dict, hierarchy, temperature: float = 1.0) -> dict[str, np.ndarray]:
+    """Named outputs from raw model outputs (NumPy, float32 like the exported graphs)."""
+    leaf = np.asarray(raw["leaf"], dtype=np.float32)
+    z = np.log(np.clip(leaf.astype(np.float64), _EPS, None)) / float(temperature)
+    z -= z.max(-1, keepdims=True)
+    cal = np.exp(z)
+    cal /= cal.sum(-1, keepdims=True)
+    out = {"leaf": leaf, "calibrated": cal.astype(np.float32)}
+    for k in range(1, hierarchy.depth + 1):
+        out[f"level_{k}"] = leaf @ hierarchy.level_matrix(k)
+    for p in hierarchy.parents:
+        if p in raw:
+            out[f"node_{safe_name(p)}"] = np.asarray(raw[p], dtype=np.float32)
+    idx = leaf.argmax(-1)
+    out["label"] = np.array([hierarchy.leaves[i] for i in idx], dtype=object)
+    out["label_index"] = idx.astype(np.int64)
+    out["confidence"] = out["calibrated"][np.arange(len(idx)), idx]
+    return out
+
+
+def postprocess_tf(raw: dict, hierarchy, temperature: float = 1.0) -> dict:
+    """:func:`postprocess` in-graph (TensorFlow ops), for the SavedModel signatures."""
+    import tensorflow as tf
+
+    leaf = tf.cast(raw["leaf"], tf.float32)
+    z = tf.math.log(tf.maximum(leaf, _EPS)) / float(temperature)
+    cal = tf.nn.softmax(z, axis=-1)
+    out = {"leaf": leaf, "calibrated": cal}
+    for k in range(1, hierarchy.depth + 1):
+        out[f"level_{k}"] = tf.matmul(leaf, tf.constant(hierarchy.level_matrix(k)))
+    for p in hierarchy.parents:
+        if p in raw:
+            out[f"node_{safe_name(p)}"] = tf.cast(raw[p], tf.float32)
+    idx = tf.argmax(leaf, axis=-1, output_type=tf.int64)
+    out["label"] = tf.gather(tf.constant(list(hierarchy.leaves)), idx)
+    out["label_index"] = idx
+    out["confidence"] = tf.gather(cal, idx, axis=1, batch_dims=1)
+    return out
+
+
+@dataclass
+class RunContext:
+    """What the exporters need from a run folder (see :func:`load_run`)."""
+
+    run_dir: Path
+    config: object
+    model: object  # float32 Keras model
+    hierarchy: object
+    options: object  # ImageOptions
+    normalization: str
+    temperature: float = 1.0
+    calibration: dict | None = None
+    train_metrics: dict = field(default_factory=dict)
+    metrics: dict | None = None
+    source_precision: str = "float32"
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def node_outputs(self) -> list[str]:
+        names = getattr(self.model, "output_names", None) or []
+        return [p for p in self.hierarchy.parents if p in names]
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return tuple(self.options.shape)
+
+
+def read_json(path) -> dict | None:
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ExportError(f"{path}: unreadable JSON ({exc}); rerun the stage that "
+                          "writes it") from None
+
+
+def load_run(run_dir) -> RunContext:
+    """Read ``config.yaml``, ``model.keras`` (rebuilt in float32) and ``calibration.json``."""
+    from kmedtl.config import load_config
+    from kmedtl.evaluation.run import load_model, normalization_for
+    from kmedtl.hierarchy import Hierarchy
+    from kmedtl.training.precision import model_precision
+
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise ExportError(f"{run}: run folder not found (kmedtl train writes runs/<name>/)")
+    for name in ("config.yaml", "model.keras"):
+        if not (run / name).is_file():
+            raise ExportError(f"{run / name}: not found; export needs a finished training run "
+                              "(kmedtl train CONFIG)")
+    cfg = load_config(run / "config.yaml")
+    trained = load_model(run / "model.keras")
+    precision = model_precision(trained)
+    model = float32_model(trained)
+    hierarchy = getattr(trained, "hierarchy", None)
+    if not isinstance(hierarchy, Hierarchy):
+        hierarchy = cfg.hierarchy()
+    if hierarchy is None:
+        raise ExportError(f"{run}: no label tree in the model or in config.yaml "
+                          "(data.hierarchy)")
+    n_out = int(raw_outputs_shape(model))
+    if n_out != len(hierarchy.leaves):
+        raise ExportError(f"{run / 'model.keras'}: {n_out} leaf outputs but the label tree has "
+                          f"{len(hierarchy.leaves)} leaves {list(hierarchy.leaves)}")
+    calib = read_json(run / "calibration.json")
+    temperature = 1.0
+    if calib is not None:
+        t = calib.get("temperature")
+        if not isinstance(t, (int, float)) or not t > 0:
+            raise ExportError(f"{run / 'calibration.json'}: 'temperature' must be a positive "
+                              f"number, got {t!r}; rerun kmedtl evaluate")
+        temperature = float(t)
+    return RunContext(run_dir=run, config=cfg, model=model, hierarchy=hierarchy,
+                      options=cfg.image_options(),
+                      normalization=normalization_for(trained, cfg.data.normalization),
+                      temperature=temperature, calibration=calib,
+                      train_metrics=read_json(run / "train_metrics.json") or {},
+                      metrics=read_json(run / "metrics.json"), source_precision=precision)
+
+
+def raw_outputs_shape(model) -> int:
+    out = model.output
+    if isinstance(out, dict):
+        out = out.get("leaf", next(iter(out.values())))
+    elif isinstance(out, (list, tuple)):
+        out = out[0]
+    return out.shape[-1]
+
+
+def split_pixels(ctx: RunContext, part: str = "test", limit: int | None = None,
+                 seed: int = 0):
+    """``(pixels, leaf indices, paths)`` of the run's ``part`` split (``test``, ``train``,
+    ``val``) through kmedtl's own pipeline (unreadable files dropped);
+    ``(None, None, None)`` when the data or the split file is missing.  ``limit`` keeps a
+    seeded random sample (split files list samples class by class)."""
+    import logging
+
+    from kmedtl.data.pipeline import PipelineReport, make_dataset
+    from kmedtl.data.prepare import load_index
+    from kmedtl.data.splits import Splits
+    from kmedtl.errors import KmedtlError
+
+    run = ctx.run_dir
+    if not (run / "splits.json").is_file():
+        return None, None, None
+    try:
+        index, _ = load_index(ctx.config)
+        splits = Splits.load(run / "splits.json", root=index.root)
+    except (KmedtlError, OSError) as exc:
+        logging.getLogger("kmedtl.export").warning(
+            "export: the run's data cannot be read (%s); no %s-set checks", exc, part)
+        return None, None, None
+    fold = int(ctx.train_metrics.get("fold", 0))
+    by_id = {s.id: s for s in index.samples}
+    samples = [by_id[i] for i in getattr(splits.folds[fold], part) if i in by_id]
+    if limit is not None and len(samples) > limit:
+        keep = np.sort(np.random.default_rng(seed).choice(len(samples), limit, replace=False))
+        samples = [samples[i] for i in keep]
+    if not samples:
+        return None, None, None
+    report = PipelineReport()
+    ds = make_dataset(samples, ctx.hierarchy, ctx.options, batch_size=64, training=False,
+                      shuffle=False, targets="leaf", normalization=ctx.normalization,
+                      decoder=ctx.config.data.decoder, report=report)
+    xs, ys = [], []
+    for x, y in ds:
+        xs.append(np.asarray(x, np.float32))
+        ys.append(np.asarray(y))
+    if not xs:
+        return None, None, None
+    bad = {s.path for s in report.skipped}
+    paths = [s.path for s in samples if s.path not in bad]
+    return np.concatenate(xs), np.concatenate(ys).astype(np.int64), paths
+
+
+def file_size(path) -> int:
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def relpath(path, start) -> str:
+    return os.path.relpath(path, start)

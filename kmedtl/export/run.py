@@ -1,0 +1,279 @@
+"""``export_run``: one run folder -> SavedModel, TFLite variants and ONNX, with parity.
+
+Layout written (atomically: a temporary sibling folder renamed into place)::
+
+    <run_dir>/export/
+      export.json                 metadata + report (this module's ExportReport.to_dict())
+      savedmodel/                 serving_default (PNG/JPEG bytes) and predict_pixels
+        assets.extra/kmedtl.json  label tree, image options, normalisation, temperature
+      tflite/model_<variant>.tflite
+      model.onnx
+
+``export.json``: ``kind`` ``"kmedtl-export"``, ``version`` 1, ``model`` (the
+:class:`~kmedtl.export.predictors.ModelInfo`: ``hierarchy``, ``leaves``, ``image``,
+``input_shape``, ``normalization``, ``temperature``), ``outputs`` (names),
+``class_names`` (class order per probability output), ``signatures``, ``formats``
+(per format: ``path``, ``size_bytes``, ``accuracy`` on the run's test split,
+``parity`` {``max_abs_diff``, ``agreement``, ``bound``, ``passed``}), ``parity_data``,
+``preprocessing`` (``serving_default`` on the test files' bytes vs the training
+pipeline), ``verified``, ``failures``, ``source_precision``, ``seconds``.
+
+Parity bounds (:data:`BOUNDS`), against the float32 Keras model on the run's test images:
+SavedModel, TFLite float32 and ONNX within 1e-4 max absolute probability difference
+(every probability output); TFLite float16 within 1e-2; dynamic-range and full int8
+agree on the predicted leaf for >= 97% of images.
+
+Example::
+
+    >>> report = export_run("runs/demo", formats=("savedmodel", "onnx"))   # doctest: +SKIP
+    >>> report.verified, report.out_dir                                     # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from kmedtl.export.errors import ExportError
+
+log = logging.getLogger("kmedtl.export")
+
+FORMATS = ("savedmodel", "tflite", "onnx")
+#: format -> ("max_abs", bound) or ("agreement", minimum share of equal predicted leaves)
+BOUNDS = {"savedmodel": ("max_abs", 1e-4), "tflite_float32": ("max_abs", 1e-4),
+          "onnx": ("max_abs", 1e-4), "tflite_float16": ("max_abs", 1e-2),
+          "tflite_dynamic_int8": ("agreement", 0.97), "tflite_int8": ("agreement", 0.97)}
+PARITY_SAMPLES = 256  # random pixels when the run's test data cannot be read
+BATCH = 32
+
+
+@dataclass
+class ExportReport:
+    """What :func:`export_run` wrote and measured (``to_dict()`` is ``export.json``)."""
+
+    run_dir: Path
+    out_dir: Path
+    metadata: dict
+    formats: dict = field(default_factory=dict)
+    verified: bool = False
+    verify: bool = True
+    failures: list = field(default_factory=list)
+    parity_data: str = ""
+    preprocessing: dict | None = None
+    seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        from kmedtl.evaluation.run import _json_safe
+
+        return _json_safe({"kind": "kmedtl-export", "version": 1, "run_dir": str(self.run_dir),
+                           "out_dir": str(self.out_dir), **self.metadata,
+                           "formats": self.formats, "parity_data": self.parity_data,
+                           "preprocessing": self.preprocessing, "verify": self.verify,
+                           "verified": self.verified, "failures": self.failures,
+                           "seconds": round(self.seconds, 2), **self.extra})
+
+    def table(self) -> str:
+        """Markdown table: format, size, test accuracy, parity value and bound."""
+        rows = ["| format | size (KiB) | test accuracy | parity | bound | ok |",
+                "|---|---:|---:|---:|---:|:-:|"]
+        for name, f in self.formats.items():
+            p = f.get("parity") or {}
+            acc = f.get("accuracy")
+            value, bound = _parity_value(p), _bound_text(p)
+            rows.append(f"| {name} | {f['size_bytes'] / 1024:.1f} | "
+                        f"{'-' if acc is None else f'{acc:.3f}'} | "
+                        f"{'-' if value is None else f'{value:.3g}'} | {bound} | "
+                        f"{'yes' if p.get('passed', True) else 'NO'} |")
+        return "\n".join(rows)
+
+
+def _parity_value(p: dict):
+    if not p:
+        return None
+    return p["max_abs_diff"] if p["kind"] == "max_abs" else p["agreement"]
+
+
+def _bound_text(p: dict) -> str:
+    if not p or p.get("bound") is None:
+        return ""
+    return ("<= " if p["kind"] == "max_abs" else ">= ") + f"{p['bound']:g}"
+
+
+def _failure(name: str, p: dict) -> str:
+    what = "max abs prob diff" if p["kind"] == "max_abs" else "leaf agreement"
+    return (f"{name}: {what} {_parity_value(p):.4g} violates the bound {_bound_text(p)} "
+            f"on {p['n']} images")
+
+
+def predict_batched(predictor, x: np.ndarray) -> dict[str, np.ndarray]:
+    outs = [predictor.predict_pixels(x[i:i + BATCH]) for i in range(0, len(x), BATCH)]
+    return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+
+
+def prob_keys(out: dict) -> list[str]:
+    return [k for k in out if k not in ("label", "label_index", "confidence")]
+
+
+def parity(ref: dict, got: dict, name: str) -> dict:
+    """Max abs difference over every probability output + predicted-leaf agreement."""
+    keys = [k for k in prob_keys(ref) if k in got]
+    diff = max(float(np.max(np.abs(np.asarray(ref[k], np.float64) -
+                                   np.asarray(got[k], np.float64)))) for k in keys)
+    agree = float(np.mean(ref["label_index"] == got["label_index"]))
+    kind, bound = BOUNDS.get(name, ("max_abs", None))
+    passed = True if bound is None else (diff <= bound if kind == "max_abs" else agree >= bound)
+    return {"max_abs_diff": diff, "agreement": agree, "kind": kind, "bound": bound,
+            "passed": bool(passed), "n": int(len(ref["label_index"])), "outputs": keys}
+
+
+def _swap_in(tmp: Path, final: Path):
+    """Replace ``final`` by ``tmp`` with two renames (never a half-written folder)."""
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
+        final.rename(old)
+    tmp.rename(final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def export_run(run_dir, *, formats=FORMATS, out_dir=None, verify: bool = True,
+               tflite_variants=("float32", "float16", "dynamic_int8", "int8"),
+               opset: int | None = None, representative_samples: int = 100) -> ExportReport:
+    """Export a run folder's model (see the module docstring); returns the report.
+
+    ``verify`` checks parity against the Keras model (``report.verified``; failures are
+    listed in ``report.failures``, nothing is raised); without it the measurements are
+    still recorded but ``verified`` stays False.
+    """
+    from kmedtl.export import onnx as onnx_export
+    from kmedtl.export import tflite
+    from kmedtl.export.model import (
+        class_names,
+        file_size,
+        load_run,
+        output_names,
+        split_pixels,
+    )
+    from kmedtl.export.predictors import (
+        EXPORT_FILE,
+        METADATA_FILE,
+        KerasPredictor,
+        ModelInfo,
+        load_predictor,
+    )
+    from kmedtl.export.savedmodel import BYTES_INPUT, PIXELS_INPUT, write_savedmodel
+
+    t0 = time.perf_counter()
+    formats = tuple(formats)
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown or not formats:
+        raise ExportError(f"formats: {unknown or '(none)'} not in {list(FORMATS)}")
+    ctx = load_run(run_dir)
+    run = ctx.run_dir
+    out = Path(out_dir) if out_dir else run / "export"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
+    info = ModelInfo(ctx.hierarchy, ctx.options, ctx.normalization, ctx.temperature, ctx.name)
+    names = output_names(ctx.hierarchy, ctx.node_outputs)
+    h, w, c = ctx.options.shape
+    metadata = {
+        "model": info.to_dict(), "outputs": names,
+        "class_names": class_names(ctx.hierarchy, ctx.node_outputs),
+        "signatures": {
+            "serving_default": {"inputs": {BYTES_INPUT: {"dtype": "string", "shape": [-1]}}},
+            "predict_pixels": {"inputs": {PIXELS_INPUT: {"dtype": "float32",
+                                                         "shape": [-1, h, w, c]}}}},
+        "source_precision": ctx.source_precision,
+        "calibration": {"temperature": ctx.temperature,
+                        "source": "calibration.json" if ctx.calibration else "none (T=1)"},
+    }
+    report = ExportReport(run_dir=run, out_dir=out, metadata=metadata, verify=verify)
+    try:
+        # ---- data: test split for parity/accuracy, training split for int8 calibration
+        x, y, paths = split_pixels(ctx, "test")
+        if x is None:
+            rng = np.random.default_rng(0)
+            from kmedtl.export.savedmodel import pixel_range
+
+            lo, hi = pixel_range(ctx.normalization, c)
+            x = rng.uniform(lo, hi, (PARITY_SAMPLES, h, w, c)).astype(np.float32)
+            report.parity_data = f"synthetic uniform pixels ({len(x)}); the run's test split " \
+                                 "could not be read"
+        else:
+            report.parity_data = f"test split of the run ({len(x)} images)"
+        reps = None
+        if "tflite" in formats and "int8" in tflite_variants:
+            reps = split_pixels(ctx, "train", limit=int(representative_samples))[0]
+        ref = predict_batched(KerasPredictor(run / "model.keras", info, model=ctx.model), x)
+
+        def record(name, path, predictor):
+            got = predict_batched(predictor, x)
+            entry = {"path": str(Path(path).relative_to(tmp)), "size_bytes": file_size(path),
+                     "accuracy": None if y is None else float(np.mean(got["label_index"] == y)),
+                     "parity": parity(ref, got, name)}
+            report.formats[name] = entry
+            log.info("export: %s %.1f KiB, parity %s", name, entry["size_bytes"] / 1024,
+                     entry["parity"])
+
+        report.formats["keras"] = {
+            "path": str(run / "model.keras"), "size_bytes": file_size(run / "model.keras"),
+            "accuracy": None if y is None else float(np.mean(ref["label_index"] == y)),
+            "parity": None}
+        if "savedmodel" in formats:
+            sm = write_savedmodel(ctx, tmp / "savedmodel")
+            (sm / "assets.extra").mkdir(exist_ok=True)
+            (sm / "assets.extra" / METADATA_FILE).write_text(json.dumps(info.to_dict(), indent=1))
+            smp = load_predictor(sm, info)
+            record("savedmodel", sm, smp)
+            if paths:
+                report.preprocessing = _bytes_parity(smp, paths[:64], ref, x)
+        if "tflite" in formats:
+            for v, path in tflite.convert_all(ctx, tmp / "tflite", tflite_variants,
+                                              reps).items():
+                record(f"tflite_{v}", path, load_predictor(path, info))
+        if "onnx" in formats:
+            path = onnx_export.write_onnx(ctx, tmp / "model.onnx", opset)
+            report.extra["onnx_opset"] = int(opset or onnx_export.DEFAULT_OPSET)
+            record("onnx", path, load_predictor(path, info))
+        if reps is not None:
+            report.extra["int8_representative"] = {"split": "train", "n": int(len(reps))}
+        report.failures = [_failure(n, f["parity"]) for n, f in report.formats.items()
+                           if f.get("parity") and not f["parity"]["passed"]]
+        report.verified = bool(verify and not report.failures)
+        report.seconds = time.perf_counter() - t0
+        report.out_dir = out
+        (tmp / EXPORT_FILE).write_text(json.dumps(report.to_dict(), indent=1))
+        _swap_in(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    for f in report.failures:
+        log.warning("export: parity: %s", f)
+    return report
+
+
+def _bytes_parity(smp, paths, ref, x) -> dict:
+    """``serving_default`` on the test files' encoded bytes vs the Keras model on the
+    training pipeline's pixels (checks the in-graph preprocessing end to end)."""
+    from kmedtl.data.decode import read_bytes
+    from kmedtl.serving.client import is_raster
+
+    idx = [i for i, p in enumerate(paths) if is_raster(read_bytes(p)[:8])]
+    if not idx:
+        return {"n": 0, "note": "no PNG/JPEG test files (DICOM is decoded client-side)"}
+    blobs = [read_bytes(paths[i]) for i in idx]
+    outs = [smp.predict_bytes(blobs[i:i + BATCH]) for i in range(0, len(blobs), BATCH)]
+    got = {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+    leaf = ref["leaf"][idx]
+    return {"n": len(idx), "signature": "serving_default",
+            "max_abs_prob_diff": float(np.max(np.abs(got["leaf"] - leaf))),
+            "agreement": float(np.mean(got["label_index"] == ref["label_index"][idx]))}

@@ -1,0 +1,91 @@
+"""TFLite variants with ``tf.lite.TFLiteConverter``, run with the LiteRT interpreter.
+
+Variants (:data:`VARIANTS`):
+
+- ``float32``: no optimisation;
+- ``float16``: float16 weights (``Optimize.DEFAULT`` + ``supported_types=[float16]``);
+- ``dynamic_int8``: dynamic-range quantisation (int8 weights, float activations);
+- ``int8``: full-integer quantisation (``TFLITE_BUILTINS_INT8``) calibrated on
+  representative images from the run's *training* split; input and output stay float32
+  (the converter adds quantise/dequantise at the edges), so every variant takes the same
+  pixels.
+
+Each file takes ``pixels`` (float32 [N, H, W, C], preprocessed as in training) and returns
+the model's raw outputs (``leaf`` and one per head); :mod:`kmedtl.export.predictors` adds
+the named outputs (levels, label, calibrated confidence).
+
+Example::
+
+    >>> paths = convert_all(ctx, "export/tflite", representative=x_train)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from kmedtl.export.errors import ExportError
+
+VARIANTS = ("float32", "float16", "dynamic_int8", "int8")
+
+
+def _converter(saved_model_dir, variant: str, representative=None):
+    import tensorflow as tf
+
+    conv = tf.lite.TFLiteConverter.from_saved_model(str(saved_model_dir))
+    if variant == "float32":
+        return conv
+    conv.optimizations = [tf.lite.Optimize.DEFAULT]
+    if variant == "float16":
+        conv.target_spec.supported_types = [tf.float16]
+    elif variant == "int8":
+        if representative is None or len(representative) == 0:
+            raise ExportError("tflite int8: full-integer quantisation needs representative "
+                              "images from the training split (the run's data could not be "
+                              "read); export the other variants with --tflite-variants")
+        reps = np.asarray(representative, np.float32)
+
+        def gen():
+            for i in range(len(reps)):
+                yield [reps[i:i + 1]]
+
+        conv.representative_dataset = gen
+        conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    elif variant != "dynamic_int8":
+        raise ExportError(f"tflite variant {variant!r} is not one of {list(VARIANTS)}")
+    return conv
+
+
+def convert(saved_model_dir, variant: str, out_path, representative=None) -> Path:
+    """Convert the core SavedModel (pixels -> raw outputs) to one TFLite variant."""
+    try:
+        blob = _converter(saved_model_dir, variant, representative).convert()
+    except ExportError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - converter errors are many and deep
+        raise ExportError(f"tflite {variant}: conversion failed ({type(exc).__name__}: "
+                          f"{str(exc)[:500]})") from exc
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_suffix(".tmp")
+    tmp.write_bytes(blob)
+    tmp.replace(out_path)
+    return out_path
+
+
+def convert_all(ctx, out_dir, variants=VARIANTS, representative=None) -> dict[str, Path]:
+    """Every requested variant of the run's model into ``out_dir/model_<variant>.tflite``."""
+    from kmedtl.export.savedmodel import write_core_savedmodel
+
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise ExportError(f"tflite_variants: {unknown} not in {list(VARIANTS)}")
+    out = {}
+    with tempfile.TemporaryDirectory(prefix="kmedtl-core-") as tmp:
+        core = write_core_savedmodel(ctx.model, ctx.input_shape, Path(tmp) / "core")
+        for v in variants:
+            out[v] = convert(core, v, Path(out_dir) / f"model_{v}.tflite",
+                             representative if v == "int8" else None)
+    return out
