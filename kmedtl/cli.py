@@ -18,8 +18,12 @@ import os
 import sys
 from pathlib import Path
 
-from kmedtl import __version__
-from kmedtl.errors import KmedtlError
+# TensorFlow's C++ start-up banner (oneDNN, CUDA probing) is noise on a command line; a
+# user who wants it sets TF_CPP_MIN_LOG_LEVEL themselves.  Set before anything imports TF.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from kmedtl import __version__  # noqa: E402
+from kmedtl.errors import KmedtlError  # noqa: E402
 
 log = logging.getLogger("kmedtl")
 
@@ -179,8 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--workers", type=int)
     sp.set_defaults(func=cmd_split)
 
-    # Later stages register their own subcommands; their modules import TensorFlow/Keras
-    # only when a handler runs, so `kmedtl data ...` stays quick to start.
+    # Later stages register their own subcommands (importing their packages loads Keras,
+    # a few seconds of start-up for every subcommand; acceptable next to any real stage).
     from kmedtl.evaluation.cli import add_parsers as add_evaluate_parsers
     from kmedtl.training.cli import add_parsers as add_training_parsers
 
@@ -189,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     from kmedtl.export.cli import add_parsers as add_export_parsers
 
     add_export_parsers(sub)
+    from kmedtl.run.cli import add_parsers as add_run_parsers
+
+    add_run_parsers(sub)
     return p
 
 

@@ -1,0 +1,277 @@
+"""The ``pipeline:`` section of a pipeline YAML, typed, and the loader that splits it off.
+
+A pipeline file is a normal kmedtl run config (:class:`kmedtl.config.Config`: ``name``,
+``data``, ``split``, ``augment``, ``train``, ``output_dir``) plus one ``pipeline:``
+section.  :class:`kmedtl.config.Config` forbids unknown top-level keys, so
+:func:`load_pipeline` takes ``pipeline:`` out of the parsed YAML, validates it here
+(:class:`PipelineSection`) and hands the rest to :func:`kmedtl.config.load_config`.
+
+Example::
+
+    >>> spec = PipelineSection.model_validate({"stages": ["audit", "split", "train"]})
+    >>> spec.stages, spec.export.verify
+    (['audit', 'split', 'train'], True)
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from kmedtl.config import Config, dataset_path, load_config
+from kmedtl.errors import ConfigError
+
+#: Every stage, in the order they run.
+STAGES = ("audit", "split", "pretrain", "train", "evaluate", "export", "push")
+#: What a stage needs to have run before it (in the same pipeline).
+REQUIRES = {"split": ("audit",), "pretrain": ("split",), "train": ("split",),
+            "evaluate": ("train",), "export": ("train",), "push": ("evaluate", "export")}
+DEFAULT_STAGES = ["audit", "split", "train", "evaluate", "export", "push"]
+EXPORT_FORMATS = ("savedmodel", "tflite", "onnx")
+TFLITE_VARIANTS = ("float32", "float16", "dynamic_int8", "int8")
+
+StageName = Literal[STAGES]  # type: ignore[valid-type]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class PretrainSection(_Strict):
+    """Same-domain pretraining of ``train.backbone`` on images the fold does not use.
+
+    The pool is every usable image of the data that is in none of the fold's
+    train/val/test parts and shares no leakage group (patient, exact or near duplicate)
+    with a val or test image -- e.g. the images ``split.n_per_class`` leaves out of a small
+    training set.  ``method: supervised`` trains on ``task`` labels (``level1``: the top
+    level of the label tree, a different label task; ``leaf``: the leaves);
+    ``contrastive`` is SimCLR (no labels).  The saved backbone becomes ``train.weights``.
+    """
+
+    method: Literal["supervised", "contrastive"] = "supervised"
+    task: Literal["level1", "leaf"] = "level1"
+    epochs: int = Field(default=5, ge=1)
+    batch_size: int = Field(default=32, ge=2)
+    learning_rate: float = Field(default=1e-3, gt=0.0)
+    dropout: float = Field(default=0.2, ge=0.0, lt=1.0)
+    min_images: int = Field(default=16, ge=2)
+    max_images: int | None = Field(default=None, ge=2)
+    seed: int | None = None  # default train.seed
+
+
+class EvaluateSection(_Strict):
+    """Arguments of :func:`kmedtl.evaluation.run.evaluate_run`."""
+
+    n_boot: int = Field(default=1000, ge=0)
+    alpha: float = Field(default=0.05, gt=0.0, lt=1.0)
+    seed: int = 0
+    batch_size: int = Field(default=32, ge=1)
+    threshold: float = Field(default=0.5, ge=0.0, le=1.0)
+    target_sensitivity: float = Field(default=0.95, gt=0.0, le=1.0)
+    negative: str | None = None
+    ordered: bool = False
+    n_bins: int = Field(default=15, ge=2)
+    n_gradcam: int = Field(default=8, ge=0)
+    n_examples: int = Field(default=12, ge=0)
+
+
+class ExportSection(_Strict):
+    """Arguments of ``kmedtl.export.export_run``; ``require_verified`` fails the stage (and
+    so skips push) when the exported formats do not match the Keras model."""
+
+    formats: list[Literal[EXPORT_FORMATS]] = Field(  # type: ignore[valid-type]
+        default_factory=lambda: list(EXPORT_FORMATS), min_length=1)
+    verify: bool = True
+    require_verified: bool = True
+    tflite_variants: list[Literal[TFLITE_VARIANTS]] = Field(  # type: ignore[valid-type]
+        default_factory=lambda: list(TFLITE_VARIANTS), min_length=1)
+    opset: int | None = Field(default=None, ge=1)
+    representative_samples: int = Field(default=100, ge=1)
+    out_dir: str | None = None  # default: export_run's (inside the run folder)
+
+
+class PushSection(_Strict):
+    """Arguments of ``kmedtl.export.push_run``: ``saved_models/<name>/<version>/`` when the
+    blessing ``thresholds`` (metric -> minimum, from ``metrics.json``) hold."""
+
+    root: str = "saved_models"
+    name: str | None = None  # default: the config's name
+    thresholds: dict[str, float] | None = None
+    metric: str = "balanced_accuracy"
+
+
+class PipelineSection(_Strict):
+    """``pipeline:``: which stages run, on which fold, with what options."""
+
+    stages: list[StageName] = Field(default_factory=lambda: list(DEFAULT_STAGES),
+                                    min_length=1)
+    fold: int = Field(default=0, ge=0)
+    pretrain: PretrainSection = Field(default_factory=PretrainSection)
+    evaluate: EvaluateSection = Field(default_factory=EvaluateSection)
+    export: ExportSection = Field(default_factory=ExportSection)
+    push: PushSection = Field(default_factory=PushSection)
+
+    @field_validator("stages")
+    @classmethod
+    def _order(cls, v):
+        if len(set(v)) != len(v):
+            raise ValueError(f"a stage is listed twice: {v}")
+        order = [s for s in STAGES if s in v]
+        if v != order:
+            raise ValueError(f"stages run in the order {list(STAGES)}; list them so: {order}")
+        return v
+
+    @model_validator(mode="after")
+    def _requirements(self):
+        for stage in self.stages:
+            missing = [r for r in REQUIRES.get(stage, ()) if r not in self.stages]
+            if missing:
+                raise ValueError(f"pipeline.stages: {stage!r} needs {missing} in the list too "
+                                 f"(got {self.stages})")
+        return self
+
+
+@dataclass
+class Pipeline:
+    """A loaded pipeline: the run config, the pipeline section and where it came from."""
+
+    config: Config
+    spec: PipelineSection
+    label: str  # the file name (or "pipeline") used in messages
+    train: object = None  # the validated train section (kmedtl.training.TrainSection)
+
+    def to_dict(self) -> dict:
+        out = self.config.model_dump(mode="json")
+        out["pipeline"] = self.spec.model_dump(mode="json")
+        return out
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse_set(items) -> dict:
+    """``["train.epochs=3", "pipeline.stages=[audit, split]"]`` -> a nested override dict
+    (values parsed as YAML)."""
+    out: dict = {}
+    for item in items or ():
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: use KEY=VALUE with a dotted key, e.g. "
+                              "--set train.epochs=3")
+        key, value = item.split("=", 1)
+        parts = [p for p in key.strip().split(".") if p]
+        if not parts:
+            raise ConfigError(f"--set {item!r}: empty key")
+        node = out
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = yaml.safe_load(value)
+    return out
+
+
+_DATASET_RE = re.compile(r"^\$\{KMEDTL_DATASETS\}[/\\]+([^/\\]+)")
+
+
+def _check_dataset(raw: dict, label: str) -> None:
+    """A ``data.root`` under ``${KMEDTL_DATASETS}``: say which dataset is missing where."""
+    data = raw.get("data") if isinstance(raw.get("data"), dict) else {}
+    for key in ("root", "manifest"):
+        value = data.get(key)
+        m = _DATASET_RE.match(value) if isinstance(value, str) else None
+        if m:
+            try:
+                dataset_path(m.group(1))
+            except Exception as exc:  # DatasetNotFoundError: re-raised naming the field
+                raise type(exc)(f"{label}: data.{key} ({value}): {exc}") from None
+
+
+def load_pipeline(source, overrides: dict | None = None) -> Pipeline:
+    """Load a pipeline YAML (path) or mapping; ``overrides`` is merged in first.
+
+    Relative ``data.root``/``data.manifest``/``data.hierarchy`` resolve against the
+    file's folder (as :func:`kmedtl.config.load_config` does); ``output_dir``,
+    ``data.cache_dir`` and ``pipeline.push.root`` against the working directory.
+    """
+    if isinstance(source, Pipeline):
+        if overrides:
+            return load_pipeline(source.to_dict(), overrides)
+        return source
+    base_dir = None
+    if isinstance(source, dict):
+        raw, label = copy.deepcopy(source), "pipeline"
+    else:
+        path = Path(source)
+        label = str(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: pipeline file not found")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        base_dir = path.parent
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{label}: the top level must be a mapping of sections")
+    if overrides:
+        raw = _merge(raw, overrides)
+    pipe_raw = raw.pop("pipeline", None) or {}
+    if not isinstance(pipe_raw, dict):
+        raise ConfigError(f"{label}: pipeline: must be a mapping (stages, fold, pretrain, "
+                          f"evaluate, export, push), got {type(pipe_raw).__name__}")
+    try:
+        spec = PipelineSection.model_validate(pipe_raw)
+    except ValidationError as exc:
+        raise ConfigError(_format(label, exc)) from None
+    _check_dataset(raw, label)
+    try:
+        cfg = load_config(raw, base_dir=base_dir)
+    except ConfigError as exc:
+        msg = str(exc)
+        if msg.startswith("config:"):
+            msg = label + msg[len("config"):]
+        elif not msg.startswith(label):
+            msg = f"{label}: {msg}"
+        raise ConfigError(msg) from None
+    from kmedtl.training.config import train_section
+
+    return Pipeline(cfg, spec, label, train_section(cfg, label))
+
+
+def _format(label: str, exc: ValidationError) -> str:
+    lines = [f"{label}: invalid pipeline section:"]
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in ("pipeline", *err["loc"]))
+        if err["type"] == "extra_forbidden":
+            parent = _section(err["loc"][:-1])
+            lines.append(f"  {loc}: unknown field; allowed fields here: "
+                         f"{sorted(parent.model_fields)}")
+            continue
+        given = err.get("input")
+        given_s = f" (got {given!r})" if not isinstance(given, dict) else ""
+        msg = err["msg"].removeprefix("Value error, ")
+        lines.append(f"  {loc}: {msg}{given_s}")
+    return "\n".join(lines)
+
+
+def _section(loc) -> type[BaseModel]:
+    model: type[BaseModel] = PipelineSection
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None or not isinstance(field.annotation, type) or \
+                not issubclass(field.annotation, BaseModel):
+            break
+        model = field.annotation
+    return model
+
+
+__all__ = ["DEFAULT_STAGES", "EvaluateSection", "ExportSection", "Pipeline", "PipelineSection",
+           "PretrainSection", "PushSection", "REQUIRES", "STAGES", "load_pipeline", "parse_set"]
+

@@ -1,0 +1,468 @@
+"""The pipeline's stages: each takes the :class:`Context` and returns a :class:`StageOutput`.
+
+============  =========================================================================
+stage         what it does, what it writes (inside the run folder)
+============  =========================================================================
+audit         index, decode once (filling the image cache), hash, find exact and near
+              duplicates and patient overlap: ``data/audit.json``
+split         the leakage-free split of ``split:``, checked: no exact duplicate, near
+              duplicate (``dedupe: near``) or patient across train/val/test:
+              ``data/splits.json``
+pretrain      same-domain pretraining of ``train.backbone`` on the images the fold does not
+              use (:class:`~kmedtl.run.spec.PretrainSection`):
+              ``pretrain/backbone.weights.h5``, ``pretrain/pretrain.json``
+train         :func:`kmedtl.training.run_training` into the run folder (its contract:
+              ``config.yaml``, ``splits.json``, ``model.keras``, ``train_metrics.json``,
+              ...); resumes from ``backup/`` after an interruption
+evaluate      :func:`kmedtl.evaluation.run.evaluate_run`: ``metrics.json``,
+              ``report.html``, ``model_card.md``, ``plots/``
+export        ``kmedtl.export.export_run`` (SavedModel / TFLite / ONNX, parity verified)
+push          ``kmedtl.export.push_run`` to ``saved_models/<name>/<version>/`` if blessed
+============  =========================================================================
+
+Test hook: ``KMEDTL_PIPELINE_FAIL=<stage>`` raises :class:`SimulatedInterruption` when that
+stage starts; ``KMEDTL_PIPELINE_FAIL=train@<epoch>`` raises it after the first batch of
+that (0-based) training epoch, i.e. a run killed mid-training.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kmedtl.errors import ConfigError, KmedtlError
+from kmedtl.run.records import Records, file_sha256
+
+log = logging.getLogger("kmedtl.run")
+
+FAIL_ENV = "KMEDTL_PIPELINE_FAIL"
+
+
+class SimulatedInterruption(RuntimeError):
+    """Raised by the ``KMEDTL_PIPELINE_FAIL`` test hook."""
+
+
+class PipelineStageError(KmedtlError):
+    """A stage finished but its result is not acceptable (leaking split, unverified export)."""
+
+
+@dataclass
+class StageOutput:
+    result: dict  # JSON-able summary of what the stage did (goes into the record)
+    outputs: list = field(default_factory=list)  # paths the stage wrote
+    token: str | None = None  # default: a fresh random id
+
+
+@dataclass
+class Context:
+    pipe: object  # kmedtl.run.spec.Pipeline
+    run_dir: Path
+    records: Records
+    _prepared: object = None
+    _index: object = None
+
+    @property
+    def cfg(self):
+        return self.pipe.config
+
+    @property
+    def spec(self):
+        return self.pipe.spec
+
+    def index(self):
+        """``(index, hierarchy)`` of the configured data (cheap: no decoding)."""
+        if self._index is None:
+            from kmedtl.data.prepare import load_index
+
+            self._index = load_index(self.cfg)
+        return self._index
+
+    def prepared(self):
+        """:func:`kmedtl.data.prepare.prepare` once per process (audit + cache + split)."""
+        if self._prepared is None:
+            from kmedtl.data.prepare import prepare
+
+            self._prepared = prepare(self.cfg)
+        return self._prepared
+
+    def fold(self, splits):
+        f = self.spec.fold
+        if not 0 <= f < len(splits.folds):
+            raise ConfigError(f"{self.pipe.label}: pipeline.fold: {f} but the split has "
+                              f"{len(splits.folds)} fold(s) (split.method: "
+                              f"{self.cfg.split.method})")
+        return splits.folds[f]
+
+
+def fail_hook(stage: str) -> int | None:
+    """The ``KMEDTL_PIPELINE_FAIL`` test hook: raise now, or return the epoch to die in."""
+    value = os.environ.get(FAIL_ENV, "").strip()
+    if not value:
+        return None
+    name, _, epoch = value.partition("@")
+    if name != stage:
+        return None
+    if epoch:
+        return int(epoch)
+    raise SimulatedInterruption(f"{FAIL_ENV}={value}: simulated interruption of stage {stage}")
+
+
+# ------------------------------------------------------------------------------ audit
+def stage_audit(ctx: Context) -> StageOutput:
+    from kmedtl.data.audit import public
+
+    fail_hook("audit")
+    prep = ctx.prepared()
+    report = public(prep.report)
+    out = ctx.run_dir / "data" / "audit.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _write_json(out, report)
+    c = report["counts"]
+    reasons = Counter(s.get("kind") or s.get("reason") for s in report["skipped"])
+    result = {"counts": {k: c.get(k) for k in ("read", "used", "skipped", "samples")},
+              "reconciled": c.get("read") == (c.get("used") or 0) + (c.get("skipped") or 0),
+              "by_class": c.get("by_class"), "by_source_split": c.get("by_split"),
+              "skipped_by_kind": dict(reasons), "summary": report.get("summary"),
+              "cache": str(prep.cache.folder) if prep.cache is not None else None}
+    return StageOutput(result, [out])
+
+
+# ------------------------------------------------------------------------------ split
+def stage_split(ctx: Context) -> StageOutput:
+    from kmedtl.data.audit import dicom_patients
+
+    fail_hook("split")
+    prep = ctx.prepared()
+    splits = prep.splits
+    fold = ctx.fold(splits)
+    out = ctx.run_dir / "data" / "splits.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    splits.save(str(out), root=prep.index.root)
+    # --- independent leakage check on the fold used downstream
+    assign = fold.assignment()
+    internal = prep.report["_internal"]
+    by_digest: dict = {}
+    for sid, d in internal["digests"].items():
+        if sid in assign:
+            by_digest.setdefault((d, sid.rsplit("#", 1)[1] if "#" in sid else None),
+                                 set()).add(assign[sid])
+    exact_cross = sum(1 for parts in by_digest.values() if len(parts) > 1)
+    near_cross = sum(1 for a, b in internal["near_pairs"]
+                     if a in assign and b in assign and assign[a] != assign[b])
+    patients = {s.id: s.patient_id for s in prep.index.samples if s.patient_id}
+    patients.update(dicom_patients(prep.index))
+    parts_of: dict = {}
+    for sid, pid in patients.items():
+        if sid in assign:
+            parts_of.setdefault(pid, set()).add(assign[sid])
+    patient_cross = sum(1 for parts in parts_of.values() if len(parts) > 1)
+    dedupe = ctx.cfg.split.dedupe
+    problems = []
+    if dedupe in ("exact", "near") and exact_cross:
+        problems.append(f"{exact_cross} exact-duplicate group(s) span parts")
+    if dedupe == "near" and near_cross:
+        problems.append(f"{near_cross} near-duplicate pair(s) span parts")
+    if patient_cross:
+        problems.append(f"{patient_cross} patient(s) span parts")
+    if problems:
+        raise PipelineStageError(f"{out}: the split leaks: {'; '.join(problems)} (split.method "
+                                 f"{splits.method}, split.dedupe {dedupe}); please report this")
+    label_of = {s.id: prep.hierarchy.leaf_of(s.label) for s in prep.index.samples}
+    sizes = {p: dict(sorted(Counter(label_of[i] for i in getattr(fold, p)).items()))
+             for p in ("train", "val", "test")}
+    unused = len(prep.index.samples) - len(assign)
+    dropped = Counter(d.get("reason") for d in splits.dropped)
+    result = {"method": splits.method, "seed": splits.seed, "fold": ctx.spec.fold,
+              "n_folds": len(splits.folds), "dedupe": dedupe,
+              "sizes": {p: sum(v.values()) for p, v in sizes.items()}, "by_class": sizes,
+              "dropped": len(splits.dropped), "dropped_by_reason": dict(dropped),
+              "unused": unused, "patients": len(parts_of),
+              "cross_split": {"exact_duplicate_groups": exact_cross,
+                              "near_duplicate_pairs": near_cross, "patients": patient_cross}}
+    return StageOutput(result, [out], token=file_sha256(out))
+
+
+# ------------------------------------------------------------------------------ pretrain
+def pretrain_pool(prep, fold) -> list:
+    """Samples in none of the fold's parts that share no leakage group (patient, exact or
+    near duplicate) with a val or test sample."""
+    from kmedtl.data import splits as splitlib
+    from kmedtl.data.audit import dicom_patients
+
+    ids = [s.id for s in prep.index.samples]
+    patients = {s.id: s.patient_id for s in prep.index.samples if s.patient_id}
+    patients.update(dicom_patients(prep.index))
+    internal = prep.report["_internal"]
+    groups = splitlib.leakage_groups(ids, patients, internal["digests"], internal["near_pairs"])
+    group_of = dict(zip(ids, groups.tolist()))
+    held_out = {group_of[i] for i in fold.val + fold.test if i in group_of}
+    used = set(fold.train) | set(fold.val) | set(fold.test)
+    return [s for s in prep.index.samples
+            if s.id not in used and group_of[s.id] not in held_out]
+
+
+def stage_pretrain(ctx: Context) -> StageOutput:
+    import keras
+    import numpy as np
+
+    from kmedtl.data.pipeline import make_dataset
+    from kmedtl.models import ContrastivePretrainer, save_backbone
+    from kmedtl.models.pretraining import pretrain_backbone
+    from kmedtl.training.config import train_section
+    from kmedtl.training.features import materialise
+    from kmedtl.training.run import build_backbone
+
+    fail_hook("pretrain")
+    t0 = time.perf_counter()
+    p = ctx.spec.pretrain
+    prep = ctx.prepared()
+    fold = ctx.fold(prep.splits)
+    tc = train_section(ctx.cfg, ctx.pipe.label)
+    seed = tc.seed if p.seed is None else p.seed
+    pool = pretrain_pool(prep, fold)
+    if p.max_images is not None and len(pool) > p.max_images:
+        rng = np.random.default_rng(seed)
+        pool = [pool[i] for i in sorted(rng.choice(len(pool), p.max_images, replace=False))]
+    if len(pool) < p.min_images:
+        raise ConfigError(
+            f"{ctx.pipe.label}: pipeline.pretrain: only {len(pool)} image(s) lie outside the "
+            f"fold's train/val/test parts without duplicating a val/test image (need "
+            f"pipeline.pretrain.min_images = {p.min_images}); keep images out of training "
+            "with split.n_per_class, or remove 'pretrain' from pipeline.stages")
+    keras.utils.set_random_seed(seed)
+    ds = make_dataset(pool, prep.hierarchy, prep.options, cache=prep.cache,
+                      batch_size=p.batch_size, targets="leaf", normalization="unit",
+                      decoder=ctx.cfg.data.decoder)
+    x, y = materialise(ds)
+    h = prep.hierarchy
+    if p.task == "level1":
+        level = h.level_matrix(1)
+        y = level[np.asarray(y, int)].argmax(1)
+        classes = list(h.levels[0])
+    else:
+        classes = list(h.leaves)
+    out_dir = ctx.run_dir / "pretrain"
+    shutil.rmtree(out_dir, ignore_errors=True)
+    out_dir.mkdir(parents=True)
+    path = out_dir / "backbone.weights.h5"
+    bb = build_backbone(tc, prep.options.shape)
+    fit = {"epochs": p.epochs, "batch_size": p.batch_size, "verbose": 0}
+    if p.method == "supervised":
+        res = pretrain_backbone(bb, x, np.asarray(y), classes=classes, path=path,
+                                dropout=p.dropout,
+                                compile_kwargs={"optimizer": keras.optimizers.Adam(
+                                    p.learning_rate), "loss": "sparse_categorical_crossentropy",
+                                    "metrics": ["accuracy"]},
+                                fit_kwargs=fit)
+        history = res.history.history
+    else:
+        model = ContrastivePretrainer(bb)
+        model.compile(optimizer=keras.optimizers.Adam(p.learning_rate))
+        history = model.fit(x, **fit).history
+        save_backbone(model, path)
+    counts = Counter(classes[int(i)] for i in y) if p.method == "supervised" else \
+        Counter(h.leaves[int(i)] for i in y)
+    info = {"method": p.method, "task": p.task if p.method == "supervised" else None,
+            "backbone": tc.backbone, "cut": tc.cut, "start_weights": tc.weights,
+            "n_images": len(pool), "by_class": dict(sorted(counts.items())),
+            "classes": classes if p.method == "supervised" else None,
+            "epochs": p.epochs, "history": {k: [float(v) for v in vs]
+                                           for k, vs in history.items()},
+            "weights": str(path), "seconds": round(time.perf_counter() - t0, 3)}
+    _write_json(out_dir / "pretrain.json", info)
+    result = {k: v for k, v in info.items() if k != "history"}
+    result["final"] = {k: vs[-1] for k, vs in info["history"].items() if vs}
+    return StageOutput(result, [path, out_dir / "pretrain.json"])
+
+
+# ------------------------------------------------------------------------------ train
+def train_config(ctx: Context):
+    """The run config that training sees: ``train.weights`` = the pretrained backbone when
+    the pipeline pretrains."""
+    cfg = ctx.cfg.model_copy(deep=True)
+    if "pretrain" in ctx.spec.stages:
+        cfg.train = {**cfg.train, "weights": str(ctx.run_dir / "pretrain" /
+                                                 "backbone.weights.h5")}
+    return cfg
+
+
+class _DieAt:
+    """Keras callback for the ``train@<epoch>`` test hook (made lazily: keras import)."""
+
+    @staticmethod
+    def make(epoch: int):
+        import keras
+
+        class DieAt(keras.callbacks.Callback):
+            def __init__(self):
+                super().__init__()
+                self.current = -1
+
+            def on_epoch_begin(self, e, logs=None):
+                self.current = e
+
+            def on_train_batch_end(self, batch, logs=None):
+                if self.current == epoch:
+                    raise SimulatedInterruption(
+                        f"{FAIL_ENV}=train@{epoch}: simulated interruption in epoch {epoch}")
+
+        return DieAt()
+
+
+def stage_train(ctx: Context, *, resume: bool) -> StageOutput:
+    from kmedtl.data.splits import Splits
+    from kmedtl.training.run import run_training
+
+    die_at = fail_hook("train")
+    callbacks = [_DieAt.make(die_at)] if die_at is not None else []
+    run = ctx.run_dir
+    if not resume:  # a different config's half-finished run must not be resumed
+        shutil.rmtree(run / "backup", ignore_errors=True)
+    cfg = train_config(ctx)
+    run_training(cfg, run, overwrite=not resume, label=ctx.pipe.label, callbacks=callbacks,
+                 fold=ctx.spec.fold)
+    # the trainer re-derives the split from the same config: it must be the pipeline's
+    mine = Splits.load(run / "data" / "splits.json")
+    theirs = Splits.load(run / "splits.json")
+    f = ctx.spec.fold
+    if mine.folds[f].to_dict() != theirs.folds[f].to_dict():
+        raise PipelineStageError(f"{run / 'splits.json'}: training used a different split than "
+                                 f"{run / 'data' / 'splits.json'} (the data changed while the "
+                                 "pipeline ran?); rerun with --force split")
+    m = json.loads((run / "train_metrics.json").read_text())
+    keep = ("model", "backbone", "cut", "fold", "n_train", "n_val", "n_test", "monitor",
+            "best_epoch", "best_value", "stopped_early", "resumed_from_epoch", "val_metrics",
+            "train_metrics", "timings", "jit_compile", "precision", "backend")
+    out = {k: m.get(k) for k in keep if k in m}
+    out["epochs_run"] = len(m["epochs"]) if isinstance(m.get("epochs"), list) else m.get("epochs")
+    out["weights"] = cfg.train.get("weights")
+    outputs = [run / n for n in ("model.keras", "train_metrics.json", "config.yaml",
+                                 "splits.json", "history.csv")]
+    return StageOutput(out, outputs)
+
+
+# ------------------------------------------------------------------------------ evaluate
+def stage_evaluate(ctx: Context) -> StageOutput:
+    from kmedtl.evaluation.run import evaluate_run
+
+    fail_hook("evaluate")
+    e = ctx.spec.evaluate
+    doc = evaluate_run(ctx.run_dir, fold=ctx.spec.fold, **e.model_dump())
+    binary = doc.get("binary") or {}
+    result = {"n_test": doc.get("n_test"), "headline": doc.get("headline"),
+              "bootstrap": doc.get("bootstrap"),
+              "binary": {k: binary.get(k) for k in ("negative", "auroc", "threshold",
+                                                    "at_threshold")} if binary else None,
+              "hierarchical": {k: (doc.get("hierarchical") or {}).get(k)
+                               for k in ("f1", "inconsistency_rate")}
+              if doc.get("hierarchical") else None,
+              "leaf_f1": {c: v.get("f1") for c, v in
+                          doc["tasks"]["leaf"]["per_class"].items()} if doc.get("tasks") else None,
+              "skipped": len(doc.get("test", {}).get("skipped") or [])}
+    outputs = [ctx.run_dir / n for n in ("metrics.json", "report.html", "model_card.md")]
+    return StageOutput(result, outputs)
+
+
+# ------------------------------------------------------------------------------ export
+def _export_api():
+    try:
+        from kmedtl import export
+    except ImportError as exc:
+        raise ConfigError(f"pipeline.stages: the export/push stages need kmedtl.export "
+                          f"(pip install -e '.[export]'): {exc}; or stop before them with "
+                          "--until evaluate") from None
+    return export
+
+
+def _to_dict(obj):
+    if hasattr(obj, "to_dict"):
+        return obj.to_dict()
+    return dict(vars(obj)) if hasattr(obj, "__dict__") else obj
+
+
+def stage_export(ctx: Context) -> StageOutput:
+    fail_hook("export")
+    api = _export_api()
+    x = ctx.spec.export
+    out_dir = os.path.abspath(x.out_dir) if x.out_dir else None
+    report = api.export_run(ctx.run_dir, formats=tuple(x.formats), out_dir=out_dir,
+                            verify=x.verify, tflite_variants=tuple(x.tflite_variants),
+                            opset=x.opset, representative_samples=x.representative_samples)
+    doc = _to_dict(report)
+    verified = bool(getattr(report, "verified", False))
+    where = getattr(report, "out_dir", out_dir)
+    result = {"verified": verified, "out_dir": str(where) if where else None,
+              "formats": _formats(doc), "failures": doc.get("failures") if isinstance(
+                  doc, dict) else None}
+    if not result["formats"]:  # an unfamiliar report layout: keep all of it
+        result["report"] = doc
+    if x.verify and x.require_verified and not verified:
+        if where:
+            _write_json(ctx.run_dir / "stages" / "export_report.json", doc)
+        raise PipelineStageError(
+            f"{where or ctx.run_dir}: the exported model failed verification (see "
+            f"{ctx.run_dir / 'stages' / 'export_report.json'}); fix the export, or set "
+            "pipeline.export.require_verified: false to continue unverified")
+    return StageOutput(result, [where] if where else [])
+
+
+def _formats(doc) -> dict:
+    """Per exported format: path, size, accuracy and the parity numbers."""
+    out = {}
+    formats = doc.get("formats") if isinstance(doc, dict) else None
+    for name, f in (formats or {}).items():
+        if not isinstance(f, dict):
+            continue
+        parity = f.get("parity") if isinstance(f.get("parity"), dict) else None
+        out[name] = {"path": f.get("path"), "size_bytes": f.get("size_bytes"),
+                     "accuracy": f.get("accuracy"),
+                     "parity": {k: parity.get(k) for k in ("kind", "max_abs_diff", "agreement",
+                                                           "bound", "passed", "n")}
+                     if parity else None}
+    return out
+
+
+# ------------------------------------------------------------------------------ push
+def stage_push(ctx: Context) -> StageOutput:
+    fail_hook("push")
+    api = _export_api()
+    p = ctx.spec.push
+    res = api.push_run(ctx.run_dir, root=os.path.abspath(p.root), name=p.name or ctx.cfg.name,
+                       thresholds=p.thresholds, metric=p.metric)
+    doc = _to_dict(res)
+    path = getattr(res, "path", None)
+    result = {"pushed": bool(getattr(res, "pushed", False)),
+              "version": getattr(res, "version", None),
+              "path": str(path) if path else None, "reason": getattr(res, "reason", None),
+              "blessing": _jsonable(getattr(res, "blessing", None))}
+    if result["blessing"] is None:
+        result["report"] = doc
+    outputs = [path] if path and getattr(res, "pushed", False) else []
+    return StageOutput(result, outputs)
+
+
+def _jsonable(obj):
+    try:
+        json.dumps(obj, default=str)
+        return obj
+    except (TypeError, ValueError):
+        return str(obj)
+
+
+def _write_json(path, data):
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w") as fh:
+        json.dump(data, fh, indent=1, default=str)
+    os.replace(tmp, path)
+
+
+STAGE_FUNCS = {"audit": stage_audit, "split": stage_split, "pretrain": stage_pretrain,
+               "train": stage_train, "evaluate": stage_evaluate, "export": stage_export,
+               "push": stage_push}
