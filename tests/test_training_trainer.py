@@ -20,7 +20,7 @@ from test_training_helpers import (
 
 from kmedtl.errors import ConfigError
 from kmedtl.training import Trainer, build_model, resolve_precision, train_section
-from kmedtl.training.precision import model_precision
+from kmedtl.training.precision import model_precision, resolve_jit_compile
 
 FAST = {"batch_size": 8, "jit_compile": False, "verbose": 0, "tensorboard": False}
 
@@ -180,16 +180,21 @@ class _HostOp(keras.layers.Layer):
         return y
 
 
-def test_xla_is_on_by_default_and_falls_back_with_a_warning(caplog):
+def test_xla_auto_is_off_on_cpu_on_when_asked_and_falls_back_with_a_warning(caplog):
     x, y = arrays(16)
+    # "auto" (the default): no XLA on a CPU-only TensorFlow (it is slower there)
+    assert resolve_jit_compile("auto") is False
     result = Trainer(flat_model(), epochs=1, batch_size=8, verbose=0).fit((x, y))
+    assert result.jit_compile is False
+    result = Trainer(flat_model(), epochs=1, batch_size=8, verbose=0,
+                     jit_compile=True).fit((x, y))
     assert result.jit_compile is True
     inp = keras.Input((32, 32, 1))
     bad = keras.Model(inp, keras.layers.Dense(2, activation="softmax", name="leaf")(
         keras.layers.GlobalAveragePooling2D()(_HostOp()(keras.layers.Conv2D(4, 3)(inp)))))
     with caplog.at_level(logging.WARNING, logger="kmedtl.training"), \
             pytest.warns(RuntimeWarning, match="XLA"):
-        result = Trainer(bad, epochs=2, batch_size=8, verbose=0).fit((x, y))
+        result = Trainer(bad, epochs=2, batch_size=8, verbose=0, jit_compile=True).fit((x, y))
     assert result.jit_compile is False and result.epochs == [0, 1]
     assert any("XLA compilation failed" in r.message for r in caplog.records)
 

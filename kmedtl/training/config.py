@@ -163,7 +163,7 @@ class TrainSection(_Strict):
     reduce_lr_factor: float = Field(default=0.2, gt=0.0, lt=1.0)
 
     precision: Literal[PRECISIONS] = "auto"  # type: ignore[valid-type]
-    jit_compile: Union[bool, Literal["auto"]] = True
+    jit_compile: Union[bool, Literal["auto"]] = "auto"  # XLA on JAX / GPU, off on CPU-only TF
     seed: int = 0
     deterministic: bool = False
     distribute: Literal[DISTRIBUTE] = "none"  # type: ignore[valid-type]

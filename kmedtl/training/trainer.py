@@ -12,8 +12,10 @@
   and the one-cycle momentum;
 - **losses/metrics** -- masked (label-smoothed if asked) cross-entropy per head; leaf
   accuracy, macro AUROC and kappa;
-- **XLA** -- ``jit_compile=True`` by default; if compilation fails before the first batch
-  completes, a warning is logged and the phase re-runs without XLA;
+- **XLA** -- ``jit_compile="auto"`` by default: on for JAX and on a GPU/TPU, off on a
+  CPU-only TensorFlow (slower there, see ``benchmarks/training.py``); when XLA is on and
+  compilation fails before the first batch completes, a warning is logged and the phase
+  re-runs without XLA;
 - **callbacks** -- Keras' ``ModelCheckpoint`` (best by ``train.monitor``, mode inferred),
   ``EarlyStopping``, ``ReduceLROnPlateau``, ``BackupAndRestore``, ``TensorBoard``,
   ``CSVLogger``, ``TerminateOnNaN`` and progress bars.
@@ -67,7 +69,7 @@ from kmedtl.training.freezing import (
 from kmedtl.training.losses import classification_loss
 from kmedtl.training.metrics import default_metrics, infer_mode, resolve_monitor
 from kmedtl.training.optimizers import make_optimizer
-from kmedtl.training.precision import model_precision
+from kmedtl.training.precision import model_precision, resolve_jit_compile
 from kmedtl.training.schedules import OffsetSchedule, make_schedule, momentum_schedule
 
 log = logging.getLogger("kmedtl.training")
@@ -89,7 +91,7 @@ class TrainResult:
     best_value: float | None = None
     stopped_early: bool = False
     phases: list = field(default_factory=list)
-    jit_compile: bool | str = True
+    jit_compile: bool = True
     precision: str = "float32"
     resumed_from_epoch: int = 0
     timings: dict = field(default_factory=dict)
@@ -162,7 +164,7 @@ class Trainer:
         self.loss = loss
         self.metrics = metrics
         self.loss_weights = loss_weights
-        self.jit_compile = self.cfg.jit_compile
+        self.jit_compile = resolve_jit_compile(self.cfg.jit_compile)
         self.multi_output = _is_multi_output(model)
         self.n_classes = int(_leaf_output(model).shape[-1])
 
