@@ -65,3 +65,23 @@ def tiny_images(tmp_path) -> Path:
         write_image(root / label / "rgb.png", smooth_image(10 * c + 2, channels=3))
         write_image(root / label / "photo.jpg", smooth_image(10 * c + 3), quality=90)
     return root
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_op_determinism():
+    """``train.deterministic: true`` switches TensorFlow's op determinism on for the whole
+    process (TF has no scoped switch), and Keras then silently turns XLA off.  Undo it after
+    the test that asked for it, so later tests see the default."""
+    import sys
+
+    def enabled():
+        if "tensorflow" not in sys.modules:
+            return False
+        from tensorflow.python.framework.config import is_op_determinism_enabled
+
+        return is_op_determinism_enabled()
+
+    before = enabled()
+    yield
+    if not before and enabled():
+        sys.modules["tensorflow"].config.experimental.disable_op_determinism()

@@ -155,6 +155,7 @@ class TrainSection(_Strict):
     lr_multipliers: list[float] | None = None  # per layer group, input side -> head
 
     label_smoothing: float = Field(default=0.0, ge=0.0, lt=1.0)
+    recalibrate_bn: bool = True  # BatchNorm statistics re-averaged after training
     leaf_loss_weight: float = Field(default=0.0, ge=0.0)  # hierarchical: extra leaf loss
     monitor: str = "loss"
     monitor_mode: Literal["auto", "min", "max"] = "auto"
@@ -283,14 +284,9 @@ def _errors(label: str, exc: ValidationError) -> str:
 
 
 def _allowed(loc) -> list[str]:
-    model: type[BaseModel] = _Wrapper
-    for part in loc:
-        field = model.model_fields.get(str(part))
-        if field is None or not isinstance(field.annotation, type) or \
-                not issubclass(field.annotation, BaseModel):
-            break
-        model = field.annotation
-    return sorted(model.model_fields)
+    from kmedtl.config import model_at
+
+    return sorted(model_at(_Wrapper, loc).model_fields)
 
 
 def resolved_config(cfg, train: TrainSection, hierarchy=None) -> dict:

@@ -57,6 +57,7 @@ import numpy as np
 
 from kmedtl.errors import ConfigError
 from kmedtl.training import callbacks as cb
+from kmedtl.training.batchnorm import recalibrate_batchnorm
 from kmedtl.training.config import TrainSection, train_section
 from kmedtl.training.distribute import strategy_scope
 from kmedtl.training.freezing import (
@@ -324,6 +325,8 @@ class Trainer:
 
         result = self._finish(paths, histories, phases, monitor, mode, checkpoint,
                               stopped_early, resumed_from)
+        if cfg.recalibrate_bn:
+            self._recalibrate(eval_train if eval_train is not None else train, steps)
         result.timings = {
             "total_seconds": round(time.perf_counter() - t_start, 3),
             "fit_seconds": round(fit_seconds, 3),
@@ -427,6 +430,16 @@ class Trainer:
                 out.append(keras.callbacks.TensorBoard(str(paths["logs"])))
             out.append(cb.RunState(paths["state"], phase.index, completed, checkpoint))
         return [*out, *self.extra_callbacks, *user]
+
+    def _recalibrate(self, data, steps):
+        """train.recalibrate_bn: BatchNorm statistics averaged over the training images
+        for the final (best) weights; see :mod:`kmedtl.training.batchnorm`."""
+        if self.distribution is not None:
+            log.info("train.recalibrate_bn skipped under a distribution strategy")
+            return
+        # a dataset: one pass, at most one epoch's worth of batches
+        recalibrate_batchnorm(self.model, data, batch_size=self.cfg.batch_size,
+                              max_batches=steps)
 
     def _finish(self, paths, histories, phases, monitor, mode, checkpoint, stopped_early,
                 resumed_from) -> TrainResult:
