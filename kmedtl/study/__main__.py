@@ -1,0 +1,5 @@
+import sys
+
+from kmedtl.study.cli import main
+
+sys.exit(main())

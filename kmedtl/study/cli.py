@@ -1,0 +1,63 @@
+"""``python -m kmedtl.study STUDY.yaml [...]``: run the grid, then write RESULTS.md."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from kmedtl.errors import KmedtlError
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m kmedtl.study",
+        description="Run study grids (arms x N per class x seeds) and write RESULTS.md.")
+    p.add_argument("studies", nargs="+", help="study YAML files (pipelines/study_*.yaml); run "
+                   "together they share one split and identical cells")
+    p.add_argument("--out", default="runs/study", help="output folder (default runs/study)")
+    p.add_argument("--resume", action="store_true", help="skip cells already finished")
+    p.add_argument("--overwrite", action="store_true", help="train finished cells again")
+    p.add_argument("--max-minutes", type=float, default=None,
+                   help="start no new cell after this many minutes (the rest: --resume)")
+    p.add_argument("--results", default=None, help="where to write RESULTS.md (default: the "
+                   "first study's results: field, else <out>/RESULTS.md)")
+    p.add_argument("--report-only", action="store_true", help="train nothing; only write "
+                   "RESULTS.md from the finished cells")
+    p.add_argument("--no-plots", action="store_true", help="skip learning-curve PNGs")
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s",
+                        datefmt="%H:%M:%S", stream=sys.stdout, force=True)
+    from kmedtl.study.config import load_study
+    from kmedtl.study.report import plot_learning_curves, write_report
+    from kmedtl.study.runner import StudyRunner
+
+    try:
+        studies = [c for p in args.studies for c in load_study(p)]
+        runner = StudyRunner(studies, args.out)
+        if args.report_only:
+            runner.plan()
+        else:
+            status = runner.run(resume=args.resume, overwrite=args.overwrite,
+                                max_minutes=args.max_minutes)
+            total = status["planned_unique"] - status["not_applicable"]
+            print(f"study: {status['done']} of {total} cells done ({status['ran_now']} now, "
+                  f"{status['failed_now']} failed, "
+                  f"{status['stopped_by_budget']} left by the time budget)")
+        results = args.results or studies[0].results or str(Path(args.out) / "RESULTS.md")
+        cmd = "python -m kmedtl.study " + " ".join(
+            str(Path(p)) for p in args.studies) + f" --out {args.out}"
+        path = write_report(runner, results, command=cmd)
+        print(f"report: {path}")
+        if not args.no_plots:
+            for p in plot_learning_curves(runner, args.out):
+                print(f"plot: {p}")
+    except KmedtlError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,227 @@
+"""The study YAML (``pipelines/study_*.yaml``), typed.
+
+One file describes one *comparison*: its arms, the grid (N images per class x seeds), the
+data and the shared training recipe.  Every arm is a set of ``train.*`` overrides (see
+:class:`kmedtl.training.TrainSection`) plus the study's own keys (``init``, ``sizes``,
+``n_folds``); cells whose resolved recipe is identical share one result file, so the
+``flat`` arm of one comparison and the ``scratch`` arm of another train once.
+
+Example (abridged)::
+
+    name: hierarchy
+    title: Flat vs hierarchical vs staged (An et al. 2021)
+    grid: {sizes: [25, 50, 100, all], seeds: [0, 1, 2]}
+    train: {backbone: cbr_micro, epochs: {25: 30, 50: 20, 100: 15, all: 6}}
+    arms:
+      - {name: flat, model: flat}
+      - {name: hierarchical, model: hierarchical}
+      - {name: staged, model: staged, n_folds: 2}
+    reference: flat
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from kmedtl.config import _format_errors, expand_env
+from kmedtl.errors import ConfigError
+
+Size = Union[int, Literal["all"]]
+METRICS = ("balanced_accuracy", "kappa", "auroc_macro", "f1_macro")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class StudyData(_Strict):
+    """The dataset and how it is made duplicate-free (see :mod:`kmedtl.study.data`)."""
+
+    root: str
+    hierarchy: Union[str, dict, list]
+    image_size: int = Field(default=32, ge=16)
+    channels: Literal[1, 3] = 1
+    cache_dir: str | None = ".kmedtl_cache"
+    dedupe: Literal["exact", "near"] = "near"
+    near_threshold: int = Field(default=2, ge=0, le=32)
+    test: Literal["source", "holdout"] = "source"  # Testing folder, or a fixed holdout
+    test_fraction: float = Field(default=0.15, gt=0.0, lt=1.0)  # test: holdout
+    split_seed: int = 0
+
+
+class Grid(_Strict):
+    sizes: list[Size] = Field(default_factory=lambda: [25, 50, 100, "all"], min_length=1)
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
+
+    @field_validator("sizes")
+    @classmethod
+    def _sizes(cls, v):
+        if any(isinstance(s, int) and s < 1 for s in v):
+            raise ValueError(f"sizes are images per class >= 1 or 'all', got {v}")
+        if len(set(map(str, v))) != len(v):
+            raise ValueError(f"sizes repeat: {v}")
+        return v
+
+
+class Pretrain(_Strict):
+    """Same-domain pretraining on training images outside every small subset."""
+
+    # simclr / rotation: no labels; level1: supervised on a different, coarser label task
+    # (the level-1 nodes of the hierarchy, e.g. normal vs tumour) of the pool images
+    method: Literal["simclr", "rotation", "level1"] = "simclr"
+    backbone: str | None = None  # default: train.backbone
+    epochs: int = Field(default=20, ge=1)
+    batch_size: int = Field(default=64, ge=2)
+    learning_rate: float = Field(default=1e-3, gt=0)
+    temperature: float = Field(default=0.2, gt=0)  # simclr
+    max_images: int | None = Field(default=None, ge=2)  # cap the pool (smoke runs)
+    # shared: one backbone on the images outside every finite subset of every seed of the
+    # grid (cheap; adding seeds changes the pool, so pretrained cells retrain);
+    # per_seed: one backbone per seed, on the images outside that seed's subsets
+    pool: Literal["shared", "per_seed"] = "shared"
+    seed: int = 0
+
+
+class Arm(_Strict):
+    name: str
+    label: str | None = None  # shown in tables; default: name
+    init: str = "scratch"  # "scratch" or the name of a pretrain entry
+    sizes: list[Size] | None = None  # default: grid.sizes
+    n_folds: int = Field(default=2, ge=2)  # model: staged (out-of-fold stacking)
+    train: dict[str, Any] = Field(default_factory=dict)  # train.* overrides
+
+    @model_validator(mode="before")
+    @classmethod
+    def _collect(cls, data):
+        if not isinstance(data, dict):
+            return data
+        own = {"name", "label", "init", "sizes", "n_folds", "train"}
+        extra = {k: v for k, v in data.items() if k not in own}
+        out = {k: v for k, v in data.items() if k in own}
+        out["train"] = {**extra, **dict(data.get("train") or {})}
+        return out
+
+
+class Evaluation(_Strict):
+    n_boot: int = Field(default=1000, ge=10)
+    primary: Literal[METRICS] = "balanced_accuracy"  # type: ignore[valid-type]
+    alpha: float = Field(default=0.05, gt=0, lt=1)
+
+
+class StudyConfig(_Strict):
+    name: str
+    title: str = ""
+    papers: str = ""
+    expectation: str = ""  # hand-written: what the papers lead us to expect
+    notes: str = ""  # hand-written design notes shown (labelled as such) under Set-up
+    caveats: str = ""  # hand-written limits of this comparison's design, shown after "found"
+    data: StudyData
+    grid: Grid = Field(default_factory=Grid)
+    train: dict[str, Any] = Field(default_factory=dict)  # shared train.* fields
+    pretrain: dict[str, Pretrain] = Field(default_factory=dict)
+    arms: list[Arm] = Field(min_length=2)
+    reference: str | None = None  # paired tests: every arm against this one
+    evaluation: Evaluation = Field(default_factory=Evaluation)
+    results: str | None = None  # RESULTS.md path, relative to this file
+    budget_minutes: float | None = Field(default=None, gt=0)
+    source: str | None = None  # the YAML file (filled in by load_study)
+
+    @model_validator(mode="after")
+    def _check(self):
+        names = [a.name for a in self.arms]
+        if len(set(names)) != len(names):
+            raise ValueError(f"arms: names repeat: {names}")
+        ref = self.reference or names[0]
+        if ref not in names:
+            raise ValueError(f"reference: {ref!r} is not an arm; arms: {names}")
+        self.reference = ref
+        for a in self.arms:
+            if a.init != "scratch" and a.init not in self.pretrain:
+                raise ValueError(f"arms.{a.name}.init: {a.init!r} is neither 'scratch' nor a "
+                                 f"pretrain entry {sorted(self.pretrain)}")
+            for s in a.sizes or []:
+                if str(s) not in map(str, self.grid.sizes):
+                    raise ValueError(f"arms.{a.name}.sizes: {s!r} is not in grid.sizes")
+        return self
+
+    def arm(self, name: str) -> Arm:
+        return next(a for a in self.arms if a.name == name)
+
+    def sizes_of(self, arm: Arm) -> list:
+        return list(arm.sizes or self.grid.sizes)
+
+
+SHARED = ("data", "grid", "train", "pretrain", "evaluation", "results", "budget_minutes")
+
+
+def load_study(path) -> list[StudyConfig]:
+    """Read and validate a study YAML; relative paths resolve against its folder.
+
+    A file holds one comparison (``name``, ``arms`` ... at the top level) or several under
+    ``comparisons:``, each inheriting the top-level ``data``, ``grid``, ``train``,
+    ``pretrain``, ``evaluation``, ``results`` and ``budget_minutes`` (its own keys win;
+    ``train`` and ``pretrain`` are merged key by key).  Returns the list of comparisons.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: study file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    raw = expand_env(raw)
+    entries = raw.pop("comparisons", None)
+    if entries is None:
+        entries = [raw]
+    else:
+        if not isinstance(entries, list) or not entries:
+            raise ConfigError(f"{path}: comparisons: give a list of comparisons")
+        unknown = sorted(set(raw) - set(SHARED))
+        if unknown:
+            raise ConfigError(f"{path}: {unknown}: unknown top-level key(s) beside "
+                              f"comparisons:; allowed: {list(SHARED)}")
+        merged = []
+        for e in entries:
+            e = dict(e)
+            for k in SHARED:
+                if k in raw:
+                    if k in ("train", "pretrain") and isinstance(e.get(k), dict):
+                        e[k] = {**raw[k], **e[k]}
+                    else:
+                        e.setdefault(k, raw[k])
+            merged.append(e)
+        entries = merged
+    out = []
+    for i, entry in enumerate(entries):
+        label = str(path) if len(entries) == 1 else f"{path}: comparisons[{i}]"
+        try:
+            cfg = StudyConfig.model_validate(entry)
+        except ValidationError as exc:
+            raise ConfigError(_format_errors(label, exc)) from None
+        _resolve(cfg, path)
+        out.append(cfg)
+    names = [c.name for c in out]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{path}: comparison names repeat: {names}")
+    return out
+
+
+def _resolve(cfg: StudyConfig, path: Path) -> None:
+    base = path.parent
+    d = cfg.data
+    if not Path(d.root).is_absolute():
+        d.root = str((base / d.root).resolve())
+    if isinstance(d.hierarchy, str) and not Path(d.hierarchy).is_absolute():
+        d.hierarchy = str((base / d.hierarchy).resolve())
+    if not Path(d.root).is_dir():
+        raise ConfigError(f"{path}: data.root: {d.root} is not a folder (is KMEDTL_DATASETS "
+                          "set to the folder holding brain-tumor-mri?)")
+    cfg.source = str(path)
+    if cfg.results and not Path(cfg.results).is_absolute():
+        cfg.results = str((base / cfg.results).resolve())

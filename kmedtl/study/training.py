@@ -1,0 +1,217 @@
+"""Training one study cell, and same-domain pretraining.
+
+Every cell trains a kmedtl model with :class:`kmedtl.training.Trainer` on in-memory arrays
+(the decoded images of :mod:`kmedtl.study.data`) and returns the leaf probabilities of the
+fixed test set.  There is no validation split: each cell trains for the epochs the study
+gives its N and keeps the last-epoch weights ("best" by training loss, which under
+one-cycle is the end of the run); the test set is never looked at during training.
+
+Arm kinds (``train.model``):
+
+- ``flat`` / ``hierarchical``: :class:`~kmedtl.models.FlatClassifier` /
+  :class:`~kmedtl.models.HierarchicalClassifier` (one softmax per parent node, leaf
+  probabilities as products along the tree) over ``train.backbone`` cut at ``train.cut``;
+- ``staged``: :class:`~kmedtl.models.StagedHierarchicalClassifier` (An et al. 2021: a
+  level-1 model, a level-2 model initialised from it -- hierarchy transfer -- and a
+  logistic-regression stacker on out-of-fold confidences, ``n_folds`` folds), every node
+  model trained by the Trainer with the same recipe.
+
+``init``: ``scratch`` (random weights) or a pretrain entry, whose backbone weights
+(:func:`pretrain`) are loaded by layer name -- so a truncated backbone (``train.cut``)
+takes the lower blocks of the pretrained one (TruncatedTL).
+
+The study also registers ``cbr_micro`` in the backbone registry: the Transfusion CBR
+design (conv-BN-ReLU + 3x3/2 max-pool blocks, Raghu et al. 2019) scaled to what two CPU
+cores can train hundreds of times -- channels 16, 32, 64, 128 and 3x3 kernels (CBR-Small
+is 32..256 with 7x7; about 13x the compute at 32 px).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from kmedtl.models import backbones as _bb
+from kmedtl.models import truncation as _trunc
+from kmedtl.models.cbr import cbr_network
+
+log = logging.getLogger("kmedtl.study")
+
+MICRO = ((16, 32, 64, 128), 3)
+
+
+def _cbr_micro(include_top=False, weights=None, input_tensor=None, input_shape=None, **kw):
+    if kw:
+        raise TypeError(f"cbr_micro: unexpected arguments {sorted(kw)}")
+    return cbr_network(MICRO[0], MICRO[1], input_tensor, input_shape, weights, "cbr_micro",
+                       include_top)
+
+
+if "cbr_micro" not in _bb.BACKBONES:
+    _bb.register_backbone(_bb.BackboneSpec(
+        "cbr_micro", _cbr_micro, "unit", 32, _trunc.cbr_cuts, "cbr", pretrained=False,
+        reference="CBR design of Raghu et al. 2019 (arXiv:1902.07208), scaled down by "
+                  "kmedtl.study: channels 16-128, 3x3 kernels"))
+
+
+def recalibrate_batchnorm(model, x, batch_size: int = 256) -> int:
+    """:func:`kmedtl.training.batchnorm.recalibrate_batchnorm` over the cell's training
+    images (the study runs it itself, with the Trainer's own pass turned off, because its
+    staged and pretraining cells train several models per cell)."""
+    from kmedtl.training.batchnorm import recalibrate_batchnorm as _recalibrate
+
+    return _recalibrate(model, x, batch_size=batch_size)
+
+
+def epochs_for(epochs, n) -> int:
+    """``train.epochs`` may be one int or a mapping ``{N: epochs}`` (keys 25, 50, ..., all)."""
+    if isinstance(epochs, dict):
+        table = {str(k): int(v) for k, v in epochs.items()}
+        if str(n) not in table:
+            raise KeyError(f"train.epochs has no entry for N={n}: {sorted(table)}")
+        return table[str(n)]
+    return int(epochs)
+
+
+def train_section_for(recipe: dict, n, seed: int):
+    """The :class:`~kmedtl.training.TrainSection` of a cell: the recipe with the N-specific
+    epoch count and the seed; no TensorBoard, silent."""
+    from kmedtl.training import train_section
+
+    fields = {k: v for k, v in recipe.items() if k not in ("init", "recalibrate_bn")}
+    fields["epochs"] = epochs_for(fields.get("epochs", 10), n)
+    fields.update(seed=int(seed), tensorboard=False, verbose=0, recalibrate_bn=False)
+    return train_section(fields, "study")
+
+
+def _backbone(tc, input_shape, weights):
+    from kmedtl.models import backbone
+
+    return backbone(tc.backbone, weights=weights, cut=tc.cut, input_shape=tuple(input_shape))
+
+
+def train_cell(split, recipe: dict, n, seed: int, *, weights=None, n_folds: int = 2,
+               recalibrate: bool = True) -> dict:
+    """Train one cell; returns ``{"probs", "seconds", "n_train", "epochs", ...}``.
+
+    ``recalibrate``: :func:`recalibrate_batchnorm` on the cell's training images after
+    training (every node model of a staged arm too)."""
+    from kmedtl.models import FlatClassifier, HierarchicalClassifier, hierarchy_targets
+    from kmedtl.training import Trainer
+
+    t0 = time.perf_counter()
+    tc = train_section_for(recipe, n, seed)
+    keras.utils.clear_session(free_memory=True)
+    keras.utils.set_random_seed(int(seed))
+    rows = split.subset(n, seed)
+    x, y = split.x[rows], split.y[rows]
+    h = split.hierarchy
+    shape = split.x.shape[1:]
+    info = {"n_train": int(len(rows)), "epochs": tc.epochs, "model": tc.model,
+            "backbone": tc.backbone, "cut": tc.cut, "strategy": tc.strategy}
+    if tc.model == "staged":
+        from kmedtl.models import StagedHierarchicalClassifier
+        from kmedtl.training import train_section
+
+        node_cfg = train_section(tc, model="flat")
+
+        def fit_fn(model, xs, ys, *, name, fold, indices):
+            Trainer(model, node_cfg).fit((xs, np.asarray(ys)))
+            if recalibrate:
+                recalibrate_batchnorm(model, xs)
+
+        staged = StagedHierarchicalClassifier(
+            h, lambda: _backbone(tc, shape, weights), transfer="hierarchy",
+            dropout=tc.dropout, pooling=tc.pooling, n_folds=n_folds, seed=int(seed),
+            fit_fn=fit_fn)
+        staged.fit(x, y.astype(np.int64))
+        probs = staged.predict_proba(split.x_test)
+        info["n_folds"] = n_folds
+    else:
+        bb = _backbone(tc, shape, weights)
+        if tc.model == "hierarchical":
+            model = HierarchicalClassifier(bb, h, dropout=tc.dropout, pooling=tc.pooling)
+            names = [h.leaves[i] for i in y]
+            targets = hierarchy_targets(h, names)
+        else:
+            model = FlatClassifier(bb, h, dropout=tc.dropout, pooling=tc.pooling)
+            targets = y
+        result = Trainer(model, tc).fit((x, targets))
+        if recalibrate:
+            info["bn_recalibrated"] = recalibrate_batchnorm(model, x)
+        out = model.predict(split.x_test, batch_size=256, verbose=0)
+        probs = out["leaf"] if isinstance(out, dict) else out
+        info["final_train_loss"] = (result.history.get("loss") or [None])[-1]
+        info["jit_compile"] = result.jit_compile
+    info["probs"] = np.asarray(probs, dtype=np.float64)
+    info["seconds"] = round(time.perf_counter() - t0, 2)
+    return info
+
+
+# ---------------------------------------------------------------------------- pretraining
+def _rotations(x: np.ndarray):
+    """Each image in its four 90-degree rotations, labelled 0..3 (RotNet, Gidaris 2018)."""
+    xs = [np.rot90(x, k, axes=(1, 2)) for k in range(4)]
+    return np.concatenate(xs).astype("float32"), np.repeat(np.arange(4), len(x))
+
+
+def pretrain(split, spec, rows: np.ndarray, path, default_backbone: str) -> dict:
+    """Pretrain ``spec.backbone`` on ``split.x[rows]`` and save its weights to ``path``
+    (``.weights.h5``).
+
+    ``simclr``: :class:`kmedtl.models.ContrastivePretrainer` (two augmented views per
+    image, NT-Xent), no labels.  ``rotation``: :func:`kmedtl.models.pretrain_backbone` on
+    "which of four 90-degree rotations is this image", no diagnosis labels.  ``level1``:
+    :func:`~kmedtl.models.pretrain_backbone` on a different, coarser label task of the pool
+    images -- the level-1 node of the hierarchy (normal vs tumour) -- as in same-domain
+    supervised transfer (Romero et al. 2020, Alzubaidi et al. 2020).
+    """
+    from kmedtl.models import ContrastivePretrainer, backbone, pretrain_backbone, save_backbone
+
+    t0 = time.perf_counter()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    keras.utils.clear_session(free_memory=True)
+    keras.utils.set_random_seed(spec.seed)
+    name = spec.backbone or default_backbone
+    bb = backbone(name, input_shape=tuple(split.x.shape[1:]))
+    if spec.max_images and len(rows) > spec.max_images:
+        rows = np.random.default_rng(spec.seed).choice(rows, spec.max_images, replace=False)
+    x = split.x[rows]
+    tmp = path.with_name(f".{path.name}.tmp.weights.h5")
+    if spec.method == "simclr":
+        model = ContrastivePretrainer(bb, temperature=spec.temperature)
+        model.compile(optimizer=keras.optimizers.Adam(spec.learning_rate))
+        hist = model.fit(x, epochs=spec.epochs, batch_size=spec.batch_size, shuffle=True,
+                         verbose=0)
+        recalibrate_batchnorm(bb, x)
+        save_backbone(model, tmp)
+        losses = hist.history.get("loss", [])
+    else:
+        if spec.method == "rotation":
+            xr, yr = _rotations(x)
+            classes = ["r0", "r90", "r180", "r270"]
+        else:  # level1: the coarse task (normal vs tumour) on the pool's own labels
+            h = split.hierarchy
+            xr = x
+            yr = np.asarray(h.level_matrix(1))[split.y[rows]].argmax(1)
+            classes = list(h.levels[0])
+        res = pretrain_backbone(
+            bb, xr, yr, classes=classes, path=tmp,
+            compile_kwargs={"optimizer": keras.optimizers.Adam(spec.learning_rate),
+                            "loss": "sparse_categorical_crossentropy",
+                            "metrics": ["accuracy"]},
+            fit_kwargs={"epochs": spec.epochs, "batch_size": spec.batch_size,
+                        "shuffle": True, "verbose": 0})
+        recalibrate_batchnorm(res.model.backbone, x)
+        save_backbone(res.model, tmp)
+        losses = res.history.history.get("loss", [])
+    tmp.replace(path)
+    return {"method": spec.method, "backbone": name, "n_images": int(len(rows)),
+            "epochs": spec.epochs, "first_loss": losses[0] if losses else None,
+            "last_loss": losses[-1] if losses else None,
+            "seconds": round(time.perf_counter() - t0, 2), "path": str(path)}
