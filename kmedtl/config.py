@@ -217,15 +217,21 @@ def _format_errors(label: str, exc: ValidationError) -> str:
     return "\n".join(lines)
 
 
-def _allowed_fields(loc) -> list[str]:
-    model: type[BaseModel] = Config
+def model_at(root: type[BaseModel], loc) -> type[BaseModel]:
+    """The (sub)model of ``root`` that an error location ``loc`` points into, so an error
+    about an unknown field can list the allowed ones (shared by every typed config)."""
+    model = root
     for part in loc:
         field = model.model_fields.get(str(part))
         if field is None or not isinstance(field.annotation, type) or \
                 not issubclass(field.annotation, BaseModel):
             break
         model = field.annotation
-    return sorted(model.model_fields)
+    return model
+
+
+def _allowed_fields(loc) -> list[str]:
+    return sorted(model_at(Config, loc).model_fields)
 
 
 def dataset_path(name: str) -> Path:

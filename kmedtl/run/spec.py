@@ -262,14 +262,9 @@ def _format(label: str, exc: ValidationError) -> str:
 
 
 def _section(loc) -> type[BaseModel]:
-    model: type[BaseModel] = PipelineSection
-    for part in loc:
-        field = model.model_fields.get(str(part))
-        if field is None or not isinstance(field.annotation, type) or \
-                not issubclass(field.annotation, BaseModel):
-            break
-        model = field.annotation
-    return model
+    from kmedtl.config import model_at
+
+    return model_at(PipelineSection, loc)
 
 
 __all__ = ["DEFAULT_STAGES", "EvaluateSection", "ExportSection", "Pipeline", "PipelineSection",
