@@ -67,21 +67,37 @@ def tiny_images(tmp_path) -> Path:
     return root
 
 
+def _op_determinism_enabled() -> bool:
+    import sys
+
+    if "tensorflow" not in sys.modules:
+        return False
+    from tensorflow.python.framework.config import is_op_determinism_enabled
+
+    return is_op_determinism_enabled()
+
+
+def _restore_op_determinism(before: bool) -> None:
+    if not before and _op_determinism_enabled():
+        # not exported under tf.config.experimental in TF 2.21, only enable_ is
+        from tensorflow.python.framework.config import disable_op_determinism
+
+        disable_op_determinism()
+
+
 @pytest.fixture(autouse=True)
 def _no_leaked_op_determinism():
     """``train.deterministic: true`` switches TensorFlow's op determinism on for the whole
     process (TF has no scoped switch), and Keras then silently turns XLA off.  Undo it after
     the test that asked for it, so later tests see the default."""
-    import sys
-
-    def enabled():
-        if "tensorflow" not in sys.modules:
-            return False
-        from tensorflow.python.framework.config import is_op_determinism_enabled
-
-        return is_op_determinism_enabled()
-
-    before = enabled()
+    before = _op_determinism_enabled()
     yield
-    if not before and enabled():
-        sys.modules["tensorflow"].config.experimental.disable_op_determinism()
+    _restore_op_determinism(before)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _no_leaked_op_determinism_from_module_fixtures():
+    """The same for module-scoped fixtures (set up before any function-scoped fixture)."""
+    before = _op_determinism_enabled()
+    yield
+    _restore_op_determinism(before)

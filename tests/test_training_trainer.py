@@ -181,6 +181,9 @@ class _HostOp(keras.layers.Layer):
 
 
 def test_xla_auto_is_off_on_cpu_on_when_asked_and_falls_back_with_a_warning(caplog):
+    from tensorflow.python.framework.config import is_op_determinism_enabled
+
+    assert not is_op_determinism_enabled(), "an earlier test leaked op determinism"
     x, y = arrays(16)
     # "auto" (the default): no XLA on a CPU-only TensorFlow (it is slower there)
     assert resolve_jit_compile("auto") is False
