@@ -60,6 +60,9 @@ class DataSection(_Strict):
     workers: int | None = Field(default=None, ge=1)
     strict: bool = False
     max_pixels: int = Field(default=500_000_000, ge=1)
+    #: labels found in the data but not in the hierarchy: an error (default) or, only
+    #: when set explicitly, left out with their per-label counts printed
+    unknown_labels: Literal["error", "skip"] = "error"
 
     @field_validator("root", "manifest")
     @classmethod

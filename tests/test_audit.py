@@ -67,7 +67,8 @@ def test_audit_finds_planted_duplicates_in_the_right_keys(planted, tmp_path):
     assert report["summary"] == {
         "duplicate_groups": 3, "duplicate_files": 6, "cross_split_duplicate_groups": 2,
         "near_duplicate_groups": 1, "cross_split_near_duplicate_groups": 1,
-        "label_conflicts": 1, "patients_in_several_splits": 0}
+        "label_conflicts": 1, "patients_in_several_splits": 0, "patients_with_id": 0,
+        "skipped_by_kind": {"corrupt_image": 1}, "ignored_by_kind": {}}
     # What gets written: JSON-able, without the in-memory helpers.
     out = public(report)
     assert "_internal" not in out
@@ -144,7 +145,11 @@ def test_brain_tumor_audit_matches_independent_hashes(datasets_dir, tmp_path):
     options = ImageOptions(size=64)
     index = index_folder(root, brain_tumor_hierarchy(), options)
     counts = index.counts()
-    assert counts == {"read": 3264, "used": 3264, "skipped": 0, "samples": 3264}
+    # every file under the root is read: the dataset's README.md is skipped as documentation
+    assert counts == {"read": 3265, "used": 3264, "skipped": 1, "samples": 3264}
+    assert [(os.path.basename(s.path), s.kind) for s in index.skipped] == [
+        ("README.md", "documentation")]
+    index.check_strict(True)  # documentation never fails strict mode
     per_split = Counter((s.split, s.label) for s in index.samples)
     for folder, split in (("Training", "train"), ("Testing", "test")):
         for label, n in README_COUNTS[folder].items():
@@ -154,12 +159,12 @@ def test_brain_tumor_audit_matches_independent_hashes(datasets_dir, tmp_path):
 
     report = audit(index, options, cache_dir=tmp_path / "cache", workers=2, progress=False)
     c = report["counts"]
-    assert c["read"] == c["used"] + c["skipped"] == 3264
+    assert c["read"] == c["used"] + c["skipped"] == 3265 and c["used"] == 3264
     groups, cross = independent_cross_split_groups(root)
     assert cross, "the README promises duplicates across Training/Testing"
     assert report["cross_split_duplicate_groups"] == cross
     # Every exact group whose files all decoded is found, not only the cross-split ones.
-    skipped = {s["path"] for s in report["skipped"]}
+    skipped = {s["path"] for s in report["skipped"] if s["kind"] != "documentation"}
     assert report["duplicate_groups"] == [
         g for g in groups if len([p for p in g if p not in skipped]) > 1]
     if not skipped:

@@ -282,8 +282,14 @@ def test_files_outside_class_folders_are_counted(tmp_path):
     write_image(root / "stray.png", smooth_image(9))
     (root / "README.md").write_text("about this dataset")
     index = index_folder(root, HIERARCHY, OPTS)
-    assert_reconciles(index.counts(), GOOD_FILES + 1, GOOD_FILES, 1)
-    assert index.skipped[0].kind == "no_label" and index.skipped[0].path.endswith("stray.png")
+    # every file is read: the README is skipped as documentation, not silently dropped
+    assert_reconciles(index.counts(), GOOD_FILES + 2, GOOD_FILES, 2)
+    kinds = {os.path.basename(s.path): s.kind for s in index.skipped}
+    assert kinds == {"stray.png": "no_label", "README.md": "documentation"}
+    # strict mode fails on the stray image only, never on documentation
+    with pytest.raises(StrictModeError, match="1 file") as info:
+        index.check_strict(True)
+    assert "stray.png" in str(info.value) and "README" not in str(info.value)
 
 
 def test_manifest_path_that_does_not_exist(tmp_path):

@@ -71,8 +71,12 @@ def test_nested_series_folder_under_a_class_and_hidden_files(tmp_path):
     write_image(root / "no_tumor" / ".thumbs" / "c.png", smooth_image(3))
     write_image(root / "glioma_tumor" / "d.png", smooth_image(4))
     index = index_folder(root, HIERARCHY, OPTS)
-    assert index.counts() == {"read": 3, "used": 3, "skipped": 0, "samples": 3}
+    # hidden files are read and skipped with their own kinds, never silently dropped
+    assert index.counts() == {"read": 5, "used": 3, "skipped": 2, "samples": 3}
     assert sorted(s.path.rsplit("/", 1)[1] for s in index.samples) == ["a.png", "b.png", "d.png"]
+    assert {s.path.rsplit("/", 1)[1]: s.kind for s in index.skipped} == {
+        ".DS_Store": "ds_store", "c.png": "hidden"}
+    index.check_strict(True)  # metadata is not a data problem: strict mode does not fail
 
 
 # ---------------------------------------------------------------------------- manifests

@@ -13,6 +13,12 @@ The report (a JSON-able dict) has these keys:
   labels.
 - ``patient_overlap``: patients found in more than one split, as salted pseudonyms (a
   fresh random salt per report, so nothing links back to a real ID).
+- ``summary``: group counts, ``skipped_by_kind`` (every skip has a kind) and
+  ``ignored_by_kind`` (the subset that is metadata/hidden/documentation, not data).
+
+An unlabelled index (a folder of files without class folders, e.g. a PACS export) is
+audited the same way without label statistics: ``counts.labelled`` is false and
+``by_class``/``label_conflicts`` are empty.
 """
 
 from __future__ import annotations
@@ -60,13 +66,17 @@ def audit(index: DatasetIndex, options: ImageOptions | None = None, *, splits=No
     label_of = {s.id: s.label for s in used.samples}
     path_of = {s.id: s.path for s in used.samples}
     rel = index.relpath
+    labelled = index.labelled
 
-    by_class = Counter(hierarchy.leaf_of(s.label) if hierarchy else s.label
-                       for s in used.samples)
+    def cls(s):
+        if not labelled:
+            return "unlabelled"
+        return hierarchy.leaf_of(s.label) if hierarchy else s.label
+
+    by_class = Counter(cls(s) for s in used.samples) if labelled else Counter()
     by_split: dict = defaultdict(Counter)
     for s in used.samples:
-        by_split[split_of.get(s.id, "unassigned")][hierarchy.leaf_of(s.label) if hierarchy
-                                                   else s.label] += 1
+        by_split[split_of.get(s.id, "unassigned")][cls(s)] += 1
 
     # Exact duplicates: identical file content (frames of one file are not duplicates).
     by_digest = defaultdict(list)
@@ -93,9 +103,11 @@ def audit(index: DatasetIndex, options: ImageOptions | None = None, *, splits=No
     def as_paths(group):
         return [rel(path_of[x]) + (f"#{x.rsplit('#', 1)[1]}" if "#" in x else "") for x in group]
 
-    conflicts = [as_paths(g) for g in exact + near if len({label_of[x] for x in g}) > 1]
+    conflicts = [as_paths(g) for g in exact + near
+                 if labelled and len({label_of[x] for x in g}) > 1]
     report = {
-        "counts": {**used.counts(), "by_class": dict(sorted(by_class.items())),
+        "counts": {**used.counts(), "labelled": labelled,
+                   "by_class": dict(sorted(by_class.items())),
                    "by_split": {k: dict(sorted(v.items())) for k, v in sorted(by_split.items())}},
         "skipped": [s.to_dict() | {"path": rel(s.path)} for s in used.skipped],
         "duplicate_groups": sorted(as_paths(g) for g in exact),
@@ -115,6 +127,10 @@ def audit(index: DatasetIndex, options: ImageOptions | None = None, *, splits=No
         "cross_split_near_duplicate_groups": len(report["cross_split_near_duplicate_groups"]),
         "label_conflicts": len(report["label_conflicts"]),
         "patients_in_several_splits": report["patient_overlap"]["count"],
+        "patients_with_id": report["patient_overlap"]["patients_with_id"],
+        "skipped_by_kind": dict(Counter(x["kind"] for x in report["skipped"]).most_common()),
+        "ignored_by_kind": dict(Counter(x.kind for x in used.skipped if x.ignored
+                                        ).most_common()),
     }
     # Kept for callers that build leakage-free splits from the same pass (not serialised).
     report["_internal"] = {"digests": digests, "near_pairs": [(ids[a], ids[b]) for a, b in pairs],
@@ -171,18 +187,31 @@ def dicom_patients(index: DatasetIndex) -> dict:
 def format_summary(report: dict) -> str:
     c = report["counts"]
     s = report["summary"]
+    labelled = c.get("labelled", True)
     lines = [
         f"read {c['read']} = used {c['used']} + skipped {c['skipped']}  ({c['samples']} samples)",
-        "by split: " + "; ".join(f"{k}: {sum(v.values())}" for k, v in c["by_split"].items()),
+    ]
+    if labelled:
+        lines.append("by split: " + "; ".join(f"{k}: {sum(v.values())}"
+                                              for k, v in c["by_split"].items()))
+    else:
+        lines.append("unlabelled (no class folders): no label statistics")
+    lines += [
         f"exact duplicate groups: {s['duplicate_groups']} ({s['duplicate_files']} files), "
         f"across splits: {s['cross_split_duplicate_groups']}",
         f"near-duplicate groups: {s['near_duplicate_groups']}, across splits: "
         f"{s['cross_split_near_duplicate_groups']}",
-        f"label conflicts: {s['label_conflicts']}; patients in several splits: "
-        f"{s['patients_in_several_splits']}",
     ]
+    patients = (f"patients with an ID: {s.get('patients_with_id', 0)}; in several splits: "
+                f"{s['patients_in_several_splits']}")
+    lines.append(f"label conflicts: {s['label_conflicts']}; {patients}" if labelled else patients)
     kinds = Counter(x["kind"] for x in report["skipped"])
-    if kinds:
-        lines.append("skipped by reason: " + ", ".join(f"{k} {v}" for k, v in kinds.most_common()))
+    ignored = s.get("ignored_by_kind", {})
+    problems = {k: v for k, v in kinds.items() if k not in ignored}
+    if problems:
+        lines.append("skipped by reason: " + ", ".join(
+            f"{k} {v}" for k, v in sorted(problems.items(), key=lambda kv: (-kv[1], kv[0]))))
+    if ignored:
+        lines.append("skipped, not data (metadata, hidden files, documentation): " + ", ".join(
+            f"{k} {v}" for k, v in ignored.items()))
     return "\n".join(lines)
-

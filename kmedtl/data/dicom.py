@@ -6,18 +6,31 @@ with Pillow as a fallback pydicom chooses itself.  The result is a float32 image
 [0, 1], shaped (H, W, 1) for MONOCHROME data and (H, W, 3) for colour, exactly what a
 radiologist sees on screen with the chosen window.
 
+Enhanced (multi-frame) objects keep rescale, window and pixel spacing in the Shared and
+Per-frame Functional Groups; :func:`apply_functional_groups` brings the decoded frame's
+values to the top level so that pydicom's modality/VOI LUT functions (which read only
+top-level attributes, pydicom issue #2353) see them.  Empty or malformed Modality/VOI LUT
+items fall back to rescale / window / percentiles with the reason in the meta, and lossless
+JPEG frames whose entropy-coded data is damaged are refused (``jpeg_lossless``).
+
 Every failure raises a ``kmedtl.errors.DataError`` subclass with a reason code
-(``kind``), so dataset passes can skip the file and say why.  Nothing here reads or
-returns patient identifiers except :func:`patient_key`, whose value stays in memory
-(used only to group a patient's scans on one side of a split).
+(``kind``), so dataset passes can skip the file and say why.  pydicom's own log records
+(its plugins log full tracebacks) are kept off the console while kmedtl decodes and
+re-logged at DEBUG under ``kmedtl.data.dicom`` (``kmedtl --verbose`` shows them).
+
+Nothing here reads or returns patient identifiers except :func:`patient_key`, whose value
+stays in memory (used only to group a patient's scans on one side of a split).
 
 No TensorFlow import here: this module runs inside cache worker processes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
+import logging
 import os
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from kmedtl.data.options import WINDOW_PRESETS, ImageOptions
-from kmedtl.errors import DicomDecodeError, ImageTooLargeError
+from kmedtl.errors import DataError, DicomDecodeError, ImageTooLargeError
 
 #: pip package that provides a decoder, by transfer syntax family (for error messages).
 _CODEC_PACKAGES = {
@@ -64,6 +77,62 @@ SAFE_FIELDS = (
 
 _IDENTIFYING = ("PatientName", "PatientID", "PatientBirthDate", "OtherPatientIDs")
 
+#: Functional-group macros (PS3.3 C.7.6.16.2) whose attributes the display path reads,
+#: and those attributes: rescale (C.7.6.16.2.9), window / VOI LUT (C.7.6.16.2.10) and
+#: pixel spacing (C.7.6.16.2.1).  Enhanced CT, MR, XA and PET objects store them here.
+FUNCTIONAL_GROUP_MACROS = {
+    "PixelValueTransformationSequence": ("RescaleSlope", "RescaleIntercept", "RescaleType"),
+    "FrameVOILUTSequence": ("WindowCenter", "WindowWidth", "VOILUTFunction",
+                            "WindowCenterWidthExplanation", "VOILUTSequence"),
+    "PixelMeasuresSequence": ("PixelSpacing", "SliceThickness"),
+}
+
+_log = logging.getLogger("kmedtl.data.dicom")
+_local = threading.local()
+_filter_lock = threading.Lock()
+_PYDICOM_LOGGERS = ("pydicom", "pydicom.pixels.decoders.base", "pydicom.pixels.utils",
+                    "pydicom.pixels.encoders.base")
+
+
+class _PydicomToDebug(logging.Filter):
+    """While kmedtl decodes on this thread, pydicom's records (a failing pixel plugin is
+    logged at ERROR with its full traceback) stay off the console: they are re-logged at
+    DEBUG under ``kmedtl.data.dicom`` and kept for the caller.  Other threads and code
+    outside kmedtl's decode see pydicom's logging unchanged."""
+
+    def filter(self, record):
+        records = getattr(_local, "records", None)
+        if records is None:
+            return True
+        records.append(record)
+        _log.debug("pydicom: %s", record.getMessage(), exc_info=record.exc_info)
+        return False
+
+
+@contextlib.contextmanager
+def quiet_pydicom():
+    """pydicom's warnings ignored and its log records sent to DEBUG for the duration: a
+    damaged element warns when first read, which may be long after ``dcmread``."""
+    with warnings.catch_warnings(), pydicom_logs_to_debug():
+        warnings.simplefilter("ignore")
+        yield
+
+
+@contextlib.contextmanager
+def pydicom_logs_to_debug():
+    """Route pydicom's log records on this thread to DEBUG for the duration."""
+    with _filter_lock:
+        for name in _PYDICOM_LOGGERS:
+            logger = logging.getLogger(name)
+            if not any(isinstance(f, _PydicomToDebug) for f in logger.filters):
+                logger.addFilter(_PydicomToDebug())
+    outer = getattr(_local, "records", None)
+    _local.records = [] if outer is None else outer
+    try:
+        yield _local.records
+    finally:
+        _local.records = outer
+
 
 @dataclass
 class DicomImage:
@@ -97,7 +166,7 @@ def read_dataset(source, path_for_errors, *, stop_before_pixels=False):
         if os.path.getsize(source) == 0:
             raise DicomDecodeError(name, "file is empty (0 bytes)", kind="zero_byte")
         fp = source
-    with warnings.catch_warnings(record=True) as caught:
+    with warnings.catch_warnings(record=True) as caught, pydicom_logs_to_debug():
         warnings.simplefilter("always")
         try:
             ds = pydicom.dcmread(fp, stop_before_pixels=stop_before_pixels)
@@ -123,6 +192,15 @@ def read_dataset(source, path_for_errors, *, stop_before_pixels=False):
                 name, f"truncated or corrupt DICOM ({type(exc).__name__}: {_first_line(exc)})",
                 kind="truncated",
             ) from None
+        except MemoryError:
+            raise DicomDecodeError(name, "a header element announces more data than fits in "
+                                   "memory: the file is corrupt", kind="corrupt_header") from None
+        except Exception as exc:  # noqa: BLE001 - pydicom's parser raises its own types too
+            # (BytesLengthException, AttributeError, IndexError, struct.error ...) for a
+            # damaged header; each is one corrupt file, never a crash of the whole pass
+            raise DicomDecodeError(
+                name, f"corrupt DICOM header ({type(exc).__name__}: {_first_line(exc)}); "
+                "re-export the file", kind="corrupt_header") from None
     # pydicom stops quietly at an unexpected end of file (it only warns): remember it, so
     # a dataset that lost its pixel data is reported as truncated, not as "not an image".
     ds.kmedtl_truncated = any("end of file" in str(w.message).lower() or
@@ -168,8 +246,9 @@ def _ensure_transfer_syntax(ds):
 
 def n_frames(ds) -> int:
     try:
-        return max(1, int(ds.get("NumberOfFrames", 1) or 1))
-    except (TypeError, ValueError):
+        with quiet_pydicom():
+            return max(1, int(ds.get("NumberOfFrames", 1) or 1))
+    except Exception:  # noqa: BLE001 - absent, malformed or unreadable: one frame
         return 1
 
 
@@ -200,6 +279,10 @@ def check_pixels_present(ds, name):
             "truncated; re-export or re-download it",
             kind="truncated",
         )
+    if "Image Storage" in sop_name and "Presentation State" not in sop_name:
+        raise DicomDecodeError(
+            name, f"an image object ({sop_name}) without pixel data: the file is probably "
+            "truncated; re-export or re-download it", kind="truncated")
     raise DicomDecodeError(
         name,
         f"no pixel data (Modality {ds.get('Modality', '?')}, {sop_name}): not an image; "
@@ -260,10 +343,29 @@ def decode_dicom(source, options: ImageOptions, *, frame: int | None = None,
     (used when every frame is its own sample).  Raises ``DicomDecodeError`` (or
     ``ImageTooLargeError``) naming the file and the reason.
     """
-    from pydicom.pixels import pixel_array
-
     name = name or (str(source) if isinstance(source, (str, Path)) else "<bytes>")
-    ds = read_dataset(source, name)
+    with pydicom_logs_to_debug():
+        ds = read_dataset(source, name)
+        try:
+            with quiet_pydicom():
+                return _decode_dataset(ds, options, frame, name, summary)
+        except DataError:
+            raise
+        except MemoryError:
+            raise ImageTooLargeError(name, "ran out of memory decoding this image") from None
+        except Exception as exc:  # noqa: BLE001 - pydicom reads elements lazily: a corrupt
+            # value surfaces on first access, as any of ValueError, TypeError, KeyError,
+            # IndexError, struct.error, UnicodeDecodeError, NotImplementedError ...
+            raise DicomDecodeError(
+                name, f"a header element cannot be read ({type(exc).__name__}: "
+                f"{_first_line(exc)}); the file is corrupt: re-export it",
+                kind="corrupt_header") from None
+
+
+def _decode_dataset(ds, options: ImageOptions, frame, name, summary) -> DicomImage:
+    from pydicom.pixels import get_decoder, pixel_array
+    from pydicom.uid import RLELossless
+
     check_pixels_present(ds, name)
     check_dimensions(ds, name, options.max_pixels)
     _ensure_transfer_syntax(ds)
@@ -273,11 +375,21 @@ def decode_dicom(source, options: ImageOptions, *, frame: int | None = None,
     if not 0 <= index < total:
         raise DicomDecodeError(name, f"frame {index} requested but the file has {total}",
                                kind="bad_frame")
+    plugin = {}
+    if ds.file_meta.TransferSyntaxUID == RLELossless and \
+            "pydicom" in get_decoder(RLELossless).available_plugins:
+        # pydicom's own RLE decoder: pylibjpeg-rle (Rust) panics on a damaged segment, and
+        # the panic hook prints to stderr before Python sees the error
+        plugin = {"decoding_plugin": "pydicom"}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            arr = pixel_array(ds, index=index if total > 1 else None, as_rgb=True)
-        except Exception as exc:  # noqa: BLE001 - pydicom raises many types; we classify
+            arr = pixel_array(ds, index=index if total > 1 else None, as_rgb=True, **plugin)
+        except (MemoryError, KeyboardInterrupt, SystemExit, GeneratorExit):
+            raise
+        except BaseException as exc:  # noqa: BLE001 - pydicom and its plugins raise many
+            # types; a Rust codec's panic (pylibjpeg-rle, pyo3 PanicException) is not even
+            # an Exception.  Each is one undecodable frame: classify it.
             text = str(exc)
             kind = "truncated" if "less than expected" in text else "corrupt_pixel_data"
             raise DicomDecodeError(
@@ -286,22 +398,101 @@ def decode_dicom(source, options: ImageOptions, *, frame: int | None = None,
                 f"{_decoder_reason(text)}); the file is corrupt or truncated",
                 kind=kind,
             ) from None
+    _check_lossless_jpeg(ds, arr, index, total, name)
+    groups = apply_functional_groups(ds, index)
     image, window_info = to_display(arr, ds, options, name)
     meta = header_summary(ds) if summary else {"Modality": str(ds.get("Modality", ""))}
     meta.update(window_info)
+    if groups:
+        meta["functional_groups"] = groups
     meta["frame"] = index
     return DicomImage(image=image, meta=meta, n_frames=total)
 
 
+def _check_lossless_jpeg(ds, arr, index, total, name):
+    """Refuse a lossless JPEG frame whose entropy-coded data is damaged (the codec decodes
+    it to garbage without an error; see :mod:`kmedtl.data.jpeg_lossless`)."""
+    from kmedtl.data.jpeg_lossless import LOSSLESS_JPEG_SYNTAXES, check_frame
+
+    if str(ds.file_meta.TransferSyntaxUID) not in LOSSLESS_JPEG_SYNTAXES:
+        return
+    photometric = str(ds.get("PhotometricInterpretation", "")).upper()
+    if photometric.startswith("YBR") or photometric == "PALETTE COLOR" or \
+            arr.dtype.kind not in "iu":
+        return  # colour-converted or looked-up samples are not the stream's samples
+    from pydicom.encaps import get_frame
+    from pydicom.pixels import pixel_array
+
+    try:
+        stream = get_frame(ds.PixelData, index, number_of_frames=total)
+    except Exception:  # noqa: BLE001 - pixel_array already read the frame; nothing to check
+        return
+    problem = check_frame(stream, arr)
+    if problem and int(ds.get("BitsStored", 0) or 0) < int(ds.get("BitsAllocated", 0) or 0):
+        # pydicom masks (or sign-extends) the bits above Bits Stored; a stream whose values
+        # do not fit Bits Stored is a header mismatch, not damage: check the raw samples
+        try:
+            raw = pixel_array(ds, index=index if total > 1 else None,
+                              correct_unused_bits=False)
+        except Exception:  # noqa: BLE001 - it decoded a moment ago
+            return
+        problem = check_frame(stream, raw)
+    if problem:
+        raise DicomDecodeError(
+            name, f"JPEG Lossless pixel data is damaged: {problem}; the codec returned an "
+            "image of garbage without an error; re-export or re-transfer the file",
+            kind="corrupt_pixel_data")
+
+
+def apply_functional_groups(ds, index: int) -> list[str]:
+    """Copy the frame's functional-group values (rescale, window/VOI LUT, pixel spacing)
+    to the top level of ``ds`` (the caller's own dataset), per-frame over shared.
+
+    Written here because pydicom 3.0's ``apply_modality_lut``/``apply_voi_lut`` read only
+    top-level attributes (pydicom issue #2353); with the values flattened they work
+    unchanged for Enhanced CT/MR/XA/PET.  Returns what was applied, e.g.
+    ``["shared PixelValueTransformation", "shared FrameVOILUT"]``; missing, empty or
+    malformed group items are treated as absent (the top-level values, if any, stay).
+    """
+    notes: list[str] = []
+    shared = _item(ds, "SharedFunctionalGroupsSequence", 0)
+    per = _item(ds, "PerFrameFunctionalGroupsSequence", index)
+    if shared is None and per is None:
+        return notes
+    for macro, keys in FUNCTIONAL_GROUP_MACROS.items():
+        for where, group in (("per-frame", per), ("shared", shared)):
+            item = _item(group, macro, 0) if group is not None else None
+            if item is None:
+                continue
+            copied = [k for k in keys if k in item and item[k].value not in (None, "", [])]
+            for k in copied:
+                ds[k] = item[k]
+            if copied:
+                notes.append(f"{where} {macro[:-len('Sequence')]}")
+                break
+    return notes
+
+
+def _item(ds, keyword: str, index: int):
+    """Item ``index`` of sequence ``keyword`` in ``ds``, or None (absent, empty, short)."""
+    try:
+        seq = ds.get(keyword)
+        return seq[index] if seq is not None and len(seq) > index else None
+    except Exception:  # noqa: BLE001 - a malformed sequence is treated as absent
+        return None
+
+
 def _decoder_reason(text: str) -> str:
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    # pydicom lists one line per plugin; keep them short and together.
+    # pydicom lists one line per plugin after a heading; keep them short and together.
+    if len(lines) > 1 and lines[0].endswith(":"):
+        lines = lines[1:]
     return "; ".join(lines[:3])[:300]
 
 
 def to_display(arr: np.ndarray, ds, options: ImageOptions, name: str):
     """Map decoded pixel values to float32 [0, 1] display values, (H, W, C)."""
-    from pydicom.pixels import apply_color_lut, apply_modality_lut
+    from pydicom.pixels import apply_color_lut
 
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     info: dict = {}
@@ -314,6 +505,11 @@ def to_display(arr: np.ndarray, ds, options: ImageOptions, name: str):
                 name, f"PALETTE COLOR lookup table is unusable ({_first_line(exc)})",
                 kind="corrupt_header",
             ) from None
+        if rgb.ndim != arr.ndim + 1 or rgb.shape[-1] != 3:
+            raise DicomDecodeError(
+                name, f"PALETTE COLOR lookup table is unusable (it maps to {rgb.shape[-1]} "
+                "colour channels, not 3: a LUT Data element is empty or damaged)",
+                kind="corrupt_header")
         top = 255.0 if rgb.dtype == np.uint8 else 65535.0
         img = rgb.astype(np.float32) / top
         info["window_source"] = "palette"
@@ -322,8 +518,11 @@ def to_display(arr: np.ndarray, ds, options: ImageOptions, name: str):
         img = arr.astype(np.float32) / float(2**bits - 1)
         info["window_source"] = "colour (full range)"
     else:
-        values = _modality(arr, ds, apply_modality_lut)
-        img, info = _window(values, ds, options)
+        values, note = _modality(arr, ds)
+        if note:
+            info["modality_lut"] = note
+        img, window_info = _window(values, ds, options)
+        info.update(window_info)
         if photometric == "MONOCHROME1":
             img = 1.0 - img
             info["inverted"] = True
@@ -331,26 +530,78 @@ def to_display(arr: np.ndarray, ds, options: ImageOptions, name: str):
     img = np.clip(img, 0.0, 1.0, out=img if img.dtype == np.float32 else None)
     if img.ndim == 2:
         img = img[..., None]
+    if img.ndim != 3 or img.shape[-1] not in (1, 3):
+        raise DicomDecodeError(name, f"decoded to an image of shape {list(img.shape)}, not "
+                               "(rows, columns, 1 or 3): the header does not match the pixel "
+                               "data", kind="corrupt_header")
     return img, info
 
 
-def _modality(arr, ds, apply_modality_lut):
-    """Stored values -> modality values (e.g. HU) as float32.
+def lut_problem(item) -> str | None:
+    """Why a Modality/VOI LUT Sequence item cannot be applied, or None when it can.
+
+    PS3.3 C.11.1 / C.11.2: LUT Descriptor is (entries, first mapped value, bits per entry)
+    with 0 entries meaning 65536, and LUT Data holds that many entries.
+    """
+    if item is None or not len(item):
+        return "its item is empty (no LUT Descriptor, no LUT Data)"
+    desc, data = item.get("LUTDescriptor"), item.get("LUTData")
+    if desc is None or data is None:
+        missing = " and ".join(k for k, v in (("LUT Descriptor", desc), ("LUT Data", data))
+                               if v is None)
+        return f"its item has no {missing}"
+    try:
+        entries, _first, bits = (int(v) for v in desc)
+    except (TypeError, ValueError):
+        return f"LUT Descriptor {desc!r} is not three numbers"
+    entries = entries or 65536
+    if not 1 <= bits <= 16:
+        return f"LUT Descriptor gives {bits} bits per entry (1-16 allowed)"
+    have = len(data) // 2 if isinstance(data, (bytes, bytearray)) else len(data)
+    if have < entries:
+        return f"LUT Data has {have} entries but the descriptor announces {entries}"
+    return None
+
+
+def _modality(arr, ds):
+    """Stored values -> modality values (e.g. HU) as float32, plus a note when a Modality
+    LUT Sequence had to be ignored.
 
     The common Rescale Slope/Intercept case is done in float32 here (pydicom's
-    ``apply_modality_lut`` works in float64, twice the memory traffic); a Modality LUT
-    Sequence goes through pydicom.
+    ``apply_modality_lut`` works in float64, twice the memory traffic); a usable Modality
+    LUT Sequence goes through pydicom.  An empty or malformed one falls back to the rescale
+    (or identity), with the reason in the note, instead of crashing.
     """
+    note = None
     if "ModalityLUTSequence" in ds:
-        return apply_modality_lut(arr, ds).astype(np.float32)
+        from pydicom.pixels import apply_modality_lut
+
+        seq = ds.get("ModalityLUTSequence")
+        problem = lut_problem(seq[0] if seq else None)
+        if problem is None:
+            try:
+                return apply_modality_lut(arr, ds).astype(np.float32), None
+            except Exception as exc:  # noqa: BLE001 - a LUT pydicom cannot apply
+                problem = f"pydicom cannot apply it ({type(exc).__name__}: {_first_line(exc)})"
+        used = ("Rescale Slope/Intercept" if "RescaleSlope" in ds or "RescaleIntercept" in ds
+                else "stored values")
+        note = f"Modality LUT Sequence ignored: {problem}; used {used}"
     values = arr.astype(np.float32)
-    slope = float(ds.get("RescaleSlope", 1) or 1)
-    intercept = float(ds.get("RescaleIntercept", 0) or 0)
+    slope = _number(ds.get("RescaleSlope", 1), 1.0) or 1.0
+    intercept = _number(ds.get("RescaleIntercept", 0), 0.0)
     if slope != 1.0:
         values *= np.float32(slope)
     if intercept != 0.0:
         values += np.float32(intercept)
-    return values
+    return values, note
+
+
+def _number(value, default: float) -> float:
+    try:
+        v = float(value[0] if _is_multi(value) else value)
+    except (TypeError, ValueError, IndexError):
+        return default
+    return v if np.isfinite(v) else default
 
 
 def _fix_big_endian_palette(ds):
@@ -389,17 +640,26 @@ def _window(values: np.ndarray, ds, options: ImageOptions):
             fn = _sigmoid if func == "SIGMOID" else (
                 _linear_exact if func == "LINEAR_EXACT" else _linear)
             return fn(values, c, w), {"window": [c, w], "window_source": f"header {func}"}
+        reason = "no window in header"
         if "VOILUTSequence" in ds:
-            from pydicom.pixels import apply_voi_lut
+            from pydicom.pixels import apply_voi
 
-            # a VOI LUT is indexed by integer modality values
-            out = apply_voi_lut(np.rint(values).astype(np.int32), ds,
-                                prefer_lut=True).astype(np.float32)
-            lo, hi = float(out.min()), float(out.max())
-            return _scale(out, lo, hi), {"window_source": "header VOI LUT"}
+            seq = ds.get("VOILUTSequence")
+            problem = lut_problem(seq[0] if seq else None)
+            if problem is None:
+                try:
+                    # a VOI LUT is indexed by integer modality values
+                    out = apply_voi(np.rint(values).astype(np.int32), ds).astype(np.float32)
+                except Exception as exc:  # noqa: BLE001 - a LUT pydicom cannot apply
+                    problem = (f"pydicom cannot apply it ({type(exc).__name__}: "
+                               f"{_first_line(exc)})")
+                else:
+                    lo, hi = float(out.min()), float(out.max())
+                    return _scale(out, lo, hi), {"window_source": "header VOI LUT"}
+            reason = f"VOI LUT Sequence ignored: {problem}"
         lo, hi = np.percentile(values, options.percentiles)
         return _scale(values, lo, hi), {
-            "window": _cw(lo, hi), "window_source": "percentile (no window in header)"}
+            "window": _cw(lo, hi), "window_source": f"percentile ({reason})"}
     if window == "minmax":
         lo, hi = float(values.min()), float(values.max())
         return _scale(values, lo, hi), {"window": _cw(lo, hi), "window_source": "minmax"}
@@ -460,9 +720,13 @@ def header_summary(ds) -> dict:
     """Header fields safe to show, log or export: never patient identifiers."""
     out = {}
     for key in SAFE_FIELDS:
-        if key not in ds:
+        try:
+            if key not in ds:
+                continue
+            value = ds.get(key)
+        except Exception:  # noqa: BLE001 - a damaged optional field is shown as such
+            out[key] = "(unreadable)"
             continue
-        value = ds.get(key)
         if key == "SOPClassUID":
             value = getattr(value, "name", str(value))
         elif _is_multi(value):
@@ -487,9 +751,14 @@ def _plain(v):
 
 
 def patient_key(ds) -> str | None:
-    """PatientID for grouping splits, kept in memory only (never logged or written)."""
-    pid = ds.get("PatientID")
-    return str(pid) if pid else None
+    """PatientID for grouping splits, kept in memory only (never logged or written).
+    None when absent or unreadable (a damaged element)."""
+    try:
+        with quiet_pydicom():
+            pid = ds.get("PatientID")
+            return str(pid) if pid else None
+    except Exception:  # noqa: BLE001 - a corrupt PatientID groups nothing
+        return None
 
 
 def identifying_values(ds) -> list[str]:

@@ -6,15 +6,21 @@ same samples, the same skips and the same split.
 
 from __future__ import annotations
 
+import logging
+from collections import Counter
 from dataclasses import dataclass
 
 from kmedtl.config import Config
 from kmedtl.data import splits as splitlib
 from kmedtl.data.audit import audit, dicom_patients
 from kmedtl.data.cache import CacheResult, build_cache
+from kmedtl.data.labels import check_labels
 from kmedtl.data.options import ImageOptions
 from kmedtl.data.sources import DatasetIndex, Sample, index_folder, read_manifest
+from kmedtl.errors import DataError
 from kmedtl.hierarchy import Hierarchy
+
+log = logging.getLogger("kmedtl.data")
 
 
 @dataclass
@@ -32,19 +38,53 @@ class Prepared:
         return [by_id[i] for i in getattr(self.splits.folds[fold], part)]
 
 
-def load_index(cfg: Config) -> tuple[DatasetIndex, Hierarchy]:
-    """Index the configured source; without a hierarchy the labels found make a flat one."""
+def load_index(cfg: Config, *, allow_unlabelled: bool = False,
+               unlabelled: bool | None = None) -> tuple[DatasetIndex, Hierarchy | None]:
+    """Index the configured source; without a hierarchy the labels found make a flat one.
+
+    A folder with no class folders is indexed unlabelled (every file a sample with label
+    ``None``); that is only allowed for the audit (``allow_unlabelled``), which then gets
+    ``None`` for the hierarchy (as it does for a single label).  Anything that needs labels
+    gets an error saying so.
+    """
     hierarchy = cfg.hierarchy()
     options = cfg.image_options()
     d = cfg.data
     if d.source == "folder":
-        index = index_folder(d.root, hierarchy, options)
+        index = index_folder(d.root, hierarchy, options, unlabelled=unlabelled)
     else:
         index = read_manifest(d.manifest, hierarchy, options, d.extra_columns)
+    if not index.labelled:
+        if allow_unlabelled:
+            return index, None
+        raise DataError(
+            d.root, "no class folders: the images lie directly in the folder, so they have no "
+            "labels; put them in <root>/<class>/ folders (or list them in a CSV manifest "
+            "with a label column); `kmedtl data audit` audits unlabelled folders",
+            kind="no_labels")
     if hierarchy is None:
-        labels = sorted({s.label for s in index.samples})
+        labels = sorted({s.label for s in index.samples if s.label is not None})
+        if len(labels) < 2 and allow_unlabelled:
+            return index, None  # an audit needs no hierarchy: counts per label still work
+        if len(labels) < 2:
+            where = d.root if d.source == "folder" else d.manifest
+            raise DataError(
+                where, f"found {len(labels)} label(s) {labels}: a classifier needs at least "
+                "two classes (folders <root>/<class>/ or the manifest's label column)",
+                kind="no_labels")
         hierarchy = Hierarchy.flat(labels)
     return index, hierarchy
+
+
+def require_usable(report: dict, where: str) -> None:
+    """Zero usable images is an error naming the skip reasons (never a silent 0)."""
+    c = report["counts"]
+    if c["used"]:
+        return
+    kinds = Counter(s["kind"] for s in report["skipped"])
+    why = ", ".join(f"{k} {v}" for k, v in kinds.most_common()) or "no files found"
+    raise DataError(where, f"no usable images: read {c['read']} = used 0 + skipped "
+                    f"{c['skipped']} ({why}); see the audit's skipped list", kind="no_images")
 
 
 def prepare(cfg: Config, *, workers: int | None = None, progress: bool | None = None) -> Prepared:
@@ -55,7 +95,10 @@ def prepare(cfg: Config, *, workers: int | None = None, progress: bool | None = 
                    progress=progress, near_threshold=cfg.split.near_threshold,
                    hierarchy=hierarchy)
     used: DatasetIndex = report["_internal"]["index"]
+    require_usable(report, cfg.data.root if cfg.data.source == "folder" else cfg.data.manifest)
     used.check_strict(cfg.data.strict)
+    for note in check_labels(used, hierarchy, cfg.data.unknown_labels):
+        log.warning(note)
     cache = None
     if cfg.data.cache_dir:
         cache = build_cache(used, options, cfg.data.cache_dir, workers, progress=False)
@@ -92,3 +135,4 @@ def make_splits(cfg: Config, index: DatasetIndex, hierarchy: Hierarchy, report: 
         raise AssertionError("leaking split: " + "; ".join(problems[:5]))
     out.params["dedupe"] = s.dedupe
     return out
+

@@ -98,7 +98,11 @@ def process(task: Task) -> Result:
     except MemoryError:
         return Result(task.path, task.frame, False, error_kind="too_large",
                       error_reason="ran out of memory decoding this image")
-    except Exception as exc:  # noqa: BLE001 - one unexpected failure must not stop the pass
+    except (KeyboardInterrupt, SystemExit, GeneratorExit):
+        raise
+    except BaseException as exc:  # noqa: BLE001 - one unexpected failure must not stop the
+        # pass (BaseException: a Rust extension's panic is not an Exception and cannot be
+        # pickled back from a worker)
         return Result(task.path, task.frame, False, error_kind="unexpected",
                       error_reason=f"unexpected {type(exc).__name__}: {exc}")
 

@@ -4,6 +4,12 @@ Indexing is cheap (no pixel decoding): it lists entries, maps labels through the
 ``Hierarchy`` and expands multi-frame DICOMs / series folders into one sample per frame
 when asked to.  Every entry it cannot use is recorded in ``DatasetIndex.skipped`` with a
 reason, and ``DatasetIndex.counts()`` reconciles: read = used + skipped.
+
+In a folder tree *every* file under the root is read: operating-system and archive
+metadata (``__MACOSX/``, AppleDouble ``._*`` files, ``.DS_Store``, ``Thumbs.db``), other
+hidden files and documentation beside the data are skipped with their own reason kinds
+(``IGNORED_KINDS``).  They are listed by kind in every summary, never decide whether a
+folder is a class or a split folder, and never fail strict mode.
 """
 
 from __future__ import annotations
@@ -23,6 +29,17 @@ SPLIT_NAMES = {
     "val": "val", "valid": "val", "validation": "val",
     "test": "test", "testing": "test",
 }
+
+#: Skip kinds of files that are not data the user meant: counted in ``read`` and listed by
+#: kind, but never an error under ``strict`` (a macOS zip always carries them).
+IGNORED_KINDS = frozenset({"macosx_folder", "appledouble", "ds_store", "thumbs_db", "hidden",
+                           "documentation"})
+
+_THUMBS = {"thumbs.db": "Windows thumbnail cache", "ehthumbs.db": "Windows thumbnail cache",
+           "desktop.ini": "Windows folder settings"}
+_DOC_SUFFIXES = (".md", ".txt", ".rst", ".pdf", ".html", ".htm", ".csv", ".tsv", ".json",
+                 ".yaml", ".yml", ".xml")
+_DOC_STEMS = ("readme", "license", "licence", "notice", "citation", "changelog")
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".dicom", ".dic",
                   ".ima", "")
@@ -63,13 +80,22 @@ class Skipped:
     kind: str = "data_error"
     stage: str = "index"
     entry: str | None = None
+    label: str | None = None  # the raw label, for ``unknown_label`` skips
 
     @property
     def entry_key(self) -> str:
         return self.entry or self.path
 
+    @property
+    def ignored(self) -> bool:
+        """OS/archive metadata, hidden files, documentation: not a data problem."""
+        return self.kind in IGNORED_KINDS
+
     def to_dict(self) -> dict:
-        return {"path": self.path, "reason": self.reason, "kind": self.kind, "stage": self.stage}
+        d = {"path": self.path, "reason": self.reason, "kind": self.kind, "stage": self.stage}
+        if self.label is not None:
+            d["label"] = self.label
+        return d
 
     @classmethod
     def from_error(cls, err: DataError, stage: str) -> Skipped:
@@ -109,7 +135,7 @@ class DatasetIndex:
         extra = []
         for k in skipped:
             for entry in entries.get(k.path, [k.entry]):
-                extra.append(Skipped(k.path, k.reason, k.kind, k.stage, entry))
+                extra.append(Skipped(k.path, k.reason, k.kind, k.stage, entry, k.label))
         return DatasetIndex(
             samples=[s for s in self.samples if s.path not in bad],
             skipped=self.skipped + extra,
@@ -117,9 +143,18 @@ class DatasetIndex:
             root=self.root,
         )
 
+    def problems(self) -> list[Skipped]:
+        """Skips that are data problems (everything but ``IGNORED_KINDS``)."""
+        return [s for s in self.skipped if not s.ignored]
+
     def check_strict(self, strict: bool):
-        if strict and self.skipped:
-            raise StrictModeError(self.skipped)
+        if strict and self.problems():
+            raise StrictModeError(self.problems())
+
+    @property
+    def labelled(self) -> bool:
+        """False for an unlabelled folder (every sample's label is ``None``)."""
+        return not self.samples or any(s.label is not None for s in self.samples)
 
     def relpath(self, path: str) -> str:
         if self.root:
@@ -133,8 +168,51 @@ class DatasetIndex:
         return Counter(s.label for s in self.samples)
 
 
+def junk_kind(name: str) -> str | None:
+    """The skip kind of a file or folder name that is metadata rather than data, or None.
+
+    ``__MACOSX`` (a macOS zip's resource-fork folder), AppleDouble ``._name`` files,
+    ``.DS_Store``, ``Thumbs.db``/``desktop.ini`` and any other name starting with ``.``.
+    """
+    if name == "__MACOSX":
+        return "macosx_folder"
+    if name.startswith("._"):
+        return "appledouble"
+    if name == ".DS_Store":
+        return "ds_store"
+    if name.lower() in _THUMBS:
+        return "thumbs_db"
+    if name.startswith("."):
+        return "hidden"
+    return None
+
+
+def _junk_reason(kind: str, name: str, folder: str | None = None) -> str:
+    if folder is not None:
+        what = ("inside __MACOSX/, the metadata copy a macOS zip adds; delete that folder"
+                if kind == "macosx_folder" else
+                f"inside the hidden folder {folder!r}; not part of the dataset")
+        return f"{what} (not an image)"
+    return {
+        "appledouble": f"AppleDouble file: macOS metadata for {name[2:]!r}, not an image "
+                       "(unzip with ditto or delete the '._' files)",
+        "ds_store": "macOS folder metadata (.DS_Store), not an image",
+        "thumbs_db": f"{_THUMBS.get(name.lower(), 'Windows metadata')} ({name}), not an image",
+        "hidden": "hidden file (name starts with '.'); rename it if it is an image",
+    }[kind]
+
+
+def _is_documentation(name: str) -> bool:
+    lower = name.lower()
+    return lower.endswith(_DOC_SUFFIXES) or lower.split(".", 1)[0] in _DOC_STEMS
+
+
 def _walk_files(folder: Path, skipped: list[Skipped]) -> list[Path]:
-    """Files under ``folder`` (recursively, sorted), recording folders that cannot be read."""
+    """Files under ``folder`` (recursively, sorted), recording folders that cannot be read.
+
+    Metadata files and everything inside metadata folders (``junk_kind``) are appended to
+    ``skipped`` with their kind instead of being returned, so that each one is counted.
+    """
     out = []
 
     def onerror(exc):
@@ -143,62 +221,128 @@ def _walk_files(folder: Path, skipped: list[Skipped]) -> list[Path]:
                                "check its permissions", "unreadable_folder"))
 
     for dirpath, dirnames, filenames in os.walk(folder, onerror=onerror):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        out.extend(Path(dirpath) / f for f in sorted(filenames) if not f.startswith("."))
+        dirnames.sort()
+        keep = []
+        for d in dirnames:
+            kind = junk_kind(d)
+            if kind is None:
+                keep.append(d)
+            else:  # count its files under the folder's kind
+                _skip_junk_folder(Path(dirpath) / d, kind, skipped)
+        dirnames[:] = keep
+        for f in sorted(filenames):
+            kind = junk_kind(f)
+            if kind is None:
+                out.append(Path(dirpath) / f)
+            else:
+                skipped.append(Skipped(str(Path(dirpath) / f), _junk_reason(kind, f), kind))
     return out
 
 
-def index_folder(root, hierarchy=None, options: ImageOptions | None = None) -> DatasetIndex:
+def _walk_all(folder: Path, skipped: list[Skipped]) -> list[Path]:
+    """Every file under ``folder``, whatever its name (unreadable folders recorded)."""
+    out = []
+
+    def onerror(exc):
+        skipped.append(Skipped(str(exc.filename), f"cannot list folder ({exc.strerror}): "
+                               "check its permissions", "unreadable_folder"))
+
+    for dirpath, dirnames, filenames in os.walk(folder, onerror=onerror):
+        dirnames.sort()
+        out.extend(Path(dirpath) / f for f in sorted(filenames))
+    return out
+
+
+def _skip_junk_folder(folder: Path, kind: str, skipped: list[Skipped]) -> None:
+    """Every file inside a metadata folder (``__MACOSX``, ``.git`` ...), skipped as ``kind``."""
+    for f in _walk_all(folder, skipped):
+        skipped.append(Skipped(str(f), _junk_reason(kind, f.name, folder.name), kind))
+
+
+def _stray_file(p: Path) -> Skipped:
+    """A file directly in the root or a split folder: metadata, documentation or an image
+    without a class folder."""
+    kind = junk_kind(p.name)
+    if kind is not None:
+        return Skipped(str(p), _junk_reason(kind, p.name), kind)
+    if _is_documentation(p.name):
+        return Skipped(str(p), "documentation or metadata beside the data, not an image",
+                       "documentation")
+    return Skipped(str(p), "file is not inside a class folder", "no_label")
+
+
+def index_folder(root, hierarchy=None, options: ImageOptions | None = None, *,
+                 unlabelled: bool | None = None) -> DatasetIndex:
     """Index ``root/<class>/...`` or ``root/<split>/<class>/...`` (split names such as
     ``Training``/``Testing`` are recognised case-insensitively).
 
-    Files below a class folder belong to that class (a series sub-folder is fine).
-    Hidden files and folders (``.name``) are ignored.
+    Files below a class folder belong to that class (a series sub-folder is fine).  Every
+    file under ``root`` is counted in ``read``: metadata (``__MACOSX/``, ``._*``,
+    ``.DS_Store``, ``Thumbs.db``), hidden files and documentation are skipped with their
+    own kinds and never change whether the top folders are read as classes or splits.
+
+    ``unlabelled=True`` makes every (non-metadata) file under ``root`` an unlabelled sample
+    (label ``None``): what ``kmedtl data audit`` does with a PACS export.  The default
+    (``None``) does so when no hierarchy is given and ``root`` holds files but no folders.
     """
     root_path = Path(root)
     if not root_path.is_dir():
         raise DataError(str(root_path), "dataset folder does not exist", kind="missing_folder")
     skipped: list[Skipped] = []
     samples: list[Sample] = []
-    read = 0
     try:
-        top = sorted(p for p in root_path.iterdir() if not p.name.startswith("."))
+        top = sorted(root_path.iterdir())
     except PermissionError:
         raise DataError(str(root_path), "cannot list the dataset folder (permission denied)",
                         kind="unreadable_folder") from None
-    top_dirs = [p for p in top if p.is_dir()]
+    top_dirs = [p for p in top if p.is_dir() and junk_kind(p.name) is None]
+    top_files = [p for p in top if not p.is_dir()]
+    if unlabelled is None:
+        unlabelled = (hierarchy is None and not top_dirs and any(
+            junk_kind(p.name) is None and not _is_documentation(p.name) for p in top_files))
+    for p in top:
+        if p.is_dir() and junk_kind(p.name) is not None:
+            _skip_junk_folder(p, junk_kind(p.name), skipped)
+    if unlabelled:
+        for p in top_files:
+            if junk_kind(p.name) is not None or _is_documentation(p.name):
+                skipped.append(_stray_file(p))
+            else:
+                samples.append(Sample(str(p), None))
+        for d in top_dirs:
+            samples.extend(Sample(str(f), None) for f in _walk_files(d, skipped))
+        read = len(samples) + len(skipped)
+        index = DatasetIndex(samples, skipped, read, root=str(root_path))
+        return _expand_frames(index, options)
     has_splits = bool(top_dirs) and all(p.name.lower() in SPLIT_NAMES for p in top_dirs)
     layers = ([(SPLIT_NAMES[p.name.lower()], p) for p in top_dirs] if has_splits
               else [(None, root_path)])
-    for p in top:
-        if p.is_file() and p.name.lower() not in ("readme.md", "readme.txt", "readme"):
-            read += 1
-            skipped.append(Skipped(str(p), "file is not inside a class folder", "no_label"))
+    for p in top_files:
+        skipped.append(_stray_file(p))
     for split, base in layers:
-        if has_splits:
-            for p in sorted(base.iterdir()):
-                if p.is_file() and not p.name.startswith("."):
-                    read += 1
-                    skipped.append(Skipped(str(p), "file is not inside a class folder", "no_label"))
         try:
-            class_dirs = sorted(p for p in base.iterdir()
-                                if p.is_dir() and not p.name.startswith("."))
+            entries = sorted(base.iterdir())
         except PermissionError:
-            read += 1
             skipped.append(Skipped(str(base), "cannot list folder (permission denied)",
                                    "unreadable_folder"))
             continue
+        if has_splits:
+            for p in entries:
+                if not p.is_dir():
+                    skipped.append(_stray_file(p))
+                elif junk_kind(p.name) is not None:
+                    _skip_junk_folder(p, junk_kind(p.name), skipped)
+        class_dirs = [p for p in entries if p.is_dir() and junk_kind(p.name) is None]
         for class_dir in class_dirs:
             label = class_dir.name
-            before = len(skipped)
             files = _walk_files(class_dir, skipped)
-            read += len(files) + (len(skipped) - before)
             if hierarchy is not None and label not in hierarchy:
                 for f in files:
                     skipped.append(Skipped(str(f), _label_reason(label, hierarchy),
-                                           "unknown_label"))
+                                           "unknown_label", label=label))
                 continue
             samples.extend(Sample(str(f), label, split=split) for f in files)
+    read = len(samples) + len(skipped)
     index = DatasetIndex(samples, skipped, read, root=str(root_path))
     return _expand_frames(index, options)
 
@@ -249,7 +393,7 @@ def read_manifest(path, hierarchy=None, options: ImageOptions | None = None,
             continue
         if hierarchy is not None and label not in hierarchy:
             skipped.append(Skipped(full, _label_reason(label, hierarchy), "unknown_label",
-                                   entry=where))
+                                   entry=where, label=label))
             continue
         if not os.path.exists(full):
             skipped.append(Skipped(full, f"{where}: path in manifest does not exist",
@@ -350,8 +494,9 @@ def series_slices(folder) -> list[str]:
         except DataError:
             continue
         try:
-            inst = int(ds.get("InstanceNumber", 0) or 0)
-        except (TypeError, ValueError):
+            with dicom.quiet_pydicom():
+                inst = int(ds.get("InstanceNumber", 0) or 0)
+        except Exception:  # noqa: BLE001 - missing or damaged: order by file name
             inst = 0
         keyed.append((inst, f))
     if not keyed:

@@ -94,6 +94,10 @@ _UNCOMPRESSED = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.
 _PIXEL_DATA_TAG = (b"\xe0\x7f\x10\x00", b"\x7f\xe0\x00\x10")
 _MODALITY_LUT_SEQ = (b"\x28\x00\x00\x30", b"\x00\x28\x30\x00")
 _VOI_LUT_SEQ = (b"\x28\x00\x10\x30", b"\x00\x28\x30\x10")
+#: Shared / Per-frame Functional Groups Sequence: Enhanced objects keep rescale and window
+#: there (see ``dicom.apply_functional_groups``), out of the op's reach.
+_FUNCTIONAL_GROUPS_SEQ = (b"\x00\x52\x29\x92", b"\x52\x00\x92\x29",
+                          b"\x00\x52\x30\x92", b"\x52\x00\x92\x30")
 
 
 # --------------------------------------------------------------------------- availability
@@ -421,6 +425,11 @@ def _render(pixels: np.ndarray, header: _Header, data: bytes, options: ImageOpti
         return img, {"window_source": "palette"}
     if not mono:
         return dicom.to_display(arr, header, options, name)
+    if _has_sequence(data, _FUNCTIONAL_GROUPS_SEQ):
+        raise DicomDecodeError(
+            name, "an Enhanced (multi-frame) object keeps its rescale and window in the "
+            f"Shared/Per-frame Functional Groups, which tensorflow-io cannot read; "
+            f"{_USE_PYDICOM}", kind="unsupported")
     if _has_sequence(data, _MODALITY_LUT_SEQ):
         # DCMTK applied the modality LUT; its output range is [0, 2**bits - 1] at that
         # depth, so the output *is* the modality value.  Rescale is then ignored by both.

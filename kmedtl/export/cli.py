@@ -10,13 +10,18 @@ exits 0 when every requested format was written and (with verification, the defa
 passed its parity bound, 1 on a parity failure or a push that was not blessed.
 ``kmedtl predict MODEL FILES...`` runs a SavedModel folder, ``.tflite``, ``.onnx`` or
 ``.keras`` on PNG/JPEG/DICOM files; ``kmedtl predict --server URL FILES...`` asks TF
-Serving (``http://HOST:8501/v1/models/NAME`` or ``grpc://HOST:8500/NAME``).
+Serving (``http://HOST:8501/v1/models/NAME`` or ``grpc://HOST:8500/NAME``).  Files are
+read and predicted in batches of ``--batch-size``; a file that cannot be read gets one
+``kmedtl: error: FILE: reason`` line on stderr and the others still run.  Exit code 0 when
+every file was predicted, 1 when some could not be, 2 for a bad model or arguments.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+
+from kmedtl.errors import KmedtlError
 
 
 def _csv(value: str) -> list[str]:
@@ -75,6 +80,8 @@ def add_parsers(subparsers) -> None:
     q.add_argument("--metadata", help="export folder, export.json, SavedModel or run folder "
                                       "giving the preprocessing (needed for DICOM with --server)")
     q.add_argument("--json", action="store_true", help="print JSON instead of text")
+    q.add_argument("--batch-size", type=int, default=32,
+                   help="files decoded and predicted together (32)")
     q.set_defaults(func=cmd_predict)
 
 
@@ -128,29 +135,121 @@ def _metadata(path):
 
 
 def cmd_predict(args) -> int:
+    import sys
+
     from kmedtl.export.errors import ServingError
-    from kmedtl.export.predictors import format_predictions, load_predictor
 
     if args.server:
         from kmedtl.serving.client import ServingClient
 
         files = args.inputs
         info = _metadata(args.metadata) if args.metadata else None
-        out = ServingClient(args.server, info=info).predict_files(files)
+        client = ServingClient(args.server, info=info)
+        check, run = (lambda f: _check_for_server(f, info)), client.predict_files
     else:
         if len(args.inputs) < 2:
             raise ServingError("kmedtl predict MODEL FILES...: give a model and at least one "
                                "file (or --server URL FILES...)")
+        from kmedtl.export.predictors import load_predictor
+
         model, files = args.inputs[0], args.inputs[1:]
         info = _metadata(args.metadata) if args.metadata else None
         predictor = load_predictor(model, info)
         info = predictor.info
-        out = predictor.predict_files(files)
+        check, run = (lambda f: predictor.load_pixels([f])), None
+    size = max(1, int(args.batch_size))
+    rows, failed = [], 0
+    for start in range(0, len(files), size):
+        batch = files[start:start + size]
+        good, pixels, batch_rows = [], [], {}
+        for i, f in enumerate(batch):
+            try:
+                px = check(f)
+            except KmedtlError as exc:  # DataError, ServingError for this one file
+                failed += 1
+                print(f"kmedtl: error: {_one_line(exc, f)}", file=sys.stderr)
+                batch_rows[i] = {"file": str(f), "error": _one_line(exc, f),
+                                 "kind": getattr(exc, "kind", "error")}
+                continue
+            good.append(i)
+            pixels.append(px)
+        if good:
+            if run is not None:
+                out = run([batch[i] for i in good])
+            else:
+                import numpy as np
+
+                out = predictor.predict_pixels(np.concatenate(pixels))
+            for j, i in enumerate(good):
+                batch_rows[i] = {"file": str(batch[i]), **{
+                    k: (v[j].tolist() if hasattr(v[j], "tolist") else v[j])
+                    for k, v in out.items()}}
+        if args.json or info is None:
+            rows.extend(batch_rows[i] for i in range(len(batch)))
+        elif good:
+            print(format_prediction_text([batch[i] for i in good], out, info,
+                                         temperature=info.temperature), flush=True)
     if args.json or info is None:
-        rows = [{k: (v[i].tolist() if hasattr(v[i], "tolist") else v[i]) for k, v in out.items()}
-                for i in range(len(files))]
-        print(json.dumps([{"file": f, **r} for f, r in zip(files, rows)], indent=1,
-                         default=str))
-    else:
-        print(format_predictions(files, out, info))
+        print(json.dumps(rows, indent=1, default=str))
+    if failed:
+        print(f"kmedtl: predicted {len(files) - failed} of {len(files)} file(s); {failed} "
+              "could not be read (see the error lines above)", file=sys.stderr)
+        return 1
     return 0
+
+
+def _one_line(exc, path) -> str:
+    text = " ".join(str(exc).split())
+    return text if str(path) in text else f"{path}: {text}"
+
+
+def _check_for_server(path, info):
+    """Read one file as the serving client will: PNG/JPEG must decode (TF Serving would
+    reject the whole request otherwise), DICOM needs the preprocessing options."""
+    from kmedtl.data import decode
+    from kmedtl.data.options import ImageOptions
+    from kmedtl.export.errors import ServingError
+    from kmedtl.serving.client import is_raster
+
+    data = decode.read_bytes(path)
+    if info is None and not is_raster(data):
+        raise ServingError(f"{path}: not PNG/JPEG, so it is decoded client-side (DICOM) and "
+                           "needs the model's preprocessing options: pass --metadata "
+                           "EXPORT_DIR (its export.json) or the run folder")
+    options = info.options if info is not None else ImageOptions()
+    decode.decode_bytes(data, str(path), options, summary=False)
+
+
+def format_prediction_text(files, out: dict, info, temperature: float = 1.0) -> str:
+    """One block per file that says which numbers are calibrated and which are raw.
+
+    The label is the leaf with the highest raw probability; its *calibrated* probability
+    (temperature scaling fitted on validation data) is the confidence.
+    """
+    import os
+
+    h = info.hierarchy
+    cal = out.get("calibrated")
+    lines = []
+    for i, f in enumerate(files):
+        k = int(out["label_index"][i]) if "label_index" in out else \
+            list(h.leaves).index(str(out["label"][i]))
+        raw = float(out["leaf"][i][k])
+        head = f"{os.fspath(f)}: {out['label'][i]}"
+        if cal is not None:
+            head += (f" (calibrated confidence {float(cal[i][k]):.3f}, temperature "
+                     f"{float(temperature):.3g}; raw probability {raw:.3f})")
+        else:
+            head += f" (raw probability {raw:.3f})"
+        lines.append(head)
+        lines.append("  raw model probabilities:")
+        for lv in range(1, h.depth + 1):
+            probs = out[f"level_{lv}"][i]
+            lines.append(f"    level {lv}: " + ", ".join(
+                f"{n} {p:.3f}" for n, p in zip(h.levels[lv - 1], probs)))
+        lines.append("    leaf:    " + ", ".join(
+            f"{n} {p:.3f}" for n, p in zip(h.leaves, out["leaf"][i])))
+        if cal is not None:
+            lines.append("  calibrated leaf probabilities: " + ", ".join(
+                f"{n} {p:.3f}" for n, p in zip(h.leaves, cal[i])))
+    return "\n".join(lines)
