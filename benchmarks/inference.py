@@ -3,10 +3,13 @@
     python benchmarks/inference.py                 # mobilenetv2 at 96x96x1
     python benchmarks/inference.py --quick         # cbr_small at 64x64x1, few repetitions
     python benchmarks/inference.py --out inference.json --family resnet50 --size 128
+    python benchmarks/inference.py --family efficientnet_lite0 --size 128 \
+        --cuts block4c_add,block5c_add,block6d_add --formats keras,tflite_float32,tflite_int8
 
 For one backbone family (random weights: speed does not depend on their values) the script
 builds a hierarchical classifier (normal vs tumor -> 3 subtypes) over the *full* backbone
-and over the backbone *truncated* at a middle stage cut (TruncatedTL), exports each with
+and over the backbone *truncated* at a middle stage cut, or at each of ``--cuts``
+(TruncatedTL), exports each with
 kmedtl's own exporters (SavedModel ``predict_pixels``, TFLite float32/float16/
 dynamic_int8/int8 with representative random images, ONNX through tf2onnx) and measures
 
@@ -57,8 +60,11 @@ class _Cfg:
     name = "bench"
 
 
-def build(family: str, cut, size: int, out: Path, n_rep: int) -> dict:
-    """Export one model to every format; returns {format: (predictor, size in bytes)}."""
+ALL_FORMATS = ("keras", "savedmodel", *[f"tflite_{v}" for v in VARIANTS], "onnx")
+
+
+def build(family: str, cut, size: int, out: Path, n_rep: int, wanted=ALL_FORMATS) -> dict:
+    """Export one model to the ``wanted`` formats; returns {format: (predictor, bytes)}."""
     keras.utils.set_random_seed(0)
     h = Hierarchy(TREE)
     opts = ImageOptions(size=(size, size), channels=1)
@@ -69,10 +75,15 @@ def build(family: str, cut, size: int, out: Path, n_rep: int) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     model.save(out / "model.keras")
     reps = np.random.default_rng(1).random((n_rep, *opts.shape)).astype("float32")
-    paths = {"keras": out / "model.keras", "savedmodel": write_savedmodel(ctx, out / "sm")}
-    for v, p in convert_all(ctx, out / "tflite", VARIANTS, reps).items():
-        paths[f"tflite_{v}"] = p
-    paths["onnx"] = write_onnx(ctx, out / "model.onnx")
+    paths = {"keras": out / "model.keras"}
+    if "savedmodel" in wanted:
+        paths["savedmodel"] = write_savedmodel(ctx, out / "sm")
+    variants = [v for v in VARIANTS if f"tflite_{v}" in wanted]
+    if variants:
+        for v, p in convert_all(ctx, out / "tflite", variants, reps).items():
+            paths[f"tflite_{v}"] = p
+    if "onnx" in wanted:
+        paths["onnx"] = write_onnx(ctx, out / "model.onnx")
     threads = os.cpu_count()
     formats = {}
     for name, p in paths.items():
@@ -96,7 +107,7 @@ def timed(formats: dict, x: np.ndarray, warmup: int, runs: int) -> dict[str, lis
 
 
 def measure(family: str, cut, label: str, args, tmp: Path) -> list[dict]:
-    formats = build(family, cut, args.size, tmp / label, args.representative)
+    formats = build(family, cut, args.size, tmp / label, args.representative, args.formats)
     rng = np.random.default_rng(0)
     x1 = rng.random((1, args.size, args.size, 1)).astype("float32")
     x32 = rng.random((32, args.size, args.size, 1)).astype("float32")
@@ -124,7 +135,7 @@ def add_ratios(rows):
         r["p50_vs_keras"] = r["p50_ms"] / b["p50_ms"]
         r["throughput_vs_keras"] = r["images_per_s"] / b["images_per_s"]
         r["throughput_vs_full"] = r["images_per_s"] / full[r["format"]]["images_per_s"]
-        if r["format"].startswith("tflite"):
+        if r["format"].startswith("tflite") and r["model"] in f32:
             r["size_vs_tflite_float32"] = r["size_bytes"] / f32[r["model"]]["size_bytes"]
     return rows
 
@@ -150,7 +161,15 @@ def main(argv=None) -> int:
     p.add_argument("--family", help="backbone family (mobilenetv2; quick: cbr_small)")
     p.add_argument("--size", type=int, help="input size (96; quick: 64)")
     p.add_argument("--cut", help="truncation cut (default: the middle stage cut)")
+    p.add_argument("--cuts", help="comma-separated cuts, each measured against the full model")
+    p.add_argument("--formats", default=",".join(ALL_FORMATS),
+                   help=f"comma-separated subset of {','.join(ALL_FORMATS)} (keras is always "
+                        "measured: it is the baseline)")
     args = p.parse_args(argv)
+    args.formats = tuple(dict.fromkeys(["keras", *args.formats.split(",")]))
+    unknown = set(args.formats) - set(ALL_FORMATS)
+    if unknown:
+        p.error(f"--formats: unknown {sorted(unknown)}; choose from {list(ALL_FORMATS)}")
     args.family = args.family or ("cbr_small" if args.quick else "mobilenetv2")
     args.size = args.size or (64 if args.quick else 96)
     args.warmup, args.runs, args.runs_b32 = (2, 20, 3) if args.quick else (5, 100, 10)
@@ -158,26 +177,32 @@ def main(argv=None) -> int:
     stages = [c.name for c in cut_points(args.family, input_shape=(args.size, args.size, 1))
               if c.kind == "stage"]
     cut = args.cut or stages[len(stages) // 2 - 1]
+    cuts = args.cuts.split(",") if args.cuts else [cut]
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="kmedtl-bench-") as tmp:
         rows = measure(args.family, None, "full", args, Path(tmp))
-        rows += measure(args.family, cut, "truncated", args, Path(tmp))
+        for c in cuts:
+            rows += measure(args.family, c, c if args.cuts else "truncated", args, Path(tmp))
     add_ratios(rows)
-    print(f"{args.family} at {args.size}x{args.size}x1, truncated at {cut!r}; "
+    print(f"{args.family} at {args.size}x{args.size}x1, truncated at {cuts}; "
           f"{os.cpu_count()} CPUs\n")
     print(markdown(rows))
     by = {(r["model"], r["format"]): r for r in rows}
+    first = cuts[0] if args.cuts else "truncated"
     targets = {
-        "int8_size_vs_float32": by[("full", "tflite_int8")]["size_vs_tflite_float32"],
-        "truncated_vs_full_images_per_s_keras": by[("truncated", "keras")]["throughput_vs_full"],
+        "int8_size_vs_float32": by.get(("full", "tflite_int8"), {}).get(
+            "size_vs_tflite_float32"),
+        "truncated_vs_full_images_per_s_keras": by[(first, "keras")]["throughput_vs_full"],
     }
-    print(f"\nint8 / float32 TFLite size: {targets['int8_size_vs_float32']:.2f} (target <= 0.30)"
-          f"; truncated / full images/s (Keras): "
+    if targets["int8_size_vs_float32"] is not None:
+        print(f"\nint8 / float32 TFLite size: {targets['int8_size_vs_float32']:.2f} "
+              "(target <= 0.30)")
+    print(f"truncated ({first}) / full images/s (Keras): "
           f"{targets['truncated_vs_full_images_per_s_keras']:.2f} (target >= 1.5)")
     env = {"keras": keras.__version__, "python": platform.python_version(),
            "machine": platform.machine(), "cpu_count": os.cpu_count(),
            "load_before": load_before, "load_after": os.getloadavg(), "quick": args.quick,
-           "family": args.family, "size": args.size, "cut": cut,
+           "family": args.family, "size": args.size, "cuts": cuts,
            "repetitions": {"b1": [args.warmup, args.runs], "b32": [1, args.runs_b32]}}
     args.out.write_text(json.dumps({"env": env, "targets": targets, "rows": rows}, indent=1))
     return 0

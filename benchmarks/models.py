@@ -2,10 +2,12 @@
 
     python benchmarks/models.py --out results.json           # default repetitions
     python benchmarks/models.py --out results.json --quick   # fewer repetitions
+    python benchmarks/models.py --quick --families efficientnet_lite0 --size 128
 
-For ResNet50 and DenseNet121 at 224x224x3 (random weights; speed does not depend on their
-values) the script builds the full backbone (``include_top=False``, kmedtl's in-model
-preprocessing included) and the backbone truncated at each *stage* cut point
+For ResNet50, DenseNet121 and EfficientNet-Lite0 at 224x224x3 (or ``--size``; random
+weights: speed does not depend on their values) the script builds the full backbone
+(``include_top=False``, kmedtl's in-model preprocessing included) and the backbone
+truncated at each *stage* cut point
 (:func:`kmedtl.models.cut_points` with ``kind == "stage"``), and measures
 
 * parameters (``count_params``),
@@ -13,8 +15,9 @@ preprocessing included) and the backbone truncated at each *stage* cut point
   (:func:`kmedtl.models.count_flops`: 2 x multiply-accumulates of Conv/Dense layers; the
   TensorFlow profiler would tie the package to TF and add nothing for these networks),
 * latency of ``model.predict_on_batch`` (Keras' compiled predict step) at batch 1 and
-  32: the median of several timed calls after untimed warm-up calls; the models of a
-  family are timed round-robin so that other load on the machine hits them alike.
+  32 (and images/s = 32 / batch-32 latency): the median of several timed calls after
+  untimed warm-up calls; the models of a family are timed round-robin so that other load
+  on the machine hits them alike.
 
 Every number is also given as a ratio to the full model of the same family, measured in
 the same run, so the table is comparable across machines.  The Markdown table goes to
@@ -42,8 +45,8 @@ import numpy as np  # noqa: E402
 
 from kmedtl.models import backbone, count_flops, cut_points  # noqa: E402
 
-FAMILIES = ("resnet50", "densenet121")
-SIZE = 224
+FAMILIES = ("resnet50", "densenet121", "efficientnet_lite0")
+SIZE = 224  # --size changes it
 
 
 def latencies_ms(models, batch: int, warmup: int, runs: int) -> list[float]:
@@ -79,6 +82,7 @@ def measure_family(family: str, args) -> list[dict]:
             "flops": int(count_flops(model)),
             "latency_b1_ms": t1,
             "latency_b32_ms": t32,
+            "images_per_s": 32000.0 / t32,
         })
         print(f"  {family:12s} {rows[-1]['cut']:18s} b1 {t1:7.1f} ms  b32 {t32:8.0f} ms",
               file=sys.stderr, flush=True)
@@ -91,22 +95,23 @@ def add_ratios(rows):
     full = {r["family"]: r for r in rows if r["cut"] == "(full)"}
     for r in rows:
         f = full[r["family"]]
-        for key in ("params", "flops", "latency_b1_ms", "latency_b32_ms"):
+        for key in ("params", "flops", "latency_b1_ms", "latency_b32_ms", "images_per_s"):
             r[f"{key}_ratio"] = r[key] / f[key] if f[key] else float("nan")
     return rows
 
 
 def markdown(rows) -> str:
     head = ("| backbone | cut | output | params (M) | ratio | GFLOPs | ratio "
-            "| b1 ms | ratio | b32 ms | ratio |")
-    lines = [head, "|" + "---|" * 11]
+            "| b1 ms | ratio | b32 ms | ratio | img/s | ratio |")
+    lines = [head, "|" + "---|" * 13]
     for r in rows:
         lines.append(
             f"| {r['family']} | {r['cut']} | {'x'.join(map(str, r['output_shape']))} "
             f"| {r['params'] / 1e6:.2f} | {r['params_ratio']:.2f} "
             f"| {r['flops'] / 1e9:.2f} | {r['flops_ratio']:.2f} "
             f"| {r['latency_b1_ms']:.1f} | {r['latency_b1_ms_ratio']:.2f} "
-            f"| {r['latency_b32_ms']:.0f} | {r['latency_b32_ms_ratio']:.2f} |"
+            f"| {r['latency_b32_ms']:.0f} | {r['latency_b32_ms_ratio']:.2f} "
+            f"| {r['images_per_s']:.0f} | {r['images_per_s_ratio']:.2f} |"
         )
     return "\n".join(lines)
 
@@ -116,7 +121,10 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=Path("benchmark_models.json"))
     p.add_argument("--quick", action="store_true", help="fewer repetitions (smoke run)")
     p.add_argument("--families", nargs="+", default=list(FAMILIES))
+    p.add_argument("--size", type=int, default=224, help="input size (224)")
     args = p.parse_args(argv)
+    global SIZE
+    SIZE = args.size
     args.warmup, args.runs = (1, 3) if args.quick else (3, 15)
     args.warmup_b32, args.runs_b32 = (1, 2) if args.quick else (2, 5)
 

@@ -314,6 +314,9 @@ def build_parser(argv=None) -> argparse.ArgumentParser:
     if argv is None or needs_stage_parsers(argv):
         for module in STAGE_PARSERS:
             importlib.import_module(module).add_parsers(sub)
+    from kmedtl.pretrained.cli import add_parsers as add_weights_parsers
+
+    add_weights_parsers(sub)
     return p
 
 

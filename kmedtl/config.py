@@ -82,6 +82,10 @@ class SplitSection(_Strict):
     dedupe: Literal["none", "exact", "near"] = "near"
     near_threshold: int = Field(default=2, ge=0, le=32)
     n_per_class: int | None = Field(default=None, ge=1)
+    # Reuse a split file (``kmedtl data split``, or a run's ``data/splits.json``) instead of
+    # making one, e.g. to compare two models on the same test cases.  Relative to the
+    # config file's folder.  Checked against this run's data and leakage groups.
+    file: str | None = None
 
 
 class AugmentSection(_Strict):
@@ -180,6 +184,8 @@ def load_config(source: str | Path | dict, base_dir: str | Path | None = None) -
                 setattr(d, field, os.path.normpath(os.path.join(base_dir, v)))
         if isinstance(d.hierarchy, str) and not os.path.isabs(d.hierarchy):
             d.hierarchy = os.path.normpath(os.path.join(base_dir, d.hierarchy))
+        if cfg.split.file and not os.path.isabs(cfg.split.file):
+            cfg.split.file = os.path.normpath(os.path.join(base_dir, cfg.split.file))
     _check_source(cfg, label)
     return cfg
 

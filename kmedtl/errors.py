@@ -98,3 +98,11 @@ class StrictModeError(KmedtlError):
 class ModelError(KmedtlError, ValueError):
     """A model cannot be built or loaded as asked (unknown backbone family or cut point,
     incompatible weight file, ...); the message names the argument and the allowed values."""
+
+
+class WeightsError(ModelError):
+    """Pretrained weights cannot be found, read or trusted.
+
+    The message names the file (or the file Keras wanted), where kmedtl looks for it, and
+    the command that fixes it (``kmedtl weights import FILE --for BACKBONE``).
+    """

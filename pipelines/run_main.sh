@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 VENV=${KMEDTL_VENV:-.venv}
 [ -x "$VENV/bin/python" ] || "${PYTHON:-python3}" -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --upgrade pip
-"$VENV/bin/python" -m pip install -q -e ".[export]"
+"$VENV/bin/python" -m pip install -q -e ".[export,weights]"
 export KMEDTL_DATASETS=${KMEDTL_DATASETS:-$(cd .. && pwd)/shared/datasets}
 export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-2}
 "$VENV/bin/kmedtl" run pipelines/brain_tumor_hierarchical.yaml "$@"

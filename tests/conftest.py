@@ -12,6 +12,11 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+# Converted pretrained weights go to a per-session cache, never the user's ~/.cache/kmedtl.
+if not os.environ.get("KMEDTL_HOME"):
+    import tempfile
+
+    os.environ["KMEDTL_HOME"] = tempfile.mkdtemp(prefix="kmedtl-home-")
 
 from pathlib import Path  # noqa: E402
 

@@ -9,7 +9,6 @@ import os
 
 import numpy as np
 import pytest
-from test_training_helpers import TINY
 
 from kmedtl.run import run_pipeline
 from kmedtl.run.make_dicom_demo import SC_SOP_CLASS, make_dicom_demo
@@ -21,8 +20,8 @@ N = 4 * PATIENTS_PER_CLASS * IMAGES_PER_PATIENT
 
 def overrides(tmp):
     return {"data": {"image": {"size": 32}, "cache_dir": str(tmp / "cache"), "workers": 1},
-            "train": {"backbone": TINY, "epochs": 2, "batch_size": 8, "verbose": 0,
-                      "tensorboard": False},
+            # the shipped backbone (ImageNet EfficientNet-Lite0), smoke-sized
+            "train": {"epochs": 2, "batch_size": 8, "verbose": 0, "tensorboard": False},
             "output_dir": str(tmp / "runs"),
             "pipeline": {"evaluate": {"n_boot": 50, "n_gradcam": 2, "n_examples": 2},
                          "export": {"formats": ["savedmodel", "tflite"],

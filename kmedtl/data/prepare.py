@@ -7,6 +7,7 @@ same samples, the same skips and the same split.
 from __future__ import annotations
 
 import logging
+import os
 from collections import Counter
 from dataclasses import dataclass
 
@@ -17,7 +18,7 @@ from kmedtl.data.cache import CacheResult, build_cache
 from kmedtl.data.labels import check_labels
 from kmedtl.data.options import ImageOptions
 from kmedtl.data.sources import DatasetIndex, Sample, index_folder, read_manifest
-from kmedtl.errors import DataError
+from kmedtl.errors import ConfigError, DataError
 from kmedtl.hierarchy import Hierarchy
 
 log = logging.getLogger("kmedtl.data")
@@ -115,7 +116,9 @@ def make_splits(cfg: Config, index: DatasetIndex, hierarchy: Hierarchy, report: 
     digests = report["_internal"]["digests"] if s.dedupe != "none" else None
     near = report["_internal"]["near_pairs"] if s.dedupe == "near" else ()
     groups = splitlib.leakage_groups(ids, patients, digests, near)
-    if s.method == "source":
+    if s.file:
+        out = _split_from_file(s.file, index, ids)
+    elif s.method == "source":
         out = splitlib.source_split(ids, labels, groups, [x.split for x in index.samples],
                                     s.val, s.seed)
     elif s.method == "holdout":
@@ -131,8 +134,30 @@ def make_splits(cfg: Config, index: DatasetIndex, hierarchy: Hierarchy, report: 
                                                    s.n_per_class, s.seed)
         out.params["n_per_class"] = s.n_per_class
     problems = splitlib.check_no_leak(out, dict(zip(ids, groups.tolist())))
+    if problems and s.file:
+        raise ConfigError(f"split.file: {s.file} leaks under this run's leakage groups "
+                          f"(split.dedupe {s.dedupe}, near_threshold {s.near_threshold}, "
+                          f"image size {cfg.data.image.size}): {'; '.join(problems[:3])}; "
+                          "make the split with this run's settings instead")
     if problems:  # a bug, never a data problem: refuse to hand out a leaking split
         raise AssertionError("leaking split: " + "; ".join(problems[:5]))
     out.params["dedupe"] = s.dedupe
     return out
 
+
+def _split_from_file(path, index: DatasetIndex, ids: list[str]):
+    """A split file made elsewhere, mapped onto this index (ids relative to its root)."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"split.file: {path}: file not found")
+    out = splitlib.Splits.load(path, root=index.root)
+    known = set(ids)
+    for k, fold in enumerate(out.folds):
+        for part in ("train", "val", "test"):
+            missing = [i for i in getattr(fold, part) if i not in known]
+            if missing:
+                raise ConfigError(
+                    f"split.file: {path}: fold {k} {part} names {len(missing)} sample(s) this "
+                    f"run does not use, e.g. {os.path.relpath(missing[0], index.root or '.')}; "
+                    "was it made from the same data (and the same skipped files)?")
+    out.params = {**out.params, "file": os.path.basename(path)}
+    return out

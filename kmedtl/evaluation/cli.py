@@ -45,6 +45,9 @@ def add_parsers(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--examples", type=int, default=12,
                    help="misclassified test images shown in the report (12)")
     p.set_defaults(func=cmd_evaluate)
+    from kmedtl.evaluation.compare import add_parsers as add_compare_parsers
+
+    add_compare_parsers(subparsers)
     return p
 
 

@@ -448,6 +448,10 @@ def evaluate_run(run_dir, *, test: str | None = None, out=None, fold: int | None
                                   if k in ("read", "used", "skipped", "samples")}},
         **{k: v for k, v in metrics.items() if k not in ("kind", "version")},
     }
+    root = index.root if index is not None and test is None else (
+        test if test and os.path.isdir(test) else None)
+    write_predictions(out_dir / PREDICTIONS_FILE, pt, hierarchy, root)
+    artefacts["predictions"] = PREDICTIONS_FILE
     artefacts["metrics"] = "metrics.json"
     artefacts["report"] = "report.html"
     artefacts["model_card"] = ["model_card.md", "model_card.json"]
@@ -483,6 +487,28 @@ def evaluate_run(run_dir, *, test: str | None = None, out=None, fold: int | None
                  label_tree=label_tree_text(hierarchy))
     write_json(out_dir / "metrics.json", doc)
     return doc
+
+
+PREDICTIONS_FILE = "predictions.csv"
+
+
+def write_predictions(path, pred: Predictions, hierarchy, root=None) -> Path:
+    """Per test case: ``id`` (relative to the data root), ``frame``, ``true``, ``pred`` and
+    one ``p_<leaf>`` column per leaf.  What :func:`kmedtl.evaluation.compare.compare_runs`
+    pairs two models on."""
+    import csv
+
+    path = Path(path)
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["id", "frame", "true", "pred"] + [f"p_{c}" for c in hierarchy.leaves])
+        for s, y, p in zip(pred.samples, pred.y, pred.leaf_probs):
+            name = os.path.relpath(s.path, root) if root else s.path
+            w.writerow([name, "" if s.frame is None else s.frame, hierarchy.leaves[int(y)],
+                        hierarchy.leaves[int(np.argmax(p))]] + [f"{v:.6g}" for v in p])
+    os.replace(tmp, path)
+    return path
 
 
 def _read_json(path: Path):

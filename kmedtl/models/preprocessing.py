@@ -22,6 +22,7 @@ Modes (the same names as ``keras.applications.imagenet_utils.preprocess_input``)
 ``torch``  subtract the ImageNet RGB mean and divide by its std (DenseNet)
 ``none``   scale to 0-255; the keras model rescales itself (EfficientNet, ConvNeXt, ...)
 ``unit``   leave ``[0, 1]`` as it is (kmedtl's from-scratch CBR / parallel ResNet)
+``lite``   ``(255 x - 127) / 128``, the TFLite uint8 convention (EfficientNet-Lite)
 ========  ===================================================================
 
 One-channel (grey) input uses the channel-average of the constants (``caffe``: subtract
@@ -46,7 +47,7 @@ from keras import ops
 
 from kmedtl.errors import ModelError
 
-PREPROCESSING_MODES = ("caffe", "tf", "torch", "none", "unit")
+PREPROCESSING_MODES = ("caffe", "tf", "torch", "none", "unit", "lite")
 
 _IMAGENET_RGB_MEAN = np.array([0.485, 0.456, 0.406])
 _IMAGENET_RGB_STD = np.array([0.229, 0.224, 0.225])
@@ -65,8 +66,9 @@ def check_mode(mode: str, argument: str = "preprocessing") -> str:
 def affine_constants(mode: str, channels: int) -> tuple[np.ndarray, np.ndarray, bool]:
     """``(scale, offset, flip)`` such that ``out = flip(x) * scale + offset`` per channel."""
     check_mode(mode)
-    if mode in ("unit", "none", "tf"):
-        scale, offset = {"unit": (1.0, 0.0), "none": (255.0, 0.0), "tf": (2.0, -1.0)}[mode]
+    if mode in ("unit", "none", "tf", "lite"):
+        scale, offset = {"unit": (1.0, 0.0), "none": (255.0, 0.0), "tf": (2.0, -1.0),
+                         "lite": (255.0 / 128.0, -127.0 / 128.0)}[mode]
         return np.full(channels, scale), np.full(channels, offset), False
     if channels not in (1, 3):
         raise ModelError(
@@ -88,7 +90,7 @@ class ImagePreprocessing(keras.layers.Layer):
     """Map images in ``[0, 1]`` to the input a backbone family expects.
 
     Args:
-        mode: one of ``"caffe"``, ``"tf"``, ``"torch"``, ``"none"``, ``"unit"``.
+        mode: one of ``"caffe"``, ``"tf"``, ``"torch"``, ``"none"``, ``"unit"``, ``"lite"``.
 
     Pure ``keras.ops``; no weights, so it never disturbs weight loading.
     """

@@ -9,7 +9,8 @@ Parts, each usable alone
 ------------------------
 - :class:`Trainer` / :func:`fine_tune` -- the fit loop (:mod:`~kmedtl.training.trainer`);
 - :class:`TrainSection` / :func:`train_section` -- the typed ``train:`` config;
-- freezing: :func:`freeze_backbone`, :func:`freeze_below`, :func:`freeze_first`,
+- freezing: :func:`freeze_backbone`, :func:`freeze_batchnorm`, :func:`freeze_below`,
+  :func:`freeze_first`,
   :func:`unfreeze_all`, :func:`layer_groups`, :func:`group_multipliers`,
   :func:`plan_phases`;
 - :class:`DiscriminativeOptimizer` -- per-group LR multipliers around any optimizer;
@@ -96,6 +97,7 @@ from kmedtl.training.freezing import (
     LayerGroup,
     Phase,
     freeze_backbone,
+    freeze_batchnorm,
     freeze_below,
     freeze_first,
     group_multipliers,
@@ -156,6 +158,7 @@ __all__ = [
     "build_model",
     "fine_tune",
     "freeze_backbone",
+    "freeze_batchnorm",
     "freeze_below",
     "freeze_first",
     "group_multipliers",

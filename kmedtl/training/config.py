@@ -156,6 +156,7 @@ class TrainSection(_Strict):
 
     label_smoothing: float = Field(default=0.0, ge=0.0, lt=1.0)
     recalibrate_bn: bool = True  # BatchNorm statistics re-averaged after training
+    freeze_bn: bool = False  # backbone BatchNorm kept in inference mode while fine-tuning
     leaf_loss_weight: float = Field(default=0.0, ge=0.0)  # hierarchical: extra leaf loss
     monitor: str = "loss"
     monitor_mode: Literal["auto", "min", "max"] = "auto"

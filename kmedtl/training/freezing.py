@@ -203,6 +203,19 @@ def freeze_backbone(model) -> None:
             layer.trainable = False
 
 
+def freeze_batchnorm(model) -> int:
+    """``train.freeze_bn``: keep every BatchNormalization layer of the backbone in inference
+    mode (its pretrained statistics and affine weights fixed) while the convolutions train,
+    as the Keras fine-tuning guide recommends for pretrained EfficientNets; returns how
+    many layers were frozen.  Such layers are also left alone by ``recalibrate_bn``."""
+    n = 0
+    for layer in backbone_layers(model):
+        if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable:
+            layer.trainable = False
+            n += 1
+    return n
+
+
 def freeze_below(model, cut: str) -> list:
     """Freeze the backbone up to and including ``cut`` (a named cut or layer name);
     returns the frozen layers."""

@@ -61,6 +61,7 @@ from kmedtl.training.batchnorm import recalibrate_batchnorm
 from kmedtl.training.config import TrainSection, train_section
 from kmedtl.training.distribute import strategy_scope
 from kmedtl.training.freezing import (
+    freeze_batchnorm,
     group_multipliers,
     layer_groups,
     phase_multipliers,
@@ -281,6 +282,8 @@ class Trainer:
             if phase.index < completed:
                 continue
             phase.apply(self.model)
+            if cfg.freeze_bn:
+                freeze_batchnorm(self.model)
             if phase.restart_schedule:
                 peak = cfg.learning_rate if phase.index == 0 else cfg.learning_rate / 2
                 lr = make_schedule(cfg, peak, phase.epochs * steps, steps)

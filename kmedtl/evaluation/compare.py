@@ -1,0 +1,140 @@
+"""``kmedtl compare RUN_A RUN_B``: a paired comparison of two evaluated runs.
+
+Both runs must have been evaluated on the *same* test cases (``predictions.csv``, written
+by ``kmedtl evaluate``): give the second run the first run's split with
+``split.file: <run A>/data/splits.json`` (see ``pipelines/brain_tumor_scratch.yaml``).
+Cases are matched by id; any difference in the case sets is an error, never silently
+intersected, because a comparison on different cases is not paired.
+
+Reports, for A minus B: the difference of a metric (balanced accuracy by default) with a
+percentile-bootstrap CI over the same resampled cases, and McNemar's test on per-case
+correctness (:func:`kmedtl.evaluation.uncertainty.compare_models`).
+
+Example::
+
+    >>> res = compare_runs("runs/lite0", "runs/scratch")   # doctest: +SKIP
+    >>> res["difference"]["value"] > 0                    # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import numpy as np
+
+from kmedtl.errors import ConfigError
+from kmedtl.evaluation.run import PREDICTIONS_FILE
+
+METRICS = ("balanced_accuracy", "accuracy", "f1_macro", "kappa")
+
+
+def read_predictions(run_dir) -> tuple[list[str], list[str], np.ndarray, list[str]]:
+    """``(case ids, leaf names, probabilities, true labels)`` from ``predictions.csv``."""
+    path = Path(run_dir) / PREDICTIONS_FILE
+    if not path.is_file():
+        raise ConfigError(f"{path}: not found; run `kmedtl evaluate {run_dir}` first")
+    with open(path, newline="") as fh:
+        rows = list(csv.reader(fh))
+    head, body = rows[0], rows[1:]
+    if head[:4] != ["id", "frame", "true", "pred"] or not body:
+        raise ConfigError(f"{path}: not a kmedtl predictions file (or no cases)")
+    leaves = [h[2:] for h in head[4:]]
+    ids = [f"{r[0]}#{r[1]}" if r[1] else r[0] for r in body]
+    true = [r[2] for r in body]
+    probs = np.array([[float(v) for v in r[4:]] for r in body], np.float64)
+    return ids, leaves, probs, true
+
+
+def _metric(name):
+    from sklearn import metrics as skm
+
+    fns = {"balanced_accuracy": skm.balanced_accuracy_score, "accuracy": skm.accuracy_score,
+           "f1_macro": lambda y, p: skm.f1_score(y, p, average="macro"),
+           "kappa": skm.cohen_kappa_score}
+    if name not in fns:
+        raise ConfigError(f"compare: --metric {name!r} is not one of {list(METRICS)}")
+    fn = fns[name]
+    return lambda y, p: float(fn(y, p.argmax(1) if p.ndim == 2 else p))
+
+
+def compare_runs(run_a, run_b, metric: str = "balanced_accuracy", n_boot: int = 2000,
+                 alpha: float = 0.05, seed: int = 0) -> dict:
+    """Paired comparison of two evaluated runs (A minus B) on their common test cases."""
+    from kmedtl.evaluation.uncertainty import compare_models
+
+    ids_a, leaves_a, pa, true_a = read_predictions(run_a)
+    ids_b, leaves_b, pb, true_b = read_predictions(run_b)
+    if leaves_a != leaves_b:
+        raise ConfigError(f"compare: the runs predict different classes: {leaves_a} vs "
+                          f"{leaves_b}")
+    only_a, only_b = set(ids_a) - set(ids_b), set(ids_b) - set(ids_a)
+    if only_a or only_b or len(ids_a) != len(set(ids_a)):
+        raise ConfigError(
+            f"compare: the runs were tested on different cases ({len(only_a)} only in "
+            f"{run_a}, {len(only_b)} only in {run_b}); evaluate them on one split: run the "
+            f"second with --set split.file=<first run>/data/splits.json")
+    order = {i: k for k, i in enumerate(ids_b)}
+    idx = [order[i] for i in ids_a]
+    pb = pb[idx]
+    true_b = [true_b[k] for k in idx]
+    if true_a != true_b:
+        bad = sum(a != b for a, b in zip(true_a, true_b))
+        raise ConfigError(f"compare: {bad} case(s) carry different true labels in the two "
+                          "runs (different label trees or data?)")
+    y = np.array([leaves_a.index(t) for t in true_a])
+    res = compare_models(y, pa, pb, _metric(metric), n_boot=n_boot, alpha=alpha, seed=seed)
+    return {"kind": "kmedtl-compare", "version": 1, "a": str(run_a), "b": str(run_b),
+            "metric": metric, "n": int(len(y)), "n_boot": n_boot, "alpha": alpha,
+            **{k: v for k, v in res.items()}}
+
+
+def format_comparison(res: dict) -> str:
+    a, b, d, mc = res["a"], res["b"], res["difference"], res["mcnemar"]
+    name = res["metric"]
+    lines = [
+        f"{res['n']} paired test cases; {name} (95% percentile bootstrap, "
+        f"{res['n_boot']} resamples of the same cases)",
+        f"  A {os.path.basename(str(res['a']).rstrip('/'))}: {a['value']:.3f} "
+        f"[{a['ci_low']:.3f}, {a['ci_high']:.3f}]",
+        f"  B {os.path.basename(str(res['b']).rstrip('/'))}: {b['value']:.3f} "
+        f"[{b['ci_low']:.3f}, {b['ci_high']:.3f}]",
+        f"  A - B: {d['value']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]",
+        f"  McNemar: {_mcnemar_text(mc)}",
+    ]
+    return "\n".join(lines)
+
+
+def _mcnemar_text(mc: dict) -> str:
+    return (f"A right/B wrong {mc['b']}, A wrong/B right {mc['c']}, p = {mc['p_value']:.3g} "
+            f"({mc['method']})")
+
+
+def write_comparison(res: dict, path) -> Path:
+    from kmedtl.evaluation.run import write_json
+
+    write_json(path, res)
+    return Path(path)
+
+
+def add_parsers(subparsers) -> None:
+    p = subparsers.add_parser(
+        "compare", help="paired comparison of two evaluated runs (bootstrap CI + McNemar)")
+    p.add_argument("run_a")
+    p.add_argument("run_b")
+    p.add_argument("--metric", default="balanced_accuracy", choices=METRICS)
+    p.add_argument("--n-boot", type=int, default=2000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", help="also write the result here")
+    p.set_defaults(func=cmd_compare)
+
+
+def cmd_compare(args) -> int:
+    res = compare_runs(args.run_a, args.run_b, args.metric, n_boot=args.n_boot,
+                       seed=args.seed)
+    print(format_comparison(res))
+    if args.json:
+        write_comparison(res, args.json)
+        print(f"wrote {args.json}")
+    return 0
