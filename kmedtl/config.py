@@ -50,6 +50,9 @@ class DataSection(_Strict):
     root: str | None = None
     manifest: str | None = None
     extra_columns: list[str] = Field(default_factory=list)
+    # manifest field -> the CSV's column, e.g. {label: class} (path, label, patient_id,
+    # split, frame): a dataset's own manifest is read without editing it
+    columns: dict[str, str] = Field(default_factory=dict)
     hierarchy: Union[dict, list, str, None] = None
     image: ImageSection = Field(default_factory=ImageSection)
     dicom: DicomSection = Field(default_factory=DicomSection)

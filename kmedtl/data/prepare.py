@@ -54,7 +54,8 @@ def load_index(cfg: Config, *, allow_unlabelled: bool = False,
     if d.source == "folder":
         index = index_folder(d.root, hierarchy, options, unlabelled=unlabelled)
     else:
-        index = read_manifest(d.manifest, hierarchy, options, d.extra_columns)
+        index = read_manifest(d.manifest, hierarchy, options, d.extra_columns,
+                              columns=d.columns)
     if not index.labelled:
         if allow_unlabelled:
             return index, None

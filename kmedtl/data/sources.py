@@ -352,14 +352,21 @@ def _label_reason(label, hierarchy) -> str:
             "add it to the hierarchy YAML or remove these files")
 
 
+#: The manifest columns kmedtl reads; ``columns`` maps them to a CSV's own header names.
+MANIFEST_COLUMNS = ("path", "label", "patient_id", "split", "frame")
+
+
 def read_manifest(path, hierarchy=None, options: ImageOptions | None = None,
-                  extra_columns: list[str] | tuple = (), root=None) -> DatasetIndex:
+                  extra_columns: list[str] | tuple = (), root=None,
+                  columns: dict | None = None) -> DatasetIndex:
     """Index a CSV manifest with columns ``path``, ``label`` and ``patient_id``.
 
     Optional columns: ``split`` (train/val/test), ``frame`` and the image columns named in
-    ``extra_columns`` (further image types of the same case).  Relative paths are resolved
-    against ``root`` (default: the manifest's folder).  A path may name a DICOM series
-    folder: its slices become frames, ordered by InstanceNumber.
+    ``extra_columns`` (further image types of the same case).  ``columns`` maps kmedtl's
+    names to the CSV's (``{"label": "class"}`` reads the label from a ``class`` column), so
+    a dataset's own manifest is read as it is; the CSV's other columns are ignored.
+    Relative paths are resolved against ``root`` (default: the manifest's folder).  A path
+    may name a DICOM series folder: its slices become frames, ordered by InstanceNumber.
     """
     mpath = Path(path)
     if not mpath.is_file():
@@ -369,7 +376,11 @@ def read_manifest(path, hierarchy=None, options: ImageOptions | None = None,
     samples: list[Sample] = []
     with open(mpath, newline="", encoding="utf-8-sig") as fh:
         reader = csv.DictReader(fh)
-        cols = [c.strip() for c in (reader.fieldnames or [])]
+        header = [c.strip() for c in (reader.fieldnames or [])]
+        mapping = _column_mapping(columns, header, mpath)
+        # the fields found (kmedtl names), then the CSV's other columns (extra images)
+        cols = list(mapping) + [c for c in header if c not in mapping.values()
+                                and c not in MANIFEST_COLUMNS]
         required = ("path", "label")
         missing = [c for c in required if c not in cols]
         if missing:
@@ -381,6 +392,9 @@ def read_manifest(path, hierarchy=None, options: ImageOptions | None = None,
         rows = list(reader)
     for lineno, row in enumerate(rows, start=2):
         row = {(k or "").strip(): (v or "").strip() for k, v in row.items()}
+        if columns:
+            row = {**{k: v for k, v in row.items() if k not in MANIFEST_COLUMNS},
+                   **{name: row.get(col, "") for name, col in mapping.items()}}
         where = f"{mpath}:{lineno}"
         rel = row.get("path", "")
         if not rel:
@@ -435,6 +449,21 @@ def read_manifest(path, hierarchy=None, options: ImageOptions | None = None,
                               tuple(extra), entry=where))
     index = DatasetIndex(samples, skipped, read=len(rows), root=str(base))
     return _expand_frames(index, options)
+
+
+def _column_mapping(columns: dict | None, header: list[str], mpath) -> dict[str, str]:
+    """``{kmedtl name: CSV column}``: identity, overridden by ``columns``; checked."""
+    columns = dict(columns or {})
+    unknown = sorted(set(columns) - set(MANIFEST_COLUMNS))
+    if unknown:
+        raise ManifestError(f"data.columns: {unknown} are not manifest fields; map any of "
+                            f"{list(MANIFEST_COLUMNS)} to a column of {mpath.name}")
+    for name, col in columns.items():
+        if col not in header:
+            raise ManifestError(f"data.columns.{name}: {mpath}: no column {col!r}; the header "
+                                f"has {header}")
+    return {name: columns.get(name, name) for name in MANIFEST_COLUMNS
+            if columns.get(name, name) in header}
 
 
 def _expand_frames(index: DatasetIndex, options: ImageOptions | None) -> DatasetIndex:
