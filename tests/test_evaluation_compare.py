@@ -65,8 +65,10 @@ def test_compare_refuses_different_case_sets_and_missing_predictions(tmp_path, c
     true = np.arange(20) % 4
     a = write_run(tmp_path / "a", ids, true, onehot(true))
     b = write_run(tmp_path / "b", ids[:19] + ["other.jpg"], true, onehot(true))
-    with pytest.raises(ConfigError, match=r"different cases \(1 only in .*split\.file"):
+    with pytest.raises(ConfigError, match=r"different cases \(1 only in .*split\.file.*--common"):
         compare_runs(a, b)
+    res = compare_runs(a, b, common=True, n_boot=100)
+    assert (res["n"], res["n_a"], res["n_b"], res["cases"]) == (19, 20, 20, "common")
     with pytest.raises(ConfigError, match="predictions.csv: not found; run `kmedtl evaluate"):
         compare_runs(a, tmp_path / "nothing")
     assert kmedtl_main(["compare", str(a), str(b)]) == 2

@@ -2,9 +2,14 @@
 
 Both runs must have been evaluated on the *same* test cases (``predictions.csv``, written
 by ``kmedtl evaluate``): give the second run the first run's split with
-``split.file: <run A>/data/splits.json`` (see ``pipelines/brain_tumor_scratch.yaml``).
-Cases are matched by id; any difference in the case sets is an error, never silently
-intersected, because a comparison on different cases is not paired.
+``split.file: <run A>/data/splits.json``, or pass ``common=True`` (``--common``) to compare
+on the cases *both* runs held out.  Each run's split is leak-free under its own duplicate
+groups, so a case in both test sets was seen by neither model and has no near copy in
+either training set; the report says how many cases each run had and how many are shared.
+Cases are matched by id; without ``common`` any difference in the case sets is an error,
+never silently intersected.  (Two runs at different image sizes can disagree on which
+images are near duplicates, since the perceptual hash is taken of the resized image; then
+one run's split file may leak under the other's groups and ``split.file`` refuses it.)
 
 Reports, for A minus B: the difference of a metric (balanced accuracy by default) with a
 percentile-bootstrap CI over the same resampled cases, and McNemar's test on per-case
@@ -60,8 +65,9 @@ def _metric(name):
 
 
 def compare_runs(run_a, run_b, metric: str = "balanced_accuracy", n_boot: int = 2000,
-                 alpha: float = 0.05, seed: int = 0) -> dict:
-    """Paired comparison of two evaluated runs (A minus B) on their common test cases."""
+                 alpha: float = 0.05, seed: int = 0, common: bool = False) -> dict:
+    """Paired comparison of two evaluated runs (A minus B) on the same test cases (with
+    ``common``: on the cases both runs held out, see the module docstring)."""
     from kmedtl.evaluation.uncertainty import compare_models
 
     ids_a, leaves_a, pa, true_a = read_predictions(run_a)
@@ -69,12 +75,21 @@ def compare_runs(run_a, run_b, metric: str = "balanced_accuracy", n_boot: int = 
     if leaves_a != leaves_b:
         raise ConfigError(f"compare: the runs predict different classes: {leaves_a} vs "
                           f"{leaves_b}")
+    if len(ids_a) != len(set(ids_a)) or len(ids_b) != len(set(ids_b)):
+        raise ConfigError("compare: a predictions.csv lists a case twice")
+    n_a, n_b = len(ids_a), len(ids_b)
     only_a, only_b = set(ids_a) - set(ids_b), set(ids_b) - set(ids_a)
-    if only_a or only_b or len(ids_a) != len(set(ids_a)):
+    if (only_a or only_b) and not common:
         raise ConfigError(
             f"compare: the runs were tested on different cases ({len(only_a)} only in "
-            f"{run_a}, {len(only_b)} only in {run_b}); evaluate them on one split: run the "
-            f"second with --set split.file=<first run>/data/splits.json")
+            f"{run_a}, {len(only_b)} only in {run_b}); evaluate them on one split (run the "
+            f"second with --set split.file=<first run>/data/splits.json) or compare on the "
+            f"cases both held out with --common")
+    if only_a:
+        keep = [k for k, i in enumerate(ids_a) if i not in only_a]
+        ids_a, pa, true_a = [ids_a[k] for k in keep], pa[keep], [true_a[k] for k in keep]
+    if not ids_a:
+        raise ConfigError(f"compare: {run_a} and {run_b} share no test case")
     order = {i: k for k, i in enumerate(ids_b)}
     idx = [order[i] for i in ids_a]
     pb = pb[idx]
@@ -86,15 +101,19 @@ def compare_runs(run_a, run_b, metric: str = "balanced_accuracy", n_boot: int = 
     y = np.array([leaves_a.index(t) for t in true_a])
     res = compare_models(y, pa, pb, _metric(metric), n_boot=n_boot, alpha=alpha, seed=seed)
     return {"kind": "kmedtl-compare", "version": 1, "a": str(run_a), "b": str(run_b),
-            "metric": metric, "n": int(len(y)), "n_boot": n_boot, "alpha": alpha,
+            "metric": metric, "n": int(len(y)), "n_a": n_a, "n_b": n_b,
+            "cases": "common" if (only_a or only_b) else "identical",
+            "n_boot": n_boot, "alpha": alpha,
             **{k: v for k, v in res.items()}}
 
 
 def format_comparison(res: dict) -> str:
     a, b, d, mc = res["a"], res["b"], res["difference"], res["mcnemar"]
     name = res["metric"]
+    shared = "" if res.get("cases") != "common" else (
+        f" (held out by both runs: A tested {res['n_a']}, B {res['n_b']})")
     lines = [
-        f"{res['n']} paired test cases; {name} (95% percentile bootstrap, "
+        f"{res['n']} paired test cases{shared}; {name} (95% percentile bootstrap, "
         f"{res['n_boot']} resamples of the same cases)",
         f"  A {os.path.basename(str(res['a']).rstrip('/'))}: {a['value']:.3f} "
         f"[{a['ci_low']:.3f}, {a['ci_high']:.3f}]",
@@ -126,13 +145,15 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--metric", default="balanced_accuracy", choices=METRICS)
     p.add_argument("--n-boot", type=int, default=2000)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--common", action="store_true",
+                   help="compare on the test cases both runs held out (their splits differ)")
     p.add_argument("--json", help="also write the result here")
     p.set_defaults(func=cmd_compare)
 
 
 def cmd_compare(args) -> int:
     res = compare_runs(args.run_a, args.run_b, args.metric, n_boot=args.n_boot,
-                       seed=args.seed)
+                       seed=args.seed, common=args.common)
     print(format_comparison(res))
     if args.json:
         write_comparison(res, args.json)
