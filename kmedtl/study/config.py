@@ -41,7 +41,9 @@ class _Strict(BaseModel):
 class StudyData(_Strict):
     """The dataset and how it is made duplicate-free (see :mod:`kmedtl.study.data`)."""
 
-    root: str
+    root: str  # the dataset folder (a manifest's paths are relative to it)
+    manifest: str | None = None  # CSV manifest (relative to root); default: class folders
+    columns: dict[str, str] = Field(default_factory=dict)  # manifest field -> CSV column
     hierarchy: Union[str, dict, list]
     image_size: int = Field(default=32, ge=16)
     channels: Literal[1, 3] = 1

@@ -83,9 +83,13 @@ def load_split(d: StudyData, progress: bool = False) -> StudySplit:
     from kmedtl.data.prepare import prepare
     from kmedtl.training.features import materialise
 
+    source = {"source": "folder", "root": d.root}
+    if d.manifest:
+        source = {"source": "manifest", "manifest": os.path.join(d.root, d.manifest),
+                  "columns": d.columns}
     cfg = load_config({
         "name": "study",
-        "data": {"source": "folder", "root": d.root, "hierarchy": d.hierarchy,
+        "data": {**source, "hierarchy": d.hierarchy,
                  "image": {"size": d.image_size, "channels": d.channels, "resize": "pad"},
                  "cache_dir": d.cache_dir},
         "split": {"method": d.test if d.test == "source" else "holdout", "val": 0.0,
@@ -99,6 +103,8 @@ def load_split(d: StudyData, progress: bool = False) -> StudySplit:
     leaf = {s.id: h.leaf_index(s.label) for s in samples}
     report = prep.report["_internal"]
     near = report["near_pairs"] if d.dedupe == "near" else ()
+    # duplicate groups only: prepare() already kept each patient (a manifest's patient_id,
+    # used in memory only) on one side of the split; here one image per duplicate group
     groups = splitlib.leakage_groups(ids, None, report["digests"], near)
     group_of = dict(zip(ids, groups.tolist()))
     labels_in_group: dict[int, set] = defaultdict(set)

@@ -1,0 +1,38 @@
+"""The study reads a manifest dataset (the OCT set, label column ``class``) and keeps every
+patient on one side of its fixed test split."""
+
+import csv
+
+import yaml
+
+from kmedtl.study.config import load_study
+from kmedtl.study.data import load_split
+
+OCT = "kermany-oct2017-test"
+
+
+def test_oct_study_split_is_patient_grouped(datasets_dir, tmp_path):
+    root = datasets_dir / OCT
+    study = {
+        "name": "oct_probe",
+        "data": {"root": str(root), "manifest": "MANIFEST.csv", "columns": {"label": "class"},
+                 "hierarchy": {"NORMAL": None, "disease": {"CNV": None, "DME": None,
+                                                           "DRUSEN": None}},
+                 "image_size": 32, "channels": 1, "cache_dir": str(tmp_path / "cache"),
+                 "test": "holdout", "test_fraction": 0.2},
+        "grid": {"sizes": [25], "seeds": [0]},
+        "train": {"backbone": "cbr_tiny", "model": "flat", "epochs": 1},
+        "arms": [{"name": "a"}, {"name": "b", "model": "hierarchical"}],
+    }
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(study))
+    split = load_split(load_study(path)[0].data)
+    assert split.summary["train_total"] + split.summary["test_total"] >= 990
+    assert sorted(split.summary["test_per_class"]) == ["CNV", "DME", "DRUSEN", "NORMAL"]
+    patient = {}
+    with open(root / "MANIFEST.csv", newline="") as fh:
+        for row in csv.DictReader(fh):
+            patient[str(root / row["path"])] = row["patient_id"]
+    train = {patient[split.ids[r]] for r in split.train_rows}
+    test = {patient[split.ids[r]] for r in split.test_rows}
+    assert train and test and not train & test
