@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 from collections import Counter, defaultdict
+from dataclasses import replace
 
 from kmedtl.data import scan
 from kmedtl.data.hashing import hamming_pairs
@@ -54,13 +55,31 @@ def scan_index(index: DatasetIndex, options: ImageOptions, cache_dir=None, worke
     return digests, phashes, skipped
 
 
+#: Near duplicates are found on a fixed 64x64 rendering of each image (the run's window,
+#: channels and resize mode, not its size): the perceptual hash of a 64 px and of a 160 px
+#: rendering differ by a bit or two, so with the run's own size two runs of one dataset at
+#: different sizes grouped a few pairs differently, and one run's split leaked under the
+#: other's groups.  With one hash size every run of a dataset gets the same groups (and
+#: the same split for the same seed), so models at any resolution compare on the same
+#: test cases.  64 px is what the pHash needs (ImageHash reduces to 32x32) and what the
+#: audit counts in the README were measured at.
+HASH_SIZE = 64
+
+
+def hash_options(options: ImageOptions) -> ImageOptions:
+    """The options the duplicate hashes are taken with: ``options`` at ``HASH_SIZE``."""
+    return replace(options, size=(HASH_SIZE, HASH_SIZE))
+
+
 def audit(index: DatasetIndex, options: ImageOptions | None = None, *, splits=None,
           cache_dir=None, workers=None, near_threshold: int = DEFAULT_NEAR_THRESHOLD,
           progress=None, patients: dict | None = None, hierarchy=None) -> dict:
     """Audit a dataset index. ``splits`` (sample id -> split name) defaults to the split
-    the source gave each sample (folder layout or manifest column)."""
+    the source gave each sample (folder layout or manifest column).  Duplicates are found
+    at :data:`HASH_SIZE` whatever ``options.size`` is (see :func:`hash_options`)."""
     options = options or ImageOptions()
-    digests, phashes, skipped = scan_index(index, options, cache_dir, workers, progress)
+    digests, phashes, skipped = scan_index(index, hash_options(options), cache_dir, workers,
+                                           progress)
     used = index.drop(skipped)
     split_of = dict(splits) if splits else {s.id: (s.split or "all") for s in used.samples}
     label_of = {s.id: s.label for s in used.samples}
@@ -78,24 +97,7 @@ def audit(index: DatasetIndex, options: ImageOptions | None = None, *, splits=No
     for s in used.samples:
         by_split[split_of.get(s.id, "unassigned")][cls(s)] += 1
 
-    # Exact duplicates: identical file content (frames of one file are not duplicates).
-    by_digest = defaultdict(list)
-    for sid, d in digests.items():
-        if sid in path_of:
-            by_digest[(d, sid.rsplit("#", 1)[1] if "#" in sid else None)].append(sid)
-    exact = [sorted(v) for v in by_digest.values() if len({path_of[x] for x in v}) > 1]
-
-    # Near duplicates: components of the "pHash within threshold" graph.
-    ids = [sid for sid in phashes if sid in path_of]
-    pairs = hamming_pairs([phashes[i] for i in ids], near_threshold) if near_threshold >= 0 else []
-    uf = _UnionFind(len(ids))
-    for a, b in pairs:
-        uf.union(a, b)
-    comp = defaultdict(list)
-    for i, sid in enumerate(ids):
-        comp[uf.find(i)].append(sid)
-    near = [sorted(v) for v in comp.values()
-            if len(v) > 1 and len({digests[x] for x in v}) > 1]
+    exact, near, near_pairs = _duplicate_groups(digests, phashes, path_of, near_threshold)
 
     def crosses(group):
         return len({split_of.get(x) for x in group}) > 1
@@ -133,7 +135,7 @@ def audit(index: DatasetIndex, options: ImageOptions | None = None, *, splits=No
                                         ).most_common()),
     }
     # Kept for callers that build leakage-free splits from the same pass (not serialised).
-    report["_internal"] = {"digests": digests, "near_pairs": [(ids[a], ids[b]) for a, b in pairs],
+    report["_internal"] = {"digests": digests, "near_pairs": near_pairs,
                            "index": used}
     return report
 
@@ -215,3 +217,27 @@ def format_summary(report: dict) -> str:
         lines.append("skipped, not data (metadata, hidden files, documentation): " + ", ".join(
             f"{k} {v}" for k, v in ignored.items()))
     return "\n".join(lines)
+
+
+def _duplicate_groups(digests, phashes, path_of, near_threshold):
+    """``(exact, near, near_pairs)``: sample-id groups and the near links (in memory)."""
+    # Exact duplicates: identical file content (frames of one file are not duplicates).
+    by_digest = defaultdict(list)
+    for sid, d in digests.items():
+        if sid in path_of:
+            by_digest[(d, sid.rsplit("#", 1)[1] if "#" in sid else None)].append(sid)
+    exact = [sorted(v) for v in by_digest.values() if len({path_of[x] for x in v}) > 1]
+
+    # Near duplicates: components of the "pHash within threshold" graph.
+    ids = [sid for sid in phashes if sid in path_of]
+    pairs = hamming_pairs([phashes[i] for i in ids], near_threshold) if near_threshold >= 0 else []
+    uf = _UnionFind(len(ids))
+    for a, b in pairs:
+        uf.union(a, b)
+    comp = defaultdict(list)
+    for i, sid in enumerate(ids):
+        comp[uf.find(i)].append(sid)
+    near = [sorted(v) for v in comp.values()
+            if len(v) > 1 and len({digests[x] for x in v}) > 1]
+    near_pairs = [(ids[a], ids[b]) for a, b in pairs]
+    return exact, near, near_pairs

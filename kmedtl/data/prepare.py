@@ -103,7 +103,9 @@ def prepare(cfg: Config, *, workers: int | None = None, progress: bool | None = 
         log.warning(note)
     cache = None
     if cfg.data.cache_dir:
-        cache = build_cache(used, options, cfg.data.cache_dir, workers, progress=False)
+        # the audit hashed a 64 px rendering; the training-size cache needs no hashes
+        cache = build_cache(used, options, cfg.data.cache_dir, workers, progress=False,
+                            phash=False)
     splits = make_splits(cfg, used, hierarchy, report)
     return Prepared(used, hierarchy, options, report, splits, cache)
 
