@@ -187,7 +187,8 @@ def cmd_audit(args) -> int:
                                   unlabelled=True if args.unlabelled else None)
     report = audit(index, cfg.image_options(), cache_dir=cfg.data.cache_dir,
                    workers=cfg.data.workers, near_threshold=cfg.split.near_threshold,
-                   progress=None, hierarchy=hierarchy, patients=dicom_patients(index))
+                   progress=None, hierarchy=hierarchy, patients=dicom_patients(index),
+                   runner=args.runner, beam_options=args.beam_option)
     print(format_summary(report))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -219,7 +220,13 @@ def cmd_cache(args) -> int:
     if not cfg.data.cache_dir:
         raise KmedtlError("data cache: no cache folder (set data.cache_dir or --cache-dir)")
     index, _ = load_index(cfg)
-    res = build_cache(index, cfg.image_options(), cfg.data.cache_dir, cfg.data.workers)
+    if args.runner == "beam":
+        from kmedtl.data.beam import build_cache_beam
+
+        res = build_cache_beam(index, cfg.image_options(), cfg.data.cache_dir,
+                               beam_options=args.beam_option, workers=cfg.data.workers)
+    else:
+        res = build_cache(index, cfg.image_options(), cfg.data.cache_dir, cfg.data.workers)
     counts = index.drop(res.skipped).counts()
     print(f"cache {res.folder}: {len(res.files)} images ({res.decoded} decoded, {res.reused} "
           f"reused), skipped {len(res.skipped)}")
@@ -293,6 +300,13 @@ def build_parser(argv=None) -> argparse.ArgumentParser:
     c = dsub.add_parser("cache", help="decode every image once into the cache")
     common(c)
     c.set_defaults(func=cmd_cache)
+    for sp_ in (a, c):
+        sp_.add_argument("--runner", choices=("process", "beam"), default="process",
+                         help="process pool (default) or Apache Beam (pip install "
+                              "'kmedtl[beam]'; DirectRunner unless --beam-option says else)")
+        sp_.add_argument("--beam-option", action="append", default=[], metavar="FLAG",
+                         help="a Beam pipeline flag, repeatable, e.g. --beam-option="
+                              "--runner=FlinkRunner --beam-option=--flink_master=HOST:8081")
     s = dsub.add_parser("show", help="render what the model sees, with a header summary")
     s.add_argument("file")
     s.add_argument("--out", required=True, help="PNG to write")
@@ -332,6 +346,10 @@ def main(argv=None) -> int:
     # --verbose shows kmedtl's DEBUG records too (e.g. pydicom's tracebacks, which are
     # kept off the console otherwise); reset for the next call in the same process
     logging.getLogger("kmedtl").setLevel(logging.DEBUG if args.verbose else logging.NOTSET)
+    # dicomweb-client logs every retrieval at INFO, retrying a traceback per retry
+    logging.getLogger("dicomweb_client").setLevel(
+        logging.INFO if args.verbose else logging.WARNING)
+    logging.getLogger("retrying").setLevel(logging.INFO if args.verbose else logging.ERROR)
     try:
         return int(args.func(args) or 0)
     except KmedtlError as exc:

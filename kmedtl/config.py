@@ -46,9 +46,12 @@ class DicomSection(_Strict):
 
 
 class DataSection(_Strict):
-    source: Literal["folder", "manifest"] = "folder"
+    source: Literal["folder", "manifest", "dicomweb"] = "folder"
     root: str | None = None
     manifest: str | None = None
+    # source: dicomweb -- url, store, labels, label_key, filters ... (see
+    # kmedtl.data.dicomweb.DicomWebSpec); credentials only through environment variables
+    dicomweb: dict[str, Any] | None = None
     extra_columns: list[str] = Field(default_factory=list)
     # manifest field -> the CSV's column, e.g. {label: class} (path, label, patient_id,
     # split, frame): a dataset's own manifest is read without editing it
@@ -187,6 +190,11 @@ def load_config(source: str | Path | dict, base_dir: str | Path | None = None) -
                 setattr(d, field, os.path.normpath(os.path.join(base_dir, v)))
         if isinstance(d.hierarchy, str) and not os.path.isabs(d.hierarchy):
             d.hierarchy = os.path.normpath(os.path.join(base_dir, d.hierarchy))
+        if d.dicomweb:
+            for key in ("store", "labels", "ca_bundle", "client_cert", "client_key"):
+                v = d.dicomweb.get(key)
+                if isinstance(v, str) and v and not os.path.isabs(v):
+                    d.dicomweb[key] = os.path.normpath(os.path.join(base_dir, v))
         if cfg.split.file and not os.path.isabs(cfg.split.file):
             cfg.split.file = os.path.normpath(os.path.join(base_dir, cfg.split.file))
     _check_source(cfg, label)
@@ -199,6 +207,16 @@ def _check_source(cfg: Config, label: str):
         raise ConfigError(f"{label}: data.root is required when data.source is 'folder'")
     if d.source == "manifest" and not d.manifest:
         raise ConfigError(f"{label}: data.manifest is required when data.source is 'manifest'")
+    if d.source == "dicomweb":
+        from kmedtl.data.dicomweb import DicomWebSpec
+
+        if not d.dicomweb:
+            raise ConfigError(f"{label}: data.dicomweb (url, store, labels ...) is required "
+                              "when data.source is 'dicomweb'")
+        try:
+            DicomWebSpec.from_dict(d.dicomweb)
+        except ConfigError as exc:
+            raise ConfigError(f"{label}: {exc}") from None
     try:
         cfg.image_options()
         cfg.hierarchy()

@@ -106,3 +106,36 @@ class WeightsError(ModelError):
     The message names the file (or the file Keras wanted), where kmedtl looks for it, and
     the command that fixes it (``kmedtl weights import FILE --for BACKBONE``).
     """
+
+
+class DicomWebError(KmedtlError):
+    """A DICOMweb server cannot be used as a whole (down, rejecting the credentials, TLS
+    failing); the message names the server (never the credentials), the study or instance
+    being handled and what to do.  Per-instance problems are skips, not errors."""
+
+    def __init__(self, message: str, *, url: str | None = None, study: str | None = None,
+                 instance: str | None = None):
+        self.url, self.study, self.instance = url, study, instance
+        super().__init__(message)
+
+    def __reduce__(self):
+        return (_rebuild_dicomweb_error, (type(self), str(self), self.__dict__))
+
+
+def _rebuild_dicomweb_error(cls, message, state):
+    err = cls.__new__(cls)
+    KmedtlError.__init__(err, message)
+    err.__dict__.update(state)
+    return err
+
+
+class DicomWebConnectionError(DicomWebError, ConnectionError):
+    """The server cannot be reached, or stopped answering during a pull (resumable)."""
+
+
+class DicomWebAuthError(DicomWebError, PermissionError):
+    """The server rejected the request's credentials (HTTP 401 / 403)."""
+
+
+class DicomWebTLSError(DicomWebError, ConnectionError):
+    """The TLS handshake failed (unknown CA, wrong host name, client certificate needed)."""

@@ -73,13 +73,24 @@ def hash_options(options: ImageOptions) -> ImageOptions:
 
 def audit(index: DatasetIndex, options: ImageOptions | None = None, *, splits=None,
           cache_dir=None, workers=None, near_threshold: int = DEFAULT_NEAR_THRESHOLD,
-          progress=None, patients: dict | None = None, hierarchy=None) -> dict:
+          progress=None, patients: dict | None = None, hierarchy=None,
+          runner: str = "process", beam_options=None) -> dict:
     """Audit a dataset index. ``splits`` (sample id -> split name) defaults to the split
     the source gave each sample (folder layout or manifest column).  Duplicates are found
-    at :data:`HASH_SIZE` whatever ``options.size`` is (see :func:`hash_options`)."""
+    at :data:`HASH_SIZE` whatever ``options.size`` is (see :func:`hash_options`).
+    ``runner="beam"`` does the per-file work and the duplicate grouping as Apache Beam jobs
+    (:mod:`kmedtl.data.beam`, ``beam_options``: standard Beam pipeline flags)."""
     options = options or ImageOptions()
-    digests, phashes, skipped = scan_index(index, hash_options(options), cache_dir, workers,
-                                           progress)
+    if runner not in ("process", "beam"):
+        raise ValueError(f"runner={runner!r}: use 'process' or 'beam'")
+    if runner == "beam":
+        from kmedtl.data import beam
+
+        digests, phashes, skipped = beam.scan_index_beam(
+            index, hash_options(options), cache_dir, beam_options, workers=workers)
+    else:
+        digests, phashes, skipped = scan_index(index, hash_options(options), cache_dir,
+                                               workers, progress)
     used = index.drop(skipped)
     split_of = dict(splits) if splits else {s.id: (s.split or "all") for s in used.samples}
     label_of = {s.id: s.label for s in used.samples}
@@ -97,7 +108,14 @@ def audit(index: DatasetIndex, options: ImageOptions | None = None, *, splits=No
     for s in used.samples:
         by_split[split_of.get(s.id, "unassigned")][cls(s)] += 1
 
-    exact, near, near_pairs = _duplicate_groups(digests, phashes, path_of, near_threshold)
+    if runner == "beam":  # the same groups as below, as Beam transforms (banded pHash)
+        from kmedtl.data import beam
+
+        g = beam.duplicate_groups(digests, phashes, path_of, near_threshold, beam_options)
+        exact, near, near_pairs = g.exact, g.near, [tuple(p) for p in g.near_pairs]
+    else:
+        exact, near, near_pairs = _duplicate_groups(digests, phashes, path_of,
+                                                    near_threshold)
 
     def crosses(group):
         return len({split_of.get(x) for x in group}) > 1

@@ -70,6 +70,27 @@ def build_cache(index: DatasetIndex | list[Sample], options: ImageOptions, cache
 
     Extra images of multi-input samples are cached too (keyed by their path).
     """
+    plan = plan_build(index, options, cache_dir, phash)
+    results = scan.run(plan.tasks, workers, progress, desc="cache")
+    return finish_build(plan, results)
+
+
+@dataclass
+class BuildPlan:
+    """What a cache build must decode (``tasks``, one per ``pending`` sample) and what it
+    reuses (already in ``result``); shared by the process-pool and the Beam builds."""
+
+    options: ImageOptions
+    result: CacheResult
+    tasks: list
+    pending: list
+    known_files: dict
+    known_phash: dict
+
+
+def plan_build(index: DatasetIndex | list[Sample], options: ImageOptions, cache_dir,
+               phash: bool = True) -> BuildPlan:
+    """Reuse what the cache's ``index.json`` vouches for; list the rest as ``scan.Task``."""
     samples = index.samples if isinstance(index, DatasetIndex) else list(index)
     extras = {path: Sample(path, s.label) for s in samples for _, path in s.extra}
     samples = samples + [x for p, x in extras.items() if p not in {s.id for s in samples}]
@@ -91,7 +112,13 @@ def build_cache(index: DatasetIndex | list[Sample], options: ImageOptions, cache
             continue
         tasks.append(scan.Task(s.path, s.frame, options, folder, phash))
         pending.append(s)
-    for s, r in zip(pending, scan.run(tasks, workers, progress, desc="cache")):
+    return BuildPlan(options, result, tasks, pending, known_files, known_phash)
+
+
+def finish_build(plan: BuildPlan, results) -> CacheResult:
+    """Record the ``scan.Result`` of each pending sample (in task order); save the index."""
+    result, known_files, known_phash = plan.result, plan.known_files, plan.known_phash
+    for s, r in zip(plan.pending, results, strict=True):
         if not r.ok:
             result.skipped.append(Skipped(r.path, r.error_reason, r.error_kind, "decode"))
             continue
@@ -109,7 +136,7 @@ def build_cache(index: DatasetIndex | list[Sample], options: ImageOptions, cache
             known_files[s.path] = [st.st_size, st.st_mtime_ns, r.digest]
         except OSError:
             pass
-    _save_index(folder, options, known_files, known_phash)
+    _save_index(result.folder, plan.options, known_files, known_phash)
     return result
 
 

@@ -53,6 +53,13 @@ def load_index(cfg: Config, *, allow_unlabelled: bool = False,
     d = cfg.data
     if d.source == "folder":
         index = index_folder(d.root, hierarchy, options, unlabelled=unlabelled)
+    elif d.source == "dicomweb":
+        from kmedtl.data.dicomweb import DicomWebSpec, pull
+
+        result = pull(DicomWebSpec.from_dict(d.dicomweb), hierarchy, options,
+                      strict=d.strict)
+        log.info("dicomweb: %s", result.summary())
+        index = result.index
     else:
         index = read_manifest(d.manifest, hierarchy, options, d.extra_columns,
                               columns=d.columns)
@@ -69,7 +76,8 @@ def load_index(cfg: Config, *, allow_unlabelled: bool = False,
         if len(labels) < 2 and allow_unlabelled:
             return index, None  # an audit needs no hierarchy: counts per label still work
         if len(labels) < 2:
-            where = d.root if d.source == "folder" else d.manifest
+            where = {"folder": d.root, "manifest": d.manifest}.get(
+                d.source, (d.dicomweb or {}).get("url"))
             raise DataError(
                 where, f"found {len(labels)} label(s) {labels}: a classifier needs at least "
                 "two classes (folders <root>/<class>/ or the manifest's label column)",

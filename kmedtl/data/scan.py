@@ -107,6 +107,45 @@ def process(task: Task) -> Result:
                       error_reason=f"unexpected {type(exc).__name__}: {exc}")
 
 
+#: glibc ``mallopt`` parameters (malloc.h) and the values cache workers use.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+WORKER_MMAP_THRESHOLD = 32 << 20
+WORKER_TRIM_THRESHOLD = 128 << 20
+
+
+def tune_allocator() -> bool:
+    """Keep a worker's freed image buffers in its heap (glibc only); True when applied.
+
+    Each file allocates a few buffers of 0.25-4 MB (file bytes, decoded pixels, float32
+    planes).  glibc serves such sizes with a fresh ``mmap`` and returns them with
+    ``munmap``, or trims them off the heap top, so every file faults its pages in again:
+    about 600 page faults per 512x512 16-bit slice (in one worker without writes here:
+    2.5 ms per file with glibc's defaults, 1.55 ms tuned).
+    Raising the mmap threshold to 32 MiB and the trim threshold to 128 MiB keeps those
+    pages mapped between files (peak RSS unchanged; images over 32 MiB still use mmap).
+    Pixels are unaffected: only where memory comes from changes.  Called in worker
+    processes only (it would change the caller's process for good).
+    ``KMEDTL_WORKER_MALLOC=default`` leaves glibc's defaults (to compare, or as an escape
+    hatch).
+    """
+    if not sys.platform.startswith("linux") or \
+            os.environ.get("KMEDTL_WORKER_MALLOC", "").lower() == "default":
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.gnu_get_libc_version  # glibc, not musl  # noqa: B018
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, WORKER_MMAP_THRESHOLD)) and \
+            bool(libc.mallopt(_M_TRIM_THRESHOLD, WORKER_TRIM_THRESHOLD))
+    except (OSError, AttributeError):
+        return False
+
+
+def _worker_init():
+    tune_allocator()
+
+
 def default_workers() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                else (os.cpu_count() or 1))
@@ -158,7 +197,8 @@ def _pool_map(tasks, workers, chunk):
     import multiprocessing as mp
 
     with _detached_main():
-        pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"))
+        pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"),
+                                   initializer=_worker_init)
         try:
             results = pool.map(process, tasks, chunksize=chunk)  # submits (and spawns) now
         except BaseException:
