@@ -214,13 +214,7 @@ def _walk_files(folder: Path, skipped: list[Skipped]) -> list[Path]:
     ``skipped`` with their kind instead of being returned, so that each one is counted.
     """
     out = []
-
-    def onerror(exc):
-        # an unreadable folder is one entry read and skipped (its files are unknown)
-        skipped.append(Skipped(str(exc.filename), f"cannot list folder ({exc.strerror}): "
-                               "check its permissions", "unreadable_folder"))
-
-    for dirpath, dirnames, filenames in os.walk(folder, onerror=onerror):
+    for dirpath, dirnames, filenames in os.walk(folder, onerror=_record_unreadable(skipped)):
         dirnames.sort()
         keep = []
         for d in dirnames:
@@ -242,15 +236,20 @@ def _walk_files(folder: Path, skipped: list[Skipped]) -> list[Path]:
 def _walk_all(folder: Path, skipped: list[Skipped]) -> list[Path]:
     """Every file under ``folder``, whatever its name (unreadable folders recorded)."""
     out = []
+    for dirpath, dirnames, filenames in os.walk(folder, onerror=_record_unreadable(skipped)):
+        dirnames.sort()
+        out.extend(Path(dirpath) / f for f in sorted(filenames))
+    return out
 
+
+def _record_unreadable(skipped: list[Skipped]):
+    """``os.walk``'s onerror: an unreadable folder is one entry read and skipped (its files
+    are unknown)."""
     def onerror(exc):
         skipped.append(Skipped(str(exc.filename), f"cannot list folder ({exc.strerror}): "
                                "check its permissions", "unreadable_folder"))
 
-    for dirpath, dirnames, filenames in os.walk(folder, onerror=onerror):
-        dirnames.sort()
-        out.extend(Path(dirpath) / f for f in sorted(filenames))
-    return out
+    return onerror
 
 
 def _skip_junk_folder(folder: Path, kind: str, skipped: list[Skipped]) -> None:

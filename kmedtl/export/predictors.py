@@ -18,7 +18,6 @@ Example::
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -233,18 +232,3 @@ def load_predictor(path, info: ModelInfo | None = None, **kwargs) -> Predictor:
         return KerasPredictor(path, info)
     raise ExportError(f"{path}: unknown model format {suffix!r}; expected a SavedModel folder, "
                       ".tflite, .onnx or .keras")
-
-
-def format_predictions(files, out: dict, info: ModelInfo) -> str:
-    """Human-readable per-level probabilities, one block per file."""
-    h = info.hierarchy
-    lines = []
-    for i, f in enumerate(files):
-        lines.append(f"{os.fspath(f)}: {out['label'][i]} (confidence {out['confidence'][i]:.3f})")
-        for k in range(1, h.depth + 1):
-            probs = out[f"level_{k}"][i]
-            lines.append(f"  level {k}: " + ", ".join(
-                f"{n} {p:.3f}" for n, p in zip(h.levels[k - 1], probs)))
-        lines.append("  leaf:    " + ", ".join(
-            f"{n} {p:.3f}" for n, p in zip(h.leaves, out["leaf"][i])))
-    return "\n".join(lines)
