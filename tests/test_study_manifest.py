@@ -36,3 +36,21 @@ def test_oct_study_split_is_patient_grouped(datasets_dir, tmp_path):
     train = {patient[split.ids[r]] for r in split.train_rows}
     test = {patient[split.ids[r]] for r in split.test_rows}
     assert train and test and not train & test
+
+
+def test_a_recipe_with_imagenet_weights_builds_a_pretrained_backbone():
+    """Study arms take `weights: imagenet` from their recipe (a pretrain entry still wins)."""
+    import numpy as np
+
+    from kmedtl.models import backbone
+    from kmedtl.study.training import _backbone, train_section_for
+
+    ref = np.asarray(backbone("efficientnet_lite0", weights="imagenet",
+                              input_shape=(32, 32, 3)).get_layer("top_conv").kernel)
+    tc = train_section_for({"backbone": "efficientnet_lite0", "weights": "imagenet",
+                            "epochs": 1}, 25, 0)
+    got = np.asarray(_backbone(tc, (32, 32, 3), None).get_layer("top_conv").kernel)
+    np.testing.assert_array_equal(got, ref)
+    scratch = train_section_for({"backbone": "efficientnet_lite0", "epochs": 1}, 25, 0)
+    rnd = np.asarray(_backbone(scratch, (32, 32, 3), None).get_layer("top_conv").kernel)
+    assert np.abs(rnd - ref).max() > 0.01

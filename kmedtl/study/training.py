@@ -91,7 +91,9 @@ def train_section_for(recipe: dict, n, seed: int):
 def _backbone(tc, input_shape, weights):
     from kmedtl.models import backbone
 
-    return backbone(tc.backbone, weights=weights, cut=tc.cut, input_shape=tuple(input_shape))
+    # a pretrain entry's weights, else the recipe's own (``weights: imagenet``), else random
+    return backbone(tc.backbone, weights=weights if weights is not None else tc.weights,
+                    cut=tc.cut, input_shape=tuple(input_shape))
 
 
 def train_cell(split, recipe: dict, n, seed: int, *, weights=None, n_folds: int = 2,
