@@ -54,3 +54,25 @@ def test_a_recipe_with_imagenet_weights_builds_a_pretrained_backbone():
     scratch = train_section_for({"backbone": "efficientnet_lite0", "epochs": 1}, 25, 0)
     rnd = np.asarray(_backbone(scratch, (32, 32, 3), None).get_layer("top_conv").kernel)
     assert np.abs(rnd - ref).max() > 0.01
+
+
+def test_committed_pilot_cells_regenerate_the_committed_results(datasets_dir, tmp_path):
+    """RESULTS_imagenet_pilot.md is generated from the committed cells, without training."""
+    import re
+    import subprocess
+    import sys
+
+    out = tmp_path / "results.md"
+    proc = subprocess.run(
+        [sys.executable, "-m", "kmedtl.study", "pipelines/study_imagenet_oct_pilot.yaml",
+         "--out", "pipelines/study_imagenet", "--report-only", "--no-plots",
+         "--results", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+    def tables(text):  # every table row, minus the generation time stamp line
+        return [ln for ln in text.splitlines() if ln.startswith("|")
+                and not re.search(r"\d{4}-\d\d-\d\d", ln)]
+
+    committed = open("pipelines/RESULTS_imagenet_pilot.md").read()
+    assert tables(out.read_text()) == tables(committed)
+    assert "| flat softmax | 0.877 \u00b1 0.046 (3) | 0.952 \u00b1 0.013 (3) |" in committed

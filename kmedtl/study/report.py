@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections import defaultdict
 from datetime import UTC, datetime
 from pathlib import Path
@@ -43,6 +44,8 @@ def _recipe_text(recipe: dict, init: str, n_folds: int) -> str:
     bits = [recipe.get("model", "hierarchical"), recipe.get("backbone", "cbr_small")]
     if recipe.get("cut"):
         bits.append(f"cut {recipe['cut']}")
+    if init == "scratch" and recipe.get("weights") == "imagenet":
+        init = "ImageNet"
     bits.append("init " + init)
     bits.append(recipe.get("strategy", "full"))
     if recipe.get("lr_multipliers"):
@@ -327,7 +330,9 @@ class Report:
               f"{secs / 60:.1f} min of wall time in total (cell training + prediction + "
               "bootstrap)" + (f"; cells finished between {times[0]} and {times[-1]}"
                               if times else "") + ".",
-              f"- **Data**: brain-tumour MRI, {sm.get('image')}; test = "
+              f"- **Data**: {os.path.basename(str(s0.data.root).rstrip('/'))}"
+              + (f" ({s0.data.manifest}, patients grouped)" if s0.data.manifest else "")
+              + f", {sm.get('image')}; test = "
               f"{'the Testing folder' if s0.data.test == 'source' else 'a fixed holdout'}; "
               f"exact (SHA-256) and near (pHash, <= {s0.data.near_threshold} bits) duplicates "
               f"grouped: {sm.get('dropped_train_leaking_into_test')} training images that "
@@ -341,16 +346,19 @@ class Report:
               "- **Subsets**: N images per class drawn with `per_class_subset` (nested: "
               "N=25 inside N=50 inside N=100 for a seed); `all` = the whole pool (imbalanced).",
               "- **Pretraining** (SimCLR and rotation without labels; level1 on the pool "
-              "images' coarse normal-vs-tumour labels): on training images outside every "
+              "images' coarse level-1 labels, e.g. normal vs disease): on training images "
+              "outside every "
               "finite-N subset of every seed (pool `shared`) or of that seed (`per_seed`): "
               f"{pre_text or 'none ran'}; pretrained arms at N=all are not applicable.",
               f"- **Recipe shared by all arms** unless the arm overrides it: "
               f"`{json.dumps(s0.train)}`; no validation split (fixed epochs per N, the "
               "last epoch is kept), no augmentation, test set untouched until the end; "
-              "after training, BatchNorm moving statistics are recomputed on the cell's "
-              "training images (`kmedtl.study.training.recalibrate_batchnorm`: with Keras' "
-              "momentum 0.99 a few hundred steps leave them far from the data and the "
-              "model predicts one class).",
+              + ("backbone BatchNorm kept in inference mode (`freeze_bn`)."
+                 if s0.train.get("freeze_bn") and not s0.train.get("recalibrate_bn", True)
+                 else "after training, BatchNorm moving statistics are recomputed on the "
+                 "cell's training images (`kmedtl.study.training.recalibrate_batchnorm`: "
+                 "with Keras' momentum 0.99 a few hundred steps leave them far from the "
+                 "data and the model predicts one class)."),
               f"- **Statistics**: {s0.evaluation.n_boot} bootstrap resamples (stratified by "
               "class) per CI; paired tests per seed (see each comparison).", ""]
         notes = [x.notes for x in r.studies if x.notes]
