@@ -108,3 +108,16 @@ def test_split_file_reuses_a_split_and_evaluate_writes_predictions(tmp_path):
                                           r"sample\(s\) this run does not use, e.g. "
                                           r"normal/ghost.png"):
         run_pipeline(p3)
+
+
+def test_committed_main_job_comparison_rederives_from_its_predictions():
+    """README's paired numbers (ImageNet Lite0 vs scratch) come from committed files."""
+    base = "pipelines/results/brain_tumor_main_job"
+    committed = json.load(open(f"{base}/compare.json"))
+    res = compare_runs(f"{base}/lite0", f"{base}/scratch", n_boot=committed["n_boot"])
+    assert res["n"] == 466 and res["cases"] == "identical"
+    for key in ("a", "b", "difference"):
+        for part in ("value", "ci_low", "ci_high"):
+            assert res[key][part] == pytest.approx(committed[key][part])
+    assert (res["mcnemar"]["b"], res["mcnemar"]["c"]) == (30, 23)
+    assert round(res["a"]["value"], 3) == 0.915 and round(res["b"]["value"], 3) == 0.895

@@ -100,7 +100,7 @@ def compare_runs(run_a, run_b, metric: str = "balanced_accuracy", n_boot: int = 
                           "runs (different label trees or data?)")
     y = np.array([leaves_a.index(t) for t in true_a])
     res = compare_models(y, pa, pb, _metric(metric), n_boot=n_boot, alpha=alpha, seed=seed)
-    return {"kind": "kmedtl-compare", "version": 1, "a": str(run_a), "b": str(run_b),
+    return {"kind": "kmedtl-compare", "version": 1, "run_a": str(run_a), "run_b": str(run_b),
             "metric": metric, "n": int(len(y)), "n_a": n_a, "n_b": n_b,
             "cases": "common" if (only_a or only_b) else "identical",
             "n_boot": n_boot, "alpha": alpha,
@@ -115,9 +115,9 @@ def format_comparison(res: dict) -> str:
     lines = [
         f"{res['n']} paired test cases{shared}; {name} (95% percentile bootstrap, "
         f"{res['n_boot']} resamples of the same cases)",
-        f"  A {os.path.basename(str(res['a']).rstrip('/'))}: {a['value']:.3f} "
+        f"  A {os.path.basename(str(res['run_a']).rstrip('/'))}: {a['value']:.3f} "
         f"[{a['ci_low']:.3f}, {a['ci_high']:.3f}]",
-        f"  B {os.path.basename(str(res['b']).rstrip('/'))}: {b['value']:.3f} "
+        f"  B {os.path.basename(str(res['run_b']).rstrip('/'))}: {b['value']:.3f} "
         f"[{b['ci_low']:.3f}, {b['ci_high']:.3f}]",
         f"  A - B: {d['value']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]",
         f"  McNemar: {_mcnemar_text(mc)}",
