@@ -76,14 +76,18 @@ def load_index(cfg: Config, *, allow_unlabelled: bool = False,
         if len(labels) < 2 and allow_unlabelled:
             return index, None  # an audit needs no hierarchy: counts per label still work
         if len(labels) < 2:
-            where = {"folder": d.root, "manifest": d.manifest}.get(
-                d.source, (d.dicomweb or {}).get("url"))
             raise DataError(
-                where, f"found {len(labels)} label(s) {labels}: a classifier needs at least "
-                "two classes (folders <root>/<class>/ or the manifest's label column)",
+                source_name(d), f"found {len(labels)} label(s) {labels}: a classifier needs "
+                "at least two classes (folders <root>/<class>/ or the manifest's label column)",
                 kind="no_labels")
         hierarchy = Hierarchy.flat(labels)
     return index, hierarchy
+
+
+def source_name(d) -> str:
+    """What a message names for the configured source: its folder, manifest or server."""
+    return {"folder": d.root, "manifest": d.manifest}.get(d.source) or \
+        str((d.dicomweb or {}).get("url"))
 
 
 def require_usable(report: dict, where: str) -> None:
@@ -105,7 +109,7 @@ def prepare(cfg: Config, *, workers: int | None = None, progress: bool | None = 
                    progress=progress, near_threshold=cfg.split.near_threshold,
                    hierarchy=hierarchy)
     used: DatasetIndex = report["_internal"]["index"]
-    require_usable(report, cfg.data.root if cfg.data.source == "folder" else cfg.data.manifest)
+    require_usable(report, source_name(cfg.data))
     used.check_strict(cfg.data.strict)
     for note in check_labels(used, hierarchy, cfg.data.unknown_labels):
         log.warning(note)
@@ -148,8 +152,8 @@ def make_splits(cfg: Config, index: DatasetIndex, hierarchy: Hierarchy, report: 
     if problems and s.file:
         raise ConfigError(f"split.file: {s.file} leaks under this run's leakage groups "
                           f"(split.dedupe {s.dedupe}, near_threshold {s.near_threshold}, "
-                          f"image size {cfg.data.image.size}): {'; '.join(problems[:3])}; "
-                          "make the split with this run's settings instead")
+                          f"patients): {'; '.join(problems[:3])}; make the split with this "
+                          "run's settings instead")
     if problems:  # a bug, never a data problem: refuse to hand out a leaking split
         raise AssertionError("leaking split: " + "; ".join(problems[:5]))
     out.params["dedupe"] = s.dedupe

@@ -292,15 +292,6 @@ def load_imagenet(model, variant) -> None:
     from kmedtl.models.weights import assign_by_name, read_weight_file
 
     path = imagenet_weights_file(variant)
-    arrays = read_weight_file(path)
-    if not _has_top(model):
-        arrays.pop("predictions", None)
-    assign_by_name(model, arrays, source=f"{_variant(variant).name} ImageNet weights ({path})")
-
-
-def _has_top(model) -> bool:
-    try:
-        model.get_layer("predictions")
-        return True
-    except ValueError:
-        return False
+    # by name: a model without top (or cut) takes the layers it has; the rest are unused
+    assign_by_name(model, read_weight_file(path),
+                   source=f"{_variant(variant).name} ImageNet weights ({path})")
