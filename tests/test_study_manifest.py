@@ -65,7 +65,7 @@ def test_committed_pilot_cells_regenerate_the_committed_results(datasets_dir, tm
     out = tmp_path / "results.md"
     proc = subprocess.run(
         [sys.executable, "-m", "kmedtl.study", "pipelines/study_imagenet_oct_pilot.yaml",
-         "--out", "pipelines/study_imagenet", "--report-only", "--no-plots",
+         "--out", "pipelines/study_imagenet_oct", "--report-only", "--no-plots",
          "--results", str(out)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
 

@@ -86,6 +86,24 @@ class Pretrain(_Strict):
     # per_seed: one backbone per seed, on the images outside that seed's subsets
     pool: Literal["shared", "per_seed"] = "shared"
     seed: int = 0
+    # imagenet: start from the backbone's ImageNet weights and train the level-1 model with
+    # the study's own train recipe (strategy, frozen BN, discriminative rates, one-cycle) for
+    # ``epochs`` -- intermediate same-domain training (Romero et al. 2020) rather than
+    # pretraining from random weights
+    weights: Literal["imagenet"] | None = None
+    # cross-domain: pretrain on every image of another dataset (its own hierarchy's level-1
+    # task) instead of this study's pool; image_size and channels must match the study's
+    data: StudyData | None = None
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.weights == "imagenet" and self.method != "level1":
+            raise ValueError("pretrain: weights: imagenet is intermediate supervised training "
+                             f"and needs method: level1 (got method: {self.method})")
+        if self.data is not None and self.method != "level1":
+            raise ValueError("pretrain: data (another dataset) needs method: level1 "
+                             f"(got method: {self.method})")
+        return self
 
 
 class Arm(_Strict):
@@ -114,8 +132,20 @@ class Evaluation(_Strict):
     alpha: float = Field(default=0.05, gt=0, lt=1)
 
 
+class Moonshot(_Strict):
+    """The moonshot ratio of one arm: its metric with ``small`` labels per class divided by
+    its metric with ``large`` (default all) labels."""
+
+    arm: str | None = None  # default: the reference arm
+    small: Size = 50
+    large: Size = "all"
+
+
 class StudyConfig(_Strict):
     name: str
+    # what the comparison asks, shared by the same comparison on other datasets (the
+    # cross-dataset summary, kmedtl.study.summary, lines them up by topic); default: name
+    topic: str | None = None
     title: str = ""
     papers: str = ""
     expectation: str = ""  # hand-written: what the papers lead us to expect
@@ -130,10 +160,15 @@ class StudyConfig(_Strict):
     evaluation: Evaluation = Field(default_factory=Evaluation)
     results: str | None = None  # RESULTS.md path, relative to this file
     budget_minutes: float | None = Field(default=None, gt=0)
+    moonshot: Moonshot | None = None
+    # a benchmarks/models.py JSON (relative to this file): parameters, GFLOPs and CPU
+    # images/s of each backbone cut, shown beside the arms' accuracy
+    costs: str | None = None
     source: str | None = None  # the YAML file (filled in by load_study)
 
     @model_validator(mode="after")
     def _check(self):
+        self.topic = self.topic or self.name
         names = [a.name for a in self.arms]
         if len(set(names)) != len(names):
             raise ValueError(f"arms: names repeat: {names}")
@@ -141,6 +176,13 @@ class StudyConfig(_Strict):
         if ref not in names:
             raise ValueError(f"reference: {ref!r} is not an arm; arms: {names}")
         self.reference = ref
+        for name, p in self.pretrain.items():
+            if p.data is not None and (p.data.image_size, p.data.channels) != (
+                    self.data.image_size, self.data.channels):
+                raise ValueError(
+                    f"pretrain.{name}.data: {p.data.image_size} px x {p.data.channels} "
+                    f"channel(s) differs from data: {self.data.image_size} px x "
+                    f"{self.data.channels}; pretrain at the study's image size")
         for a in self.arms:
             if a.init != "scratch" and a.init not in self.pretrain:
                 raise ValueError(f"arms.{a.name}.init: {a.init!r} is neither 'scratch' nor a "
@@ -148,6 +190,16 @@ class StudyConfig(_Strict):
             for s in a.sizes or []:
                 if str(s) not in map(str, self.grid.sizes):
                     raise ValueError(f"arms.{a.name}.sizes: {s!r} is not in grid.sizes")
+        if self.moonshot is not None:
+            m = self.moonshot
+            m.arm = m.arm or ref
+            if m.arm not in names:
+                raise ValueError(f"moonshot.arm: {m.arm!r} is not an arm; arms: {names}")
+            sizes = [str(n) for n in self.sizes_of(self.arm(m.arm))]
+            for k in ("small", "large"):
+                if str(getattr(m, k)) not in sizes:
+                    raise ValueError(f"moonshot.{k}: arm {m.arm!r} does not run N = "
+                                     f"{getattr(m, k)}; its sizes: {sizes}")
         return self
 
     def arm(self, name: str) -> Arm:
@@ -158,6 +210,7 @@ class StudyConfig(_Strict):
 
 
 SHARED = ("data", "grid", "train", "pretrain", "evaluation", "results", "budget_minutes")
+# (costs and moonshot belong to one comparison)
 
 
 def load_study(path) -> list[StudyConfig]:
@@ -216,14 +269,25 @@ def load_study(path) -> list[StudyConfig]:
 
 def _resolve(cfg: StudyConfig, path: Path) -> None:
     base = path.parent
-    d = cfg.data
+    for d in [p.data for p in cfg.pretrain.values() if p.data is not None]:
+        _resolve_data(d, base, path)
+    _resolve_data(cfg.data, base, path)
+    cfg.source = str(path)
+    if cfg.results and not Path(cfg.results).is_absolute():
+        cfg.results = str((base / cfg.results).resolve())
+    if cfg.costs:
+        if not Path(cfg.costs).is_absolute():
+            cfg.costs = str((base / cfg.costs).resolve())
+        if not Path(cfg.costs).is_file():
+            raise ConfigError(f"{path}: costs: {cfg.costs} not found (write it with python "
+                              "benchmarks/models.py --families FAMILY --size SIZE --out FILE)")
+
+
+def _resolve_data(d: StudyData, base: Path, path: Path) -> None:
     if not Path(d.root).is_absolute():
         d.root = str((base / d.root).resolve())
     if isinstance(d.hierarchy, str) and not Path(d.hierarchy).is_absolute():
         d.hierarchy = str((base / d.hierarchy).resolve())
     if not Path(d.root).is_dir():
         raise ConfigError(f"{path}: data.root: {d.root} is not a folder (is KMEDTL_DATASETS "
-                          "set to the folder holding brain-tumor-mri?)")
-    cfg.source = str(path)
-    if cfg.results and not Path(cfg.results).is_absolute():
-        cfg.results = str((base / cfg.results).resolve())
+                          "set to the folder holding the datasets?)")

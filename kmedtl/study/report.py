@@ -22,7 +22,7 @@ import numpy as np
 
 from kmedtl.evaluation import mean_sd
 from kmedtl.study.config import METRICS
-from kmedtl.study.stats import paired
+from kmedtl.study.stats import paired, ratio
 
 NAMES = {"balanced_accuracy": "balanced accuracy", "kappa": "Cohen's kappa",
          "auroc_macro": "macro AUROC", "f1_macro": "leaf macro F1"}
@@ -170,6 +170,7 @@ class Report:
         for metric in METRICS:
             L += [f"**{NAMES[metric]}** on the test set, mean ± sd over seeds (number of seeds)",
                   "", *self.table(s, metric), ""]
+        L += self.costs(s) + self.moonshot_lines(s)
         comps = getattr(self, "_comps", {}).get(s.name) or self.comparisons(s)
         L += [f"**Paired tests** against {ref.label or ref.name} ({NAMES[ev.primary]}, "
               "points = percentage points). Per seed: the same training subset and the same "
@@ -198,6 +199,62 @@ class Report:
             L += ["*Caveats of this design* (hand-written in the study file): "
                   + " ".join(s.caveats.split()), ""]
         return L
+
+    def moonshot(self, s) -> dict | None:
+        m = s.moonshot
+        if m is None:
+            return None
+        ev = s.evaluation
+        return ratio(self.y, self.probs(s.name, m.arm, m.small),
+                     self.probs(s.name, m.arm, m.large), ev.primary, n_boot=ev.n_boot,
+                     alpha=ev.alpha)
+
+    def moonshot_lines(self, s) -> list[str]:
+        if s.moonshot is None:
+            return []
+        m, r = s.moonshot, self.moonshot(s)
+        arm = s.arm(m.arm)
+        head = (f"**Moonshot ratio** of {arm.label or arm.name}: {NAMES[s.evaluation.primary]} "
+                f"with N={m.small} per class divided by that with N={m.large}")
+        if r is None:
+            return [head + ": not yet (no seed has both cells).", ""]
+        return [head + f" = **{r['value']:.3f}** (95% CI {r['ci_low']:.3f} to "
+                f"{r['ci_high']:.3f}; {r['small']:.3f} / {r['large']:.3f}, mean of "
+                f"{len(r['seeds'])} seed(s); per seed "
+                + ", ".join(f"{v:.3f}" for v in r["per_seed"]) + "). The CI resamples test "
+                "cases, the same resample for every seed.", ""]
+
+    def costs(self, s) -> list[str]:
+        """Parameters, GFLOPs and CPU images/s (from the study's ``costs`` benchmark file)
+        beside each arm's primary metric."""
+        if not s.costs:
+            return []
+        with open(s.costs) as fh:
+            bench = json.load(fh)
+        rows = {(r["family"], r["cut"]): r for r in bench["rows"]}
+        env = bench.get("environment", {})
+        sizes = [str(n) for n in s.grid.sizes]
+        L = [f"**Cost of each arm's backbone** (`{Path(s.costs).name}`, written by "
+             f"`benchmarks/models.py` at {env.get('input', ['?'])[0]} px on "
+             f"{env.get('cpu_count', '?')} CPU cores: inference, batch 32, ratios to the full "
+             f"network measured in the same run) beside {NAMES[s.evaluation.primary]}", "",
+             "| arm | params (M) | ratio | GFLOPs | ratio | CPU img/s | ratio | "
+             + " | ".join(f"N={n}" for n in sizes) + " |",
+             "|---|---|---|---|---|---|---|" + "---|" * len(sizes)]
+        for arm in s.arms:
+            recipe = {**s.train, **arm.train}
+            r = rows.get((recipe.get("backbone"), recipe.get("cut") or "(full)"))
+            if r is None:
+                continue
+            accs = []
+            for n in sizes:
+                v = self.values(s.name, arm.name, n, s.evaluation.primary)
+                accs.append(f"{mean_sd(v)['mean']:.3f}" if v else "-")
+            L.append(f"| {arm.label or arm.name} | {r['params'] / 1e6:.2f} | "
+                     f"{r['params_ratio']:.2f} | {r['flops'] / 1e9:.2f} | {r['flops_ratio']:.2f}"
+                     f" | {r['images_per_s']:.0f} | {r['images_per_s_ratio']:.2f} | "
+                     + " | ".join(accs) + " |")
+        return L + [""]
 
     def found(self, s, comps) -> list[str]:
         ref = s.arm(s.reference)

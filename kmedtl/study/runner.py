@@ -136,11 +136,58 @@ class StudyRunner:
         spec = spec_obj.model_dump()
         if spec["pool"] == "shared":  # keys of shared pools predate the field
             del spec["pool"]
+        if spec["weights"] is None:  # keys of specs without it predate the field
+            del spec["weights"]
+        del spec["data"]  # an absolute path: the other split's fingerprint stands for it
         spec["backbone"] = spec["backbone"] or study.train.get("backbone", "cbr_small")
+        if spec_obj.weights == "imagenet":  # trained with the study's recipe
+            spec["recipe"] = {k: v for k, v in study.train.items() if k != "epochs"}
+        if spec_obj.data is not None:  # another dataset: all of its images
+            other = self.other_split(spec_obj.data)
+            return _key({"fp": self.split.fingerprint, "spec": spec,
+                         "other_fp": other.fingerprint,
+                         "other_leaves": list(other.hierarchy.leaves)})
         pool = self._pool(spec_obj, seed)
         return _key({"fp": self.split.fingerprint, "spec": spec,
                      "pool": [self.split.ids[i] for i in pool][:: max(1, len(pool) // 500)],
                      "pool_n": len(pool)})
+
+    def other_split(self, data):
+        """The split of another dataset (cross-domain pretraining), loaded once."""
+        from kmedtl.study.data import load_split
+
+        cache = self.__dict__.setdefault("_other", {})
+        k = json.dumps(data.model_dump(), sort_keys=True)
+        if k not in cache:
+            cache[k] = load_split(data)
+        return cache[k]
+
+    def _cell_key(self, recipe: dict, n, seed: int, pkey, arm) -> str:
+        """The digest of what determines a cell's result.  ``train.epochs`` enters as the
+        epoch count of this N, so adding an N to the grid (a new ``{N: epochs}`` entry)
+        keeps every finished cell.  Cells finished under the first scheme (the whole epochs
+        mapping in the digest) are still found: that key is used while its file exists and
+        the new one's does not."""
+        from kmedtl.study.training import epochs_for
+
+        def ident(r):
+            d = {"fp": self.split.fingerprint, "recipe": r, "n": str(n), "seed": seed,
+                 "init": pkey or "scratch"}
+            if r.get("model") == "staged":
+                d["n_folds"] = arm.n_folds
+            return _key(d)
+
+        legacy = ident(recipe)
+        if not isinstance(recipe.get("epochs"), dict):
+            return legacy
+        try:
+            resolved = {**recipe, "epochs": epochs_for(recipe["epochs"], n)}
+        except KeyError:
+            return legacy  # reported when the cell runs
+        key = ident(resolved)
+        if not self.done(key) and self.done(legacy):
+            return legacy
+        return key
 
     def plan(self) -> list[Cell]:
         """Every cell of every study, deduplicated by key, in run order."""
@@ -162,11 +209,7 @@ class StudyRunner:
                         if arm.init != "scratch" and n == "all":
                             skip = ("not applicable: with N = all every training image is "
                                     "in the fine-tuning set, none is left to pretrain on")
-                        ident = {"fp": self.split.fingerprint, "recipe": recipe, "n": str(n),
-                                 "seed": seed, "init": pkey or "scratch"}
-                        if recipe.get("model") == "staged":
-                            ident["n_folds"] = arm.n_folds
-                        k = _key(ident)
+                        k = self._cell_key(recipe, n, seed, pkey, arm)
                         c = Cell(s.name, arm.name, n, int(seed), k, recipe, arm.init, pkey,
                                  arm.n_folds, skip)
                         planned.append(((order[str(n)], seed, si, ai), c))
@@ -205,14 +248,23 @@ class StudyRunner:
         if path.exists() and meta.exists():
             return str(path)
         spec = study.pretrain[cell.init]
-        pool = self._pool(spec, cell.seed)
+        if spec.data is not None:
+            source = self.other_split(spec.data)
+            pool = np.arange(len(source.ids))  # every image of the other dataset
+        else:
+            source = self.split
+            pool = self._pool(spec, cell.seed)
         if len(pool) < 2 * spec.batch_size:
             raise ConfigError(f"pretrain.{cell.init}: only {len(pool)} training images lie "
                               "outside every small subset; lower grid.sizes or batch_size")
-        log.info("pretraining %s (%s) on %d images%s", cell.init, spec.method, len(pool),
+        log.info("pretraining %s (%s%s) on %d images%s", cell.init, spec.method,
+                 f", from {spec.data.root}" if spec.data is not None else "", len(pool),
                  f" (capped at {spec.max_images})" if spec.max_images else "")
-        info = pretrain(self.split, spec, pool, path,
-                        study.train.get("backbone", "cbr_small"))
+        info = pretrain(source, spec, pool, path,
+                        study.train.get("backbone", "cbr_small"),
+                        recipe=study.train if spec.weights == "imagenet" else None)
+        if spec.data is not None:
+            info["data_root"] = os.path.relpath(spec.data.root, study.data.root)
         info.update(name=cell.init, study=study.name, key=cell.pretrain_key, pool=spec.pool,
                     seed=cell.seed if spec.pool == "per_seed" else None)
         _write_json(meta, info)

@@ -129,4 +129,32 @@ def paired(y, probs_a: dict, probs_b: dict, metric: str = "balanced_accuracy",
             "mcnemar_significant_seeds": int(sum(p < alpha for p in ps))}
 
 
-__all__ = ["METRICS", "cell_metrics", "metric", "metric_values", "paired"]
+def ratio(y, probs_small: dict, probs_large: dict, metric: str = "balanced_accuracy",
+          n_boot: int = 1000, alpha: float = 0.05) -> dict | None:
+    """The moonshot ratio: the seed-mean ``metric`` of the small-N cells divided by that of
+    the large-N (all labels) cells, over the seeds both have, with a percentile-bootstrap CI
+    that resamples the test cases (the same resample for every cell).  Also the per-seed
+    ratios.  None when no seed has both."""
+    seeds = sorted(set(probs_small) & set(probs_large))
+    if not seeds:
+        return None
+    y = np.asarray(y)
+    fn = _metric_fn(metric)
+    ps = [np.asarray(probs_small[s]) for s in seeds]
+    pl = [np.asarray(probs_large[s]) for s in seeds]
+
+    def value(idx):
+        small = np.mean([fn(y[idx], p[idx]) for p in ps])
+        large = np.mean([fn(y[idx], p[idx]) for p in pl])
+        return float(small / large) if large > 0 else float("nan")
+
+    out = bootstrap(value, len(y), n_boot=n_boot, alpha=alpha, seed=0)
+    out["seeds"] = seeds
+    full = np.arange(len(y))
+    out["per_seed"] = [float(fn(y, a) / fn(y, b)) for a, b in zip(ps, pl)]
+    out["small"] = float(np.mean([fn(y, p) for p in ps]))
+    out["large"] = float(np.mean([fn(y[full], p) for p in pl]))
+    return out
+
+
+__all__ = ["METRICS", "cell_metrics", "metric", "metric_values", "paired", "ratio"]

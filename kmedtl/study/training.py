@@ -115,6 +115,10 @@ def train_cell(split, recipe: dict, n, seed: int, *, weights=None, n_folds: int 
     shape = split.x.shape[1:]
     info = {"n_train": int(len(rows)), "epochs": tc.epochs, "model": tc.model,
             "backbone": tc.backbone, "cut": tc.cut, "strategy": tc.strategy}
+    if recipe.get("tune"):  # the search arm: KerasTuner on the subset, then one final fit
+        search = _search(split, tc, x, y, shape, seed)
+        tc = search.pop("section")
+        info.update(search=search, strategy=tc.strategy, cut=tc.cut)
     if tc.model == "staged":
         from kmedtl.models import StagedHierarchicalClassifier
         from kmedtl.training import train_section
@@ -135,6 +139,7 @@ def train_cell(split, recipe: dict, n, seed: int, *, weights=None, n_folds: int 
         info["n_folds"] = n_folds
     else:
         bb = _backbone(tc, shape, weights)
+        info["params"] = int(bb.count_params())
         if tc.model == "hierarchical":
             model = HierarchicalClassifier(bb, h, dropout=tc.dropout, pooling=tc.pooling)
             names = [h.leaves[i] for i in y]
@@ -154,6 +159,38 @@ def train_cell(split, recipe: dict, n, seed: int, *, weights=None, n_folds: int 
     return info
 
 
+def _search(split, tc, x, y, shape, seed: int) -> dict:
+    """KerasTuner (:func:`kmedtl.training.tuning.run_search`) over ``train.tune``'s space on
+    the N-subset alone: a stratified 20% of it is the validation split, the test set is
+    never seen.  Returns the best trial's recipe (``section``, with the cell's own epochs, for
+    the final fit on the whole subset) and what the search did."""
+    import tempfile
+
+    from sklearn.model_selection import train_test_split
+
+    from kmedtl.training import train_section
+    from kmedtl.training.tuning import TransferHyperModel, run_search
+
+    t0 = time.perf_counter()
+    rows = np.arange(len(y))
+    tr, va = train_test_split(rows, test_size=0.2, stratify=y, random_state=int(seed))
+    base = train_section(tc, tune=tc.tune.model_copy(update={"seed": int(seed)}))
+    hm = TransferHyperModel(base, split.hierarchy, shape)
+    with tempfile.TemporaryDirectory(prefix="kmedtl-study-search-") as d:
+        res = run_search(hm, (x[tr], y[tr]), (x[va], y[va]), directory=d, verbose=0)
+    if res.best_section is None:
+        raise RuntimeError("the search finished no trial")
+    section = train_section(res.best_section, epochs=tc.epochs, seed=int(seed))
+    keras.utils.clear_session(free_memory=True)
+    keras.utils.set_random_seed(int(seed))
+    return {"section": section, "best": res.best_hyperparameters,
+            "objective": res.objective, "trials": len(res.rows),
+            "n_search_train": int(len(tr)), "n_search_val": int(len(va)),
+            "seconds": round(time.perf_counter() - t0, 2),
+            "table": [{k: v for k, v in r.items() if not str(k).startswith("tuner/")}
+                      for r in res.rows]}
+
+
 # ---------------------------------------------------------------------------- pretraining
 def _rotations(x: np.ndarray):
     """Each image in its four 90-degree rotations, labelled 0..3 (RotNet, Gidaris 2018)."""
@@ -161,7 +198,30 @@ def _rotations(x: np.ndarray):
     return np.concatenate(xs).astype("float32"), np.repeat(np.arange(4), len(x))
 
 
-def pretrain(split, spec, rows: np.ndarray, path, default_backbone: str) -> dict:
+def _intermediate(split, spec, rows, name: str, recipe: dict):
+    """ImageNet weights, then the level-1 task of ``split.x[rows]`` with the study's own
+    recipe (``epochs`` from the pretrain spec); returns (model, losses)."""
+    from kmedtl.models import FlatClassifier, backbone
+    from kmedtl.training import Trainer, train_section
+
+    fields = {k: v for k, v in recipe.items() if k not in ("init", "recalibrate_bn")}
+    fields.update(backbone=name, weights="imagenet", model="flat", cut=None,
+                  epochs=int(spec.epochs), batch_size=int(spec.batch_size), seed=spec.seed,
+                  tensorboard=False, verbose=0, recalibrate_bn=False)
+    if fields.get("strategy") == "fine_tune" and fields["epochs"] <= fields.get("head_epochs", 1):
+        raise ValueError(f"pretrain: epochs ({spec.epochs}) must exceed the recipe's "
+                         f"head_epochs ({fields.get('head_epochs', 1)})")
+    tc = train_section(fields, "study pretrain")
+    h = split.hierarchy
+    y = np.asarray(h.level_matrix(1))[split.y[rows]].argmax(1)
+    bb = backbone(name, weights="imagenet", input_shape=tuple(split.x.shape[1:]))
+    model = FlatClassifier(bb, list(h.levels[0]), dropout=tc.dropout, pooling=tc.pooling)
+    result = Trainer(model, tc).fit((split.x[rows], y))
+    return model, list(result.history.get("loss") or [])
+
+
+def pretrain(split, spec, rows: np.ndarray, path, default_backbone: str,
+             recipe: dict | None = None) -> dict:
     """Pretrain ``spec.backbone`` on ``split.x[rows]`` and save its weights to ``path``
     (``.weights.h5``).
 
@@ -180,12 +240,20 @@ def pretrain(split, spec, rows: np.ndarray, path, default_backbone: str) -> dict
     keras.utils.clear_session(free_memory=True)
     keras.utils.set_random_seed(spec.seed)
     name = spec.backbone or default_backbone
-    bb = backbone(name, input_shape=tuple(split.x.shape[1:]))
     if spec.max_images and len(rows) > spec.max_images:
         rows = np.random.default_rng(spec.seed).choice(rows, spec.max_images, replace=False)
     x = split.x[rows]
     tmp = path.with_name(f".{path.name}.tmp.weights.h5")
-    if spec.method == "simclr":
+    bb = None if spec.weights == "imagenet" else backbone(name, input_shape=tuple(split.x.shape[1:]))
+    if spec.weights == "imagenet":
+        if recipe is None:
+            raise ValueError("pretrain: weights: imagenet trains with the study's recipe; "
+                             "pass recipe=")
+        model, losses = _intermediate(split, spec, rows, name, recipe)
+        if recipe.get("recalibrate_bn", True) and not recipe.get("freeze_bn"):
+            recalibrate_batchnorm(model.backbone, x)
+        save_backbone(model, tmp)
+    elif spec.method == "simclr":
         model = ContrastivePretrainer(bb, temperature=spec.temperature)
         model.compile(optimizer=keras.optimizers.Adam(spec.learning_rate))
         hist = model.fit(x, epochs=spec.epochs, batch_size=spec.batch_size, shuffle=True,
@@ -214,6 +282,7 @@ def pretrain(split, spec, rows: np.ndarray, path, default_backbone: str) -> dict
         losses = res.history.history.get("loss", [])
     tmp.replace(path)
     return {"method": spec.method, "backbone": name, "n_images": int(len(rows)),
+            "weights": spec.weights,
             "epochs": spec.epochs, "first_loss": losses[0] if losses else None,
             "last_loss": losses[-1] if losses else None,
             "seconds": round(time.perf_counter() - t0, 2), "path": str(path)}
