@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import os
 import re
+import types
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from kmedtl.data.options import WINDOW_MODES, ImageOptions
 from kmedtl.errors import ConfigError, DatasetNotFoundError
@@ -104,6 +105,106 @@ class AugmentSection(_Strict):
     randaugment_factor: float = Field(default=0.3, ge=0)
     mixup: float = Field(default=0.0, ge=0)
     cutmix: float = Field(default=0.0, ge=0)
+
+
+#: flip modes and how many deterministic views each gives (identity included)
+FLIP_VIEWS = {"none": 1, "horizontal": 2, "vertical": 2, "horizontal_and_vertical": 4}
+
+
+class TTAOptions(_Strict):
+    """Test-time augmentation for evaluation (``pipeline.evaluate.tta``, ``kmedtl evaluate
+    --tta``): each test and validation image is averaged over transformed copies by
+    :func:`kmedtl.training.tta.predict_tta`.  ``tta: true`` means the defaults (identity +
+    horizontal flip), ``tta: vertical`` a flip mode with its default views."""
+
+    flips: Literal["none", "horizontal", "vertical", "horizontal_and_vertical"] = "horizontal"
+    n: int | None = Field(default=None, ge=1)
+    rotation: float = Field(default=0.0, ge=0.0, lt=1.0)
+    zoom: float = Field(default=0.0, ge=0.0, lt=1.0)
+    seed: int = 0
+
+    @property
+    def flip_views(self) -> int:
+        return FLIP_VIEWS[self.flips]
+
+    @property
+    def random(self) -> bool:
+        return self.rotation > 0 or self.zoom > 0
+
+    @property
+    def views(self) -> int:
+        """Views averaged per image."""
+        return self.n if self.n is not None else self.flip_views
+
+    @model_validator(mode="after")
+    def _enough_views(self):
+        k = self.flip_views
+        if self.n is not None and self.n > k and not self.random:
+            raise ValueError(
+                f"n={self.n} views but flips {self.flips!r} gives only {k}; lower n to <= {k}, "
+                "or add random views with rotation and/or zoom (> 0)")
+        if self.random and self.views <= k:
+            raise ValueError(
+                f"rotation/zoom make the views after the {k} flip view(s) of flips "
+                f"{self.flips!r}; set n > {k} (e.g. n: {k + 4}) or drop rotation/zoom")
+        if self.views < 2:
+            raise ValueError(
+                "one view (flips 'none', no random views) is no test-time augmentation; set "
+                "flips to horizontal/vertical/horizontal_and_vertical, or rotation/zoom with "
+                "n >= 2, or leave tta out")
+        return self
+
+    def augment_layers(self) -> list:
+        """The Keras layers that make the random views (empty when there are none)."""
+        import keras
+
+        layers = []
+        if self.rotation > 0:
+            layers.append(keras.layers.RandomRotation(self.rotation, fill_mode="reflect",
+                                                      seed=self.seed))
+        if self.zoom > 0:
+            layers.append(keras.layers.RandomZoom(self.zoom, fill_mode="reflect",
+                                                  seed=self.seed + 1))
+        return layers
+
+    def describe(self) -> dict:
+        """What ``metrics.json`` records under ``"tta"``."""
+        return {"flips": self.flips, "n": self.views, "flip_views": min(self.views,
+                                                                        self.flip_views),
+                "random_views": max(0, self.views - self.flip_views),
+                "rotation": self.rotation, "zoom": self.zoom,
+                "seed": self.seed if self.random else None,
+                "applied_to": ["test", "val"]}
+
+
+def tta_options(value, where: str = "tta") -> TTAOptions | None:
+    """``None``/``False`` -> no TTA; ``True`` -> defaults; a flip name; a mapping; or a
+    :class:`TTAOptions`.  Errors are a :class:`ConfigError` naming ``where.<field>``."""
+    if value is None or value is False:
+        return None
+    if isinstance(value, TTAOptions):
+        return value
+    if value is True:
+        value = {}
+    elif isinstance(value, str):
+        value = {"flips": value}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: give a mapping (flips, n, rotation, zoom, seed), a flip "
+                          f"mode {list(FLIP_VIEWS)}, true or null; got {value!r}")
+    try:
+        return TTAOptions.model_validate(value)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            loc = ".".join([where, *(str(p) for p in err["loc"])])
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                msg = f"unknown field; allowed fields here: {sorted(TTAOptions.model_fields)}"
+                lines.append(f"{loc}: {msg}")
+            else:
+                lines.append(f"{loc}: {msg} (got {err.get('input')!r})"
+                             if not isinstance(err.get("input"), dict) else f"{loc}: {msg}")
+        raise ConfigError("; ".join(lines)) from None
 
 
 class Config(_Strict):
@@ -253,10 +354,13 @@ def model_at(root: type[BaseModel], loc) -> type[BaseModel]:
     model = root
     for part in loc:
         field = model.model_fields.get(str(part))
-        if field is None or not isinstance(field.annotation, type) or \
-                not issubclass(field.annotation, BaseModel):
+        annotation = field.annotation if field is not None else None
+        if get_origin(annotation) in (Union, types.UnionType):
+            inner = [a for a in get_args(annotation) if a is not type(None)]
+            annotation = inner[0] if len(inner) == 1 else None  # Optional[Model]
+        if not isinstance(annotation, type) or not issubclass(annotation, BaseModel):
             break
-        model = field.annotation
+        model = annotation
     return model
 
 

@@ -44,6 +44,21 @@ def add_parsers(subparsers) -> argparse.ArgumentParser:
                    help="test images with Grad-CAM heatmaps (8; 0 to skip)")
     p.add_argument("--examples", type=int, default=12,
                    help="misclassified test images shown in the report (12)")
+    g = p.add_argument_group(
+        "test-time augmentation", "average each test and validation image over flipped "
+        "(and optionally randomly rotated/zoomed) copies; recorded in metrics.json as 'tta'")
+    g.add_argument("--tta", metavar="FLIPS",
+                   choices=("horizontal", "vertical", "horizontal_and_vertical", "none"),
+                   help="turn TTA on with these flip views: horizontal (2 views), vertical "
+                        "(2), horizontal_and_vertical (4) or none (random views only)")
+    g.add_argument("--tta-n", type=int, metavar="N",
+                   help="views per image (default: every flip view); more than the flip "
+                        "views needs --tta-rotation and/or --tta-zoom")
+    g.add_argument("--tta-rotation", type=float, metavar="F",
+                   help="random rotation of the extra views (fraction of a full turn)")
+    g.add_argument("--tta-zoom", type=float, metavar="F",
+                   help="random zoom of the extra views (fraction)")
+    g.add_argument("--tta-seed", type=int, metavar="S", help="seed of the random views (0)")
     p.set_defaults(func=cmd_evaluate)
     from kmedtl.evaluation.compare import add_parsers as add_compare_parsers
 
@@ -51,18 +66,50 @@ def add_parsers(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+_TTA_FLAGS = {"tta_n": "n", "tta_rotation": "rotation", "tta_zoom": "zoom",
+              "tta_seed": "seed"}
+
+
+def tta_from_args(args):
+    """The TTA options of ``--tta``/``--tta-*`` (``None`` when ``--tta`` is not given)."""
+    from kmedtl.config import tta_options
+    from kmedtl.errors import ConfigError
+
+    given = {opt: getattr(args, flag) for flag, opt in _TTA_FLAGS.items()
+             if getattr(args, flag, None) is not None}
+    if getattr(args, "tta", None) is None:
+        if given:
+            flags = ", ".join(f"--tta-{k}" for k in given)
+            raise ConfigError(f"{flags}: needs --tta FLIPS to turn test-time augmentation on "
+                              "(e.g. --tta horizontal, or --tta none with --tta-n and "
+                              "--tta-rotation for random views only)")
+        return None
+    try:
+        return tta_options({"flips": args.tta, **given}, "--tta")
+    except ConfigError as exc:
+        msg = str(exc)
+        for opt in _TTA_FLAGS.values():
+            msg = msg.replace(f"--tta.{opt}:", f"--tta-{opt}:")
+        raise ConfigError(msg) from None
+
+
 def cmd_evaluate(args) -> int:
     from kmedtl.evaluation.run import evaluate_run
     from kmedtl.evaluation.uncertainty import format_interval
+
+    tta = tta_from_args(args)
 
     doc = evaluate_run(args.run_dir, test=args.test, out=args.out, fold=args.fold,
                        n_boot=args.n_boot, alpha=args.alpha, seed=args.seed,
                        batch_size=args.batch_size, threshold=args.threshold,
                        target_sensitivity=args.target_sensitivity, negative=args.negative,
                        ordered=args.ordered, n_bins=args.bins, n_gradcam=args.gradcam,
-                       n_examples=args.examples)
+                       n_examples=args.examples, tta=tta)
     print(f"evaluated {doc['test']['n']} test images ({doc['test']['source']}); "
           f"{len(doc['test']['skipped'])} skipped")
+    if doc.get("tta"):
+        print(f"test-time augmentation: {doc['tta']['n']} views per image "
+              f"(flips {doc['tta']['flips']}, {doc['tta']['random_views']} random)")
     for name, ci in doc["headline"].items():
         print(f"  {name:<18} {format_interval(ci)}")
     out = args.out or args.run_dir

@@ -16,7 +16,9 @@
 
 ``metrics.json`` is the body documented in :mod:`kmedtl.evaluation.evaluate` plus
 ``run`` (``name``, ``dir``, ``model``, ``fold``), ``test`` (``source``, ``n``,
-``by_class``, ``skipped``: ``[{path, reason}]``), ``data`` (``split_sizes``: images per
+``by_class``, ``skipped``: ``[{path, reason}]``), ``tta`` (``null``, or the test-time
+augmentation used: ``flips``, ``n`` views, ``flip_views``, ``random_views``, ``rotation``,
+``zoom``, ``seed``, ``applied_to``), ``data`` (``split_sizes``: images per
 class in train/val/test of the fold; ``audit``: the audit summary) and ``artefacts``
 (relative paths of everything written).
 """
@@ -110,14 +112,30 @@ def normalization_for(model, default: str = "unit") -> str:
     return _NORMALIZATION.get(pre, default) if pre is not None else default
 
 
+def _tta_batch(model, x, tta, layers):
+    """Mean outputs of one batch over the views of ``tta`` (a :class:`TTAOptions`)."""
+    from kmedtl.training.tta import predict_tta
+
+    x = {k: np.asarray(v) for k, v in x.items()} if isinstance(x, dict) else np.asarray(x)
+    n = len(next(iter(x.values()))) if isinstance(x, dict) else len(x)
+    return predict_tta(model, x, n=tta.views, flips=tta.flips, augment=layers or None,
+                       batch_size=max(1, n))
+
+
 def predict(model, samples, hierarchy, options, *, batch_size: int = 32,
-            normalization: str = "unit", decoder: str = "pydicom") -> Predictions:
+            normalization: str = "unit", decoder: str = "pydicom",
+            tta=None) -> Predictions:
     """Run ``model`` over ``samples`` through the uncached ``tf.data`` pipeline.
 
     Files that fail to decode are dropped from the stream and returned in ``skipped``; the
     kept samples stay aligned with the outputs (the pipeline keeps order when not
-    training).
+    training).  ``tta`` (:class:`kmedtl.config.TTAOptions`, a mapping or ``True``) averages
+    every output over flipped / randomly augmented views of each image.
     """
+    from kmedtl.config import tta_options
+
+    tta = tta_options(tta)
+    layers = tta.augment_layers() if tta is not None else []
     from kmedtl.data.pipeline import PipelineReport, make_dataset
 
     if not samples:
@@ -129,7 +147,7 @@ def predict(model, samples, hierarchy, options, *, batch_size: int = 32,
                       report=report, decoder=decoder)
     outs, ys = [], []
     for x, y in ds:
-        out = model(x, training=False)
+        out = model(x, training=False) if tta is None else _tta_batch(model, x, tta, layers)
         if isinstance(out, dict):
             outs.append({k: np.asarray(v, dtype=np.float64) for k, v in out.items()})
         else:
@@ -213,10 +231,14 @@ def evaluate_run(run_dir, *, test: str | None = None, out=None, fold: int | None
                  batch_size: int = 32, threshold: float = 0.5,
                  target_sensitivity: float = 0.95, negative: str | None = None,
                  ordered: bool = False, n_bins: int = 15, n_gradcam: int = 8,
-                 n_examples: int = 12) -> dict:
+                 n_examples: int = 12, tta=None) -> dict:
     """Evaluate the model of a run folder; returns ``metrics.json``'s content (with the
-    written paths under ``"artefacts"``).  See the module docstring for the steps."""
-    from kmedtl.config import load_config
+    written paths under ``"artefacts"``).  See the module docstring for the steps.
+
+    ``tta``: test-time augmentation of the test and validation predictions (``None``: off;
+    ``True``; a flip mode; a mapping or :class:`kmedtl.config.TTAOptions`), recorded in
+    ``metrics.json`` as ``"tta"``."""
+    from kmedtl.config import load_config, tta_options
     from kmedtl.data.prepare import load_index
     from kmedtl.data.splits import Splits
     from kmedtl.evaluation import calibration as cal
@@ -234,6 +256,7 @@ def evaluate_run(run_dir, *, test: str | None = None, out=None, fold: int | None
     from kmedtl.evaluation.report import write_report
     from kmedtl.hierarchy import Hierarchy
 
+    tta = tta_options(tta, "evaluate.tta")
     run = Path(run_dir)
     if not run.is_dir():
         raise ConfigError(f"{run}: run folder not found")
@@ -296,9 +319,9 @@ def evaluate_run(run_dir, *, test: str | None = None, out=None, fold: int | None
     if not test_samples:
         raise ConfigError(f"{run}: no test samples ({test_source})")
     norm = normalization_for(model, cfg.data.normalization)
-    kw = dict(batch_size=batch_size, normalization=norm, decoder=cfg.data.decoder)
-    log.info("evaluate: predicting %d test and %d validation images", len(test_samples),
-             len(val_samples))
+    kw = dict(batch_size=batch_size, normalization=norm, decoder=cfg.data.decoder, tta=tta)
+    log.info("evaluate: predicting %d test and %d validation images%s", len(test_samples),
+             len(val_samples), f" ({tta.views} TTA views each)" if tta is not None else "")
     pt = predict(model, test_samples, hierarchy, options, **kw)
     pv = predict(model, val_samples, hierarchy, options, **kw) if val_samples else None
 
@@ -442,6 +465,7 @@ def evaluate_run(run_dir, *, test: str | None = None, out=None, fold: int | None
         "test": {"source": test_source, "n": int(len(pt.y)),
                  "by_class": dict(sorted(by_class.items())),
                  "skipped": pt.skipped + (missing if test is None else [])},
+        "tta": tta.describe() if tta is not None else None,
         "data": {"split_sizes": split_sizes,
                  "audit": (audit or {}).get("summary"),
                  "audit_counts": {k: v for k, v in (audit or {}).get("counts", {}).items()
@@ -481,12 +505,22 @@ def evaluate_run(run_dir, *, test: str | None = None, out=None, fold: int | None
         summary["test images not evaluated (unreadable or missing)"] = len(doc["test"]["skipped"])
     write_report(out_dir / "report.html", doc, title=f"Evaluation report: {cfg.name}",
                  run_info={"run": cfg.name, "model": type(model).__name__,
-                           "test set": test_source},
+                           "test set": test_source,
+                           **({"test-time augmentation": _tta_text(tta)} if tta else {})},
                  data_summary=summary, split_sizes=split_sizes, figures=figures,
                  gradcam=gradcam_imgs, examples=examples, limitations=limitations,
                  label_tree=label_tree_text(hierarchy))
     write_json(out_dir / "metrics.json", doc)
     return doc
+
+
+def _tta_text(tta) -> str:
+    d = tta.describe()
+    text = f"mean of {d['n']} views: {d['flip_views']} flip view(s) ({d['flips']})"
+    if d["random_views"]:
+        text += (f" + {d['random_views']} random (rotation {d['rotation']}, zoom {d['zoom']},"
+                 f" seed {d['seed']})")
+    return text + "; test and validation predictions"
 
 
 PREDICTIONS_FILE = "predictions.csv"

@@ -4,7 +4,7 @@ A pipeline file is a run config (:class:`kmedtl.config.Config`) plus a ``pipelin
 section (:class:`~kmedtl.run.spec.PipelineSection`)::
 
     pipeline:
-      stages: [audit, split, pretrain, train, evaluate, export, push]
+      stages: [audit, split, pretrain, tune, train, evaluate, export, push]
       fold: 0
       pretrain: {method: supervised, task: level1, epochs: 5}
       evaluate: {n_boot: 1000}
@@ -20,6 +20,9 @@ Run folder (``<output_dir>/<name>/`` or ``--run-dir``)::
     data/audit.json      audit stage: counts, skipped files, duplicates, patient overlap
     data/splits.json     split stage: the leakage-free split (kmedtl-splits v1)
     pretrain/            pretrain stage: backbone.weights.h5, pretrain.json
+    tuning/              tune stage (search space: train.tune): best.json (best
+                         hyperparameters, the train section the train stage uses),
+                         results.csv, results.md, search/ (KerasTuner), features/
     config.yaml, splits.json, audit.json, model.keras, checkpoints/, backup/, logs/,
     history.csv, train_metrics.json      train stage (contract: kmedtl.training)
     metrics.json, report.html, model_card.*, calibration.json, plots/   evaluate stage

@@ -34,7 +34,7 @@ def add_parsers(subparsers) -> None:
     from kmedtl.run.spec import STAGES
 
     r = subparsers.add_parser(
-        "run", help="run a pipeline YAML end to end (audit, split, pretrain, train, "
+        "run", help="run a pipeline YAML end to end (audit, split, pretrain, tune, train, "
                     "evaluate, export, push); reruns skip finished stages")
     r.add_argument("pipeline", help="pipeline YAML: a run config plus a pipeline: section")
     r.add_argument("--run-dir", help="run folder (default: <output_dir>/<name>)")

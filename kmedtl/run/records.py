@@ -9,8 +9,14 @@ A stage's fingerprint is the SHA-256 of
 - the *tokens* of the stages it depends on.
 
 A stage's token identifies what it produced: the SHA-256 of ``splits.json`` for ``split``
-(deterministic, so re-auditing unchanged data leaves training alone), a fresh random id for
-every other stage (a retrained model is a different model, even from the same config).
+(deterministic, so re-auditing unchanged data leaves training alone), the digest of the
+chosen train section for ``tune`` (a rerun search that picks the same hyperparameters leaves
+training alone), a fresh random id for every other stage (a retrained model is a different
+model, even from the same config).
+
+Upstream tokens enter a fingerprint only for stages listed in ``pipeline.stages``, so adding
+a stage (``tune``) to :data:`UPSTREAM` leaves the fingerprints of pipelines without it as
+they were.
 
 A record is written as ``running`` when a stage starts and ``done`` (or ``failed`` /
 ``interrupted``) when it ends, atomically.  A stage is skipped when its record is
@@ -33,13 +39,13 @@ RECORD_KIND = "kmedtl-stage"
 RECORD_VERSION = 1
 
 #: Bump a stage's number when its outputs change meaning: its records stop matching.
-STAGE_VERSIONS = {"audit": 1, "split": 1, "pretrain": 1, "train": 1, "evaluate": 1,
-                  "export": 1, "push": 1}
+STAGE_VERSIONS = {"audit": 1, "split": 1, "pretrain": 1, "tune": 1, "train": 1,
+                  "evaluate": 1, "export": 1, "push": 1}
 
 #: Upstream stages whose tokens enter a stage's fingerprint (when they are in the pipeline).
 UPSTREAM = {"audit": (), "split": ("audit",), "pretrain": ("split",),
-            "train": ("split", "pretrain"), "evaluate": ("train",), "export": ("train",),
-            "push": ("evaluate", "export")}
+            "tune": ("split", "pretrain"), "train": ("split", "pretrain", "tune"),
+            "evaluate": ("train",), "export": ("train",), "push": ("evaluate", "export")}
 
 
 def canonical(obj) -> str:
@@ -96,12 +102,22 @@ def stage_inputs(stage: str, pipe, listing: str | None = None) -> dict:
         return {"pretrain": spec["pretrain"], "fold": spec["fold"], "data": data,
                 "train": {k: t.get(k) for k in ("backbone", "weights", "cut", "seed",
                                                 "precision")}}
-    if stage == "train":  # verbosity changes no model
+    if stage in ("train", "tune"):  # verbosity changes no model
         train = {k: v for k, v in cfg["train"].items() if k != "verbose"}
+        if train.get("weight_scaling") == "none":  # the fingerprint of runs made before it
+            train.pop("weight_scaling")
+        if "tune" in spec["stages"]:  # the tune stage always starts a changed search afresh
+            train["tune"] = {k: v for k, v in train["tune"].items() if k != "overwrite"}
+        if stage == "tune":  # every trial starts from the train section: all of it counts
+            return {"train": train, "augment": cfg["augment"], "data": data,
+                    "fold": spec["fold"]}
         return {"train": train, "augment": cfg["augment"], "data": data,
                 "fold": spec["fold"], "name": cfg["name"]}
     if stage == "evaluate":
-        return {"evaluate": spec["evaluate"], "fold": spec["fold"]}
+        evaluate = dict(spec["evaluate"])
+        if evaluate.get("tta") is None:  # off: the fingerprint of runs made before tta
+            evaluate.pop("tta", None)
+        return {"evaluate": evaluate, "fold": spec["fold"]}
     if stage == "export":
         return {"export": spec["export"]}
     if stage == "push":

@@ -6,7 +6,8 @@ says ``done`` with the same fingerprint and its outputs are still there; otherwi
 runs it.  Tokens chain the stages, so a stage that reruns makes everything downstream of
 it rerun, and nothing upstream.  ``train`` interrupted mid-way (record ``running``,
 ``failed`` or ``interrupted`` with the same fingerprint, ``backup/state.json`` present)
-resumes from the trainer's BackupAndRestore state instead of starting over.
+resumes from the trainer's BackupAndRestore state instead of starting over; ``tune``
+likewise continues its KerasTuner search (``tuning/search/oracle.json``).
 
 Every call ends by writing ``summary.md`` and ``summary.json`` (also when a stage fails:
 then the summary says which, and the exception propagates).
@@ -27,6 +28,10 @@ from kmedtl.run.spec import STAGES, Pipeline, load_pipeline
 from kmedtl.run.stages import STAGE_FUNCS, Context, SimulatedInterruption
 
 log = logging.getLogger("kmedtl.run")
+
+#: Stages that continue an interrupted attempt of the same inputs, and the file (in the run
+#: folder) that holds the state they continue from.
+_RESUMABLE = {"train": "backup/state.json", "tune": "tuning/search/oracle.json"}
 
 
 @dataclass
@@ -114,9 +119,9 @@ def run_pipeline(source, *, run_dir=None, force=(), until: str | None = None,
                 res.skipped.append(stage)
                 res.records[stage] = rec
                 continue
-            resume = (stage == "train" and rec is not None and rec.get("fingerprint") == fp
+            resume = (stage in _RESUMABLE and rec is not None and rec.get("fingerprint") == fp
                       and rec.get("status") in ("running", "failed", "interrupted")
-                      and (run / "backup" / "state.json").is_file())
+                      and (run / _RESUMABLE[stage]).is_file())
             log.info("stage %s: running (%s)", stage, "resuming" if resume else reason)
             res.records[stage] = _run_stage(ctx, stage, fp, up, inputs, rec, reason, resume)
             tokens[stage] = res.records[stage]["token"]
@@ -167,7 +172,7 @@ def _run_stage(ctx: Context, stage, fp, up, inputs, rec, reason, resume) -> dict
     t0, c0 = time.perf_counter(), _cpu()
     try:
         fn = STAGE_FUNCS[stage]
-        out = fn(ctx, resume=resume) if stage == "train" else fn(ctx)
+        out = fn(ctx, resume=resume) if stage in _RESUMABLE else fn(ctx)
     except BaseException as exc:
         status = "interrupted" if isinstance(exc, (KeyboardInterrupt, SimulatedInterruption)) \
             else "failed"

@@ -24,13 +24,13 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from kmedtl.config import Config, dataset_path, load_config
+from kmedtl.config import Config, TTAOptions, dataset_path, load_config
 from kmedtl.errors import ConfigError
 
 #: Every stage, in the order they run.
-STAGES = ("audit", "split", "pretrain", "train", "evaluate", "export", "push")
+STAGES = ("audit", "split", "pretrain", "tune", "train", "evaluate", "export", "push")
 #: What a stage needs to have run before it (in the same pipeline).
-REQUIRES = {"split": ("audit",), "pretrain": ("split",), "train": ("split",),
+REQUIRES = {"split": ("audit",), "pretrain": ("split",), "tune": ("split",), "train": ("split",),
             "evaluate": ("train",), "export": ("train",), "push": ("evaluate", "export")}
 DEFAULT_STAGES = ["audit", "split", "train", "evaluate", "export", "push"]
 EXPORT_FORMATS = ("savedmodel", "tflite", "onnx")
@@ -79,6 +79,21 @@ class EvaluateSection(_Strict):
     n_bins: int = Field(default=15, ge=2)
     n_gradcam: int = Field(default=8, ge=0)
     n_examples: int = Field(default=12, ge=0)
+    #: test-time augmentation of the test and validation predictions
+    #: (:class:`kmedtl.config.TTAOptions`): a mapping (flips, n, rotation, zoom,
+    #: seed), a flip mode, true (defaults) or null (off)
+    tta: TTAOptions | None = None
+
+    @field_validator("tta", mode="before")
+    @classmethod
+    def _tta_shorthand(cls, v):
+        if v is True:
+            return {}
+        if v is False:
+            return None
+        if isinstance(v, str):
+            return {"flips": v}
+        return v
 
 
 class ExportSection(_Strict):
@@ -242,7 +257,26 @@ def load_pipeline(source, overrides: dict | None = None) -> Pipeline:
         raise ConfigError(msg) from None
     from kmedtl.training.config import train_section
 
-    return Pipeline(cfg, spec, label, train_section(cfg, label))
+    train = train_section(cfg, label)
+    _check_tune(cfg, spec, train, label)
+    return Pipeline(cfg, spec, label, train)
+
+
+def _check_tune(cfg: Config, spec: PipelineSection, train, label: str) -> None:
+    """The ``tune`` stage searches ``train.tune`` with one Keras model per trial and scores
+    trials on the validation part (never the test part)."""
+    if "tune" not in spec.stages:
+        return
+    if cfg.split.val == 0 and cfg.split.file is None and cfg.split.method != "source":
+        raise ConfigError(
+            f"{label}: split.val: the 'tune' stage scores its trials on the validation part, "
+            "but split.val is 0 (no validation part; the test part is never used for the "
+            "search); set split.val > 0, e.g. 0.15, or remove 'tune' from pipeline.stages")
+    if train.model == "staged":
+        raise ConfigError(
+            f"{label}: pipeline.stages: the 'tune' stage builds one Keras model per trial, but "
+            "train.model is 'staged'; set train.model: flat or hierarchical, or remove 'tune' "
+            "from pipeline.stages")
 
 
 def _format(label: str, exc: ValidationError) -> str:

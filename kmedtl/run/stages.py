@@ -11,9 +11,16 @@ split         the leakage-free split of ``split:``, checked: no exact duplicate,
 pretrain      same-domain pretraining of ``train.backbone`` on the images the fold does not
               use (:class:`~kmedtl.run.spec.PretrainSection`):
               ``pretrain/backbone.weights.h5``, ``pretrain/pretrain.json``
+tune          the KerasTuner search of ``train.tune`` (:mod:`kmedtl.training.tuning`) on
+              the fold: trials fit on its training part and are scored on its validation
+              part (never the test part): ``tuning/best.json`` (best hyperparameters and
+              the train section the train stage uses), ``tuning/results.csv``,
+              ``tuning/results.md``, ``tuning/search/`` (KerasTuner's project, so an
+              interrupted search resumes), ``tuning/features/`` (feature cache)
 train         :func:`kmedtl.training.run_training` into the run folder (its contract:
               ``config.yaml``, ``splits.json``, ``model.keras``, ``train_metrics.json``,
-              ...); resumes from ``backup/`` after an interruption
+              ...); resumes from ``backup/`` after an interruption; with ``tune`` in the
+              pipeline it trains the train section of ``tuning/best.json``
 evaluate      :func:`kmedtl.evaluation.run.evaluate_run`: ``metrics.json``,
               ``report.html``, ``model_card.md``, ``plots/``
 export        ``kmedtl.export.export_run`` (SavedModel / TFLite / ONNX, parity verified)
@@ -281,11 +288,175 @@ def stage_pretrain(ctx: Context) -> StageOutput:
     return StageOutput(result, [path, out_dir / "pretrain.json"])
 
 
+# ------------------------------------------------------------------------------ tune
+TUNING_DIR = "tuning"
+BEST_KIND = "kmedtl-tune-best"
+#: The train fields a search trial sets (:meth:`TransferHyperModel.trial_section`).
+SEARCHED_FIELDS = ("backbone", "cut", "strategy", "learning_rate", "lr_multipliers",
+                   "dropout", "freeze_below", "freeze_layers", "unfreeze_at", "head_epochs")
+
+
+def best_path(run_dir) -> Path:
+    return Path(run_dir) / TUNING_DIR / "best.json"
+
+
+def read_best(ctx: Context) -> dict:
+    """``tuning/best.json`` of this run folder, checked."""
+    path = best_path(ctx.run_dir)
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise PipelineStageError(
+            f"{path}: the train stage of a pipeline with a 'tune' stage trains the search's "
+            f"best hyperparameters, but this file is missing or unreadable ({exc}); rerun "
+            "the search with --force tune") from None
+    if not isinstance(doc, dict) or doc.get("kind") != BEST_KIND or \
+            not isinstance(doc.get("train"), dict):
+        raise PipelineStageError(f"{path}: not a tune stage result (kind {BEST_KIND!r} with a "
+                                 "'train' section); rerun the search with --force tune")
+    return doc
+
+
+def _ids_digest(samples) -> str:
+    from kmedtl.run.records import digest
+
+    return digest(sorted(s.id for s in samples))
+
+
+def _clear_tuning(tdir: Path, keep=("features",)) -> None:
+    """Start a search afresh: drop a previous search's files (the feature cache, keyed by
+    backbone weights and data, stays)."""
+    if not tdir.is_dir():
+        return
+    for p in tdir.iterdir():
+        if p.name in keep:
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+
+
+def stage_tune(ctx: Context, *, resume: bool = False) -> StageOutput:
+    """The ``train.tune`` search on the fold's training (fit) and validation (objective)
+    parts; ``resume`` continues an interrupted search of the same inputs (KerasTuner
+    reloads its oracle from ``tuning/search/``)."""
+    import keras
+    import numpy as np
+
+    from kmedtl.run.records import digest
+    from kmedtl.training import tuning
+    from kmedtl.training.config import train_section
+    from kmedtl.training.features import FeatureCache
+    from kmedtl.training.run import check_weight_scaling, datasets, targets_for
+
+    fail_hook("tune")
+    t0 = time.perf_counter()
+    label = ctx.pipe.label
+    cfg = train_config(ctx, tuned=False)
+    tc = train_section(cfg, label)
+    check_weight_scaling(tc)
+    if tuning.distributed_role() == "worker":
+        raise ConfigError(
+            f"{label}: pipeline.stages: the 'tune' stage runs a single-process search, but "
+            "KERASTUNER_TUNER_ID / KERASTUNER_ORACLE_IP make this process a KerasTuner "
+            "worker; unset them, or run a distributed search with `kmedtl tune`")
+    tuning.preflight()
+    prep = ctx.prepared()
+    fold = ctx.fold(prep.splits)
+    f = ctx.spec.fold
+    train_samples, val_samples = prep.samples("train", f), prep.samples("val", f)
+    if not val_samples:
+        raise ConfigError(
+            f"{label}: split: the 'tune' stage scores trials on the validation part, but "
+            f"fold {f} has none (split.val: {ctx.cfg.split.val}); set split.val > 0 (the test "
+            "part is never used for the search), or remove 'tune' from pipeline.stages")
+    test_ids = set(fold.test)
+    if test_ids & {s.id for s in train_samples + val_samples}:  # never: the split is checked
+        raise PipelineStageError(f"{label}: fold {f}: test images in the training or "
+                                 "validation part; please report this")
+    tdir = ctx.run_dir / TUNING_DIR
+    if not resume:
+        _clear_tuning(tdir)
+    tdir.mkdir(parents=True, exist_ok=True)
+    data = datasets(cfg, prep, tc, targets_for(tc), f)
+    base = tc
+    if data["steps_per_epoch"] and tc.steps_per_epoch is None:  # data.balance: sampling
+        base = train_section(tc, steps_per_epoch=data["steps_per_epoch"])
+    cache = None
+    if tc.tune.feature_cache:
+        cache = FeatureCache(tc.tune.cache_dir or tdir / "features", batch_size=tc.batch_size)
+    keras.utils.set_random_seed(tc.tune.seed)
+    hm = tuning.TransferHyperModel(base, prep.hierarchy, prep.options.shape,
+                                   plain_train=data["train_eval"], plain_val=data["val"],
+                                   feature_cache=cache)
+    trial_epochs = tc.tune.epochs or tc.epochs
+    result = tuning.run_search(hm, data["train"], data["val"], directory=tdir,
+                               epochs=trial_epochs, verbose=0 if tc.verbose == 0 else 1,
+                               overwrite=not resume)
+    rows = result.rows
+    # the first row of results.csv: best score, ties broken by trial id (KerasTuner's own
+    # order of tied trials can change when it reloads a search)
+    top = rows[0] if rows else None
+    trials = result.tuner.oracle.trials if result.tuner is not None else {}
+    if top is None or top["score"] is None or not np.isfinite(top["score"]) or \
+            top["trial_id"] not in trials:
+        raise PipelineStageError(f"{tdir}: the search found no trial with a finite "
+                                 f"{result.objective} (see {tdir / 'results.md'})")
+    best_trial = trials[top["trial_id"]]
+    hp = best_trial.hyperparameters
+    model = hm.build(hp)
+    # the best trial's hyperparameters at the full train.epochs (fine-tune head epochs and
+    # gradual unfreeze points scale with the epochs)
+    final = hm.trial_section(hp, epochs=tc.epochs, model=model)
+    final = train_section(final, steps_per_epoch=tc.steps_per_epoch, verbose=tc.verbose)
+    as_searched = hm.trial_section(hp, epochs=trial_epochs, model=model)
+    del model
+    statuses = Counter(r["status"] for r in rows)
+    chosen = {k: getattr(final, k) for k in SEARCHED_FIELDS
+              if k != "head_epochs" or final.strategy == "fine_tune"}
+    changed = {k: {"config": getattr(tc, k), "search": v} for k, v in chosen.items()
+               if getattr(tc, k) != v}
+    doc = {"kind": BEST_KIND, "version": 1,
+           "objective": result.objective, "direction": result.direction,
+           "best_trial": best_trial.trial_id, "best_score": float(top["score"]),
+           "hyperparameters": {k: v for k, v in hp.values.items()
+                               if not k.startswith("tuner/")},
+           "from_search": chosen, "changed": changed,
+           "train": final.model_dump(mode="json"),
+           "trial_train": as_searched.model_dump(mode="json"),
+           "search": {"tuner": tc.tune.tuner, "max_trials": tc.tune.max_trials,
+                      "trial_epochs": trial_epochs, "train_epochs": tc.epochs,
+                      "trials": len(rows), "by_status": dict(statuses),
+                      "resumed": resume},
+           "data": {"fold": f, "n_train": len(train_samples), "n_val": len(val_samples),
+                    "n_test_held_out": len(fold.test),
+                    "train_ids": _ids_digest(train_samples),
+                    "val_ids": _ids_digest(val_samples)},
+           "seconds": round(time.perf_counter() - t0, 3)}
+    out = best_path(ctx.run_dir)
+    _write_json(out, doc)
+    result_doc = {k: doc[k] for k in ("objective", "direction", "best_trial", "best_score",
+                                      "hyperparameters", "from_search", "changed", "search",
+                                      "seconds")}
+    result_doc["data"] = {k: v for k, v in doc["data"].items() if not k.endswith("_ids")}
+    result_doc["top"] = [{k: v for k, v in r.items() if k != "error" or v}
+                         for r in rows[:5]]
+    outputs = [out, *(Path(p) for p in result.files.values())]
+    # the token is what training will use: a rerun picking the same section keeps the model
+    return StageOutput(result_doc, outputs, token=digest(doc["train"]))
+
+
 # ------------------------------------------------------------------------------ train
-def train_config(ctx: Context):
-    """The run config that training sees: ``train.weights`` = the pretrained backbone when
-    the pipeline pretrains."""
+def train_config(ctx: Context, *, tuned: bool = True):
+    """The run config that training sees: the train section of ``tuning/best.json`` when the
+    pipeline tunes (and ``tuned``), and ``train.weights`` = the pretrained backbone when the
+    pipeline pretrains."""
     cfg = ctx.cfg.model_copy(deep=True)
+    if tuned and "tune" in ctx.spec.stages:
+        section = dict(read_best(ctx)["train"])
+        section["verbose"] = ctx.pipe.train.verbose  # verbosity does not rerun the search
+        cfg.train = section
     if "pretrain" in ctx.spec.stages:
         cfg.train = {**cfg.train, "weights": str(ctx.run_dir / "pretrain" /
                                                  "backbone.weights.h5")}
@@ -342,6 +513,16 @@ def stage_train(ctx: Context, *, resume: bool) -> StageOutput:
     out = {k: m.get(k) for k in keep if k in m}
     out["epochs_run"] = len(m["epochs"]) if isinstance(m.get("epochs"), list) else m.get("epochs")
     out["weights"] = cfg.train.get("weights")
+    if "tune" in ctx.spec.stages:  # which hyperparameters came from the search
+        best = read_best(ctx)
+        tuned = {"source": str(Path(TUNING_DIR) / "best.json"),
+                 "objective": best.get("objective"), "best_trial": best.get("best_trial"),
+                 "best_score": best.get("best_score"),
+                 "hyperparameters": best.get("hyperparameters"),
+                 "from_search": best.get("from_search"), "changed": best.get("changed")}
+        out["tuned"] = tuned
+        m["tuned"] = tuned
+        _write_json(run / "train_metrics.json", m)
     outputs = [run / n for n in ("model.keras", "train_metrics.json", "config.yaml",
                                  "splits.json", "history.csv")]
     return StageOutput(out, outputs)
@@ -364,7 +545,8 @@ def stage_evaluate(ctx: Context) -> StageOutput:
               if doc.get("hierarchical") else None,
               "leaf_f1": {c: v.get("f1") for c, v in
                           doc["tasks"]["leaf"]["per_class"].items()} if doc.get("tasks") else None,
-              "skipped": len(doc.get("test", {}).get("skipped") or [])}
+              "skipped": len(doc.get("test", {}).get("skipped") or []),
+              "tta": doc.get("tta")}
     outputs = [ctx.run_dir / n for n in ("metrics.json", "report.html", "model_card.md")]
     return StageOutput(result, outputs)
 
@@ -464,5 +646,5 @@ def _write_json(path, data):
 
 
 STAGE_FUNCS = {"audit": stage_audit, "split": stage_split, "pretrain": stage_pretrain,
-               "train": stage_train, "evaluate": stage_evaluate, "export": stage_export,
-               "push": stage_push}
+               "tune": stage_tune, "train": stage_train, "evaluate": stage_evaluate,
+               "export": stage_export, "push": stage_push}

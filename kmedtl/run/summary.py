@@ -8,8 +8,12 @@ ran in this call or was reused.  ``summary.json``::
      "stages": [{"stage", "status", "this_call": "ran" | "resumed" | "reused" | "not run",
                  "seconds", "finished", "error"}],
      "total_seconds": sum of the stages' last run times,
-     "data", "split", "pretrain", "train", "test", "export", "push": each stage's record
-     "result" (null when the stage is not in the pipeline or has not finished)}
+     "data", "split", "pretrain", "tune", "train", "test", "export", "push": each stage's
+     record "result" (null when the stage is not in the pipeline or has not finished)}
+
+``tune`` holds the search (objective, best trial and score, the best hyperparameters,
+``from_search``: the train fields the train stage takes from it, ``changed``: those that
+differ from the config); ``train.tuned`` says which hyperparameters training took from it.
 """
 
 from __future__ import annotations
@@ -20,8 +24,8 @@ from pathlib import Path
 
 SUMMARY_KIND = "kmedtl-pipeline-summary"
 
-_SECTION = {"audit": "data", "split": "split", "pretrain": "pretrain", "train": "train",
-            "evaluate": "test", "export": "export", "push": "push"}
+_SECTION = {"audit": "data", "split": "split", "pretrain": "pretrain", "tune": "tune",
+            "train": "train", "evaluate": "test", "export": "export", "push": "push"}
 
 
 def _status(stages, records, all_stages) -> str:
@@ -159,6 +163,9 @@ def render(doc: dict) -> str:
               f"{pt['method']}{task}: {pt['n_images']} images outside the fold, "
               f"{pt['epochs']} epoch(s), {_secs(pt.get('seconds'))}; last epoch: {fin}. "
               f"The backbone `{pt['backbone']}` starts training from these weights.", ""]
+    tu = doc.get("tune")
+    if tu:
+        L += _tune_lines(tu)
     t = doc.get("train")
     if t:
         val = t.get("val_metrics") or {}
@@ -176,6 +183,11 @@ def render(doc: dict) -> str:
               f"Validation (best model): {vals or 'n/a'}. Fit "
               f"{_secs(tim.get('fit_seconds'))}, {_f(tim.get('images_per_second'), 0)} "
               "images/s.", ""]
+        tuned = t.get("tuned")
+        if tuned:
+            L[-1:-1] = [f"Hyperparameters from the search (`{tuned.get('source')}`, trial "
+                        f"{tuned.get('best_trial')}): " + _hp_text(tuned.get("from_search"))
+                        + "."]
     e = doc.get("test")
     if e:
         b = e.get("bootstrap") or {}
@@ -232,6 +244,50 @@ def render(doc: dict) -> str:
                      f"({c.get('detail')})")
         L.append("")
     return "\n".join(L).rstrip() + "\n"
+
+
+def _hp_value(v):
+    if isinstance(v, float):
+        return f"{v:.3g}"
+    if isinstance(v, list):
+        return "[" + ", ".join(_hp_value(x) for x in v) + "]"
+    return str(v)
+
+
+def _hp_text(values) -> str:
+    """``backbone cbr_tiny, learning_rate 0.00123, ...`` (fields left unset omitted)."""
+    items = [(k, v) for k, v in (values or {}).items() if v not in (None, [])]
+    return ", ".join(f"{k} `{_hp_value(v)}`" for k, v in items) or "n/a"
+
+
+def _tune_lines(tu: dict) -> list[str]:
+    s = tu.get("search") or {}
+    d = tu.get("data") or {}
+    by = ", ".join(f"{k.lower()} {v}" for k, v in (s.get("by_status") or {}).items())
+    L = ["## Hyperparameter search", "",
+         f"`{s.get('tuner')}` search, {s.get('trials')} trial(s) ({by or 'none'}) of "
+         f"{s.get('trial_epochs')} epoch(s), fit on {d.get('n_train')} training and scored on "
+         f"{d.get('n_val')} validation images (the {d.get('n_test_held_out')} test images are "
+         f"not used); objective `{tu.get('objective')}` ({tu.get('direction')}): best "
+         f"{_f(tu.get('best_score'))} (trial {tu.get('best_trial')}), "
+         f"{_secs(tu.get('seconds'))}.", "",
+         "Training uses: " + _hp_text(tu.get("from_search")) + f" ({s.get('train_epochs')} "
+         "epoch(s)).", ""]
+    changed = tu.get("changed") or {}
+    if changed:
+        L += _table(["field", "config", "search"],
+                    [[k, _hp_value(v.get("config")), _hp_value(v.get("search"))]
+                     for k, v in changed.items()])
+        L.append("")
+    top = tu.get("top") or []
+    if top:
+        keys = [k for k in dict.fromkeys(k for r in top for k in r)
+                if k not in ("status", "error")]
+        L += ["Best trials:", ""]
+        L += _table(keys, [[_hp_value(r.get(k)) if r.get(k) is not None else "-"
+                            for k in keys] for r in top])
+        L.append("")
+    return L
 
 
 def _size(n):

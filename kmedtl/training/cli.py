@@ -69,8 +69,61 @@ def cmd_lr_find(args) -> int:
     return 0
 
 
+def _config_with_overrides(path, items):
+    """The run config at ``path`` with ``--set KEY=VALUE`` overrides merged in."""
+    from pathlib import Path
+
+    import yaml
+
+    from kmedtl.config import load_config
+    from kmedtl.errors import ConfigError
+    from kmedtl.run.spec import _merge, parse_set
+
+    if not items:
+        return load_config(path)
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: config file not found")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping of sections")
+    raw = _merge(raw, parse_set(items))
+    try:
+        return load_config(raw, base_dir=p.parent)
+    except ConfigError as exc:
+        msg = str(exc)
+        raise ConfigError(f"{p} (with --set): {msg.removeprefix('config: ')}") from None
+
+
+def cmd_learning_curve(args) -> int:
+    from kmedtl.training.learning_curve import parse_sizes, run_learning_curve
+
+    sizes = parse_sizes(args.n)
+    cfg = _config_with_overrides(args.config, args.set)
+    res = run_learning_curve(cfg, sizes, args.seeds, out=args.out, fold=args.fold,
+                             metric=args.metric, label=args.config)
+    print(res["markdown"], end="")
+    for kind in ("csv", "json", "md", "png"):
+        print(f"wrote {res['files'][kind]}")
+    return 0
+
+
+def _seeds(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number of seeds") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{n}: give at least 1 seed")
+    return n
+
+
 def add_parsers(subparsers) -> None:
-    """Register ``train``, ``tune`` and ``lr-find`` on an ``add_subparsers()`` object."""
+    """Register ``train``, ``tune``, ``lr-find`` and ``learning-curve`` on an
+    ``add_subparsers()`` object."""
     t = subparsers.add_parser("train", help="train the configured model; writes runs/<name>/")
     t.add_argument("config", help="YAML run config")
     t.add_argument("--epochs", type=int, help="override train.epochs")
@@ -101,6 +154,27 @@ def add_parsers(subparsers) -> None:
     f.add_argument("--start-lr", type=float, default=1e-7)
     f.add_argument("--end-lr", type=float, default=10.0)
     f.set_defaults(func=cmd_lr_find)
+
+    from kmedtl.training.learning_curve import METRICS
+
+    c = subparsers.add_parser(
+        "learning-curve", help="test metric against training images per class, over seeds",
+        description="Train the config's model on N images per class of its training split "
+                    "(nested subsets per seed) and score the fixed test split; writes "
+                    "learning_curve.csv/.json/.md/.png into the run folder (or --out).")
+    c.add_argument("config", help="YAML run config")
+    c.add_argument("--n", required=True, metavar="N,N,...",
+                   help="images per class, comma-separated; 'all' = the whole training "
+                        "split, e.g. 25,50,100,all")
+    c.add_argument("--seeds", type=_seeds, default=3,
+                   help="seeds per size (train.seed, train.seed + 1, ...; default 3)")
+    c.add_argument("--metric", choices=METRICS, default="balanced_accuracy",
+                   help="test metric (default balanced_accuracy)")
+    c.add_argument("--fold", type=int, default=0, help="fold of a k-fold split (default 0)")
+    c.add_argument("--out", help="output folder (default: the run folder <output_dir>/<name>)")
+    c.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.epochs=3 (YAML value)")
+    c.set_defaults(func=cmd_learning_curve)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -32,6 +32,7 @@ PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16", "auto")
 MODELS = ("flat", "hierarchical", "staged")
 TUNERS = ("random", "hyperband", "bayesian")
 DISTRIBUTE = ("none", "mirrored", "multi_worker")
+WEIGHT_SCALINGS = ("none", "transfusion")
 
 
 class _Strict(BaseModel):
@@ -128,6 +129,10 @@ class TrainSection(_Strict):
     model: Literal[MODELS] = "hierarchical"  # type: ignore[valid-type]
     backbone: str = "cbr_small"
     weights: str | None = None  # null (random), imagenet, or a weight file
+    # "transfusion": redraw every pretrained backbone tensor i.i.d. from N(mean, std) of
+    # its pretrained values (Raghu et al. 2019, "Mean Var Init"; BatchNorm statistics
+    # reset) when the model is built for training; needs train.weights
+    weight_scaling: Literal[WEIGHT_SCALINGS] = "none"  # type: ignore[valid-type]
     cut: str | None = None  # named cut point (TruncatedTL) or layer name
     dropout: float = Field(default=0.2, ge=0.0, lt=1.0)
     pooling: Literal["avg", "max"] = "avg"

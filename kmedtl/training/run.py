@@ -45,12 +45,36 @@ def build_backbone(cfg: TrainSection, input_shape):
         raise ConfigError(f"{field}: {exc}") from None
 
 
+def check_weight_scaling(cfg: TrainSection) -> None:
+    """``train.weight_scaling: transfusion`` rescales *pretrained* weights: it needs
+    ``train.weights`` (checked where the weights are final: the pipeline's pretrain stage
+    fills them in after the config is loaded)."""
+    if cfg.weight_scaling == "transfusion" and not cfg.weights:
+        raise ConfigError("train.weight_scaling: 'transfusion' redraws the pretrained weights "
+                          "from their per-tensor mean/std, but train.weights is null (random "
+                          "weights); set train.weights (imagenet or a weight file), or "
+                          "train.weight_scaling: none")
+
+
+def build_training_backbone(cfg: TrainSection, input_shape):
+    """:func:`build_backbone`, then ``train.weight_scaling`` applied (seed ``train.seed``)."""
+    bb = build_backbone(cfg, input_shape)
+    if cfg.weight_scaling == "transfusion":
+        from kmedtl.models import transfusion_scale
+
+        check_weight_scaling(cfg)
+        transfusion_scale(bb, seed=cfg.seed)
+        log.info("train.weight_scaling: transfusion (per-tensor mean/std of %s)", cfg.weights)
+    return bb
+
+
 def build_model(cfg: TrainSection, hierarchy, input_shape):
     """The classifier of ``train.model`` (``flat`` or ``hierarchical``) over ``train.backbone``
-    (cut at ``train.cut``), built under ``train.precision``."""
+    (cut at ``train.cut``, rescaled as ``train.weight_scaling``), built under
+    ``train.precision``."""
     from kmedtl.models import FlatClassifier, HierarchicalClassifier
 
-    bb = build_backbone(cfg, input_shape)
+    bb = build_training_backbone(cfg, input_shape)
     with precision_policy(cfg.precision):
         if cfg.model == "flat":
             return FlatClassifier(bb, hierarchy, dropout=cfg.dropout, pooling=cfg.pooling)
@@ -151,6 +175,7 @@ def run_training(cfg, run_dir=None, *, epochs: int | None = None, overwrite: boo
     overrides = {"epochs": epochs} if epochs else {}
     tc = train_section(cfg, label, **overrides)
     _check_data(cfg)
+    check_weight_scaling(tc)
     run_dir = run_folder(cfg, run_dir)
     prepare_run_dir(run_dir, overwrite)
     keras.utils.set_random_seed(tc.seed)
@@ -171,6 +196,7 @@ def run_training(cfg, run_dir=None, *, epochs: int | None = None, overwrite: boo
     with strategy_scope(strategy):
         model = build_model(tc, prep.hierarchy, prep.options.shape)
     extra = {"model": tc.model, "backbone": tc.backbone, "cut": tc.cut, "fold": fold,
+             "weights": tc.weights, "weight_scaling": tc.weight_scaling,
              "leaves": list(prep.hierarchy.leaves), "hierarchy": prep.hierarchy.to_config(),
              "n_train": data["n_train"], "n_val": data["n_val"], "n_test": data["n_test"],
              "prepare_seconds": round(prepare_seconds, 3), "backend": keras.backend.backend(),
@@ -210,7 +236,8 @@ def run_staged(cfg, tc: TrainSection, prep, run_dir: Path, prepare_seconds: floa
                          **{k: v[i] for k, v in result.history.items() if k != "epoch"}})
 
     staged = StagedHierarchicalClassifier(
-        h, lambda: build_backbone(tc, prep.options.shape), transfer=tc.staged.transfer,
+        h, lambda: build_training_backbone(tc, prep.options.shape),
+        transfer=tc.staged.transfer,
         dropout=tc.dropout, pooling=tc.pooling, n_folds=tc.staged.n_folds, seed=tc.seed,
         fit_fn=fit_fn)
     staged.fit(x_tr, labels)
@@ -229,7 +256,8 @@ def run_staged(cfg, tc: TrainSection, prep, run_dir: Path, prepare_seconds: floa
         x_va, y_va = _arrays(data["val"])
         metrics["val"] = _proba_metrics(staged.predict_proba(x_va), y_va)
     out = {"kind": "kmedtl-train-metrics", "version": 1, "model": "staged", "fold": fold,
-           "backbone": tc.backbone, "cut": tc.cut, "leaves": list(h.leaves),
+           "backbone": tc.backbone, "cut": tc.cut, "weight_scaling": tc.weight_scaling,
+           "leaves": list(h.leaves),
            "hierarchy": h.to_config(), "n_train": data["n_train"], "n_val": data["n_val"],
            "n_test": data["n_test"], "epochs": tc.epochs, "n_folds": tc.staged.n_folds,
            "transfer": tc.staged.transfer, "stages": list(h.parents),
@@ -286,6 +314,7 @@ def run_lr_find(cfg, out_png=None, *, steps: int = 200, start_lr: float = 1e-7,
     from kmedtl.training.lr_finder import lr_find
 
     tc = train_section(cfg, label)
+    check_weight_scaling(tc)
     if tc.model == "staged":
         raise ConfigError("train.model: lr-find needs one Keras model; use flat or "
                           "hierarchical (the staged workflow trains one model per node)")
@@ -320,6 +349,7 @@ def run_tuning(cfg, run_dir=None, *, label: str = "config", overwrite: bool | No
         tune_over["overwrite"] = overwrite
     tc = train_section(cfg, label, **({"tune": tune_over} if tune_over else {}))
     _check_data(cfg)
+    check_weight_scaling(tc)
     if tc.model == "staged":
         raise ConfigError("train.model: the search builds one Keras model per trial; tune "
                           "with flat or hierarchical, then train staged with the best config")
