@@ -12,7 +12,7 @@ import tensorflow as tf
 from test_export_helpers import exported_run, jpeg_files
 
 from kmedtl.export import export_run, load_predictor, push_run
-from kmedtl.export.run import BOUNDS
+from kmedtl.export.run import BOUNDS, MIN_PARITY_IMAGES
 
 
 @pytest.fixture(scope="module")
@@ -39,9 +39,11 @@ def test_export_writes_every_format_and_passes_parity(built):
     assert doc["class_names"]["level_1"] == ["normal", "tumor"]
     assert doc["parity_data"].startswith("test split") and not out.with_name(".export").exists()
     n_test = json.loads((built["run"] / "train_metrics.json").read_text())["n_test"]
+    if n_test < MIN_PARITY_IMAGES:  # one disagreement must not flip a verdict
+        assert f"+ {MIN_PARITY_IMAGES - n_test} augmented copies" in doc["parity_data"]
     for name, (kind, bound) in BOUNDS.items():
         p = doc["formats"][name]["parity"]
-        assert p["n"] == n_test and p["passed"]
+        assert p["n"] == max(n_test, MIN_PARITY_IMAGES) and p["passed"]
         if kind == "max_abs":
             assert p["max_abs_diff"] <= bound
         else:
@@ -251,3 +253,18 @@ def test_mixed_precision_run_exports_in_float32(built, tmp_path):
     x = np.random.default_rng(0).random((4, 32, 32, 1)).astype(np.float32)
     got = load_predictor(report.out_dir / "model.onnx").predict_pixels(x)["leaf"]
     np.testing.assert_allclose(got, np.asarray(trained(x)["leaf"]), atol=1e-4)
+
+
+def test_augmented_copies_are_seeded_flipped_and_keep_their_source():
+    from kmedtl.export.run import augmented_copies
+
+    x = np.random.default_rng(1).uniform(0, 1, (3, 8, 8, 1)).astype("float32")
+    a, src = augmented_copies(x, 10, 0.0, 1.0)
+    b, _ = augmented_copies(x, 10, 0.0, 1.0)
+    assert a.shape == (10, 8, 8, 1) and src.tolist() == [0, 1, 2] * 3 + [0]
+    np.testing.assert_array_equal(a, b)  # seeded
+    assert a.min() >= 0.0 and a.max() <= 1.0
+    # first round: horizontally flipped copies, close to the flipped source
+    assert np.abs(a[0] - x[0][:, ::-1]).mean() < 0.06 < np.abs(a[0] - x[0]).mean()
+    assert np.abs(a[3] - x[0]).mean() < 0.06  # second round: no flip
+    assert np.abs(a[6] - x[0][::-1, ::-1]).mean() < 0.06  # third round: both flips

@@ -18,9 +18,14 @@ Layout written (atomically: a temporary sibling folder renamed into place)::
 ``preprocessing`` (``serving_default`` on the test files' bytes vs the training
 pipeline), ``verified``, ``failures``, ``source_precision``, ``seconds``.
 
-Parity bounds (:data:`BOUNDS`), against the float32 Keras model on the run's test images:
-SavedModel, TFLite float32 and ONNX within 1e-4 max absolute probability difference
-(every probability output); TFLite float16 within 5e-2 (float16 weights through the 16
+Parity bounds (:data:`BOUNDS`), against the float32 Keras model on the run's test images
+(topped up to :data:`MIN_PARITY_IMAGES` with augmented copies when the split is smaller;
+``accuracy`` is on the test images alone):
+SavedModel (the same TensorFlow kernels) within 1e-4 max absolute probability difference
+(every probability output), TFLite float32 and ONNX (other kernels) within 1e-3 (a
+2-epoch EfficientNet-Lite0 at 32 px differed by 4e-5 on its test images and by 2.2e-4 on
+noisy augmented copies of them; a broken conversion -- wrong weights or preprocessing --
+moves probabilities by 1e-1); TFLite float16 within 5e-2 (float16 weights through the 16
 inverted-residual blocks of EfficientNet-Lite0 move probabilities by up to 0.024 on the
 main job's test images while every predicted leaf agrees; the small CBR networks stay
 within 1e-3); dynamic-range and full int8 agree on the predicted leaf for >= 97% of
@@ -50,14 +55,37 @@ log = logging.getLogger("kmedtl.export")
 
 FORMATS = ("savedmodel", "tflite", "onnx")
 #: format -> ("max_abs", bound) or ("agreement", minimum share of equal predicted leaves)
-BOUNDS = {"savedmodel": ("max_abs", 1e-4), "tflite_float32": ("max_abs", 1e-4),
-          "onnx": ("max_abs", 1e-4), "tflite_float16": ("max_abs", 5e-2),
+BOUNDS = {"savedmodel": ("max_abs", 1e-4), "tflite_float32": ("max_abs", 1e-3),
+          "onnx": ("max_abs", 1e-3), "tflite_float16": ("max_abs", 5e-2),
           "tflite_dynamic_int8": ("agreement", 0.97), "tflite_int8": ("agreement", 0.97)}
 #: Integer-quantised variants, and their second way to pass (see :func:`parity`).
 QUANTIZED = ("tflite_dynamic_int8", "tflite_int8")
 QUANTIZED_FLOOR = 0.95
 MAX_ACCURACY_DROP = 0.01
 PARITY_SAMPLES = 256  # random pixels when the run's test data cannot be read
+#: Parity is a property of the exported model, not of the test split: it is measured on at
+#: least this many images, so that one disagreement moves agreement by <= 0.5 point and
+#: cannot flip a verdict on its own (a smaller test split is topped up with augmented copies).
+MIN_PARITY_IMAGES = 200
+
+
+def augmented_copies(x: np.ndarray, n: int, lo: float, hi: float, seed: int = 0) -> tuple:
+    """``n`` seeded augmented copies of the images ``x`` (cycled): a horizontal and/or
+    vertical flip, a brightness shift of up to 5% of the pixel range and Gaussian noise of 1%,
+    clipped to ``[lo, hi]``.  Returns ``(copies, source_index)`` so labels can follow."""
+    rng = np.random.default_rng(seed)
+    idx = np.arange(n) % len(x)
+    out = x[idx].astype(np.float32, copy=True)
+    span = float(hi - lo)
+    for i in range(n):
+        k = i // len(x)  # the k-th round of copies of the same image flips differently
+        if k % 2 == 0:
+            out[i] = out[i][:, ::-1]
+        if k % 4 >= 2:
+            out[i] = out[i][::-1]
+        out[i] += rng.uniform(-0.05, 0.05) * span
+        out[i] += rng.normal(0.0, 0.01 * span, out[i].shape).astype(np.float32)
+    return np.clip(out, lo, hi).astype(np.float32), idx
 BATCH = 32
 
 
@@ -236,6 +264,17 @@ def export_run(run_dir, *, formats=FORMATS, out_dir=None, verify: bool = True,
                                  "could not be read"
         else:
             report.parity_data = f"test split of the run ({len(x)} images)"
+        n_test = len(x)
+        if x is not None and len(x) < MIN_PARITY_IMAGES:
+            from kmedtl.export.savedmodel import pixel_range
+
+            lo, hi = pixel_range(ctx.normalization, c)
+            extra, src = augmented_copies(x, MIN_PARITY_IMAGES - len(x), lo, hi)
+            x = np.concatenate([x, extra])
+            if y is not None:
+                y = np.concatenate([np.asarray(y), np.asarray(y)[src]])
+            report.parity_data += (f" + {len(extra)} augmented copies of them (flips, "
+                                   f"brightness, noise) = {len(x)} images")
         reps = None
         if "tflite" in formats and "int8" in tflite_variants:
             reps = split_pixels(ctx, "train", limit=int(representative_samples))[0]
@@ -244,7 +283,8 @@ def export_run(run_dir, *, formats=FORMATS, out_dir=None, verify: bool = True,
         def record(name, path, predictor):
             got = predict_batched(predictor, x)
             entry = {"path": str(Path(path).relative_to(tmp)), "size_bytes": file_size(path),
-                     "accuracy": None if y is None else float(np.mean(got["label_index"] == y)),
+                     "accuracy": None if y is None else
+                     float(np.mean(got["label_index"][:n_test] == y[:n_test])),
                      "parity": parity(ref, got, name, y)}
             report.formats[name] = entry
             log.info("export: %s %.1f KiB, parity %s", name, entry["size_bytes"] / 1024,
@@ -252,7 +292,8 @@ def export_run(run_dir, *, formats=FORMATS, out_dir=None, verify: bool = True,
 
         report.formats["keras"] = {
             "path": str(run / "model.keras"), "size_bytes": file_size(run / "model.keras"),
-            "accuracy": None if y is None else float(np.mean(ref["label_index"] == y)),
+            "accuracy": None if y is None else
+            float(np.mean(ref["label_index"][:n_test] == y[:n_test])),
             "parity": None}
         if "savedmodel" in formats:
             sm = write_savedmodel(ctx, tmp / "savedmodel")
