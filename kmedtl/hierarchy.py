@@ -41,6 +41,9 @@ from kmedtl.errors import HierarchyError
 ROOT = "root"
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]+$")
 _RESERVED = {ROOT, "leaf", "leaves", "confidence", "label"}
+#: Outputs every exported model returns after its probabilities (see
+#: :meth:`Hierarchy.exported_output_names`).
+EXPORT_DECISION_OUTPUTS = ("label", "label_index", "confidence")
 
 
 @dataclass(frozen=True)
@@ -211,6 +214,17 @@ class Hierarchy:
         self.node(parent)
         return parent
 
+    def node_target_name(self, parent: str) -> str:
+        """Key of a parent node's targets in :meth:`encode` (``node:<parent>``)."""
+        self.node(parent)
+        return f"node:{parent}"
+
+    def exported_node_name(self, parent: str) -> str:
+        """Name of a head's output in an exported model (``node_<parent>``, with every
+        character outside ``[A-Za-z0-9_]`` replaced by ``_``: a valid signature key)."""
+        self.node(parent)
+        return "node_" + re.sub(r"[^A-Za-z0-9_]", "_", parent)
+
     @property
     def output_names(self) -> dict[str, Any]:
         """Names of every model output: ``leaf``, one per level, one per parent node."""
@@ -219,6 +233,32 @@ class Hierarchy:
             "levels": [self.level_name(k) for k in range(1, self.depth + 1)],
             "nodes": [self.node_output_name(p) for p in self.parents],
         }
+
+    def exported_output_names(self, node_outputs: Iterable[str] = ()) -> list[str]:
+        """Names of the outputs every exported format returns, in order: ``leaf``,
+        ``calibrated``, one per level (:meth:`level_name`), one per head in
+        ``node_outputs`` (parent names; :meth:`exported_node_name`) and
+        :data:`EXPORT_DECISION_OUTPUTS` (``label``, ``label_index``, ``confidence``).
+
+        Raises :class:`HierarchyError` when two nodes give the same name."""
+        nodes = list(node_outputs)
+        names = ["leaf", "calibrated"]
+        names += [self.level_name(k) for k in range(1, self.depth + 1)]
+        names += [self.exported_node_name(p) for p in nodes]
+        names += list(EXPORT_DECISION_OUTPUTS)
+        if len(set(names)) != len(names):
+            raise HierarchyError(f"hierarchy: node names {nodes} give clashing output "
+                                 f"names {names}; rename the nodes")
+        return names
+
+    def exported_class_names(self, node_outputs: Iterable[str] = ()) -> dict[str, list[str]]:
+        """Class order of every probability output of :meth:`exported_output_names`."""
+        out = {"leaf": list(self.leaves), "calibrated": list(self.leaves)}
+        for k in range(1, self.depth + 1):
+            out[self.level_name(k)] = list(self.levels[k - 1])
+        for p in node_outputs:
+            out[self.exported_node_name(p)] = list(self.children(p))
+        return out
 
     # ------------------------------------------------------------------ encoding
     def encode(self, raw_labels: Sequence[str]) -> dict[str, np.ndarray]:
@@ -244,7 +284,7 @@ class Hierarchy:
         for k in range(self.depth):
             out[self.level_name(k + 1)] = levels[k]
         for p in self.parents:
-            out[f"node:{p}"] = nodes[p]
+            out[self.node_target_name(p)] = nodes[p]
         return out
 
     @staticmethod
@@ -269,6 +309,23 @@ class Hierarchy:
             if len(path) >= k:
                 m[i, names.index(path[k - 1])] = 1.0
         return m
+
+    def level_probabilities(self, leaf_probs, k: int) -> np.ndarray:
+        """Level-``k`` distribution ``leaf_probs @ level_matrix(k)`` (NumPy): each node's
+        probability is the sum over the leaves below it (0 for leaves shallower than
+        ``k``).  Computed in the dtype of ``leaf_probs`` (float64 for non-float input);
+        :meth:`level_probabilities_tf` is the same in a TensorFlow graph."""
+        p = np.asarray(leaf_probs)
+        if p.dtype.kind != "f":
+            p = p.astype(np.float64)
+        return p @ self.level_matrix(k).astype(p.dtype, copy=False)
+
+    def level_probabilities_tf(self, leaf, k: int):
+        """:meth:`level_probabilities` with TensorFlow ops (for exported graphs)."""
+        import tensorflow as tf
+
+        leaf = tf.convert_to_tensor(leaf)
+        return tf.matmul(leaf, tf.constant(self.level_matrix(k), dtype=leaf.dtype))
 
     def ancestor_matrix(self) -> np.ndarray:
         """(n_leaves, n_nodes) 0/1 matrix over :meth:`all_nodes`: leaf -> itself and ancestors."""

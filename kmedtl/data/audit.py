@@ -28,11 +28,14 @@ import secrets
 from collections import Counter, defaultdict
 from dataclasses import replace
 
-from kmedtl.data import scan
+from kmedtl.data import dicom, scan
+from kmedtl.data.cache import build_cache
+from kmedtl.data.decode import looks_like_dicom
 from kmedtl.data.hashing import hamming_pairs
 from kmedtl.data.options import ImageOptions
 from kmedtl.data.sources import DatasetIndex, Skipped
 from kmedtl.data.splits import _UnionFind
+from kmedtl.errors import DataError
 
 DEFAULT_NEAR_THRESHOLD = 2
 
@@ -41,8 +44,6 @@ def scan_index(index: DatasetIndex, options: ImageOptions, cache_dir=None, worke
                progress=None):
     """Decode every sample once; returns (digests, phashes, skipped) keyed by sample id."""
     if cache_dir is not None:
-        from kmedtl.data.cache import build_cache
-
         res = build_cache(index, options, cache_dir, workers, progress, phash=True)
         return res.digests, res.phashes, res.skipped
     tasks = [scan.Task(s.path, s.frame, options, None, True) for s in index.samples]
@@ -84,6 +85,7 @@ def audit(index: DatasetIndex, options: ImageOptions | None = None, *, splits=No
     if runner not in ("process", "beam"):
         raise ValueError(f"runner={runner!r}: use 'process' or 'beam'")
     if runner == "beam":
+        # Apache Beam (optional, heavy): loaded for runner="beam" only
         from kmedtl.data import beam
 
         digests, phashes, skipped = beam.scan_index_beam(
@@ -109,7 +111,7 @@ def audit(index: DatasetIndex, options: ImageOptions | None = None, *, splits=No
         by_split[split_of.get(s.id, "unassigned")][cls(s)] += 1
 
     if runner == "beam":  # the same groups as below, as Beam transforms (banded pHash)
-        from kmedtl.data import beam
+        from kmedtl.data import beam  # Apache Beam (optional, heavy)
 
         g = beam.duplicate_groups(digests, phashes, path_of, near_threshold, beam_options)
         exact, near, near_pairs = g.exact, g.near, [tuple(p) for p in g.near_pairs]
@@ -182,10 +184,6 @@ def public(report: dict) -> dict:
 
 def dicom_patients(index: DatasetIndex) -> dict:
     """PatientID from DICOM headers for samples without one (in memory only)."""
-    from kmedtl.data import dicom
-    from kmedtl.data.decode import looks_like_dicom
-    from kmedtl.errors import DataError
-
     out = {}
     for s in index.samples:
         if s.patient_id:

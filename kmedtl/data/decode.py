@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from kmedtl.data import dicom, raster, transforms
+from kmedtl.data.hashing import content_digest
 from kmedtl.data.options import ImageOptions
 from kmedtl.errors import DataError
 
@@ -77,6 +78,7 @@ def decode_bytes(data: bytes, name: str, options: ImageOptions, frame: int | Non
         raise DataError(name, "file is empty (0 bytes)", kind="zero_byte")
     if looks_like_dicom(name, data[:132]):
         if decoder == "tfio":
+            # tensorflow-io backend (optional, heavy): loaded for decoder="tfio" only
             from kmedtl.data import tfio_backend
 
             img, meta = tfio_backend.decode_dicom_tfio_with_meta(data, options, name, frame)
@@ -106,8 +108,6 @@ def load_image(path, options: ImageOptions, frame: int | None = None,
     data = read_bytes(name)
     digest = None
     if with_digest:
-        from kmedtl.data.hashing import content_digest
-
         digest = content_digest(data)
     img, meta = decode_bytes(data, name, options, frame=frame, summary=False, decoder=decoder)
     return Loaded(image=preprocess(img, options), meta=meta, digest=digest)

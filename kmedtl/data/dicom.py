@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kmedtl.data.jpeg_lossless import LOSSLESS_JPEG_SYNTAXES, check_frame
 from kmedtl.data.options import WINDOW_PRESETS, ImageOptions
 from kmedtl.errors import DataError, DicomDecodeError, ImageTooLargeError
 
@@ -412,8 +413,6 @@ def _decode_dataset(ds, options: ImageOptions, frame, name, summary) -> DicomIma
 def _check_lossless_jpeg(ds, arr, index, total, name):
     """Refuse a lossless JPEG frame whose entropy-coded data is damaged (the codec decodes
     it to garbage without an error; see :mod:`kmedtl.data.jpeg_lossless`)."""
-    from kmedtl.data.jpeg_lossless import LOSSLESS_JPEG_SYNTAXES, check_frame
-
     if str(ds.file_meta.TransferSyntaxUID) not in LOSSLESS_JPEG_SYNTAXES:
         return
     photometric = str(ds.get("PhotometricInterpretation", "")).upper()

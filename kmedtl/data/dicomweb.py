@@ -64,9 +64,11 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
+from kmedtl.data import dicom
 from kmedtl.data.options import ImageOptions
 from kmedtl.data.sources import SPLIT_NAMES, DatasetIndex, Sample, Skipped
 from kmedtl.errors import (
+    BackendUnavailableError,
     ConfigError,
     DataError,
     DicomWebAuthError,
@@ -364,8 +366,6 @@ def make_client(spec: DicomWebSpec, session=None):
     try:
         from dicomweb_client import DICOMwebClient
     except ImportError:
-        from kmedtl.errors import BackendUnavailableError
-
         raise BackendUnavailableError("the DICOMweb source needs dicomweb-client: "
                                       "pip install kmedtl[dicomweb]") from None
     session = session if session is not None else make_session(spec)
@@ -616,8 +616,6 @@ def deidentify(ds) -> None:
 
 def _check_pixels(ds, name: str):
     """Raise ``DataError`` for an instance without (complete) pixel data."""
-    from kmedtl.data import dicom
-
     dicom.check_pixels_present(ds, name)
     tsyntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     if "PixelData" not in ds or tsyntax is None or tsyntax.is_compressed:
@@ -649,8 +647,6 @@ def _fetch(client, store: Store, spec: DicomWebSpec, inst: _Instance) -> dict:
 
     A problem with this instance alone comes back as a ``skip`` record; a whole-server
     problem raises (``_fatal``)."""
-    from kmedtl.data import dicom
-
     rec: dict = {"k": inst.key}
     try:
         ds = client.retrieve_instance(inst.study, inst.series, inst.sop,

@@ -98,7 +98,8 @@ def encode_targets(samples: list[Sample], hierarchy, targets: str):
         return np.eye(len(hierarchy.leaves), dtype=np.float32)[enc["leaf"]]
     out = {"leaf": enc["leaf"].astype(np.int32)}
     for parent in hierarchy.parents:
-        out[hierarchy.node_output_name(parent)] = enc[f"node:{parent}"].astype(np.int32)
+        out[hierarchy.node_output_name(parent)] = \
+            enc[hierarchy.node_target_name(parent)].astype(np.int32)
     return out
 
 
@@ -129,6 +130,7 @@ def make_dataset(samples: list[Sample], hierarchy, options: ImageOptions, *,
     if decoder not in ("pydicom", "tfio"):
         raise ConfigError(f"data.decoder: {decoder!r} is not one of ['pydicom', 'tfio']")
     if decoder == "tfio":
+        # tensorflow-io backend (optional, heavy): loaded for decoder="tfio" only
         from kmedtl.data import tfio_backend
 
         tfio_backend.require()

@@ -10,11 +10,12 @@ import logging
 import os
 from collections import Counter
 from dataclasses import dataclass
+from typing import Any, Protocol
 
-from kmedtl.config import Config
 from kmedtl.data import splits as splitlib
 from kmedtl.data.audit import audit, dicom_patients
 from kmedtl.data.cache import CacheResult, build_cache
+from kmedtl.data.dicomweb import DicomWebSpec, pull
 from kmedtl.data.labels import check_labels
 from kmedtl.data.options import ImageOptions
 from kmedtl.data.sources import DatasetIndex, Sample, index_folder, read_manifest
@@ -22,6 +23,23 @@ from kmedtl.errors import ConfigError, DataError
 from kmedtl.hierarchy import Hierarchy
 
 log = logging.getLogger("kmedtl.data")
+
+
+class PrepareConfig(Protocol):
+    """What this module reads of a run config (the ``Config`` that ``load_config`` returns).
+
+    ``data`` (source, root, manifest, columns, dicomweb, strict, workers, cache_dir,
+    unknown_labels, ...) and ``split`` (method, file, val, test, k, repeats, seed, dedupe,
+    near_threshold, n_per_class) are its sections.  A structural type, so the data layer
+    does not import the config face above it.
+    """
+
+    data: Any
+    split: Any
+
+    def hierarchy(self) -> Hierarchy | None: ...
+
+    def image_options(self) -> ImageOptions: ...
 
 
 @dataclass
@@ -39,7 +57,7 @@ class Prepared:
         return [by_id[i] for i in getattr(self.splits.folds[fold], part)]
 
 
-def load_index(cfg: Config, *, allow_unlabelled: bool = False,
+def load_index(cfg: PrepareConfig, *, allow_unlabelled: bool = False,
                unlabelled: bool | None = None) -> tuple[DatasetIndex, Hierarchy | None]:
     """Index the configured source; without a hierarchy the labels found make a flat one.
 
@@ -54,8 +72,6 @@ def load_index(cfg: Config, *, allow_unlabelled: bool = False,
     if d.source == "folder":
         index = index_folder(d.root, hierarchy, options, unlabelled=unlabelled)
     elif d.source == "dicomweb":
-        from kmedtl.data.dicomweb import DicomWebSpec, pull
-
         result = pull(DicomWebSpec.from_dict(d.dicomweb), hierarchy, options,
                       strict=d.strict)
         log.info("dicomweb: %s", result.summary())
@@ -101,7 +117,8 @@ def require_usable(report: dict, where: str) -> None:
                     f"{c['skipped']} ({why}); see the audit's skipped list", kind="no_images")
 
 
-def prepare(cfg: Config, *, workers: int | None = None, progress: bool | None = None) -> Prepared:
+def prepare(cfg: PrepareConfig, *, workers: int | None = None,
+            progress: bool | None = None) -> Prepared:
     index, hierarchy = load_index(cfg)
     options = cfg.image_options()
     workers = workers or cfg.data.workers
@@ -122,7 +139,7 @@ def prepare(cfg: Config, *, workers: int | None = None, progress: bool | None = 
     return Prepared(used, hierarchy, options, report, splits, cache)
 
 
-def make_splits(cfg: Config, index: DatasetIndex, hierarchy: Hierarchy, report: dict):
+def make_splits(cfg: PrepareConfig, index: DatasetIndex, hierarchy: Hierarchy, report: dict):
     s = cfg.split
     ids = [x.id for x in index.samples]
     labels = [hierarchy.leaf_of(x.label) for x in index.samples]

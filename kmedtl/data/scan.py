@@ -18,7 +18,9 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 
+from kmedtl.data import decode, hashing
 from kmedtl.data.options import ImageOptions
+from kmedtl.errors import DataError
 
 #: Tests set KMEDTL_TEST_CRASH_MARKER so a worker aborts on matching paths, standing in
 #: for a codec that segfaults on a corrupt file.
@@ -60,9 +62,6 @@ def cache_file_for(folder: str, digest: str, frame: int | None) -> str:
 def process(task: Task) -> Result:
     """Work for one sample; never raises for a bad file."""
     import numpy as np
-
-    from kmedtl.data import decode, hashing
-    from kmedtl.errors import DataError
 
     if _CRASH_MARKER and _CRASH_MARKER in task.path:  # fault injection for tests only
         os.abort()

@@ -20,6 +20,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kmedtl.data import dicom
+from kmedtl.data.decode import looks_like_dicom
 from kmedtl.data.options import ImageOptions
 from kmedtl.errors import DataError, ManifestError, StrictModeError
 
@@ -467,8 +469,6 @@ def _column_mapping(columns: dict | None, header: list[str], mpath) -> dict[str,
 
 def _expand_frames(index: DatasetIndex, options: ImageOptions | None) -> DatasetIndex:
     """Series folders become their slices; with ``frames: all`` every frame is a sample."""
-    from kmedtl.data import dicom
-
     mode = options.frames if options is not None else "middle"
     out: list[Sample] = []
     skipped = list(index.skipped)
@@ -499,8 +499,6 @@ def _expand_frames(index: DatasetIndex, options: ImageOptions | None) -> Dataset
 
 
 def _maybe_dicom(path: str) -> bool:
-    from kmedtl.data.decode import looks_like_dicom
-
     try:
         with open(path, "rb") as fh:
             head = fh.read(132)
@@ -511,8 +509,6 @@ def _maybe_dicom(path: str) -> bool:
 
 def series_slices(folder) -> list[str]:
     """DICOM files of a series folder ordered by InstanceNumber (then file name)."""
-    from kmedtl.data import dicom
-
     files = [str(p) for p in sorted(Path(folder).iterdir()) if p.is_file()
              and not p.name.startswith(".")]
     keyed = []

@@ -131,7 +131,7 @@ def _mcnemar_text(mc: dict) -> str:
 
 
 def write_comparison(res: dict, path) -> Path:
-    from kmedtl.evaluation.run import write_json
+    from kmedtl.jsonio import write_json
 
     write_json(path, res)
     return Path(path)

@@ -80,7 +80,7 @@ def level_predictions(hierarchy: Hierarchy, leaf_probs) -> list[np.ndarray]:
     """Argmax node index per level from the level marginals ``leaf_probs @ level_matrix(k)``
     (one array per level, indexing ``hierarchy.levels[k-1]``)."""
     p = np.asarray(leaf_probs, dtype=np.float64)
-    return [(p @ hierarchy.level_matrix(k)).argmax(1) for k in range(1, hierarchy.depth + 1)]
+    return [hierarchy.level_probabilities(p, k).argmax(1) for k in range(1, hierarchy.depth + 1)]
 
 
 def inconsistent_mask(hierarchy: Hierarchy, leaf_probs=None, *,

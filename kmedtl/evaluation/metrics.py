@@ -198,7 +198,7 @@ def level_view(hierarchy: Hierarchy, y_true, leaf_probs, k: int):
                           f"{m.shape[0]} leaves")
     member = m[y]
     mask = member.sum(1) > 0
-    lp = p[mask] @ m
+    lp = hierarchy.level_probabilities(p[mask], k)
     total = lp.sum(1, keepdims=True)
     lp = np.divide(lp, total, out=np.full_like(lp, 1.0 / m.shape[1]), where=total > 0)
     return member[mask].argmax(1), lp, mask

@@ -14,14 +14,13 @@ No patient identifier is ever read into the card: counts only.
 from __future__ import annotations
 
 import datetime as _dt
-import json
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from kmedtl import __version__
 from kmedtl.evaluation.uncertainty import format_interval
 from kmedtl.hierarchy import ROOT, Hierarchy
+from kmedtl.jsonio import write_json
 
 DEFAULT_INTENDED_USE = (
     "Research on transfer learning for small medical-image datasets: classifying images "
@@ -304,9 +303,7 @@ def write_model_card(card: Mapping, out_dir) -> tuple[str, str]:
     out.mkdir(parents=True, exist_ok=True)
     md, js = out / "model_card.md", out / "model_card.json"
     md.write_text(render_model_card(card), encoding="utf-8")
-    tmp = js.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(card, indent=1, default=str), encoding="utf-8")
-    os.replace(tmp, js)
+    write_json(js, card, strict=False, default=str)
     return str(md), str(js)
 
 
@@ -323,37 +320,29 @@ def split_sizes_of(splits, label_of: Mapping[str, str], fold: int = 0) -> dict:
 def model_card_from_run(run_dir, *, out=None, model=None, hierarchy: Hierarchy | None = None,
                         metrics: Mapping | None = None, intended_use: str | None = None) -> dict:
     """Build and write the card from a run folder (``config.yaml``, ``splits.json``,
-    ``audit.json``, ``metrics.json``, ``calibration.json`` -- whichever exist); returns it.
+    ``audit.json``, ``metrics.json``, ``calibration.json`` -- whichever exist, read through
+    :class:`kmedtl.run_folder.RunFolder`); returns it.  The label tree is ``hierarchy``,
+    else the run folder's (:attr:`~kmedtl.run_folder.RunFolder.hierarchy`: the model's own,
+    else the config's, else the data's or the audit's classes).
 
     Split sizes per class come from ``audit.json``'s ``counts.by_split`` when the split
     file's ids cannot be matched to labels without re-indexing the data.
     """
-    from kmedtl.config import load_config
-    from kmedtl.data.splits import Splits
+    from kmedtl.run_folder import RunFolder
 
-    run = Path(run_dir)
-    cfg = load_config(run / "config.yaml") if (run / "config.yaml").is_file() else None
-    audit = _read_json(run / "audit.json")
-    metrics = metrics if metrics is not None else _read_json(run / "metrics.json")
-    calibration = _read_json(run / "calibration.json")
-    splits = Splits.load(run / "splits.json") if (run / "splits.json").is_file() else None
+    rf = RunFolder(run_dir, loaded_model=model)
+    cfg = rf.config if rf.has_config else None
+    audit = rf.audit
+    metrics = metrics if metrics is not None else rf.metrics
+    calibration = rf.calibration
+    splits = rf.splits()
     if hierarchy is None:
-        hierarchy = getattr(model, "hierarchy", None) if model is not None else None
-        if hierarchy is None and cfg is not None:
-            hierarchy = cfg.hierarchy()
-        if hierarchy is None and audit:
-            hierarchy = Hierarchy.flat(sorted(audit.get("counts", {}).get("by_class", {})))
+        # the run folder's rule: the model's own tree, else the config's, else the data's
+        hierarchy = rf.hierarchy
     sizes = (metrics or {}).get("data", {}).get("split_sizes") if metrics else None
-    card = build_model_card(name=cfg.name if cfg else run.name, hierarchy=hierarchy,
+    card = build_model_card(name=cfg.name if cfg else rf.path.name, hierarchy=hierarchy,
                             metrics=metrics, config=cfg, audit=audit, splits=splits,
                             split_sizes=sizes, calibration=calibration, model=model,
                             intended_use=intended_use)
-    write_model_card(card, out or run)
+    write_model_card(card, out or rf.path)
     return card
-
-
-def _read_json(path: Path):
-    if not path.is_file():
-        return None
-    with open(path) as fh:
-        return json.load(fh)

@@ -3,7 +3,8 @@
 :func:`evaluate_run` is what ``kmedtl evaluate RUN_DIR [--test SOURCE]`` does:
 
 1. read ``config.yaml``, ``splits.json`` (and ``train_metrics.json`` for the fold) and load
-   ``model.keras`` (after ``import kmedtl.models``);
+   ``model.keras`` through :class:`kmedtl.run_folder.RunFolder` (which also gives the label
+   tree: the model's own, else the config's, else the data's);
 2. build the test set -- by default the run's test split of the configured data (the
    split file is authoritative; the data are re-indexed, not re-split), or every image of
    ``test`` (a folder-per-class tree, a CSV manifest or a YAML config) -- and the
@@ -25,9 +26,7 @@ class in train/val/test of the fold; ``audit``: the audit summary) and ``artefac
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -35,13 +34,17 @@ from pathlib import Path
 
 import numpy as np
 
+from kmedtl import jsonio
 from kmedtl.errors import ConfigError, KmedtlError
+from kmedtl.jsonio import json_safe
+from kmedtl.run_folder import (
+    RunFolder,
+    leaf_output,
+    load_model,  # noqa: F401  (re-exported: kmedtl.evaluation.run.load_model)
+    normalization_for,
+)
 
 log = logging.getLogger("kmedtl.evaluation")
-
-#: kmedtl.models preprocessing names -> kmedtl.data.pipeline normalisation names.
-_NORMALIZATION = {"unit": "unit", "tf": "symmetric", "torch": "imagenet", "caffe": "caffe",
-                  "none": "raw255"}
 
 
 @dataclass
@@ -55,61 +58,9 @@ class Predictions:
     skipped: list = field(default_factory=list)  # [{"path", "reason"}]
 
 
-def _json_safe(obj):
-    """NaN/inf -> None and NumPy scalars -> Python, recursively (valid strict JSON)."""
-    if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return _json_safe(obj.tolist())
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        return float(obj) if math.isfinite(obj) else None
-    return obj
-
-
-def write_json(path, data) -> str:
-    path = os.fspath(path)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as fh:
-        json.dump(_json_safe(data), fh, indent=1, allow_nan=False)
-    os.replace(tmp, path)
-    return path
-
-
-def load_model(path):
-    """``keras.saving.load_model`` with kmedtl's layers registered."""
-    import keras
-
-    import kmedtl.models  # noqa: F401  (registers kmedtl's serializable classes)
-
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise ConfigError(f"{path}: model file not found (the training stage writes "
-                          "model.keras into the run folder)")
-    return keras.saving.load_model(path)
-
-
-def _leaf_output(output):
-    """The leaf-probability output of a model's (symbolic) output structure."""
-    if isinstance(output, dict):
-        if "leaf" in output:
-            return output["leaf"]
-        if len(output) == 1:
-            return next(iter(output.values()))
-        raise ConfigError(f"evaluate: the model's outputs are {sorted(output)}; expected a "
-                          "'leaf' output (probabilities over the hierarchy's leaves)")
-    if isinstance(output, (list, tuple)):
-        return output[0]
-    return output
-
-
-def normalization_for(model, default: str = "unit") -> str:
-    """The pipeline normalisation a model expects (kmedtl models: ``"unit"``)."""
-    pre = getattr(model, "preprocessing", None)
-    return _NORMALIZATION.get(pre, default) if pre is not None else default
+# ``load_model``, ``normalization_for`` (kmedtl.run_folder) and ``write_json``
+# (kmedtl.jsonio) stay importable from here for existing callers.
+write_json = jsonio.write_json
 
 
 def _tta_batch(model, x, tta, layers):
@@ -151,7 +102,7 @@ def predict(model, samples, hierarchy, options, *, batch_size: int = 32,
         if isinstance(out, dict):
             outs.append({k: np.asarray(v, dtype=np.float64) for k, v in out.items()})
         else:
-            outs.append({"leaf": np.asarray(_leaf_output(out), dtype=np.float64)})
+            outs.append({"leaf": np.asarray(leaf_output(out), dtype=np.float64)})
         ys.append(np.asarray(y))
     skipped = [{"path": s.path, "reason": s.reason} for s in report.skipped]
     if not outs:
@@ -238,9 +189,7 @@ def evaluate_run(run_dir, *, test: str | None = None, out=None, fold: int | None
     ``tta``: test-time augmentation of the test and validation predictions (``None``: off;
     ``True``; a flip mode; a mapping or :class:`kmedtl.config.TTAOptions`), recorded in
     ``metrics.json`` as ``"tta"``."""
-    from kmedtl.config import load_config, tta_options
-    from kmedtl.data.prepare import load_index
-    from kmedtl.data.splits import Splits
+    from kmedtl.config import tta_options
     from kmedtl.evaluation import calibration as cal
     from kmedtl.evaluation import metrics as M
     from kmedtl.evaluation import plots
@@ -254,59 +203,43 @@ def evaluate_run(run_dir, *, test: str | None = None, out=None, fold: int | None
         write_model_card,
     )
     from kmedtl.evaluation.report import write_report
-    from kmedtl.hierarchy import Hierarchy
 
     tta = tta_options(tta, "evaluate.tta")
-    run = Path(run_dir)
-    if not run.is_dir():
-        raise ConfigError(f"{run}: run folder not found")
+    rf = RunFolder(run_dir).ensure_dir()
+    run = rf.path
     out_dir = Path(out) if out else run
-    plot_dir = out_dir / "plots"
+    plot_dir = out_dir / RunFolder.PLOTS_DIR
     plot_dir.mkdir(parents=True, exist_ok=True)
-    cfg = load_config(run / "config.yaml")
-    model = load_model(run / "model.keras")
-    options = cfg.image_options()
-    train_metrics = _read_json(run / "train_metrics.json") or {}
-    audit = _read_json(run / "audit.json")
+    cfg = rf.config
+    model = rf.model
+    options = rf.image_options
+    train_metrics = rf.train_metrics
+    audit = rf.audit
 
     # ---- data: the run's index (for val, and test by default)
     index = None
     try:
-        index, idx_hierarchy = load_index(cfg)
+        index = rf.index()[0]
     except KmedtlError as exc:
         if test is None:
             raise
         log.warning("evaluate: the run's data cannot be indexed (%s); no validation set", exc)
-        idx_hierarchy = None
-    hierarchy = getattr(model, "hierarchy", None)
-    if not isinstance(hierarchy, Hierarchy):
-        hierarchy = cfg.hierarchy() or idx_hierarchy
-    if hierarchy is None:
-        raise ConfigError(f"{run}: no label tree in the model, config or data")
-    n_out = int(_leaf_output(model.output).shape[-1])
-    if n_out != len(hierarchy.leaves):
-        raise ConfigError(f"{run}: the model has {n_out} leaf outputs but the label tree "
-                          f"{len(hierarchy.leaves)} leaves {list(hierarchy.leaves)}")
+    hierarchy = rf.check_outputs()
     splits = None
-    if (run / "splits.json").is_file():
-        splits = Splits.load(run / "splits.json", root=index.root if index else None)
+    if rf.has_splits:
+        splits = rf.splits(root=index.root if index else None)
     elif test is None:
-        raise ConfigError(f"{run / 'splits.json'}: split file not found; pass --test SOURCE "
+        raise ConfigError(f"{rf.splits_path}: split file not found; pass --test SOURCE "
                           "to evaluate on other data")
     fold = int(train_metrics.get("fold", 0) if fold is None else fold)
     if splits is not None and not 0 <= fold < len(splits.folds):
         raise ConfigError(f"fold {fold}: the split file has {len(splits.folds)} fold(s)")
-    by_id = {s.id: s for s in index.samples} if index else {}
     missing: list[dict] = []
 
     def part(name):
         if splits is None or index is None:
             return []
-        ids = getattr(splits.folds[fold], name)
-        gone = [i for i in ids if i not in by_id]
-        missing.extend({"path": i, "reason": "in the split file but not in the data "
-                        "(deleted, unreadable or relabelled)"} for i in gone)
-        return [by_id[i] for i in ids if i in by_id]
+        return rf.split_samples(name, fold, missing=missing)
 
     val_samples = part("val")
     if test is None:
@@ -348,7 +281,7 @@ def evaluate_run(run_dir, *, test: str | None = None, out=None, fold: int | None
     artefacts: dict = {"plots": []}
     if calib is not None:
         artefacts["calibration"] = os.path.relpath(
-            cal.save_calibration(out_dir / "calibration.json", _json_safe(calib)), out_dir)
+            cal.save_calibration(out_dir / RunFolder.CALIBRATION, json_safe(calib)), out_dir)
 
     # ---- split sizes / data summary
     label_of = {s.id: hierarchy.leaf_of(s.label) for s in (index.samples if index else [])}
@@ -391,14 +324,14 @@ def evaluate_run(run_dir, *, test: str | None = None, out=None, fold: int | None
             pt.y, cal.apply_temperature(pt.leaf_probs, calib["temperature"]), n_bins)
     add("Calibration", "Reliability diagram on the test set (points on the diagonal = "
         "confidence matches accuracy)", plots.plot_reliability(curves), "reliability")
-    if (run / "history.csv").is_file():
+    if rf.history_path.is_file():
         try:
             add("Training", "Loss and metrics per epoch (dashed: validation)",
-                plots.plot_training_curves(run / "history.csv"), "training_curves")
+                plots.plot_training_curves(rf.history_path), "training_curves")
         except (OSError, ValueError, StopIteration) as exc:
             log.warning("evaluate: cannot plot history.csv: %s", exc)
-    if (run / LC_FILE).is_file():
-        lc, lc_metric = load_learning_curve(run / LC_FILE)
+    if rf.file(LC_FILE).is_file():
+        lc, lc_metric = load_learning_curve(rf.file(LC_FILE))
         add("Learning curve", "Test metric against training images per class (band: "
             "\u00b11 sd over seeds)", plots.plot_learning_curve(lc, lc_metric),
             "learning_curve")
@@ -461,7 +394,7 @@ def evaluate_run(run_dir, *, test: str | None = None, out=None, fold: int | None
     by_class = Counter(hierarchy.leaves[i] for i in pt.y)
     doc = {
         "kind": metrics["kind"], "version": metrics["version"],
-        "run": {"name": cfg.name, "dir": str(run), "model": "model.keras", "fold": fold},
+        "run": {"name": cfg.name, "dir": str(run), "model": RunFolder.MODEL, "fold": fold},
         "test": {"source": test_source, "n": int(len(pt.y)),
                  "by_class": dict(sorted(by_class.items())),
                  "skipped": pt.skipped + (missing if test is None else [])},
@@ -480,13 +413,13 @@ def evaluate_run(run_dir, *, test: str | None = None, out=None, fold: int | None
     artefacts["report"] = "report.html"
     artefacts["model_card"] = ["model_card.md", "model_card.json"]
     doc["artefacts"] = artefacts
-    doc = _json_safe(doc)
+    doc = json_safe(doc)
 
     # ---- model card and report
     limitations = known_limitations(doc, audit, split_sizes, calib)
     card = build_model_card(name=cfg.name, hierarchy=hierarchy, metrics=doc, config=cfg,
                             audit=audit, splits=splits, split_sizes=split_sizes,
-                            calibration=_json_safe(calib) if calib else None, model=model)
+                            calibration=json_safe(calib) if calib else None, model=model)
     write_model_card(card, out_dir)
     summary = {}
     if audit:
@@ -510,7 +443,7 @@ def evaluate_run(run_dir, *, test: str | None = None, out=None, fold: int | None
                  data_summary=summary, split_sizes=split_sizes, figures=figures,
                  gradcam=gradcam_imgs, examples=examples, limitations=limitations,
                  label_tree=label_tree_text(hierarchy))
-    write_json(out_dir / "metrics.json", doc)
+    jsonio.write_json(out_dir / RunFolder.METRICS, doc)
     return doc
 
 
@@ -523,7 +456,7 @@ def _tta_text(tta) -> str:
     return text + "; test and validation predictions"
 
 
-PREDICTIONS_FILE = "predictions.csv"
+PREDICTIONS_FILE = RunFolder.PREDICTIONS
 
 
 def write_predictions(path, pred: Predictions, hierarchy, root=None) -> Path:
@@ -543,10 +476,3 @@ def write_predictions(path, pred: Predictions, hierarchy, root=None) -> Path:
                         hierarchy.leaves[int(np.argmax(p))]] + [f"{v:.6g}" for v in p])
     os.replace(tmp, path)
     return path
-
-
-def _read_json(path: Path):
-    if not Path(path).is_file():
-        return None
-    with open(path) as fh:
-        return json.load(fh)

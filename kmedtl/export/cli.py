@@ -120,6 +120,7 @@ def _metadata(path):
     from pathlib import Path
 
     from kmedtl.export.predictors import EXPORT_FILE, ModelInfo, find_metadata
+    from kmedtl.run_folder import RunFolder
 
     p = Path(path)
     if p.is_file() and p.suffix == ".json":
@@ -127,10 +128,10 @@ def _metadata(path):
         return ModelInfo.from_dict(d.get("model", d))
     if p.is_dir() and (p / EXPORT_FILE).is_file():
         return _metadata(p / EXPORT_FILE)
-    if p.is_dir() and (p / "export" / EXPORT_FILE).is_file():
-        return _metadata(p / "export" / EXPORT_FILE)
-    if p.is_dir() and (p / "model.keras").is_file():
-        return find_metadata(p / "model.keras")
+    if p.is_dir() and (RunFolder(p).export_dir / EXPORT_FILE).is_file():
+        return _metadata(RunFolder(p).export_dir / EXPORT_FILE)
+    if p.is_dir() and RunFolder(p).has_model:  # a run folder (RunFolder's label tree)
+        return find_metadata(RunFolder(p).model_path)
     return find_metadata(p)
 
 
@@ -244,7 +245,7 @@ def format_prediction_text(files, out: dict, info, temperature: float = 1.0) -> 
         lines.append(head)
         lines.append("  raw model probabilities:")
         for lv in range(1, h.depth + 1):
-            probs = out[f"level_{lv}"][i]
+            probs = out[h.level_name(lv)][i]
             lines.append(f"    level {lv}: " + ", ".join(
                 f"{n} {p:.3f}" for n, p in zip(h.levels[lv - 1], probs)))
         lines.append("    leaf:    " + ", ".join(

@@ -26,7 +26,6 @@ Example::
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -100,25 +99,19 @@ def safe_name(name: str) -> str:
 
 
 def output_names(hierarchy, node_outputs=()) -> list[str]:
-    """Names of the outputs every exported format returns (in this order)."""
-    names = ["leaf", "calibrated"]
-    names += [f"level_{k}" for k in range(1, hierarchy.depth + 1)]
-    names += [f"node_{safe_name(p)}" for p in node_outputs]
-    names += ["label", "label_index", "confidence"]
-    if len(set(names)) != len(names):
-        raise ExportError(f"hierarchy: node names {list(node_outputs)} give clashing output "
-                          f"names {names}; rename the nodes")
-    return names
+    """Names of the outputs every exported format returns (in this order; the names are
+    the hierarchy's: :meth:`kmedtl.hierarchy.Hierarchy.exported_output_names`)."""
+    from kmedtl.errors import HierarchyError
+
+    try:
+        return hierarchy.exported_output_names(node_outputs)
+    except HierarchyError as exc:
+        raise ExportError(str(exc)) from None
 
 
 def class_names(hierarchy, node_outputs=()) -> dict[str, list[str]]:
     """Class order of every probability output (written into the export metadata)."""
-    out = {"leaf": list(hierarchy.leaves), "calibrated": list(hierarchy.leaves)}
-    for k in range(1, hierarchy.depth + 1):
-        out[f"level_{k}"] = list(hierarchy.levels[k - 1])
-    for p in node_outputs:
-        out[f"node_{safe_name(p)}"] = list(hierarchy.children(p))
-    return out
+    return hierarchy.exported_class_names(node_outputs)
 
 
 def raw_outputs(out) -> dict[str, np.ndarray]:
@@ -139,10 +132,11 @@ def postprocess(raw: dict, hierarchy, temperature: float = 1.0) -> dict[str, np.
     cal /= cal.sum(-1, keepdims=True)
     out = {"leaf": leaf, "calibrated": cal.astype(np.float32)}
     for k in range(1, hierarchy.depth + 1):
-        out[f"level_{k}"] = leaf @ hierarchy.level_matrix(k)
+        out[hierarchy.level_name(k)] = hierarchy.level_probabilities(leaf, k)
     for p in hierarchy.parents:
-        if p in raw:
-            out[f"node_{safe_name(p)}"] = np.asarray(raw[p], dtype=np.float32)
+        head = hierarchy.node_output_name(p)
+        if head in raw:
+            out[hierarchy.exported_node_name(p)] = np.asarray(raw[head], dtype=np.float32)
     idx = leaf.argmax(-1)
     out["label"] = np.array([hierarchy.leaves[i] for i in idx], dtype=object)
     out["label_index"] = idx.astype(np.int64)
@@ -159,10 +153,11 @@ def postprocess_tf(raw: dict, hierarchy, temperature: float = 1.0) -> dict:
     cal = tf.nn.softmax(z, axis=-1)
     out = {"leaf": leaf, "calibrated": cal}
     for k in range(1, hierarchy.depth + 1):
-        out[f"level_{k}"] = tf.matmul(leaf, tf.constant(hierarchy.level_matrix(k)))
+        out[hierarchy.level_name(k)] = hierarchy.level_probabilities_tf(leaf, k)
     for p in hierarchy.parents:
-        if p in raw:
-            out[f"node_{safe_name(p)}"] = tf.cast(raw[p], tf.float32)
+        head = hierarchy.node_output_name(p)
+        if head in raw:
+            out[hierarchy.exported_node_name(p)] = tf.cast(raw[head], tf.float32)
     idx = tf.argmax(leaf, axis=-1, output_type=tf.int64)
     out["label"] = tf.gather(tf.constant(list(hierarchy.leaves)), idx)
     out["label_index"] = idx
@@ -185,6 +180,7 @@ class RunContext:
     train_metrics: dict = field(default_factory=dict)
     metrics: dict | None = None
     source_precision: str = "float32"
+    folder: object = None  # the kmedtl.run_folder.RunFolder it was read from
 
     @property
     def name(self) -> str:
@@ -192,76 +188,49 @@ class RunContext:
 
     @property
     def node_outputs(self) -> list[str]:
+        """Parent nodes whose head is a model output."""
         names = getattr(self.model, "output_names", None) or []
-        return [p for p in self.hierarchy.parents if p in names]
+        return [p for p in self.hierarchy.parents if self.hierarchy.node_output_name(p) in names]
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
-        return tuple(self.options.shape)
+        """``(height, width, channels)`` of the model's input, checked against the image
+        options (:func:`kmedtl.run_folder.model_input_shape`)."""
+        from kmedtl.run_folder import model_input_shape
+
+        return model_input_shape(self.model, self.options, error=ExportError,
+                                 where=f"{self.run_dir}: model")
 
 
 def read_json(path) -> dict | None:
-    path = Path(path)
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ExportError(f"{path}: unreadable JSON ({exc}); rerun the stage that "
-                          "writes it") from None
+    """A JSON file (``None`` when missing); unreadable JSON is an :class:`ExportError`."""
+    from kmedtl.jsonio import read_json as _read
+
+    return _read(path, error=ExportError)
 
 
 def load_run(run_dir) -> RunContext:
-    """Read ``config.yaml``, ``model.keras`` (rebuilt in float32) and ``calibration.json``."""
-    from kmedtl.config import load_config
-    from kmedtl.evaluation.run import load_model, normalization_for
-    from kmedtl.hierarchy import Hierarchy
+    """Read ``config.yaml``, ``model.keras`` (rebuilt in float32) and ``calibration.json``
+    through :class:`kmedtl.run_folder.RunFolder`."""
+    from kmedtl.run_folder import RunFolder
     from kmedtl.training.precision import model_precision
 
-    run = Path(run_dir)
-    if not run.is_dir():
-        raise ExportError(f"{run}: run folder not found (kmedtl train writes runs/<name>/)")
-    for name in ("config.yaml", "model.keras"):
-        if not (run / name).is_file():
-            raise ExportError(f"{run / name}: not found; export needs a finished training run "
-                              "(kmedtl train CONFIG)")
-    cfg = load_config(run / "config.yaml")
-    trained = load_model(run / "model.keras")
+    rf = RunFolder(run_dir, error=ExportError)
+    rf.ensure_dir("kmedtl train writes runs/<name>/")
+    rf.ensure_files(RunFolder.CONFIG, RunFolder.MODEL,
+                    hint="export needs a finished training run (kmedtl train CONFIG)")
+    cfg = rf.config
+    trained = rf.model
     precision = model_precision(trained)
     model = float32_model(trained)
-    hierarchy = getattr(trained, "hierarchy", None)
-    if not isinstance(hierarchy, Hierarchy):
-        hierarchy = cfg.hierarchy()
-    if hierarchy is None:
-        raise ExportError(f"{run}: no label tree in the model or in config.yaml "
-                          "(data.hierarchy)")
-    n_out = int(raw_outputs_shape(model))
-    if n_out != len(hierarchy.leaves):
-        raise ExportError(f"{run / 'model.keras'}: {n_out} leaf outputs but the label tree has "
-                          f"{len(hierarchy.leaves)} leaves {list(hierarchy.leaves)}")
-    calib = read_json(run / "calibration.json")
-    temperature = 1.0
-    if calib is not None:
-        t = calib.get("temperature")
-        if not isinstance(t, (int, float)) or not t > 0:
-            raise ExportError(f"{run / 'calibration.json'}: 'temperature' must be a positive "
-                              f"number, got {t!r}; rerun kmedtl evaluate")
-        temperature = float(t)
-    return RunContext(run_dir=run, config=cfg, model=model, hierarchy=hierarchy,
-                      options=cfg.image_options(),
-                      normalization=normalization_for(trained, cfg.data.normalization),
-                      temperature=temperature, calibration=calib,
-                      train_metrics=read_json(run / "train_metrics.json") or {},
-                      metrics=read_json(run / "metrics.json"), source_precision=precision)
-
-
-def raw_outputs_shape(model) -> int:
-    out = model.output
-    if isinstance(out, dict):
-        out = out.get("leaf", next(iter(out.values())))
-    elif isinstance(out, (list, tuple)):
-        out = out[0]
-    return out.shape[-1]
+    hierarchy = rf.check_outputs()
+    ctx = RunContext(run_dir=rf.path, config=cfg, model=model, hierarchy=hierarchy,
+                     options=rf.image_options, normalization=rf.normalization,
+                     temperature=rf.temperature, calibration=rf.calibration,
+                     train_metrics=rf.train_metrics, metrics=rf.metrics,
+                     source_precision=precision, folder=rf)
+    ctx.input_shape  # noqa: B018  (the model's input must match the config's image options)
+    return ctx
 
 
 def split_pixels(ctx: RunContext, part: str = "test", limit: int | None = None,
@@ -273,23 +242,18 @@ def split_pixels(ctx: RunContext, part: str = "test", limit: int | None = None,
     import logging
 
     from kmedtl.data.pipeline import PipelineReport, make_dataset
-    from kmedtl.data.prepare import load_index
-    from kmedtl.data.splits import Splits
     from kmedtl.errors import KmedtlError
+    from kmedtl.run_folder import RunFolder
 
-    run = ctx.run_dir
-    if not (run / "splits.json").is_file():
+    rf = ctx.folder if ctx.folder is not None else RunFolder(ctx.run_dir, error=ExportError)
+    if not rf.has_splits:
         return None, None, None
     try:
-        index, _ = load_index(ctx.config)
-        splits = Splits.load(run / "splits.json", root=index.root)
+        samples = rf.split_samples(part, int(ctx.train_metrics.get("fold", 0)))
     except (KmedtlError, OSError) as exc:
         logging.getLogger("kmedtl.export").warning(
             "export: the run's data cannot be read (%s); no %s-set checks", exc, part)
         return None, None, None
-    fold = int(ctx.train_metrics.get("fold", 0))
-    by_id = {s.id: s for s in index.samples}
-    samples = [by_id[i] for i in getattr(splits.folds[fold], part) if i in by_id]
     if limit is not None and len(samples) > limit:
         keep = np.sort(np.random.default_rng(seed).choice(len(samples), limit, replace=False))
         samples = [samples[i] for i in keep]

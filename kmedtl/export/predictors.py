@@ -67,6 +67,12 @@ class ModelInfo:
 
 def find_metadata(path) -> ModelInfo:
     """The :class:`ModelInfo` for an exported model file or folder (or a ``.keras``)."""
+    return _find_metadata(path)[0]
+
+
+def _find_metadata(path):
+    """``(ModelInfo, RunFolder or None)``: the run folder when the metadata came from the
+    ``.keras`` file's run folder (its model is then loaded at most once)."""
     path = Path(path)
     candidates = []
     if path.is_dir():
@@ -76,19 +82,35 @@ def find_metadata(path) -> ModelInfo:
     for c in candidates:
         if c.is_file():
             d = json.loads(c.read_text())
-            return ModelInfo.from_dict(d.get("model", d))
-    run = path.parent
-    if path.suffix == ".keras" and (run / "config.yaml").is_file():
-        from kmedtl.config import load_config
-        from kmedtl.export.model import read_json
-
-        cfg = load_config(run / "config.yaml")
-        calib = read_json(run / "calibration.json") or {}
-        return ModelInfo(cfg.hierarchy(), cfg.image_options(), "unit",
-                         float(calib.get("temperature") or 1.0), cfg.name)
+            return ModelInfo.from_dict(d.get("model", d)), None
+    folder = _keras_run_folder(path)
+    if folder is not None:
+        return keras_model_info(folder), folder
     raise ExportError(f"{path}: no kmedtl metadata found (looked for "
                       f"{', '.join(str(c) for c in candidates)}); predict on a model written "
                       "by kmedtl export, or on model.keras inside its run folder")
+
+
+def _keras_run_folder(path):
+    """The :class:`~kmedtl.run_folder.RunFolder` a ``.keras`` file sits in (None if not)."""
+    from kmedtl.run_folder import RunFolder
+
+    path = Path(path)
+    if path.suffix != ".keras":
+        return None
+    folder = RunFolder(path.parent, error=ExportError, model=path)
+    return folder if folder.has_config else None
+
+
+def keras_model_info(folder) -> ModelInfo:
+    """:class:`ModelInfo` of a run folder's Keras model: the folder's label tree
+    (:attr:`~kmedtl.run_folder.RunFolder.hierarchy`), image options, temperature and name;
+    normalisation ``"unit"`` (kmedtl models normalise inside the graph)."""
+    h = folder.hierarchy
+    if h is None:
+        raise ExportError(f"{folder.path}: no label tree in the model, config.yaml, data or "
+                          "audit.json")
+    return ModelInfo(h, folder.image_options, "unit", folder.temperature, folder.config.name)
 
 
 class Predictor:
@@ -128,9 +150,9 @@ class KerasPredictor(Predictor):
 
     def __init__(self, path, info, model=None):
         super().__init__(path, info)
-        from kmedtl.evaluation.run import load_model
+        from kmedtl.run_folder import load_model
 
-        self.model = model if model is not None else load_model(path)
+        self.model = model if model is not None else load_model(path, ExportError)
 
     def raw(self, pixels):  # Keras' compiled predict step (no eager per-call overhead)
         return raw_outputs(self.model.predict_on_batch(pixels))
@@ -157,8 +179,10 @@ class SavedModelPredictor(Predictor):
 
     def raw(self, pixels):
         out = self.predict_pixels(pixels)
+        h = self.info.hierarchy
         raw = {"leaf": out["leaf"]}
-        raw.update({k[5:]: v for k, v in out.items() if k.startswith("node_")})
+        raw.update({h.node_output_name(p): out[h.exported_node_name(p)] for p in h.parents
+                    if h.exported_node_name(p) in out})
         return raw
 
     def predict_pixels(self, pixels):
@@ -218,7 +242,9 @@ def load_predictor(path, info: ModelInfo | None = None, **kwargs) -> Predictor:
     path = Path(path)
     if not path.exists():
         raise ExportError(f"{path}: model not found")
-    info = info or find_metadata(path)
+    folder = None
+    if info is None:
+        info, folder = _find_metadata(path)
     if path.is_dir():
         if not (path / "saved_model.pb").is_file():
             raise ExportError(f"{path}: a folder but not a SavedModel (no saved_model.pb)")
@@ -228,7 +254,7 @@ def load_predictor(path, info: ModelInfo | None = None, **kwargs) -> Predictor:
         return TFLitePredictor(path, info, **kwargs)
     if suffix == ".onnx":
         return OnnxPredictor(path, info, **kwargs)
-    if suffix == ".keras":
-        return KerasPredictor(path, info)
+    if suffix == ".keras":  # a run folder's model is loaded once (metadata and predictions)
+        return KerasPredictor(path, info, model=folder.model if folder is not None else None)
     raise ExportError(f"{path}: unknown model format {suffix!r}; expected a SavedModel folder, "
                       ".tflite, .onnx or .keras")

@@ -111,24 +111,24 @@ def write_warmup(path, model_name: str, shape) -> Path:
 def push_run(run_dir, *, root="saved_models", name: str | None = None,
              thresholds: dict | None = None, metric: str = "balanced_accuracy") -> PushReport:
     """Bless and push the run's SavedModel (see the module docstring)."""
-    from kmedtl.config import load_config
-    from kmedtl.evaluation.run import write_json
     from kmedtl.export.model import read_json
     from kmedtl.export.predictors import EXPORT_FILE
     from kmedtl.export.run import export_run
+    from kmedtl.jsonio import write_json
+    from kmedtl.run_folder import RunFolder
 
-    run = Path(run_dir)
-    if not (run / "config.yaml").is_file():
-        raise PushError(f"{run / 'config.yaml'}: not found; push needs a trained run folder")
-    cfg = load_config(run / "config.yaml")
-    name = name or cfg.name
-    export_dir = run / "export"
+    rf = RunFolder(run_dir, error=PushError)
+    run = rf.path
+    if not rf.has_config:
+        raise PushError(f"{rf.config_path}: not found; push needs a trained run folder")
+    name = name or rf.config.name
+    export_dir = rf.export_dir
     export = read_json(export_dir / EXPORT_FILE)
-    stale = export is not None and (run / "model.keras").is_file() and \
-        (run / "model.keras").stat().st_mtime > (export_dir / EXPORT_FILE).stat().st_mtime
+    stale = export is not None and rf.has_model and \
+        rf.model_path.stat().st_mtime > (export_dir / EXPORT_FILE).stat().st_mtime
     if export is None or stale or not (export_dir / "savedmodel" / "saved_model.pb").is_file():
         export = export_run(run).to_dict()  # missing, or older than the trained model
-    metrics = read_json(run / "metrics.json")
+    metrics = read_json(rf.metrics_path)
     base = Path(root) / name
     current = versions(base)
     record = None
@@ -147,7 +147,7 @@ def push_run(run_dir, *, root="saved_models", name: str | None = None,
           f"({export.get('failures') or 'exported without verify'}); rerun kmedtl export")
     value = None
     if metrics is None:
-        check("evaluation", False, f"{run / 'metrics.json'}: not found; run kmedtl evaluate "
+        check("evaluation", False, f"{rf.metrics_path}: not found; run kmedtl evaluate "
               f"{run} first")
     else:
         value = metric_value(metrics, metric)
@@ -173,7 +173,7 @@ def push_run(run_dir, *, root="saved_models", name: str | None = None,
     if not blessed:
         failed = "; ".join(c["detail"] for c in checks if not c["passed"])
         report = PushReport(False, None, None, f"not blessed: {failed}", blessing)
-        write_json(run / "push.json", report.to_dict())
+        write_json(rf.push_path, report.to_dict())
         return report
 
     base.mkdir(parents=True, exist_ok=True)
@@ -182,9 +182,10 @@ def push_run(run_dir, *, root="saved_models", name: str | None = None,
         shutil.copytree(export_dir / "savedmodel", tmp)
         extra = tmp / "assets.extra"
         extra.mkdir(exist_ok=True)
-        for f in ("metrics.json", "model_card.md", "model_card.json", "calibration.json"):
-            if (run / f).is_file():
-                shutil.copy2(run / f, extra / f)
+        for f in (RunFolder.METRICS, RunFolder.MODEL_CARD_MD, RunFolder.MODEL_CARD_JSON,
+                  RunFolder.CALIBRATION):
+            if rf.file(f).is_file():
+                shutil.copy2(rf.file(f), extra / f)
         shutil.copy2(export_dir / EXPORT_FILE, extra / EXPORT_FILE)
         shape = tuple(export["model"]["input_shape"])
         write_warmup(extra / WARMUP_FILE, name, shape)
@@ -205,5 +206,5 @@ def push_run(run_dir, *, root="saved_models", name: str | None = None,
         shutil.rmtree(tmp, ignore_errors=True)
     report = PushReport(True, version, final, "blessed: " + "; ".join(
         c["detail"] for c in checks), blessing)
-    write_json(run / "push.json", report.to_dict())
+    write_json(rf.push_path, report.to_dict())
     return report

@@ -39,7 +39,6 @@ Example::
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import time
@@ -50,6 +49,7 @@ from pathlib import Path
 import numpy as np
 
 from kmedtl.export.errors import ExportError
+from kmedtl.jsonio import json_safe, write_json
 
 log = logging.getLogger("kmedtl.export")
 
@@ -106,9 +106,7 @@ class ExportReport:
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        from kmedtl.evaluation.run import _json_safe
-
-        return _json_safe({"kind": "kmedtl-export", "version": 1, "run_dir": str(self.run_dir),
+        return json_safe({"kind": "kmedtl-export", "version": 1, "run_dir": str(self.run_dir),
                            "out_dir": str(self.out_dir), **self.metadata,
                            "formats": self.formats, "parity_data": self.parity_data,
                            "preprocessing": self.preprocessing, "verify": self.verify,
@@ -232,13 +230,13 @@ def export_run(run_dir, *, formats=FORMATS, out_dir=None, verify: bool = True,
         raise ExportError(f"formats: {unknown or '(none)'} not in {list(FORMATS)}")
     ctx = load_run(run_dir)
     run = ctx.run_dir
-    out = Path(out_dir) if out_dir else run / "export"
+    out = Path(out_dir) if out_dir else ctx.folder.export_dir
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
     tmp.mkdir()
     info = ModelInfo(ctx.hierarchy, ctx.options, ctx.normalization, ctx.temperature, ctx.name)
     names = output_names(ctx.hierarchy, ctx.node_outputs)
-    h, w, c = ctx.options.shape
+    h, w, c = ctx.input_shape  # from the model's input, checked against the image options
     metadata = {
         "model": info.to_dict(), "outputs": names,
         "class_names": class_names(ctx.hierarchy, ctx.node_outputs),
@@ -278,7 +276,7 @@ def export_run(run_dir, *, formats=FORMATS, out_dir=None, verify: bool = True,
         reps = None
         if "tflite" in formats and "int8" in tflite_variants:
             reps = split_pixels(ctx, "train", limit=int(representative_samples))[0]
-        ref = predict_batched(KerasPredictor(run / "model.keras", info, model=ctx.model), x)
+        ref = predict_batched(KerasPredictor(ctx.folder.model_path, info, model=ctx.model), x)
 
         def record(name, path, predictor):
             got = predict_batched(predictor, x)
@@ -290,15 +288,16 @@ def export_run(run_dir, *, formats=FORMATS, out_dir=None, verify: bool = True,
             log.info("export: %s %.1f KiB, parity %s", name, entry["size_bytes"] / 1024,
                      entry["parity"])
 
+        keras_file = ctx.folder.model_path
         report.formats["keras"] = {
-            "path": str(run / "model.keras"), "size_bytes": file_size(run / "model.keras"),
+            "path": str(keras_file), "size_bytes": file_size(keras_file),
             "accuracy": None if y is None else
             float(np.mean(ref["label_index"][:n_test] == y[:n_test])),
             "parity": None}
         if "savedmodel" in formats:
             sm = write_savedmodel(ctx, tmp / "savedmodel")
             (sm / "assets.extra").mkdir(exist_ok=True)
-            (sm / "assets.extra" / METADATA_FILE).write_text(json.dumps(info.to_dict(), indent=1))
+            write_json(sm / "assets.extra" / METADATA_FILE, info.to_dict())
             smp = load_predictor(sm, info)
             record("savedmodel", sm, smp)
             if paths:
@@ -318,7 +317,7 @@ def export_run(run_dir, *, formats=FORMATS, out_dir=None, verify: bool = True,
         report.verified = bool(verify and not report.failures)
         report.seconds = time.perf_counter() - t0
         report.out_dir = out
-        (tmp / EXPORT_FILE).write_text(json.dumps(report.to_dict(), indent=1))
+        write_json(tmp / EXPORT_FILE, report.to_dict())
         _swap_in(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

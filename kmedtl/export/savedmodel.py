@@ -73,6 +73,7 @@ def serving_functions(ctx: RunContext):
     """``{signature name: (python function, input signature)}`` for the run's model."""
     model, h, opts = ctx.model, ctx.hierarchy, ctx.options
     norm, temp = ctx.normalization, ctx.temperature
+    shape = ctx.input_shape  # the model's input (checked against the image options)
 
     def run(pixels):
         out = model(pixels, training=False)
@@ -82,13 +83,13 @@ def serving_functions(ctx: RunContext):
         return run(decode_batch(image_bytes, opts, norm))
 
     def predict_pixels(pixels):
-        return run(check_pixels(pixels, opts.shape, norm))
+        return run(check_pixels(pixels, shape, norm))
 
     return {
         "serving_default": (serving_default,
                             [tf.TensorSpec([None], tf.string, name=BYTES_INPUT)]),
         "predict_pixels": (predict_pixels,
-                           [tf.TensorSpec([None, *opts.shape], tf.float32, name=PIXELS_INPUT)]),
+                           [tf.TensorSpec([None, *shape], tf.float32, name=PIXELS_INPUT)]),
     }
 
 

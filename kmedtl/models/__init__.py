@@ -17,6 +17,7 @@ from kmedtl.models.backbones import (
     backbone_names,
     canonicalise_names,
     get_spec,
+    load_backbone_weights,
     register_backbone,
 )
 from kmedtl.models.cbr import CBR_CONFIGS
@@ -42,12 +43,7 @@ from kmedtl.models.stacking import MetaClassifier, OutOfFoldStacking, kfold_spli
 from kmedtl.models.staged import StagedHierarchicalClassifier
 from kmedtl.models.transfusion import transfusion_scale
 from kmedtl.models.truncation import CutPoint, cut_points, truncate
-from kmedtl.models.weights import (
-    load_backbone_weights,
-    read_weight_file,
-    save_backbone,
-    transfer_weights,
-)
+from kmedtl.models.weights import read_weight_file, save_backbone, transfer_weights
 
 __all__ = [
     "BACKBONES",

@@ -38,7 +38,9 @@ from pathlib import Path
 import keras
 
 from kmedtl.errors import ModelError
-from kmedtl.models import cbr, efficientnet_lite, parallel_resnet, truncation
+from kmedtl.models import cbr, efficientnet_lite, parallel_resnet
+from kmedtl.models import cuts as cutlib
+from kmedtl.models import weights as wlib
 from kmedtl.models.preprocessing import ImagePreprocessing, check_mode
 from kmedtl.pretrained import store
 
@@ -102,7 +104,7 @@ def get_spec(name) -> BackboneSpec:
 
 def _register_defaults():
     A = keras.applications
-    T = truncation
+    T = cutlib
     ka = "keras.applications"
     entries = [
         *[(f"resnet{d}", getattr(A, f"ResNet{d}"), "caffe", 32, T.resnet_cuts, "resnet")
@@ -261,7 +263,7 @@ class Backbone(keras.Model):
         canonicalise_names(full)
         outputs = full.output
         if cut is not None:
-            outputs = truncation.resolve_cut(full, cut, spec.cuts, spec.name).output
+            outputs = cutlib.resolve_cut(full, cut, spec.cuts, spec.name).output
         super().__init__(inputs=inputs, outputs=outputs, name=name or spec.name, **kwargs)
         for layer_name in frozen or ():
             self.get_layer(layer_name).trainable = False
@@ -275,7 +277,7 @@ class Backbone(keras.Model):
 
     def named_cuts(self):
         """The named cuts present in this (possibly already truncated) graph."""
-        return truncation.named_cuts(self, self.spec.cuts)
+        return cutlib.named_cuts(self, self.spec.cuts)
 
     def get_config(self):
         return {
@@ -374,8 +376,6 @@ def backbone(
         >>> bb.output_shape
         (None, 4, 4, 256)
     """
-    from kmedtl.models import weights as wlib
-
     spec = get_spec(name)
     shape = tuple(input_shape)
     common = dict(cut=cut, include_preprocessing=include_preprocessing, name=model_name)
@@ -396,8 +396,53 @@ def backbone(
             wlib.transfer_weights(source, model)
     elif isinstance(weights, (str, Path)):
         model = Backbone(spec.name, shape, **common)
-        wlib.load_backbone_weights(model, weights)
+        load_backbone_weights(model, weights)
     else:
         raise ModelError(f"weights={weights!r} is not valid; use {WEIGHT_CHOICES}")
     model.trainable = trainable
     return model
+
+
+# ---------------------------------------------------------------------------- weight files
+# These build Backbone instances (a 3-channel or file-shaped source to fold from), so they
+# live here, above the weight primitives of kmedtl.models.weights.
+def _check_family(path, family: str) -> None:
+    """Refuse a file that evidently holds another registry family (resnet101 -> resnet50
+    shares layer names and shapes, but not the meaning of its deeper blocks)."""
+    stored = wlib._container_names(path) & set(BACKBONES)
+    if stored and family not in stored:
+        raise ModelError(
+            f"weights={str(path)!r} holds a {sorted(stored)[0]} backbone, not {family!r}; "
+            "build the same family (any cut and 1 or 3 channels work)"
+        )
+
+
+def load_backbone_weights(model, path) -> None:
+    """Load ``path`` into a :class:`~kmedtl.models.Backbone` (by name, folding if needed)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"weights={str(path)!r}: file not found")
+    shape = tuple(model.image_shape)
+    common = dict(cut=model.cut, include_preprocessing=model.include_preprocessing)
+    if path.name.endswith(".h5") and not path.name.endswith(".weights.h5"):
+        # Legacy keras.applications layout (matched by layer order by Keras itself); those
+        # files are RGB.  The cut is applied after loading the full network.
+        source = Backbone(model.family, shape[:2] + (3,), weights=str(path), **common)
+        wlib.transfer_weights(source, model)
+        return
+    arrays = wlib.read_weight_file(path)
+    _check_family(path, model.family)
+    conv, _, _ = wlib.first_conv(model)
+    src_kernel = arrays.get(conv.name, [None])[0]
+    if src_kernel is None:
+        raise ModelError(
+            f"weights={str(path)!r}: no layer {conv.name!r} in the file; it does not hold a "
+            f"{model.family} backbone (save one with kmedtl.models.save_backbone)"
+        )
+    c_file = src_kernel.shape[-2]
+    if c_file == shape[-1]:
+        wlib.assign_by_name(model, arrays, source=f"weights={str(path)!r}")
+        return
+    source = Backbone(model.family, shape[:2] + (c_file,), **common)
+    wlib.assign_by_name(source, arrays, source=f"weights={str(path)!r}")
+    wlib.transfer_weights(source, model)

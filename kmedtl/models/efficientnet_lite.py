@@ -43,6 +43,9 @@ import keras
 import numpy as np
 
 from kmedtl.errors import ModelError, WeightsError
+from kmedtl.models.weights import assign_by_name, read_weight_file
+from kmedtl.pretrained.store import cached_conversion
+from kmedtl.pretrained.torch_legacy import read_state_dict
 
 #: Lite0's stages: (kernel, stride, expand ratio, output channels, repeats).
 BASE_STAGES = ((3, 1, 1, 16, 1), (3, 2, 6, 24, 2), (5, 2, 6, 40, 2), (3, 2, 6, 80, 3),
@@ -264,9 +267,6 @@ def convert_state_dict(state: dict, variant) -> dict[str, list[np.ndarray]]:
 
 def _classifier_weights_file(variant: LiteVariant, source_path, target_path) -> None:
     """Convert ``source_path`` (legacy torch checkpoint) into a Keras ``.weights.h5``."""
-    from kmedtl.models.weights import assign_by_name
-    from kmedtl.pretrained.torch_legacy import read_state_dict
-
     arrays = convert_state_dict(read_state_dict(source_path), variant.name)
     previous = keras.config.dtype_policy()
     keras.config.set_dtype_policy("float32")
@@ -280,8 +280,6 @@ def _classifier_weights_file(variant: LiteVariant, source_path, target_path) -> 
 
 def imagenet_weights_file(variant) -> str:
     """Path of the cached Keras weights of ``variant`` (converting the checkpoint if needed)."""
-    from kmedtl.pretrained.store import cached_conversion
-
     v = _variant(variant)
     return str(cached_conversion(v.name, lambda src, dst: _classifier_weights_file(v, src, dst)))
 
@@ -289,8 +287,6 @@ def imagenet_weights_file(variant) -> str:
 def load_imagenet(model, variant) -> None:
     """Load the ImageNet weights into ``model`` (any EfficientNet-Lite graph of the variant,
     with or without top, cut or not; 3 input channels), matching layers by name."""
-    from kmedtl.models.weights import assign_by_name, read_weight_file
-
     path = imagenet_weights_file(variant)
     # by name: a model without top (or cut) takes the layers it has; the rest are unused
     assign_by_name(model, read_weight_file(path),

@@ -45,6 +45,7 @@ from kmedtl.models.hierarchical import (
     hierarchy_targets,
 )
 from kmedtl.models.stacking import OutOfFoldStacking
+from kmedtl.models.staged import backbone_factory
 
 FUSIONS = ("concat", "average")
 HEADS = ("flat", "hierarchical")
@@ -237,8 +238,6 @@ class StackedMultiInputClassifier(OutOfFoldStacking):
         fit_kwargs: dict | None = None,
         fit_fn: Callable | None = None,
     ):
-        from kmedtl.models.staged import backbone_factory
-
         super().__init__(meta_estimator, n_folds, seed, compile_kwargs, fit_kwargs, fit_fn)
         if not isinstance(backbone_fns, Mapping) or not backbone_fns:
             raise ModelError("backbone_fns must be a non-empty dict {image_type: callable}")

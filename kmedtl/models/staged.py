@@ -46,6 +46,7 @@ import numpy as np
 
 from kmedtl.errors import ModelError
 from kmedtl.hierarchy import ROOT
+from kmedtl.models.backbones import backbone
 from kmedtl.models.heads import FlatClassifier, as_hierarchy
 from kmedtl.models.stacking import OutOfFoldStacking
 
@@ -57,8 +58,6 @@ def backbone_factory(backbone_fn) -> Callable[[], keras.Model]:
     if callable(backbone_fn):
         return backbone_fn
     if isinstance(backbone_fn, dict):
-        from kmedtl.models.backbones import backbone
-
         return lambda: backbone(**backbone_fn)
     raise ModelError(
         "backbone_fn must be a callable returning a new backbone (e.g. lambda: "

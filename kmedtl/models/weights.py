@@ -4,7 +4,9 @@
   ``.keras`` or ``.weights.h5``; :func:`kmedtl.models.backbone` with ``weights=<path>``
   reads it back into any family member of the same architecture -- truncated or not,
   1 or 3 channels -- matching layers **by name** (registry backbones have reproducible
-  names, see :func:`kmedtl.models.backbones.canonicalise_names`).
+  names, see :func:`kmedtl.models.backbones.canonicalise_names`); that reading step,
+  :func:`~kmedtl.models.load_backbone_weights`, builds backbones, so it lives in
+  :mod:`kmedtl.models.backbones`, above the primitives here.
 * :func:`transfer_weights` copies weights model-to-model by layer name and folds the first
   convolution when the input channels or the input normalisation differ.
 
@@ -191,19 +193,6 @@ def _container_names(path) -> set[str]:
     return names
 
 
-def _check_family(path, family: str) -> None:
-    """Refuse a file that evidently holds another registry family (resnet101 -> resnet50
-    shares layer names and shapes, but not the meaning of its deeper blocks)."""
-    from kmedtl.models.backbones import BACKBONES
-
-    stored = _container_names(path) & set(BACKBONES)
-    if stored and family not in stored:
-        raise ModelError(
-            f"weights={str(path)!r} holds a {sorted(stored)[0]} backbone, not {family!r}; "
-            "build the same family (any cut and 1 or 3 channels work)"
-        )
-
-
 # ---------------------------------------------------------------------------- assignment
 
 
@@ -339,39 +328,6 @@ def _fold(conv_s, conv_t, follower, src_affine, dst_affine):
 
 
 # ---------------------------------------------------------------------------- files API
-
-
-def load_backbone_weights(model, path) -> None:
-    """Load ``path`` into a :class:`~kmedtl.models.Backbone` (by name, folding if needed)."""
-    from kmedtl.models.backbones import Backbone
-
-    path = Path(path)
-    if not path.is_file():
-        raise ModelError(f"weights={str(path)!r}: file not found")
-    shape = tuple(model.image_shape)
-    common = dict(cut=model.cut, include_preprocessing=model.include_preprocessing)
-    if path.name.endswith(".h5") and not path.name.endswith(".weights.h5"):
-        # Legacy keras.applications layout (matched by layer order by Keras itself); those
-        # files are RGB.  The cut is applied after loading the full network.
-        source = Backbone(model.family, shape[:2] + (3,), weights=str(path), **common)
-        transfer_weights(source, model)
-        return
-    arrays = read_weight_file(path)
-    _check_family(path, model.family)
-    conv, _, _ = first_conv(model)
-    src_kernel = arrays.get(conv.name, [None])[0]
-    if src_kernel is None:
-        raise ModelError(
-            f"weights={str(path)!r}: no layer {conv.name!r} in the file; it does not hold a "
-            f"{model.family} backbone (save one with kmedtl.models.save_backbone)"
-        )
-    c_file = src_kernel.shape[-2]
-    if c_file == shape[-1]:
-        assign_by_name(model, arrays, source=f"weights={str(path)!r}")
-        return
-    source = Backbone(model.family, shape[:2] + (c_file,), **common)
-    assign_by_name(source, arrays, source=f"weights={str(path)!r}")
-    transfer_weights(source, model)
 
 
 def save_backbone(model, path) -> Path:

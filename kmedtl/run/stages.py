@@ -43,8 +43,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kmedtl import jsonio
 from kmedtl.errors import ConfigError, KmedtlError
 from kmedtl.run.records import Records, file_sha256
+from kmedtl.run_folder import RunFolder
 
 log = logging.getLogger("kmedtl.run")
 
@@ -77,6 +79,11 @@ class Context:
     @property
     def cfg(self):
         return self.pipe.config
+
+    @property
+    def folder(self) -> RunFolder:
+        """The run folder (a fresh view: stages change its files)."""
+        return RunFolder(self.run_dir)
 
     @property
     def spec(self):
@@ -127,7 +134,7 @@ def stage_audit(ctx: Context) -> StageOutput:
     fail_hook("audit")
     prep = ctx.prepared()
     report = public(prep.report)
-    out = ctx.run_dir / "data" / "audit.json"
+    out = ctx.folder.pipeline_audit_path
     out.parent.mkdir(parents=True, exist_ok=True)
     _write_json(out, report)
     c = report["counts"]
@@ -148,7 +155,7 @@ def stage_split(ctx: Context) -> StageOutput:
     prep = ctx.prepared()
     splits = prep.splits
     fold = ctx.fold(splits)
-    out = ctx.run_dir / "data" / "splits.json"
+    out = ctx.folder.pipeline_splits_path
     out.parent.mkdir(parents=True, exist_ok=True)
     splits.save(str(out), root=prep.index.root)
     # --- independent leakage check on the fold used downstream
@@ -499,14 +506,15 @@ def stage_train(ctx: Context, *, resume: bool) -> StageOutput:
     run_training(cfg, run, overwrite=not resume, label=ctx.pipe.label, callbacks=callbacks,
                  fold=ctx.spec.fold)
     # the trainer re-derives the split from the same config: it must be the pipeline's
-    mine = Splits.load(run / "data" / "splits.json")
-    theirs = Splits.load(run / "splits.json")
+    rf = ctx.folder
+    mine = Splits.load(rf.pipeline_splits_path)
+    theirs = rf.splits()
     f = ctx.spec.fold
-    if mine.folds[f].to_dict() != theirs.folds[f].to_dict():
-        raise PipelineStageError(f"{run / 'splits.json'}: training used a different split than "
-                                 f"{run / 'data' / 'splits.json'} (the data changed while the "
+    if theirs is None or mine.folds[f].to_dict() != theirs.folds[f].to_dict():
+        raise PipelineStageError(f"{rf.splits_path}: training used a different split than "
+                                 f"{rf.pipeline_splits_path} (the data changed while the "
                                  "pipeline ran?); rerun with --force split")
-    m = json.loads((run / "train_metrics.json").read_text())
+    m = rf.train_metrics
     keep = ("model", "backbone", "cut", "fold", "n_train", "n_val", "n_test", "monitor",
             "best_epoch", "best_value", "stopped_early", "resumed_from_epoch", "val_metrics",
             "train_metrics", "timings", "jit_compile", "precision", "backend")
@@ -522,9 +530,9 @@ def stage_train(ctx: Context, *, resume: bool) -> StageOutput:
                  "from_search": best.get("from_search"), "changed": best.get("changed")}
         out["tuned"] = tuned
         m["tuned"] = tuned
-        _write_json(run / "train_metrics.json", m)
-    outputs = [run / n for n in ("model.keras", "train_metrics.json", "config.yaml",
-                                 "splits.json", "history.csv")]
+        _write_json(rf.train_metrics_path, m)
+    outputs = [rf.model_path, rf.train_metrics_path, rf.config_path, rf.splits_path,
+               rf.history_path]
     return StageOutput(out, outputs)
 
 
@@ -547,7 +555,8 @@ def stage_evaluate(ctx: Context) -> StageOutput:
                           doc["tasks"]["leaf"]["per_class"].items()} if doc.get("tasks") else None,
               "skipped": len(doc.get("test", {}).get("skipped") or []),
               "tta": doc.get("tta")}
-    outputs = [ctx.run_dir / n for n in ("metrics.json", "report.html", "model_card.md")]
+    rf = ctx.folder
+    outputs = [rf.metrics_path, rf.file(RunFolder.REPORT), rf.file(RunFolder.MODEL_CARD_MD)]
     return StageOutput(result, outputs)
 
 
@@ -585,11 +594,12 @@ def stage_export(ctx: Context) -> StageOutput:
     if not result["formats"]:  # an unfamiliar report layout: keep all of it
         result["report"] = doc
     if x.verify and x.require_verified and not verified:
+        report_path = ctx.folder.stages_dir / "export_report.json"
         if where:
-            _write_json(ctx.run_dir / "stages" / "export_report.json", doc)
+            _write_json(report_path, doc)
         raise PipelineStageError(
             f"{where or ctx.run_dir}: the exported model failed verification (see "
-            f"{ctx.run_dir / 'stages' / 'export_report.json'}); fix the export, or set "
+            f"{report_path}); fix the export, or set "
             "pipeline.export.require_verified: false to continue unverified")
     return StageOutput(result, [where] if where else [])
 
@@ -638,11 +648,8 @@ def _jsonable(obj):
 
 
 def _write_json(path, data):
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w") as fh:
-        json.dump(data, fh, indent=1, default=str)
-    os.replace(tmp, path)
+    """Stage records as they are (``default=str``), atomically (:mod:`kmedtl.jsonio`)."""
+    jsonio.write_json(path, data, strict=False, default=str)
 
 
 STAGE_FUNCS = {"audit": stage_audit, "split": stage_split, "pretrain": stage_pretrain,

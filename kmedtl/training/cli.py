@@ -15,16 +15,17 @@ from __future__ import annotations
 import argparse
 import json
 
+from kmedtl.config import load_config
+from kmedtl.errors import ConfigError
+from kmedtl.training.learning_curve import METRICS, parse_sizes, run_learning_curve
+from kmedtl.training.run import run_lr_find, run_training, run_tuning
+
 
 def _config(path):
-    from kmedtl.config import load_config
-
     return load_config(path)
 
 
 def cmd_train(args) -> int:
-    from kmedtl.training.run import run_training
-
     cfg = _config(args.config)
     result = run_training(cfg, args.run_dir, epochs=args.epochs, overwrite=args.overwrite,
                           label=args.config, fold=args.fold)
@@ -41,8 +42,6 @@ def cmd_train(args) -> int:
 
 
 def cmd_tune(args) -> int:
-    from kmedtl.training.run import run_tuning
-
     cfg = _config(args.config)
     overwrite = True if args.overwrite else (False if args.resume else None)
     res = run_tuning(cfg, args.run_dir, label=args.config, overwrite=overwrite,
@@ -59,8 +58,6 @@ def cmd_tune(args) -> int:
 
 
 def cmd_lr_find(args) -> int:
-    from kmedtl.training.run import run_lr_find
-
     cfg = _config(args.config)
     result, png = run_lr_find(cfg, args.out, steps=args.steps, start_lr=args.start_lr,
                               end_lr=args.end_lr, label=args.config)
@@ -75,8 +72,7 @@ def _config_with_overrides(path, items):
 
     import yaml
 
-    from kmedtl.config import load_config
-    from kmedtl.errors import ConfigError
+    # kmedtl.run (pipelines) sits above kmedtl.training: an upward import, kept to --set
     from kmedtl.run.spec import _merge, parse_set
 
     if not items:
@@ -99,8 +95,6 @@ def _config_with_overrides(path, items):
 
 
 def cmd_learning_curve(args) -> int:
-    from kmedtl.training.learning_curve import parse_sizes, run_learning_curve
-
     sizes = parse_sizes(args.n)
     cfg = _config_with_overrides(args.config, args.set)
     res = run_learning_curve(cfg, sizes, args.seeds, out=args.out, fold=args.fold,
@@ -154,8 +148,6 @@ def add_parsers(subparsers) -> None:
     f.add_argument("--start-lr", type=float, default=1e-7)
     f.add_argument("--end-lr", type=float, default=10.0)
     f.set_defaults(func=cmd_lr_find)
-
-    from kmedtl.training.learning_curve import METRICS
 
     c = subparsers.add_parser(
         "learning-curve", help="test metric against training images per class, over seeds",

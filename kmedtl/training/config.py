@@ -23,7 +23,9 @@ from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from kmedtl.config import Config, _allowed_fields, _format_errors, model_at
 from kmedtl.errors import ConfigError
+from kmedtl.models.backbones import backbone_names, get_spec
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop", "nadam", "adamax", "lion")
 SCHEDULES = ("constant", "one_cycle", "cosine", "step")
@@ -184,8 +186,6 @@ class TrainSection(_Strict):
     @field_validator("backbone")
     @classmethod
     def _known_backbone(cls, v):
-        from kmedtl.models.backbones import backbone_names, get_spec
-
         try:
             return get_spec(v).name
         except Exception:
@@ -245,8 +245,6 @@ class _Wrapper(_Strict):
 def train_section(source: Any = None, label: str = "config", **overrides) -> TrainSection:
     """Validate a ``train`` mapping (or a :class:`kmedtl.config.Config`, or a
     :class:`TrainSection`) with ``overrides`` applied; errors name ``train.<field>``."""
-    from kmedtl.config import Config
-
     if isinstance(source, Config):
         raw = dict(source.train)
     elif isinstance(source, TrainSection):
@@ -275,8 +273,6 @@ def _errors(label: str, exc: ValidationError) -> str:
     ``train`` is a plain dict, so for ``train.<unknown>`` it would list the top-level
     sections; walk :class:`TrainSection` instead.
     """
-    from kmedtl.config import _allowed_fields, _format_errors
-
     text = _format_errors(label, exc)
     for err in exc.errors():
         if err["type"] != "extra_forbidden":
@@ -290,8 +286,6 @@ def _errors(label: str, exc: ValidationError) -> str:
 
 
 def _allowed(loc) -> list[str]:
-    from kmedtl.config import model_at
-
     return sorted(model_at(_Wrapper, loc).model_fields)
 
 

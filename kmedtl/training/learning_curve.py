@@ -30,7 +30,18 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from kmedtl.data.prepare import prepare
+from kmedtl.data.splits import per_class_subset
 from kmedtl.errors import ConfigError
+from kmedtl.training.config import train_section
+from kmedtl.training.run import (
+    _check_data,
+    build_model,
+    check_weight_scaling,
+    run_folder,
+    targets_for,
+)
+from kmedtl.training.trainer import Trainer
 
 log = logging.getLogger("kmedtl.training")
 
@@ -73,21 +84,14 @@ def run_learning_curve(cfg, sizes, seeds: int = 3, *, out=None, fold: int = 0,
     import keras
     import numpy as np
 
+    # tf.data: imports TensorFlow, which kmedtl.training leaves out at import (JAX backend)
     from kmedtl.data.pipeline import make_dataset
-    from kmedtl.data.prepare import prepare
-    from kmedtl.data.splits import per_class_subset
+
+    # kmedtl.evaluation sits above kmedtl.training: an upward import, kept to this function
+    # (loaded when a learning curve runs, not when the CLI builds its parser)
     from kmedtl.evaluation.learning_curves import learning_curve, summarise_learning_curve
     from kmedtl.evaluation.metrics import classification_metrics
     from kmedtl.evaluation.run import predict
-    from kmedtl.training.config import train_section
-    from kmedtl.training.run import (
-        _check_data,
-        build_model,
-        check_weight_scaling,
-        run_folder,
-        targets_for,
-    )
-    from kmedtl.training.trainer import Trainer
 
     if isinstance(sizes, str):
         sizes = parse_sizes(sizes)

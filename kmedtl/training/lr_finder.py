@@ -32,6 +32,7 @@ import numpy as np
 
 from kmedtl.errors import ConfigError
 from kmedtl.training.schedules import ExponentialSweep
+from kmedtl.training.trainer import Trainer
 
 SUGGESTIONS = ("steepest", "min10")
 
@@ -152,8 +153,6 @@ def lr_find(model, train, *, start_lr: float = 1e-7, end_lr: float = 10.0, steps
     ``config``/``overrides`` are ``train.*`` settings (optimizer, batch_size, label
     smoothing, jit_compile ...); ``restore`` puts the initial weights back.
     """
-    from kmedtl.training.trainer import Trainer
-
     if method not in SUGGESTIONS:
         raise ConfigError(f"lr_find: method={method!r} is not one of {list(SUGGESTIONS)}")
     if steps < 8:

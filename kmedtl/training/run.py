@@ -3,13 +3,13 @@
 Each prepares the data once (:func:`kmedtl.data.prepare.prepare`: index, audit, cache,
 leakage-free split), builds the model the ``train`` section describes under the chosen
 precision (and distribution strategy), and writes the run folder described in
-:mod:`kmedtl.training`.
+:mod:`kmedtl.training`.  The model builders live in :mod:`kmedtl.training.build` (shared
+with the tuner) and are re-exported here.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import math
 import shutil
 import time
@@ -19,70 +19,27 @@ import keras
 import numpy as np
 import yaml
 
-from kmedtl.errors import ConfigError, ModelError
+from kmedtl import models  # looked up per call, as kmedtl.models.<name> (patchable there)
+from kmedtl.data.audit import public
+from kmedtl.data.prepare import prepare
+from kmedtl.errors import ConfigError
+from kmedtl.training.build import (  # noqa: F401  (build_backbone: re-exported)
+    build_backbone,
+    build_model,
+    build_training_backbone,
+    check_weight_scaling,
+)
+from kmedtl.training.callbacks import read_state
 from kmedtl.training.config import TrainSection, resolved_config, train_section
-from kmedtl.training.distribute import get_strategy, strategy_scope
-from kmedtl.training.precision import precision_policy
-
-log = logging.getLogger("kmedtl.training")
+from kmedtl.training.distribute import enable_determinism, get_strategy, strategy_scope
+from kmedtl.training.features import FeatureCache, materialise
+from kmedtl.training.freezing import plan_phases
+from kmedtl.training.lr_finder import lr_find
+from kmedtl.training.trainer import Trainer, save_inference_model
 
 RUN_FILES = ("config.yaml", "splits.json", "audit.json", "model.keras", "history.csv",
              "train_metrics.json")
 RUN_DIRS = ("checkpoints", "backup", "logs")
-
-
-# ---------------------------------------------------------------------------- models
-def build_backbone(cfg: TrainSection, input_shape):
-    from kmedtl.models import backbone
-
-    try:
-        with precision_policy(cfg.precision):
-            return backbone(cfg.backbone, weights=cfg.weights, cut=cfg.cut,
-                            input_shape=tuple(input_shape))
-    except ModelError as exc:
-        field = "train.cut" if "cut=" in str(exc) else (
-            "train.weights" if "weights" in str(exc) else "train.backbone")
-        raise ConfigError(f"{field}: {exc}") from None
-
-
-def check_weight_scaling(cfg: TrainSection) -> None:
-    """``train.weight_scaling: transfusion`` rescales *pretrained* weights: it needs
-    ``train.weights`` (checked where the weights are final: the pipeline's pretrain stage
-    fills them in after the config is loaded)."""
-    if cfg.weight_scaling == "transfusion" and not cfg.weights:
-        raise ConfigError("train.weight_scaling: 'transfusion' redraws the pretrained weights "
-                          "from their per-tensor mean/std, but train.weights is null (random "
-                          "weights); set train.weights (imagenet or a weight file), or "
-                          "train.weight_scaling: none")
-
-
-def build_training_backbone(cfg: TrainSection, input_shape):
-    """:func:`build_backbone`, then ``train.weight_scaling`` applied (seed ``train.seed``)."""
-    bb = build_backbone(cfg, input_shape)
-    if cfg.weight_scaling == "transfusion":
-        from kmedtl.models import transfusion_scale
-
-        check_weight_scaling(cfg)
-        transfusion_scale(bb, seed=cfg.seed)
-        log.info("train.weight_scaling: transfusion (per-tensor mean/std of %s)", cfg.weights)
-    return bb
-
-
-def build_model(cfg: TrainSection, hierarchy, input_shape):
-    """The classifier of ``train.model`` (``flat`` or ``hierarchical``) over ``train.backbone``
-    (cut at ``train.cut``, rescaled as ``train.weight_scaling``), built under
-    ``train.precision``."""
-    from kmedtl.models import FlatClassifier, HierarchicalClassifier
-
-    bb = build_training_backbone(cfg, input_shape)
-    with precision_policy(cfg.precision):
-        if cfg.model == "flat":
-            return FlatClassifier(bb, hierarchy, dropout=cfg.dropout, pooling=cfg.pooling)
-        if cfg.model == "hierarchical":
-            return HierarchicalClassifier(bb, hierarchy, dropout=cfg.dropout,
-                                          pooling=cfg.pooling)
-    raise ConfigError(f"train.model: {cfg.model!r} builds no single Keras model; use "
-                      "run_training() for the staged workflow")
 
 
 # ---------------------------------------------------------------------------- data
@@ -96,6 +53,7 @@ def _check_data(cfg):
 def datasets(cfg, prep, tc: TrainSection, targets: str, fold: int = 0) -> dict:
     """``train`` (shuffled, augmented, balanced as ``data.balance``), ``train_eval``
     (plain), ``val`` (or None) and the step count for one epoch."""
+    # tf.data: imports TensorFlow, which kmedtl.training leaves out at import (JAX backend)
     from kmedtl.data.pipeline import make_dataset
 
     _check_data(cfg)
@@ -129,8 +87,6 @@ def run_folder(cfg, run_dir=None) -> Path:
 
 
 def _finished(run_dir: Path) -> bool:
-    from kmedtl.training.callbacks import read_state
-
     return (run_dir / "train_metrics.json").exists() and \
         read_state(run_dir / "backup" / "state.json") is None
 
@@ -149,8 +105,6 @@ def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
 
 def write_provenance(run_dir: Path, cfg, tc: TrainSection, prep) -> None:
     """``config.yaml`` (resolved), ``splits.json`` and ``audit.json``."""
-    from kmedtl.data.audit import public
-
     with open(run_dir / "config.yaml", "w") as fh:
         yaml.safe_dump(resolved_config(cfg, tc, prep.hierarchy), fh, sort_keys=False)
     prep.splits.save(str(run_dir / "splits.json"), root=prep.index.root)
@@ -168,9 +122,6 @@ def run_training(cfg, run_dir=None, *, epochs: int | None = None, overwrite: boo
     picks the fold of a k-fold / repeated split (recorded as ``"fold"`` in
     ``train_metrics.json``).
     """
-    from kmedtl.data.prepare import prepare
-    from kmedtl.training.trainer import Trainer
-
     t0 = time.perf_counter()
     overrides = {"epochs": epochs} if epochs else {}
     tc = train_section(cfg, label, **overrides)
@@ -180,8 +131,6 @@ def run_training(cfg, run_dir=None, *, epochs: int | None = None, overwrite: boo
     prepare_run_dir(run_dir, overwrite)
     keras.utils.set_random_seed(tc.seed)
     if tc.deterministic:
-        from kmedtl.training.distribute import enable_determinism
-
         enable_determinism(tc.seed)
     prep = prepare(cfg)
     if not 0 <= fold < len(prep.splits.folds):
@@ -208,8 +157,6 @@ def run_training(cfg, run_dir=None, *, epochs: int | None = None, overwrite: boo
 
 
 def _arrays(dataset):
-    from kmedtl.training.features import materialise
-
     return materialise(dataset)
 
 
@@ -218,9 +165,6 @@ def run_staged(cfg, tc: TrainSection, prep, run_dir: Path, prepare_seconds: floa
     """The staged hierarchical workflow (level-1, level-2 with hierarchy transfer,
     out-of-fold stacking) from one config; each node model is trained by the Trainer with
     ``train.strategy``/schedule/multipliers.  History rows carry ``stage`` and ``fold``."""
-    from kmedtl.models import StagedHierarchicalClassifier
-    from kmedtl.training.trainer import Trainer, save_inference_model
-
     t0 = time.perf_counter()
     data = datasets(cfg, prep, tc, "leaf", fold)
     h = prep.hierarchy
@@ -235,7 +179,7 @@ def run_staged(cfg, tc: TrainSection, prep, run_dir: Path, prepare_seconds: floa
             rows.append({"stage": name, "fold": "final" if fold is None else fold, "epoch": e,
                          **{k: v[i] for k, v in result.history.items() if k != "epoch"}})
 
-    staged = StagedHierarchicalClassifier(
+    staged = models.StagedHierarchicalClassifier(
         h, lambda: build_training_backbone(tc, prep.options.shape),
         transfer=tc.staged.transfer,
         dropout=tc.dropout, pooling=tc.pooling, n_folds=tc.staged.n_folds, seed=tc.seed,
@@ -309,10 +253,6 @@ def run_lr_find(cfg, out_png=None, *, steps: int = 200, start_lr: float = 1e-7,
     """``kmedtl lr-find``: sweep the LR on the configured model in the state it starts
     training in (the strategy's first phase); writes the PNG (default
     ``<run>/lr_find.png``) and ``lr_find.json`` beside it."""
-    from kmedtl.data.prepare import prepare
-    from kmedtl.training.freezing import plan_phases
-    from kmedtl.training.lr_finder import lr_find
-
     tc = train_section(cfg, label)
     check_weight_scaling(tc)
     if tc.model == "staged":
@@ -339,8 +279,7 @@ def run_tuning(cfg, run_dir=None, *, label: str = "config", overwrite: bool | No
     """``kmedtl tune``: the KerasTuner search of ``train.tune`` on the configured data;
     writes ``<run>/tuning/{results.csv, results.md, best_config.yaml}`` and KerasTuner's
     project folder ``<run>/tuning/search/``."""
-    from kmedtl.data.prepare import prepare
-    from kmedtl.training.features import FeatureCache
+    # keras_tuner (optional, slow to import) loads with the tuner, on first use only
     from kmedtl.training.tuning import TransferHyperModel, preflight, run_search
 
     tune_over = {k: v for k, v in {"max_trials": max_trials, "tuner": tuner,

@@ -59,7 +59,7 @@ from kmedtl.errors import ConfigError
 from kmedtl.training import callbacks as cb
 from kmedtl.training.batchnorm import recalibrate_batchnorm
 from kmedtl.training.config import TrainSection, train_section
-from kmedtl.training.distribute import strategy_scope
+from kmedtl.training.distribute import enable_determinism, strategy_scope
 from kmedtl.training.freezing import (
     freeze_batchnorm,
     group_multipliers,
@@ -249,8 +249,6 @@ class Trainer:
                                   "known length (e.g. data.balance: sampling repeats forever)")
             steps = math.ceil(n / cfg.batch_size) if isinstance(train, tuple) else n
         if cfg.deterministic:
-            from kmedtl.training.distribute import enable_determinism
-
             enable_determinism(cfg.seed)
         else:
             keras.utils.set_random_seed(cfg.seed)

@@ -41,7 +41,9 @@ import keras
 import keras_tuner as kt
 import numpy as np
 
+from kmedtl import models  # looked up per call, as kmedtl.models.<name> (patchable there)
 from kmedtl.errors import ConfigError, KmedtlError
+from kmedtl.training.build import build_model
 from kmedtl.training.config import TrainSection, TuneSection, train_section
 from kmedtl.training.features import FeatureCache, array_digest, materialise, split_at_features
 from kmedtl.training.freezing import backbone_layers, freeze_backbone, stage_groups
@@ -173,9 +175,7 @@ class TransferHyperModel(kt.HyperModel):
         if mode == "none":
             names = []
         else:
-            from kmedtl.models import cut_points
-
-            points = cut_points(family, input_shape=self.input_shape)
+            points = models.cut_points(family, input_shape=self.input_shape)
             known = [p.name for p in points]
             if mode == "stages":
                 names = [p.name for p in points if p.kind == "stage"]
@@ -269,8 +269,6 @@ class TransferHyperModel(kt.HyperModel):
 
     # -------------------------------------------------------------- HyperModel API
     def build(self, hp):
-        from kmedtl.training.run import build_model
-
         values = self.space(hp)
         if self.declaring:
             return None

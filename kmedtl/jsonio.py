@@ -1,0 +1,82 @@
+"""Reading and writing kmedtl's JSON artefacts: one pair of functions for the package.
+
+- :func:`write_json` writes atomically (a ``<path>.tmp`` sibling renamed over ``path``), so
+  a reader never sees half a file.  By default the data go through :func:`json_safe` and
+  are written as strict JSON (NaN/inf become ``null``, NumPy scalars and arrays become
+  Python numbers and lists); ``strict=False`` writes them as given, with ``default`` for
+  whatever ``json`` cannot encode (the run stages' records use ``default=str``).
+- :func:`read_json` returns ``None`` for a missing file and raises ``error`` (a
+  :class:`~kmedtl.errors.KmedtlError` subclass, :class:`~kmedtl.errors.ConfigError` unless
+  told) naming the file for one that is not valid JSON.
+
+Example::
+
+    >>> import tempfile, numpy as np, pathlib
+    >>> p = pathlib.Path(tempfile.mkdtemp()) / "m.json"
+    >>> _ = write_json(p, {"auc": np.float64(0.9), "ci": [float("nan"), 1.0]})
+    >>> read_json(p)
+    {'auc': 0.9, 'ci': [None, 1.0]}
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kmedtl.errors import ConfigError
+
+__all__ = ["json_safe", "read_json", "write_json"]
+
+
+def json_safe(obj):
+    """NaN/inf -> None and NumPy scalars/arrays -> Python, recursively (valid strict JSON)."""
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return json_safe(obj.tolist())
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(obj) else None
+    return obj
+
+
+def write_json(path, data, *, strict: bool = True, default=None, indent: int = 1) -> str:
+    """Write ``data`` to ``path`` atomically; returns the path (a string).
+
+    ``strict`` (default): :func:`json_safe` first and refuse NaN (strict JSON).  Otherwise
+    the data are dumped as they are, ``default`` encoding what ``json`` cannot."""
+    path = os.fspath(path)
+    tmp = f"{path}.tmp"
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            if strict:
+                json.dump(json_safe(data), fh, indent=indent, allow_nan=False, default=default)
+            else:
+                json.dump(data, fh, indent=indent, default=default)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_json(path, *, error: type[Exception] = ConfigError,
+              hint: str = "rerun the stage that writes it") -> Any | None:
+    """The content of ``path``; ``None`` when there is no such file.  A file that cannot
+    be read or parsed raises ``error`` naming it (with ``hint`` on what to do)."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except (OSError, ValueError) as exc:
+        raise error(f"{path}: unreadable JSON ({exc}); {hint}") from None

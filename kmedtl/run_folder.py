@@ -1,0 +1,418 @@
+"""The run folder: the one place that knows its layout and how to read what it holds.
+
+A run folder is what ``kmedtl train`` / ``kmedtl run PIPELINE.yaml`` write and what
+evaluation, export, push and predict read::
+
+    runs/<name>/
+      config.yaml          the validated run config (data, split, train sections)
+      model.keras          the trained model
+      splits.json          the split the model was trained on (ids per fold and part)
+      train_metrics.json   training summary (``fold``, epochs, timings, ...)
+      audit.json           the data audit (counts, duplicates)
+      history.csv          per-epoch losses and metrics
+      metrics.json, calibration.json, predictions.csv, report.html,
+      model_card.md, model_card.json, plots/      (kmedtl evaluate)
+      export/              (kmedtl export; export/export.json)
+      push.json            (kmedtl export --push)
+      data/, stages/, tuning/, pretrain/, backup/  (kmedtl run: the pipeline's own files)
+
+:class:`RunFolder` gives the path of each artefact (class constants name the files) and
+loads each thing once: the config (through :func:`kmedtl.config.load_config`), the model,
+the label tree, the image options, the model's input shape, the split's samples and the
+JSON artefacts (through :mod:`kmedtl.jsonio`).
+
+The label tree (:attr:`RunFolder.hierarchy`) follows one rule:
+
+1. the hierarchy the saved model carries (``model.hierarchy`` of ``model.keras``: what
+   the model was trained to output, in its output order);
+2. else ``config.yaml``'s ``data.hierarchy``;
+3. else the label tree of the configured data (the flat tree of the labels found, as
+   training derives it when the config has none: :func:`kmedtl.data.prepare.load_index`);
+4. else, when the data cannot be indexed, the flat tree of the classes ``audit.json``
+   counted; else ``None``.
+
+The model's input shape (:attr:`RunFolder.input_shape`) comes from the model's own input,
+checked against the config's image options (:func:`model_input_shape`).
+
+Example::
+
+    >>> rf = RunFolder("runs/demo")                                # doctest: +SKIP
+    >>> rf.hierarchy.leaves, rf.input_shape, rf.temperature        # doctest: +SKIP
+    (('normal', 'glioma', 'pituitary'), (32, 32, 1), 1.31)
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from kmedtl import jsonio
+from kmedtl.errors import ConfigError, KmedtlError
+
+#: kmedtl.models preprocessing names -> kmedtl.data.pipeline normalisation names.
+_NORMALIZATION = {"unit": "unit", "tf": "symmetric", "torch": "imagenet", "caffe": "caffe",
+                  "none": "raw255"}
+
+
+def load_model(path, error: type[Exception] = ConfigError):
+    """``keras.saving.load_model`` with kmedtl's layers registered."""
+    import keras
+
+    import kmedtl.models  # noqa: F401  (registers kmedtl's serializable classes)
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise error(f"{path}: model file not found (the training stage writes "
+                    "model.keras into the run folder)")
+    return keras.saving.load_model(path)
+
+
+def leaf_output(output, error: type[Exception] = ConfigError):
+    """The leaf-probability output of a model's (symbolic or eager) output structure: the
+    ``leaf`` entry of a dict (or its only entry), the first of a list, else the output."""
+    if isinstance(output, dict):
+        if "leaf" in output:
+            return output["leaf"]
+        if len(output) == 1:
+            return next(iter(output.values()))
+        raise error(f"evaluate: the model's outputs are {sorted(output)}; expected a "
+                    "'leaf' output (probabilities over the hierarchy's leaves)")
+    if isinstance(output, (list, tuple)):
+        return output[0]
+    return output
+
+
+def normalization_for(model, default: str = "unit") -> str:
+    """The pipeline normalisation a model expects (kmedtl models: ``"unit"``)."""
+    pre = getattr(model, "preprocessing", None)
+    return _NORMALIZATION.get(pre, default) if pre is not None else default
+
+
+def model_input_shape(model, options=None, *, error: type[Exception] = ConfigError,
+                      where: str = "model") -> tuple[int, int, int]:
+    """``(height, width, channels)`` of a single-image model's input, from the model.
+
+    With ``options`` (:class:`~kmedtl.data.options.ImageOptions`) every dimension the model
+    fixes must equal ``options.shape`` (``error`` otherwise: the config and the model
+    disagree on the images); dimensions the model leaves open (``None``) are taken from
+    the options."""
+    shape = model.input_shape
+    if isinstance(shape, dict):
+        shape = list(shape.values())
+    if isinstance(shape, list) and shape and isinstance(shape[0], (list, tuple)):
+        if len(shape) != 1:
+            raise error(f"{where}: the model has {len(shape)} inputs; this needs a model with "
+                        "one image input")
+        shape = shape[0]
+    dims = tuple(shape)[1:]
+    if len(dims) != 3:
+        raise error(f"{where}: the model's input has shape {tuple(shape)}; expected images "
+                    "(batch, height, width, channels)")
+    if options is not None:
+        want = tuple(int(v) for v in options.shape)
+        if any(d is not None and int(d) != w for d, w in zip(dims, want)):
+            raise error(f"{where}: the model takes images of shape "
+                        f"{tuple(None if d is None else int(d) for d in dims)} but the config's "
+                        f"image options give {want} (data.image.size / data.image.channels); "
+                        "the config.yaml does not belong to this model, or was edited after "
+                        "training")
+        return tuple(w if d is None else int(d) for d, w in zip(dims, want))
+    if any(d is None for d in dims):
+        raise error(f"{where}: the model's input shape {dims} leaves dimensions open; give "
+                    "the image options")
+    return tuple(int(d) for d in dims)
+
+
+class RunFolder:
+    """One run folder (see the module docstring).  ``error`` is the exception class raised
+    for a missing or inconsistent artefact (export passes
+    :class:`~kmedtl.export.errors.ExportError`); ``model`` overrides the model file
+    (default ``model.keras``); ``loaded_model`` is that model when the caller has already
+    loaded it.  Everything is read lazily and at most once."""
+
+    CONFIG = "config.yaml"
+    MODEL = "model.keras"
+    SPLITS = "splits.json"
+    TRAIN_METRICS = "train_metrics.json"
+    AUDIT = "audit.json"
+    HISTORY = "history.csv"
+    METRICS = "metrics.json"
+    CALIBRATION = "calibration.json"
+    PREDICTIONS = "predictions.csv"
+    REPORT = "report.html"
+    MODEL_CARD_MD = "model_card.md"
+    MODEL_CARD_JSON = "model_card.json"
+    PLOTS_DIR = "plots"
+    EXPORT_DIR = "export"
+    PUSH = "push.json"
+    DATA_DIR = "data"  # the pipeline's audit/split stage outputs
+    STAGES_DIR = "stages"
+
+    def __init__(self, path, *, error: type[Exception] = ConfigError, model=None,
+                 loaded_model=None):
+        self.path = Path(path)
+        self.error = error
+        self._model_path = Path(model) if model is not None else self.path / self.MODEL
+        self._cache: dict = {} if loaded_model is None else {"model": loaded_model}
+
+    def __repr__(self) -> str:
+        return f"RunFolder({str(self.path)!r})"
+
+    # ------------------------------------------------------------------ paths
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / self.CONFIG
+
+    @property
+    def model_path(self) -> Path:
+        return self._model_path
+
+    @property
+    def splits_path(self) -> Path:
+        return self.path / self.SPLITS
+
+    @property
+    def train_metrics_path(self) -> Path:
+        return self.path / self.TRAIN_METRICS
+
+    @property
+    def audit_path(self) -> Path:
+        return self.path / self.AUDIT
+
+    @property
+    def history_path(self) -> Path:
+        return self.path / self.HISTORY
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / self.METRICS
+
+    @property
+    def calibration_path(self) -> Path:
+        return self.path / self.CALIBRATION
+
+    @property
+    def export_dir(self) -> Path:
+        return self.path / self.EXPORT_DIR
+
+    @property
+    def push_path(self) -> Path:
+        return self.path / self.PUSH
+
+    @property
+    def stages_dir(self) -> Path:
+        return self.path / self.STAGES_DIR
+
+    @property
+    def pipeline_audit_path(self) -> Path:
+        """The pipeline's audit stage output (``data/audit.json``)."""
+        return self.path / self.DATA_DIR / self.AUDIT
+
+    @property
+    def pipeline_splits_path(self) -> Path:
+        """The pipeline's split stage output (``data/splits.json``)."""
+        return self.path / self.DATA_DIR / self.SPLITS
+
+    def ensure_dir(self, hint: str = "") -> RunFolder:
+        """Raise ``error`` when the folder does not exist; returns ``self``."""
+        if not self.path.is_dir():
+            raise self.error(f"{self.path}: run folder not found" + (f" ({hint})" if hint
+                                                                      else ""))
+        return self
+
+    def ensure_files(self, *names: str, hint: str = "rerun the stage that writes it"):
+        """Raise ``error`` naming the first of ``names`` the folder lacks."""
+        for name in names:
+            path = self.model_path if name == self.MODEL else self.path / name
+            if not path.is_file():
+                raise self.error(f"{path}: not found; {hint}")
+        return self
+
+    # ------------------------------------------------------------------ JSON
+    def read_json(self, name: str):
+        """A JSON artefact of the folder (``None`` when absent); see :mod:`kmedtl.jsonio`."""
+        return jsonio.read_json(self.path / name, error=self.error)
+
+    def write_json(self, name: str, data, **kwargs) -> str:
+        """Write a JSON artefact atomically (:func:`kmedtl.jsonio.write_json`)."""
+        return jsonio.write_json(self.path / name, data, **kwargs)
+
+    def _once(self, key, make):
+        if key not in self._cache:
+            self._cache[key] = make()
+        return self._cache[key]
+
+    @property
+    def train_metrics(self) -> dict:
+        """``train_metrics.json`` (``{}`` when absent)."""
+        return self._once("train_metrics", lambda: self.read_json(self.TRAIN_METRICS) or {})
+
+    @property
+    def fold(self) -> int:
+        """The fold the model was trained on (``train_metrics.json``; 0 when absent)."""
+        return int(self.train_metrics.get("fold", 0))
+
+    @property
+    def audit(self) -> dict | None:
+        return self._once("audit", lambda: self.read_json(self.AUDIT))
+
+    @property
+    def metrics(self) -> dict | None:
+        return self._once("metrics", lambda: self.read_json(self.METRICS))
+
+    @property
+    def calibration(self) -> dict | None:
+        return self._once("calibration", lambda: self.read_json(self.CALIBRATION))
+
+    @property
+    def temperature(self) -> float:
+        """The fitted temperature of ``calibration.json`` (1.0 when there is none)."""
+        calib = self.calibration
+        if calib is None:
+            return 1.0
+        t = calib.get("temperature")
+        if not isinstance(t, (int, float)) or isinstance(t, bool) or not t > 0:
+            raise self.error(f"{self.calibration_path}: 'temperature' must be a positive "
+                             f"number, got {t!r}; rerun kmedtl evaluate")
+        return float(t)
+
+    # ------------------------------------------------------------------ config
+    @property
+    def has_config(self) -> bool:
+        return self.config_path.is_file()
+
+    @property
+    def config(self):
+        """``config.yaml``, loaded and validated once (:func:`kmedtl.config.load_config`)."""
+        def make():
+            from kmedtl.config import load_config
+
+            return load_config(self.config_path)
+
+        return self._once("config", make)
+
+    @property
+    def name(self) -> str:
+        return self.config.name if self.has_config else self.path.name
+
+    @property
+    def image_options(self):
+        """The config's :class:`~kmedtl.data.options.ImageOptions`."""
+        return self._once("image_options", lambda: self.config.image_options())
+
+    # ------------------------------------------------------------------ model
+    @property
+    def has_model(self) -> bool:
+        return self.model_path.is_file()
+
+    @property
+    def model(self):
+        """The trained Keras model, loaded once (:func:`load_model`)."""
+        return self._once("model", lambda: load_model(self.model_path, self.error))
+
+    @property
+    def model_hierarchy(self):
+        """The hierarchy the saved model carries, or ``None`` (also without a model file)."""
+        from kmedtl.hierarchy import Hierarchy
+
+        if "model" not in self._cache and not self.has_model:
+            return None
+        h = getattr(self.model, "hierarchy", None)
+        return h if isinstance(h, Hierarchy) else None
+
+    @property
+    def hierarchy(self):
+        """The run's label tree by the rule of the module docstring (``None`` if none)."""
+        return self._once("hierarchy", self._resolve_hierarchy)
+
+    def _resolve_hierarchy(self):
+        from kmedtl.hierarchy import Hierarchy
+
+        h = self.model_hierarchy
+        if h is None and self.has_config:
+            h = self.config.hierarchy()
+        if h is None and self.has_config:
+            try:
+                h = self.index()[1]
+            except KmedtlError:
+                h = None
+        if h is None and self.audit:
+            by_class = self.audit.get("counts", {}).get("by_class", {})
+            h = Hierarchy.flat(sorted(by_class)) if len(by_class) >= 2 else None
+        return h
+
+    @property
+    def n_leaf_outputs(self) -> int:
+        """Number of leaf probabilities the model outputs."""
+        return int(leaf_output(self.model.output, self.error).shape[-1])
+
+    def check_outputs(self, hierarchy=None):
+        """Raise ``error`` unless the model has one leaf output per leaf of ``hierarchy``
+        (default :attr:`hierarchy`); returns the hierarchy."""
+        h = self.hierarchy if hierarchy is None else hierarchy
+        if h is None:
+            raise self.error(f"{self.path}: no label tree in the model, config.yaml "
+                             "(data.hierarchy), data or audit.json")
+        n_out = self.n_leaf_outputs
+        if n_out != len(h.leaves):
+            raise self.error(f"{self.model_path}: the model has {n_out} leaf outputs but the "
+                             f"label tree {len(h.leaves)} leaves {list(h.leaves)}")
+        return h
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """``(height, width, channels)`` from the model's input, checked against the
+        config's image options (:func:`model_input_shape`)."""
+        return model_input_shape(self.model, self.image_options, error=self.error,
+                                 where=str(self.model_path))
+
+    @property
+    def normalization(self) -> str:
+        """The pipeline normalisation the model expects (:func:`normalization_for`)."""
+        return normalization_for(self.model, self.config.data.normalization)
+
+    # ------------------------------------------------------------------ data and splits
+    def index(self):
+        """``(index, hierarchy)`` of the configured data (:func:`load_index`), once."""
+        def make():
+            from kmedtl.data.prepare import load_index
+
+            return load_index(self.config)
+
+        return self._once("index", make)
+
+    @property
+    def has_splits(self) -> bool:
+        return self.splits_path.is_file()
+
+    def splits(self, root=None):
+        """``splits.json`` (:class:`~kmedtl.data.splits.Splits`; ids resolved against
+        ``root``), or ``None`` when the folder has no split file."""
+        def make():
+            from kmedtl.data.splits import Splits
+
+            return Splits.load(self.splits_path, root=root) if self.has_splits else None
+
+        return self._once(("splits", None if root is None else str(root)), make)
+
+    def split_samples(self, part: str, fold: int | None = None, *, missing=None) -> list:
+        """The samples of the configured data in ``part`` (``train``, ``val``, ``test``) of
+        ``fold`` (default :attr:`fold`) of ``splits.json``, in the split file's order;
+        ``[]`` without a split file.  Ids no longer in the data are left out and, when
+        ``missing`` is a list, appended to it as ``{"path", "reason"}``."""
+        if not self.has_splits:
+            return []
+        index = self.index()[0]
+        splits = self.splits(root=index.root)
+        fold = self.fold if fold is None else int(fold)
+        if not 0 <= fold < len(splits.folds):
+            raise self.error(f"fold {fold}: the split file has {len(splits.folds)} fold(s)")
+        by_id = self._once("by_id", lambda: {s.id: s for s in index.samples})
+        ids = getattr(splits.folds[fold], part)
+        if missing is not None:
+            missing.extend({"path": i, "reason": "in the split file but not in the data "
+                            "(deleted, unreadable or relabelled)"} for i in ids if i not in by_id)
+        return [by_id[i] for i in ids if i in by_id]
