@@ -3,6 +3,7 @@ patient on one side of its fixed test split."""
 
 import csv
 
+import pytest
 import yaml
 
 from kmedtl.study.config import load_study
@@ -56,23 +57,39 @@ def test_a_recipe_with_imagenet_weights_builds_a_pretrained_backbone():
     assert np.abs(rnd - ref).max() > 0.01
 
 
-def test_committed_pilot_cells_regenerate_the_committed_results(datasets_dir, tmp_path):
-    """RESULTS_imagenet_pilot.md is generated from the committed cells, without training."""
+def _tables(text):  # every table row, minus lines with a generation time stamp
     import re
+
+    return [ln for ln in text.splitlines() if ln.startswith("|")
+            and not re.search(r"\d{4}-\d\d-\d\d", ln)]
+
+
+STUDIES = {"oct": "pipelines/study_imagenet_oct.yaml",
+           "brain": "pipelines/study_imagenet_brain.yaml"}
+
+
+@pytest.mark.parametrize("ds", sorted(STUDIES))
+def test_committed_cells_regenerate_each_dataset_report(ds, datasets_dir, tmp_path):
+    """RESULTS_imagenet_<ds>.md is generated from the committed cells, without training."""
     import subprocess
     import sys
 
     out = tmp_path / "results.md"
     proc = subprocess.run(
-        [sys.executable, "-m", "kmedtl.study", "pipelines/study_imagenet_oct_pilot.yaml",
-         "--out", "pipelines/study_imagenet_oct", "--report-only", "--no-plots",
-         "--results", str(out)], capture_output=True, text=True, timeout=600)
+        [sys.executable, "-m", "kmedtl.study", STUDIES[ds], "--out",
+         f"pipelines/study_imagenet_{ds}", "--report-only", "--no-plots", "--results", str(out)],
+        capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    committed = open(f"pipelines/RESULTS_imagenet_{ds}.md").read()
+    assert _tables(out.read_text()) == _tables(committed)
 
-    def tables(text):  # every table row, minus the generation time stamp line
-        return [ln for ln in text.splitlines() if ln.startswith("|")
-                and not re.search(r"\d{4}-\d\d-\d\d", ln)]
 
-    committed = open("pipelines/RESULTS_imagenet_pilot.md").read()
-    assert tables(out.read_text()) == tables(committed)
-    assert "| flat softmax | 0.877 \u00b1 0.046 (3) | 0.952 \u00b1 0.013 (3) |" in committed
+def test_committed_cells_regenerate_the_cross_dataset_summary(datasets_dir, tmp_path):
+    from kmedtl.study.summary import main
+
+    out = tmp_path / "RESULTS.md"
+    assert main(["--out", str(out)] + [f"{y}=pipelines/study_imagenet_{d}"
+                                       for d, y in sorted(STUDIES.items(), reverse=True)]) == 0
+    committed = open("pipelines/RESULTS.md").read()
+    assert _tables(out.read_text()) == _tables(committed)
+    assert "| kermany-oct2017-test |" in committed and "| brain-tumor-mri |" in committed

@@ -118,7 +118,8 @@ def render_runners(runners, results: dict[str, str] | None = None, command: str 
           "or \"worse\" needs the CI to exclude 0 and every seed to agree in sign.", ""]
     for topic, entries in topics.items():
         first = entries[0][1]
-        L += [f"### {topic}", "", f"Reference arm: **{first.arm(first.reference).label or first.reference}**.", ""]
+        ref = first.arm(first.reference)
+        L += [f"### {topic}", "", f"Reference arm: **{ref.label or ref.name}**.", ""]
         sizes = []
         for _, s, _ in entries:
             sizes += [str(n) for n in s.grid.sizes if str(n) not in sizes]

@@ -244,7 +244,8 @@ def pretrain(split, spec, rows: np.ndarray, path, default_backbone: str,
         rows = np.random.default_rng(spec.seed).choice(rows, spec.max_images, replace=False)
     x = split.x[rows]
     tmp = path.with_name(f".{path.name}.tmp.weights.h5")
-    bb = None if spec.weights == "imagenet" else backbone(name, input_shape=tuple(split.x.shape[1:]))
+    shape = tuple(split.x.shape[1:])
+    bb = None if spec.weights == "imagenet" else backbone(name, input_shape=shape)
     if spec.weights == "imagenet":
         if recipe is None:
             raise ValueError("pretrain: weights: imagenet trains with the study's recipe; "
