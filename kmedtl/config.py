@@ -258,8 +258,38 @@ def expand_env(value: Any, where: str = "") -> Any:
     return value
 
 
-def load_config(source: str | Path | dict, base_dir: str | Path | None = None) -> Config:
-    """Load and validate a YAML config (path or already-parsed dict).
+def merge_overrides(base: dict, over: dict) -> dict:
+    """``base`` with the nested mapping ``over`` merged in, key by key (``--set``)."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = (merge_overrides(out[k], v) if isinstance(v, dict)
+                  and isinstance(out.get(k), dict) else v)
+    return out
+
+
+def parse_set(items) -> dict:
+    """``["train.epochs=3", "pipeline.stages=[audit, split]"]`` -> a nested override dict
+    (values parsed as YAML)."""
+    out: dict = {}
+    for item in items or ():
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: use KEY=VALUE with a dotted key, e.g. "
+                              "--set train.epochs=3")
+        key, value = item.split("=", 1)
+        parts = [p for p in key.strip().split(".") if p]
+        if not parts:
+            raise ConfigError(f"--set {item!r}: empty key")
+        node = out
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = yaml.safe_load(value)
+    return out
+
+
+def load_config(source: str | Path | dict, base_dir: str | Path | None = None,
+                overrides: dict | None = None) -> Config:
+    """Load and validate a YAML config (path or already-parsed dict), with ``overrides``
+    (:func:`parse_set`) merged in before validation.
 
     Relative paths in ``data.root``/``data.manifest``/``data.hierarchy`` are resolved
     against the config file's folder.
@@ -278,6 +308,9 @@ def load_config(source: str | Path | dict, base_dir: str | Path | None = None) -
         base_dir = base_dir or path.parent
     if not isinstance(raw, dict):
         raise ConfigError(f"{label}: the top level must be a mapping of sections")
+    if overrides:
+        raw = merge_overrides(raw, overrides)
+        label += " (with --set)"
     raw = expand_env(raw)
     try:
         cfg = Config.model_validate(raw)

@@ -224,7 +224,7 @@ def test_a_failing_stage_is_recorded_and_named_in_the_summary(tmp_path, capsys):
     ({"data": {"image": {"size": "big"}}}, "data.image.size"),
 ])
 def test_config_errors_name_the_file_and_field(tmp_path, change, message):
-    from kmedtl.run.spec import _merge
+    from kmedtl.config import merge_overrides as _merge
 
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(_merge(pipeline_dict(tmp_path), change)))

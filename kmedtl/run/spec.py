@@ -24,7 +24,14 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from kmedtl.config import Config, TTAOptions, dataset_path, load_config
+from kmedtl.config import (  # noqa: F401  (parse_set: re-exported for kmedtl.run.cli)
+    Config,
+    TTAOptions,
+    dataset_path,
+    load_config,
+    merge_overrides,
+    parse_set,
+)
 from kmedtl.errors import ConfigError
 
 #: Every stage, in the order they run.
@@ -167,32 +174,6 @@ class Pipeline:
         return out
 
 
-def _merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def parse_set(items) -> dict:
-    """``["train.epochs=3", "pipeline.stages=[audit, split]"]`` -> a nested override dict
-    (values parsed as YAML)."""
-    out: dict = {}
-    for item in items or ():
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r}: use KEY=VALUE with a dotted key, e.g. "
-                              "--set train.epochs=3")
-        key, value = item.split("=", 1)
-        parts = [p for p in key.strip().split(".") if p]
-        if not parts:
-            raise ConfigError(f"--set {item!r}: empty key")
-        node = out
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = yaml.safe_load(value)
-    return out
-
-
 _DATASET_RE = re.compile(r"^\$\{KMEDTL_DATASETS\}[/\\]+([^/\\]+)")
 
 
@@ -236,7 +217,7 @@ def load_pipeline(source, overrides: dict | None = None) -> Pipeline:
     if not isinstance(raw, dict):
         raise ConfigError(f"{label}: the top level must be a mapping of sections")
     if overrides:
-        raw = _merge(raw, overrides)
+        raw = merge_overrides(raw, overrides)
     pipe_raw = raw.pop("pipeline", None) or {}
     if not isinstance(pipe_raw, dict):
         raise ConfigError(f"{label}: pipeline: must be a mapping (stages, fold, pretrain, "

@@ -107,6 +107,7 @@ class StudyRunner:
         self.studies = studies
         self.out = Path(out)
         self.split = None
+        self._other: dict = {}  # other datasets' splits (cross-domain pretraining), by spec
 
     # ------------------------------------------------------------------ planning
     def load(self):
@@ -156,11 +157,10 @@ class StudyRunner:
         """The split of another dataset (cross-domain pretraining), loaded once."""
         from kmedtl.study.data import load_split
 
-        cache = self.__dict__.setdefault("_other", {})
         k = json.dumps(data.model_dump(), sort_keys=True)
-        if k not in cache:
-            cache[k] = load_split(data)
-        return cache[k]
+        if k not in self._other:
+            self._other[k] = load_split(data)
+        return self._other[k]
 
     def _cell_key(self, recipe: dict, n, seed: int, pkey, arm) -> str:
         """The digest of what determines a cell's result.  ``train.epochs`` enters as the

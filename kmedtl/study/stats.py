@@ -150,10 +150,9 @@ def ratio(y, probs_small: dict, probs_large: dict, metric: str = "balanced_accur
 
     out = bootstrap(value, len(y), n_boot=n_boot, alpha=alpha, seed=0)
     out["seeds"] = seeds
-    full = np.arange(len(y))
     out["per_seed"] = [float(fn(y, a) / fn(y, b)) for a, b in zip(ps, pl)]
     out["small"] = float(np.mean([fn(y, p) for p in ps]))
-    out["large"] = float(np.mean([fn(y[full], p) for p in pl]))
+    out["large"] = float(np.mean([fn(y, p) for p in pl]))
     return out
 
 

@@ -15,8 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from kmedtl.config import load_config
-from kmedtl.errors import ConfigError
+from kmedtl.config import load_config, parse_set
 from kmedtl.training.learning_curve import METRICS, parse_sizes, run_learning_curve
 from kmedtl.training.run import run_lr_find, run_training, run_tuning
 
@@ -68,30 +67,7 @@ def cmd_lr_find(args) -> int:
 
 def _config_with_overrides(path, items):
     """The run config at ``path`` with ``--set KEY=VALUE`` overrides merged in."""
-    from pathlib import Path
-
-    import yaml
-
-    # kmedtl.run (pipelines) sits above kmedtl.training: an upward import, kept to --set
-    from kmedtl.run.spec import _merge, parse_set
-
-    if not items:
-        return load_config(path)
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"{p}: config file not found")
-    try:
-        raw = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{p}: not valid YAML: {exc}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{p}: the top level must be a mapping of sections")
-    raw = _merge(raw, parse_set(items))
-    try:
-        return load_config(raw, base_dir=p.parent)
-    except ConfigError as exc:
-        msg = str(exc)
-        raise ConfigError(f"{p} (with --set): {msg.removeprefix('config: ')}") from None
+    return load_config(path, overrides=parse_set(items))
 
 
 def cmd_learning_curve(args) -> int:
