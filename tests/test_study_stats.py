@@ -155,3 +155,28 @@ comparisons:
     assert by[("b", "3", 0)].pretrain_key == by[("b", "3", 1)].pretrain_key  # shared pool
     assert by[("c", "3", 0)].pretrain_key != by[("c", "3", 1)].pretrain_key  # one per seed
     assert [str(c.n) for c in cells][:6] == ["3"] * 6  # small N first
+
+
+def test_pretraining_keys_do_not_depend_on_where_the_datasets_live(tmp_path):
+    """Committed cells must be found on any machine: the pool enters the key as paths
+    relative to the data root (CI keeps the datasets elsewhere than a workstation)."""
+    from kmedtl.study.runner import StudyRunner
+
+    keys = []
+    for where in ("here", "there"):
+        root = tmp_path / where / "datasets"
+        root.mkdir(parents=True)
+        p = _write(tmp_path / where, BASE.format(root=root) + """
+grid: {sizes: [3], seeds: [0]}
+train: {backbone: cbr_micro, epochs: 1}
+pretrain: {own: {method: rotation}}
+comparisons:
+  - {name: one, arms: [{name: a}, {name: b, init: own}]}
+""")
+        runner = StudyRunner(load_study(p), tmp_path / where / "out")
+        split = _fake_split()
+        split.ids = [str(root / i) for i in split.ids]
+        runner.split = split
+        keys.append({(c.arm, c.pretrain_key, c.key) for c in runner.plan()})
+    assert keys[0] == keys[1]
+    assert any(k[1] for k in keys[0])  # the pretrained arm has a pool key

@@ -149,9 +149,11 @@ class StudyRunner:
                          "other_fp": other.fingerprint,
                          "other_leaves": list(other.hierarchy.leaves)})
         pool = self._pool(spec_obj, seed)
+        # Image paths relative to the data root, as in the split's fingerprint: the key
+        # must not depend on where this machine keeps the datasets.
+        ids = [os.path.relpath(self.split.ids[i], study.data.root) for i in pool]
         return _key({"fp": self.split.fingerprint, "spec": spec,
-                     "pool": [self.split.ids[i] for i in pool][:: max(1, len(pool) // 500)],
-                     "pool_n": len(pool)})
+                     "pool": ids[:: max(1, len(pool) // 500)], "pool_n": len(pool)})
 
     def other_split(self, data):
         """The split of another dataset (cross-domain pretraining), loaded once."""
