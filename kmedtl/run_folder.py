@@ -32,7 +32,12 @@ The label tree (:attr:`RunFolder.hierarchy`) follows one rule:
    counted; else ``None``.
 
 The model's input shape (:attr:`RunFolder.input_shape`) comes from the model's own input,
-checked against the config's image options (:func:`model_input_shape`).
+checked against the config's image options (:func:`model_input_shape`).  A multi-input
+model (``train.model: multi_input``) has one input per image type
+(:attr:`RunFolder.input_names`, e.g. ``["t1", "t2"]``), all of that shape; the configured
+data names the same inputs (:attr:`RunFolder.data_inputs`: the main image, named by
+``data.columns.path`` else ``image``, then ``data.extra_columns``), checked by
+:meth:`RunFolder.check_inputs`.
 
 Example::
 
@@ -85,24 +90,53 @@ def leaf_output(output, error: type[Exception] = ConfigError):
 def normalization_for(model, default: str = "unit") -> str:
     """The pipeline normalisation a model expects (kmedtl models: ``"unit"``)."""
     pre = getattr(model, "preprocessing", None)
+    if isinstance(pre, dict):  # a multi-input model: one per input, all fed alike
+        modes = {_NORMALIZATION.get(p, default) for p in pre.values()}
+        if len(modes) > 1:
+            raise ConfigError(f"model {getattr(model, 'name', '?')!r}: its inputs expect "
+                              f"different normalisations {pre}; kmedtl feeds every image "
+                              "type through one pipeline normalisation")
+        return modes.pop() if modes else default
     return _NORMALIZATION.get(pre, default) if pre is not None else default
 
 
+def model_input_names(model) -> list[str] | None:
+    """The input names of a multi-input model (one per image type, e.g. ``["t1", "t2"]``:
+    :class:`~kmedtl.models.MultiInputClassifier`), ``None`` for a single-image model."""
+    inputs = getattr(model, "inputs", None)
+    if isinstance(inputs, dict):
+        names = list(inputs)
+    elif isinstance(inputs, (list, tuple)):
+        names = [str(getattr(t, "name", "")).split(":")[0] for t in inputs]
+    else:
+        return None
+    declared = getattr(model, "input_names", None)
+    if isinstance(declared, (list, tuple)) and len(declared) == len(names) \
+            and all(isinstance(n, str) for n in declared):
+        names = list(declared)
+    return names if len(names) > 1 else None
+
+
 def model_input_shape(model, options=None, *, error: type[Exception] = ConfigError,
-                      where: str = "model") -> tuple[int, int, int]:
+                      where: str = "model", multi: bool = False) -> tuple[int, int, int]:
     """``(height, width, channels)`` of a single-image model's input, from the model.
 
     With ``options`` (:class:`~kmedtl.data.options.ImageOptions`) every dimension the model
     fixes must equal ``options.shape`` (``error`` otherwise: the config and the model
     disagree on the images); dimensions the model leaves open (``None``) are taken from
-    the options."""
+    the options.  ``multi`` accepts a multi-input model whose inputs all take images of
+    one shape (every image type goes through the same image options) and returns it."""
     shape = model.input_shape
     if isinstance(shape, dict):
         shape = list(shape.values())
     if isinstance(shape, list) and shape and isinstance(shape[0], (list, tuple)):
-        if len(shape) != 1:
+        if len(shape) != 1 and not multi:
             raise error(f"{where}: the model has {len(shape)} inputs; this needs a model with "
                         "one image input")
+        if len({tuple(s) for s in shape}) != 1:
+            raise error(f"{where}: the model's inputs take images of different shapes "
+                        f"{[tuple(s) for s in shape]}; kmedtl reads every image type with "
+                        "the same image options (data.image)")
         shape = shape[0]
     dims = tuple(shape)[1:]
     if len(dims) != 3:
@@ -367,7 +401,39 @@ class RunFolder:
         """``(height, width, channels)`` from the model's input, checked against the
         config's image options (:func:`model_input_shape`)."""
         return model_input_shape(self.model, self.image_options, error=self.error,
-                                 where=str(self.model_path))
+                                 where=str(self.model_path), multi=True)
+
+    @property
+    def input_names(self) -> list[str] | None:
+        """The model's inputs, one per image type, for a multi-input model (``None`` for a
+        single-image model): :func:`model_input_names`."""
+        return model_input_names(self.model)
+
+    @property
+    def data_inputs(self) -> list[str]:
+        """The image inputs of the configured data (main image first):
+        :func:`kmedtl.data.prepare.input_names` of ``config.yaml``'s ``data``."""
+        from kmedtl.data.prepare import input_names
+
+        return input_names(self.config.data, check=False)
+
+    @property
+    def primary_input(self) -> str:
+        """The main image's input name in the configured data (``image`` unless
+        ``data.columns.path`` names it)."""
+        from kmedtl.data.prepare import primary_input
+
+        return primary_input(self.config.data)
+
+    def check_inputs(self, data_inputs=None, where: str | None = None) -> list[str] | None:
+        """Raise ``error`` unless the model takes the images the data gives (default: the
+        configured data's :attr:`data_inputs`); returns :attr:`input_names`."""
+        from kmedtl.data.prepare import check_model_inputs
+
+        data_inputs = self.data_inputs if data_inputs is None else list(data_inputs)
+        check_model_inputs(self.input_names, data_inputs,
+                           where or f"{self.model_path} with {self.config_path}", self.error)
+        return self.input_names
 
     @property
     def normalization(self) -> str:

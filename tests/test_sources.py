@@ -114,8 +114,11 @@ def test_manifest_with_patient_split_and_extra_columns(tiny_images, tmp_path):
                for s in index.skipped}
     assert reasons == {
         "split 'somewhere' is not one of train/val/test": "bad_row",
-        "empty image column 't2'": "bad_row",
-        f"t2 path {tiny_images / 'no_tumor' / 'missing.png'} does not exist": "missing_file",
+        "image column 't2' is empty; every row needs one image per input (fill in the t2 "
+        "path, or remove the row)": "bad_row",
+        f"image column 't2': {tiny_images / 'no_tumor' / 'missing.png'} does not exist "
+        f"(relative paths are read from {tiny_images}); fix the path in the CSV or remove the "
+        "row": "missing_file",
         "empty label": "no_label",
         "frame 'first' is not an integer": "bad_row",
     }

@@ -47,11 +47,20 @@ def scan_index(index: DatasetIndex, options: ImageOptions, cache_dir=None, worke
         res = build_cache(index, options, cache_dir, workers, progress, phash=True)
         return res.digests, res.phashes, res.skipped
     tasks = [scan.Task(s.path, s.frame, options, None, True) for s in index.samples]
+    # further images of multi-input samples are decoded too (not hashed: duplicates and
+    # the split go by the main image), so an unreadable one drops its case here
+    ids = {s.id for s in index.samples}
+    extras = sorted({p for s in index.samples for _, p in s.extra} - ids)
+    tasks += [scan.Task(p, None, options, None, False) for p in extras]
     digests, phashes, skipped = {}, {}, []
-    for s, r in zip(index.samples, scan.run(tasks, workers, progress, desc="audit")):
+    results = scan.run(tasks, workers, progress, desc="audit")
+    for s, r in zip(index.samples, results):
         if r.ok:
             digests[s.id], phashes[s.id] = r.digest, r.phash
         else:
+            skipped.append(Skipped(r.path, r.error_reason, r.error_kind, "decode"))
+    for r in results[len(index.samples):]:
+        if not r.ok:
             skipped.append(Skipped(r.path, r.error_reason, r.error_kind, "decode"))
     return digests, phashes, skipped
 

@@ -117,13 +117,15 @@ def make_dataset(samples: list[Sample], hierarchy, options: ImageOptions, *,
                  augment: Augmentation | None = None, balance: str = "none",
                  drop_remainder: bool = False, report: PipelineReport | None = None,
                  decoder: str = "pydicom",
-                 num_parallel_calls: int | None = None) -> tf.data.Dataset:
+                 num_parallel_calls: int | None = None,
+                 primary_input: str = "image") -> tf.data.Dataset:
     """Build the ``tf.data.Dataset`` of ``(images, targets)`` (``sample_weight`` third when
     ``balance="weights"``).
 
     ``balance="sampling"`` draws classes uniformly and repeats forever: pass
     ``steps_per_epoch`` to ``fit``.  Multi-input samples (manifest image columns) yield a
-    dict of images keyed ``image`` and the column names.
+    dict of images keyed ``primary_input`` (the main image, default ``image``; see
+    :func:`kmedtl.data.prepare.input_names`) and the column names.
     """
     if balance not in BALANCE:
         raise ConfigError(f"data.balance: {balance!r} is not one of {list(BALANCE)}")
@@ -147,7 +149,7 @@ def make_dataset(samples: list[Sample], hierarchy, options: ImageOptions, *,
     parallel = num_parallel_calls or tf.data.AUTOTUNE
     report = report if report is not None else PipelineReport()
     y = encode_targets(samples, hierarchy, targets)
-    input_names = ["image"] + [name for name, _ in samples[0].extra]
+    input_names = sample_inputs(samples, primary_input)
     weights = None
     if balance == "weights":
         cw = class_weights(samples, hierarchy)
@@ -183,6 +185,7 @@ def make_dataset(samples: list[Sample], hierarchy, options: ImageOptions, *,
         ds = build(np.arange(len(samples)))
     ds = ds.batch(batch_size, drop_remainder=drop_remainder, num_parallel_calls=parallel)
     single = len(input_names) == 1
+    primary = input_names[0]
 
     def finish(images, labels, *rest):
         images = {n: tf.cast(v, tf.float32) / 255.0 for n, v in images.items()}
@@ -190,15 +193,30 @@ def make_dataset(samples: list[Sample], hierarchy, options: ImageOptions, *,
             layers, mixers = aug_layers
             images = {n: augment.apply_batch(v, labels, layers, [])[0] for n, v in images.items()}
             if mixers:
-                main, labels = augment.apply_batch(images["image"], labels, [], mixers)
-                images["image"] = main
+                main, labels = augment.apply_batch(images[primary], labels, [], mixers)
+                images[primary] = main
         images = {n: normalize(v, normalization) for n, v in images.items()}
-        out = images["image"] if single else images
+        out = images[primary] if single else images
         return (out, labels, *rest)
 
     aug_layers = (augment.layers(), augment.mixers()) if augment is not None else None
     ds = ds.map(finish, num_parallel_calls=parallel)
     return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def sample_inputs(samples: list[Sample], primary_input: str = "image") -> list[str]:
+    """The input names of ``samples``: ``primary_input`` (the main image), then the image
+    columns of multi-input samples, in order; every sample must carry the same columns."""
+    extra = [name for name, _ in samples[0].extra]
+    odd = next((s for s in samples if [n for n, _ in s.extra] != extra), None)
+    if odd is not None:
+        raise ConfigError(f"{odd.entry_key}: image columns {[n for n, _ in odd.extra]} differ "
+                          f"from the other samples' {extra}; every sample needs the same inputs")
+    names = [primary_input] + extra
+    if len(set(names)) != len(names):
+        raise ConfigError(f"inputs {names}: the main image's name {primary_input!r} is also an "
+                          "image column; give the columns distinct names")
+    return names
 
 
 def _pixel_columns(sub, input_names, cache):
@@ -210,11 +228,17 @@ def _pixel_columns(sub, input_names, cache):
                 f"{len(missing)} sample(s) are not in the cache (first: {missing[0]}); they "
                 "failed to decode or the cache was built for other samples: build_cache the "
                 "same index and drop cache.skipped")
-        cols = {"image": np.array([cache.files[s.id] for s in sub])}
+        cols = {input_names[0]: np.array([cache.files[s.id] for s in sub])}
         for k, name in enumerate(input_names[1:]):
+            absent = [s.extra[k][1] for s in sub if s.extra[k][1] not in cache.files]
+            if absent:
+                raise ConfigError(
+                    f"{len(absent)} {name!r} image(s) are not in the cache (first: "
+                    f"{absent[0]}); they failed to decode or the cache was built for other "
+                    "samples: build_cache the same index and drop cache.skipped")
             cols[name] = np.array([cache.files[s.extra[k][1]] for s in sub])
         return cols
-    cols = {"image": (np.array([s.path for s in sub]),
+    cols = {input_names[0]: (np.array([s.path for s in sub]),
                       np.array([-1 if s.frame is None else s.frame for s in sub], np.int32))}
     for k, name in enumerate(input_names[1:]):
         cols[name] = (np.array([s.extra[k][1] for s in sub]), np.full(len(sub), -1, np.int32))

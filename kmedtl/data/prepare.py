@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -98,6 +99,73 @@ def load_index(cfg: PrepareConfig, *, allow_unlabelled: bool = False,
                 kind="no_labels")
         hierarchy = Hierarchy.flat(labels)
     return index, hierarchy
+
+
+#: What a model input may be called: it names the SavedModel / TFLite / ONNX input too.
+_INPUT_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
+
+
+def primary_input(d) -> str:
+    """The name of the main image's input (``d`` is the ``data`` section): the CSV column
+    that ``data.columns.path`` maps the ``path`` field to (``columns: {path: t1}`` names it
+    ``t1``), else ``image``."""
+    if d.source == "manifest" and (d.columns or {}).get("path"):
+        return d.columns["path"]
+    return "image"
+
+
+def input_names(d, check: bool = True) -> list[str]:
+    """The image inputs of the configured data, main image first: ``[primary_input(d),
+    *data.extra_columns]``; one name is a single-input source.
+
+    With ``check`` (and more than one input) every name must be a valid model input name
+    (a letter, then letters, digits or ``_``: it becomes the exported models' input name)
+    and the names distinct; a :class:`ConfigError` says which and how to fix it.
+    """
+    extra = list(d.extra_columns or ())
+    if extra and d.source != "manifest":
+        raise ConfigError(f"data.extra_columns: {extra} are CSV columns of a manifest, but "
+                          f"data.source is {d.source!r}; multi-input data comes from a "
+                          "manifest (data.source: manifest) with one column per image type")
+    names = [primary_input(d), *extra]
+    if check and len(names) > 1:
+        where = source_name(d)
+        for name in names:
+            if not _INPUT_NAME.fullmatch(name):
+                what = ("data.columns.path (the main image's column)" if name == names[0]
+                        else "data.extra_columns")
+                raise ConfigError(
+                    f"{where}: {what}: column {name!r} names a model input and must start "
+                    "with a letter and hold only letters, digits and '_' (it becomes the "
+                    "input name of the SavedModel, TFLite and ONNX models); rename the "
+                    "column in the CSV")
+        if len(set(names)) != len(names):
+            raise ConfigError(f"{where}: inputs {names}: the main image (data.columns.path) "
+                              "and data.extra_columns must name different columns")
+    return names
+
+
+def check_model_inputs(model_inputs, data_inputs, where: str,
+                       error: type[Exception] = ConfigError) -> None:
+    """Raise ``error`` unless the model's input names equal the data's (as sets; the order
+    follows the names), naming both and the fix."""
+    model_inputs = list(model_inputs or ())
+    data_inputs = list(data_inputs)
+    if len(model_inputs) <= 1 and len(data_inputs) == 1:
+        return
+    if set(model_inputs) == set(data_inputs):
+        return
+    if len(model_inputs) <= 1:
+        raise error(f"{where}: the data has {len(data_inputs)} image inputs {data_inputs} "
+                    "(data.extra_columns) but the model takes one image; train with "
+                    "train.model: multi_input, or drop data.extra_columns")
+    missing = [n for n in model_inputs if n not in data_inputs]
+    unknown = [n for n in data_inputs if n not in model_inputs]
+    raise error(f"{where}: the model's inputs are {model_inputs} but the data gives "
+                f"{data_inputs} (main image: data.columns.path, else 'image'; then "
+                f"data.extra_columns); missing {missing}, not a model input {unknown}: name "
+                "the manifest's image columns as in training (data.columns.path and "
+                "data.extra_columns)")
 
 
 def source_name(d) -> str:

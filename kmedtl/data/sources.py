@@ -127,19 +127,31 @@ class DatasetIndex:
     def drop(self, skipped: list[Skipped]) -> DatasetIndex:
         """A new index without the samples whose files a later pass skipped.
 
-        Each skipped file is recorded once per entry (manifest row) that named it.
+        Each skipped file is recorded once per entry (manifest row) that named it.  A
+        multi-input sample goes when any of its images does (an extra image's skip names
+        the manifest column it came from).
         """
         bad = {s.path for s in skipped}
         entries: dict[str, list[str]] = {}
+        columns: dict[tuple, str] = {}  # (path, entry) -> manifest image column
         for s in self.samples:
             if s.path in bad and s.entry_key not in entries.get(s.path, []):
                 entries.setdefault(s.path, []).append(s.entry_key)
+            for col, p in s.extra:
+                if p in bad and s.entry_key not in entries.get(p, []):
+                    entries.setdefault(p, []).append(s.entry_key)
+                    columns[(p, s.entry_key)] = col
         extra = []
         for k in skipped:
             for entry in entries.get(k.path, [k.entry]):
-                extra.append(Skipped(k.path, k.reason, k.kind, k.stage, entry, k.label))
+                col = columns.get((k.path, entry))
+                reason = k.reason if col is None else (
+                    f"{entry}: image column {col!r} (input {col!r}): {k.reason}; the whole "
+                    "case is left out (every input of a multi-input sample is needed)")
+                extra.append(Skipped(k.path, reason, k.kind, k.stage, entry, k.label))
         return DatasetIndex(
-            samples=[s for s in self.samples if s.path not in bad],
+            samples=[s for s in self.samples
+                     if s.path not in bad and not any(p in bad for _, p in s.extra)],
             skipped=self.skipped + extra,
             read=self.read,
             root=self.root,
@@ -389,7 +401,20 @@ def read_manifest(path, hierarchy=None, options: ImageOptions | None = None,
                                 "(required: path, label; recommended: patient_id)")
         absent = [c for c in extra_columns if c not in cols]
         if absent:
-            raise ManifestError(f"{mpath}: extra image column(s) {absent} not in header {cols}")
+            raise ManifestError(
+                f"{mpath}: data.extra_columns: extra image column(s) {absent} not in the CSV "
+                f"header {header}; add the column(s) to the manifest (one further image of "
+                "the case per row), or list only existing columns in data.extra_columns")
+        clash = [c for c in extra_columns if c in MANIFEST_COLUMNS or c in mapping.values()]
+        if clash:
+            raise ManifestError(
+                f"{mpath}: data.extra_columns: {clash} are manifest fields (path, label, "
+                "patient_id, split, frame, or a column mapped in data.columns), not further "
+                "image columns; the main image is the 'path' field, list only the other "
+                "image columns")
+        if len(set(extra_columns)) != len(extra_columns):
+            raise ManifestError(f"{mpath}: data.extra_columns: {list(extra_columns)} names a "
+                                "column twice; each image column is one model input")
         rows = list(reader)
     for lineno, row in enumerate(rows, start=2):
         row = {(k or "").strip(): (v or "").strip() for k, v in row.items()}
@@ -434,14 +459,18 @@ def read_manifest(path, hierarchy=None, options: ImageOptions | None = None,
             value = row.get(col, "")
             if not value:
                 extra = None
-                skipped.append(Skipped(full, f"{where}: empty image column {col!r}", "bad_row",
-                                       entry=where))
+                skipped.append(Skipped(
+                    full, f"{where}: image column {col!r} is empty; every row needs one image "
+                    f"per input (fill in the {col} path, or remove the row)", "bad_row",
+                    entry=where))
                 break
             epath = str(base / value) if not os.path.isabs(value) else value
             if not os.path.exists(epath):
                 extra = None
-                skipped.append(Skipped(full, f"{where}: {col} path {epath} does not exist",
-                                       "missing_file", entry=where))
+                skipped.append(Skipped(
+                    epath, f"{where}: image column {col!r}: {epath} does not exist (relative "
+                    f"paths are read from {base}); fix the path in the CSV or remove the row",
+                    "missing_file", entry=where))
                 break
             extra.append((col, epath))
         if extra is None:

@@ -139,6 +139,14 @@ def _model_info(model, config) -> dict:
             info["cut"] = getattr(bb, "cut", None)
         info["input_shape"] = list(model.input_shape[1:]) if not isinstance(
             model.input_shape, list) else [list(s[1:]) for s in model.input_shape]
+        from kmedtl.run_folder import model_input_names
+
+        names = model_input_names(model)
+        if names:  # a multi-input model: one input per image type
+            info["inputs"] = names
+            mi = (config.train or {}).get("multi_input") if config is not None else None
+            if isinstance(mi, dict):
+                info["fusion"], info["head"] = mi.get("fusion"), mi.get("head")
         info["parameters"] = int(model.count_params())
         info["outputs"] = list(getattr(model, "output_names", []) or [])
     return {k: v for k, v in info.items() if v is not None}

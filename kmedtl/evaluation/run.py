@@ -75,13 +75,15 @@ def _tta_batch(model, x, tta, layers):
 
 def predict(model, samples, hierarchy, options, *, batch_size: int = 32,
             normalization: str = "unit", decoder: str = "pydicom",
-            tta=None) -> Predictions:
+            tta=None, primary_input: str = "image") -> Predictions:
     """Run ``model`` over ``samples`` through the uncached ``tf.data`` pipeline.
 
     Files that fail to decode are dropped from the stream and returned in ``skipped``; the
     kept samples stay aligned with the outputs (the pipeline keeps order when not
     training).  ``tta`` (:class:`kmedtl.config.TTAOptions`, a mapping or ``True``) averages
-    every output over flipped / randomly augmented views of each image.
+    every output over flipped / randomly augmented views of each image.  Multi-input
+    samples feed the model a dict keyed ``primary_input`` and the image columns; a case
+    goes when any of its images cannot be read.
     """
     from kmedtl.config import tta_options
 
@@ -95,7 +97,7 @@ def predict(model, samples, hierarchy, options, *, batch_size: int = 32,
     report = PipelineReport()
     ds = make_dataset(samples, hierarchy, options, batch_size=batch_size, training=False,
                       shuffle=False, targets="leaf", normalization=normalization,
-                      report=report, decoder=decoder)
+                      report=report, decoder=decoder, primary_input=primary_input)
     outs, ys = [], []
     for x, y in ds:
         out = model(x, training=False) if tta is None else _tta_batch(model, x, tta, layers)
@@ -111,7 +113,7 @@ def predict(model, samples, hierarchy, options, *, batch_size: int = 32,
                           f"{skipped[0]['reason'] if skipped else 'unknown'}")
     merged = {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
     bad = {s.path for s in report.skipped}
-    kept = [s for s in samples if s.path not in bad]
+    kept = [s for s in samples if s.path not in bad and not any(p in bad for _, p in s.extra)]
     y = np.concatenate(ys).astype(np.int64)
     if len(kept) != len(y):
         raise KmedtlError(f"evaluate: {len(y)} predictions for {len(kept)} readable samples "
@@ -135,8 +137,12 @@ def _source_index(source: str, cfg, hierarchy):
     if src.endswith((".yaml", ".yml")):
         other = load_config(src)
         data = other.model_dump(mode="json")["data"]
-    elif src.endswith(".csv"):
-        data = {"source": "manifest", "manifest": src}
+    elif src.endswith(".csv"):  # read as the run's manifest was (image columns, mapping)
+        run_data = cfg.data
+        data = {"source": "manifest", "manifest": src,
+                "extra_columns": list(run_data.extra_columns or ()),
+                "columns": dict(run_data.columns or {}) if run_data.source == "manifest"
+                else {}}
     else:
         data = {"source": "folder", "root": src}
     run = cfg.model_dump(mode="json")["data"]
@@ -144,7 +150,7 @@ def _source_index(source: str, cfg, hierarchy):
                  "dicom": run["dicom"], "decoder": run["decoder"]})
     test_cfg = load_config({"data": data})
     index, _ = load_index(test_cfg)
-    return index
+    return index, test_cfg.data
 
 
 def _thumbnail(img: np.ndarray, size: int = 140) -> bytes:
@@ -190,6 +196,7 @@ def evaluate_run(run_dir, *, test: str | None = None, out=None, fold: int | None
     ``True``; a flip mode; a mapping or :class:`kmedtl.config.TTAOptions`), recorded in
     ``metrics.json`` as ``"tta"``."""
     from kmedtl.config import tta_options
+    from kmedtl.data.prepare import input_names, primary_input
     from kmedtl.evaluation import calibration as cal
     from kmedtl.evaluation import metrics as M
     from kmedtl.evaluation import plots
@@ -242,20 +249,28 @@ def evaluate_run(run_dir, *, test: str | None = None, out=None, fold: int | None
         return rf.split_samples(name, fold, missing=missing)
 
     val_samples = part("val")
+    test_data = None  # the data section of an external test source
     if test is None:
         test_samples = part("test")
         test_source = f"test split of fold {fold} ({cfg.data.root or cfg.data.manifest})"
     else:
         missing.clear()
-        test_samples = _source_index(test, cfg, hierarchy).samples
+        test_index, test_data = _source_index(test, cfg, hierarchy)
+        test_samples = test_index.samples
         test_source = os.path.abspath(test)
     if not test_samples:
         raise ConfigError(f"{run}: no test samples ({test_source})")
     norm = normalization_for(model, cfg.data.normalization)
-    kw = dict(batch_size=batch_size, normalization=norm, decoder=cfg.data.decoder, tta=tta)
+    # a multi-input model takes the images its data names (main image, extra columns)
+    data_section = cfg.data if test_data is None else test_data
+    rf.check_inputs(input_names(data_section, check=False),
+                    where=f"{rf.model_path} on {test_source}")
+    kw = dict(batch_size=batch_size, normalization=norm, decoder=cfg.data.decoder, tta=tta,
+              primary_input=primary_input(data_section))
     log.info("evaluate: predicting %d test and %d validation images%s", len(test_samples),
              len(val_samples), f" ({tta.views} TTA views each)" if tta is not None else "")
     pt = predict(model, test_samples, hierarchy, options, **kw)
+    kw["primary_input"] = primary_input(cfg.data)  # validation: the run's own data
     pv = predict(model, val_samples, hierarchy, options, **kw) if val_samples else None
 
     # ---- metrics

@@ -14,6 +14,10 @@ Serving (``http://HOST:8501/v1/models/NAME`` or ``grpc://HOST:8500/NAME``).  Fil
 read and predicted in batches of ``--batch-size``; a file that cannot be read gets one
 ``kmedtl: error: FILE: reason`` line on stderr and the others still run.  Exit code 0 when
 every file was predicted, 1 when some could not be, 2 for a bad model or arguments.
+A multi-input model (``train.model: multi_input``) takes one argument per case naming a
+file for each of its inputs: ``kmedtl predict MODEL t1=a_t1.png,t2=a_t2.png
+t1=b_t1.png,t2=b_t2.png``.  ``--server`` sends one image per request, so multi-input
+models are served by calling their SavedModel signatures with the named inputs directly.
 """
 
 from __future__ import annotations
@@ -74,7 +78,8 @@ def add_parsers(subparsers) -> None:
                     ".keras) or kmedtl predict --server URL FILES...; prints per-level "
                     "probabilities.")
     q.add_argument("inputs", nargs="+", metavar="MODEL_OR_FILE",
-                   help="MODEL then FILES, or only FILES with --server")
+                   help="MODEL then FILES, or only FILES with --server; a multi-input model "
+                        "takes one NAME=FILE,NAME=FILE argument per case (one file per input)")
     q.add_argument("--server", help="http(s)://HOST:8501/v1/models/NAME[/labels/L] or "
                                     "grpc://HOST:8500/NAME[/versions/N]")
     q.add_argument("--metadata", help="export folder, export.json, SavedModel or run folder "
@@ -145,6 +150,13 @@ def cmd_predict(args) -> int:
 
         files = args.inputs
         info = _metadata(args.metadata) if args.metadata else None
+        if info is not None and info.inputs:
+            raise ServingError(
+                f"kmedtl predict --server: the model takes one named input per image type "
+                f"{list(info.inputs)}; the client sends one image per request, so call the "
+                "SavedModel's serving_default (encoded bytes) or predict_pixels signature "
+                f"with the inputs {list(info.inputs)} directly, or predict locally: kmedtl "
+                "predict MODEL " + ",".join(f"{n}=FILE" for n in info.inputs))
         client = ServingClient(args.server, info=info)
         check, run = (lambda f: _check_for_server(f, info)), client.predict_files
     else:
@@ -158,6 +170,9 @@ def cmd_predict(args) -> int:
         predictor = load_predictor(model, info)
         info = predictor.info
         check, run = (lambda f: predictor.load_pixels([f])), None
+        if predictor.inputs:  # one NAME=FILE,NAME=FILE argument per case
+            check = lambda f: predictor.load_pixels(  # noqa: E731
+                {n: [p] for n, p in parse_case(f, predictor.inputs).items()})
     size = max(1, int(args.batch_size))
     rows, failed = [], 0
     for start in range(0, len(files), size):
@@ -180,7 +195,9 @@ def cmd_predict(args) -> int:
             else:
                 import numpy as np
 
-                out = predictor.predict_pixels(np.concatenate(pixels))
+                out = predictor.predict_pixels(
+                    {n: np.concatenate([p[n] for p in pixels]) for n in pixels[0]}
+                    if isinstance(pixels[0], dict) else np.concatenate(pixels))
             for j, i in enumerate(good):
                 batch_rows[i] = {"file": str(batch[i]), **{
                     k: (v[j].tolist() if hasattr(v[j], "tolist") else v[j])
@@ -197,6 +214,32 @@ def cmd_predict(args) -> int:
               "could not be read (see the error lines above)", file=sys.stderr)
         return 1
     return 0
+
+
+def parse_case(arg: str, names) -> dict[str, str]:
+    """``"t1=a.png,t2=b.png"`` -> ``{"t1": "a.png", "t2": "b.png"}``: one file per input of a
+    multi-input model (every input named once)."""
+    from kmedtl.export.errors import ServingError
+
+    example = ",".join(f"{n}=FILE" for n in names)
+    out: dict[str, str] = {}
+    for part in str(arg).split(","):
+        name, sep, path = part.partition("=")
+        name, path = name.strip(), path.strip()
+        if not sep or not name or not path:
+            raise ServingError(f"{arg}: the model takes one image per input {list(names)}; "
+                               f"give each case as {example}")
+        if name not in names:
+            raise ServingError(f"{arg}: {name!r} is not an input of the model; its inputs are "
+                               f"{list(names)} (give each case as {example})")
+        if name in out:
+            raise ServingError(f"{arg}: input {name!r} given twice (give each case as "
+                               f"{example})")
+        out[name] = path
+    missing = [n for n in names if n not in out]
+    if missing:
+        raise ServingError(f"{arg}: missing input(s) {missing}; give each case as {example}")
+    return out
 
 
 def _one_line(exc, path) -> str:

@@ -194,12 +194,21 @@ class RunContext:
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
-        """``(height, width, channels)`` of the model's input, checked against the image
-        options (:func:`kmedtl.run_folder.model_input_shape`)."""
+        """``(height, width, channels)`` of the model's input (of each input of a
+        multi-input model), checked against the image options
+        (:func:`kmedtl.run_folder.model_input_shape`)."""
         from kmedtl.run_folder import model_input_shape
 
         return model_input_shape(self.model, self.options, error=ExportError,
-                                 where=f"{self.run_dir}: model")
+                                 where=f"{self.run_dir}: model", multi=True)
+
+    @property
+    def input_names(self) -> list[str] | None:
+        """One input per image type for a multi-input model (``None``: one image); every
+        exported format takes inputs of these names."""
+        from kmedtl.run_folder import model_input_names
+
+        return model_input_names(self.model)
 
 
 def read_json(path) -> dict | None:
@@ -230,6 +239,8 @@ def load_run(run_dir) -> RunContext:
                      train_metrics=rf.train_metrics, metrics=rf.metrics,
                      source_precision=precision, folder=rf)
     ctx.input_shape  # noqa: B018  (the model's input must match the config's image options)
+    if ctx.input_names:  # the configured data must name the model's inputs
+        rf.check_inputs()
     return ctx
 
 
@@ -238,7 +249,8 @@ def split_pixels(ctx: RunContext, part: str = "test", limit: int | None = None,
     """``(pixels, leaf indices, paths)`` of the run's ``part`` split (``test``, ``train``,
     ``val``) through kmedtl's own pipeline (unreadable files dropped);
     ``(None, None, None)`` when the data or the split file is missing.  ``limit`` keeps a
-    seeded random sample (split files list samples class by class)."""
+    seeded random sample (split files list samples class by class).  For a multi-input
+    model ``pixels`` is ``{input name: array}`` and each path ``{input name: file}``."""
     import logging
 
     from kmedtl.data.pipeline import PipelineReport, make_dataset
@@ -260,18 +272,26 @@ def split_pixels(ctx: RunContext, part: str = "test", limit: int | None = None,
     if not samples:
         return None, None, None
     report = PipelineReport()
+    primary = rf.primary_input
     ds = make_dataset(samples, ctx.hierarchy, ctx.options, batch_size=64, training=False,
                       shuffle=False, targets="leaf", normalization=ctx.normalization,
-                      decoder=ctx.config.data.decoder, report=report)
+                      decoder=ctx.config.data.decoder, report=report, primary_input=primary)
     xs, ys = [], []
     for x, y in ds:
-        xs.append(np.asarray(x, np.float32))
+        xs.append({k: np.asarray(v, np.float32) for k, v in x.items()} if isinstance(x, dict)
+                  else np.asarray(x, np.float32))
         ys.append(np.asarray(y))
     if not xs:
         return None, None, None
     bad = {s.path for s in report.skipped}
-    paths = [s.path for s in samples if s.path not in bad]
-    return np.concatenate(xs), np.concatenate(ys).astype(np.int64), paths
+    kept = [s for s in samples if s.path not in bad and not any(p in bad for _, p in s.extra)]
+    if isinstance(xs[0], dict):
+        pixels = {k: np.concatenate([x[k] for x in xs]) for k in xs[0]}
+        paths = [{primary: s.path, **dict(s.extra)} for s in kept]
+    else:
+        pixels = np.concatenate(xs)
+        paths = [s.path for s in kept]
+    return pixels, np.concatenate(ys).astype(np.int64), paths
 
 
 def file_size(path) -> int:

@@ -1,8 +1,9 @@
 """ONNX through ``tf2onnx.convert.from_function`` (opset configurable), run with
 onnxruntime.
 
-The graph takes ``pixels`` (float32 [N, H, W, C], preprocessed as in training) and
-returns the model's raw outputs (``leaf`` and one per head), named as in Keras.
+The graph takes ``pixels`` (float32 [N, H, W, C], preprocessed as in training; a
+multi-input model: one such input per image type, named after it) and returns the model's
+raw outputs (``leaf`` and one per head), named as in Keras.
 
 Example::
 
@@ -24,7 +25,7 @@ def write_onnx(ctx, out_path, opset: int | None = None) -> Path:
     from kmedtl.export.savedmodel import core_function
 
     opset = int(opset or DEFAULT_OPSET)
-    core = core_function(ctx.model, ctx.input_shape)
+    core = core_function(ctx.model, ctx.input_shape, ctx.input_names)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_suffix(".tmp")

@@ -9,6 +9,11 @@ metadata (``kmedtl.json`` in the SavedModel's ``assets.extra/``, or ``export.jso
 to/above a ``.tflite``/``.onnx`` file) or, for ``.keras``, from the run folder's
 ``config.yaml`` and ``calibration.json``.
 
+A multi-input model (``train.model: multi_input``; ``ModelInfo.inputs``, e.g.
+``["t1", "t2"]``) takes its inputs by name in every format: ``predict_pixels({"t1": x1,
+"t2": x2})``, ``predict_files({"t1": files1, "t2": files2})`` (the i-th files of every input
+are one case) and, for a SavedModel, ``predict_bytes({"t1": blobs1, "t2": blobs2})``.
+
 Example::
 
     >>> p = load_predictor("runs/demo/export/tflite/model_int8.tflite")  # doctest: +SKIP
@@ -39,16 +44,21 @@ class ModelInfo:
     normalization: str = "unit"
     temperature: float = 1.0
     name: str = "model"
+    #: the named inputs of a multi-input model, one per image type (None: one image)
+    inputs: tuple | None = None
 
     def to_dict(self) -> dict:
         from dataclasses import asdict
 
         opts = asdict(self.options)
         opts.pop("extra", None)
-        return {"name": self.name, "hierarchy": self.hierarchy.to_config(),
-                "leaves": list(self.hierarchy.leaves), "image": opts,
-                "input_shape": list(self.options.shape), "normalization": self.normalization,
-                "temperature": self.temperature}
+        out = {"name": self.name, "hierarchy": self.hierarchy.to_config(),
+               "leaves": list(self.hierarchy.leaves), "image": opts,
+               "input_shape": list(self.options.shape), "normalization": self.normalization,
+               "temperature": self.temperature}
+        if self.inputs:
+            out["inputs"] = list(self.inputs)
+        return out
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelInfo:
@@ -61,8 +71,10 @@ class ModelInfo:
                 img[key] = tuple(img[key])
         if isinstance(img.get("window"), list):
             img["window"] = tuple(img["window"])
+        inputs = d.get("inputs")
         return cls(Hierarchy(d["hierarchy"]), ImageOptions(**img), d.get("normalization", "unit"),
-                   float(d.get("temperature") or 1.0), d.get("name", "model"))
+                   float(d.get("temperature") or 1.0), d.get("name", "model"),
+                   tuple(inputs) if inputs else None)
 
 
 def find_metadata(path) -> ModelInfo:
@@ -110,7 +122,9 @@ def keras_model_info(folder) -> ModelInfo:
     if h is None:
         raise ExportError(f"{folder.path}: no label tree in the model, config.yaml, data or "
                           "audit.json")
-    return ModelInfo(h, folder.image_options, "unit", folder.temperature, folder.config.name)
+    names = folder.input_names
+    return ModelInfo(h, folder.image_options, "unit", folder.temperature, folder.config.name,
+                     tuple(names) if names else None)
 
 
 class Predictor:
@@ -122,24 +136,71 @@ class Predictor:
         self.path = Path(path)
         self.info = info
 
-    def raw(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
+    def raw(self, pixels) -> dict[str, np.ndarray]:
         raise NotImplementedError
 
-    def predict_pixels(self, pixels) -> dict[str, np.ndarray]:
-        """Named outputs for preprocessed pixels (float32 [N, H, W, C])."""
-        pixels = np.asarray(pixels, np.float32)
+    @property
+    def inputs(self) -> list[str] | None:
+        """The named inputs of a multi-input model (``None``: one image)."""
+        return list(self.info.inputs) if self.info.inputs else None
+
+    def check_pixels(self, pixels):
+        """``pixels`` as float32 arrays of the model's input shape: one array, or for a
+        multi-input model a dict with one array per input (the same N each)."""
         shape = tuple(self.info.options.shape)
-        if pixels.ndim != 4 or tuple(pixels.shape[1:]) != shape:
-            want = ", ".join(map(str, shape))
-            raise ExportError(f"{self.path}: pixels must have shape [N, {want}], got "
-                              f"{list(pixels.shape)}")
+        want = ", ".join(map(str, shape))
+        names = self.inputs
+        if names is None:
+            if isinstance(pixels, dict):
+                raise ExportError(f"{self.path}: the model takes one image input; pass an "
+                                  f"array [N, {want}], not a dict {sorted(pixels)}")
+            pixels = np.asarray(pixels, np.float32)
+            if pixels.ndim != 4 or tuple(pixels.shape[1:]) != shape:
+                raise ExportError(f"{self.path}: pixels must have shape [N, {want}], got "
+                                  f"{list(pixels.shape)}")
+            return pixels
+        if not isinstance(pixels, dict) or set(pixels) != set(names):
+            got = sorted(pixels) if isinstance(pixels, dict) else "one array"
+            raise ExportError(f"{self.path}: the model takes one input per image type "
+                              f"{names}; pass a dict {{name: pixels [N, {want}]}} (got {got})")
+        out = {}
+        for n in names:
+            a = np.asarray(pixels[n], np.float32)
+            if a.ndim != 4 or tuple(a.shape[1:]) != shape:
+                raise ExportError(f"{self.path}: input {n!r} must have shape [N, {want}], got "
+                                  f"{list(a.shape)}")
+            out[n] = a
+        sizes = {n: len(a) for n, a in out.items()}
+        if len(set(sizes.values())) != 1:
+            raise ExportError(f"{self.path}: every input needs one image per case; got "
+                              f"batch sizes {sizes}")
+        return out
+
+    def predict_pixels(self, pixels) -> dict[str, np.ndarray]:
+        """Named outputs for preprocessed pixels (float32 [N, H, W, C]; a multi-input
+        model: ``{input name: pixels}``)."""
+        pixels = self.check_pixels(pixels)
         return postprocess(self.raw(pixels), self.info.hierarchy, self.info.temperature)
 
-    def load_pixels(self, files) -> np.ndarray:
-        """Read files (PNG/JPEG/DICOM) with the run's preprocessing -> model pixels."""
+    def load_pixels(self, files):
+        """Read files (PNG/JPEG/DICOM) with the run's preprocessing -> model pixels (a
+        multi-input model: ``{input name: files}`` -> ``{input name: pixels}``)."""
         from kmedtl.serving.client import load_pixels
 
-        return load_pixels(files, self.info.options, self.info.normalization)
+        names = self.inputs
+        if names is None:
+            if isinstance(files, dict):
+                raise ExportError(f"{self.path}: the model takes one image input; pass a list "
+                                  f"of files, not a dict {sorted(files)}")
+            return load_pixels(files, self.info.options, self.info.normalization)
+        if not isinstance(files, dict) or set(files) != set(names):
+            got = sorted(files) if isinstance(files, dict) else "a list of files"
+            raise ExportError(f"{self.path}: the model takes one image per image type "
+                              f"{names} and case; pass {{name: [files]}} (got {got}), or on "
+                              f"the command line one NAME=FILE,... argument per case, e.g. "
+                              f"{','.join(f'{n}=case1_{n}.png' for n in names)}")
+        return {n: load_pixels(files[n], self.info.options, self.info.normalization)
+                for n in names}
 
     def predict_files(self, files) -> dict[str, np.ndarray]:
         return self.predict_pixels(self.load_pixels(files))
@@ -178,7 +239,7 @@ class SavedModelPredictor(Predictor):
         return res
 
     def raw(self, pixels):
-        out = self.predict_pixels(pixels)
+        out = self._signature_pixels(pixels)
         h = self.info.hierarchy
         raw = {"leaf": out["leaf"]}
         raw.update({h.node_output_name(p): out[h.exported_node_name(p)] for p in h.parents
@@ -186,16 +247,30 @@ class SavedModelPredictor(Predictor):
         return raw
 
     def predict_pixels(self, pixels):
+        return self._signature_pixels(self.check_pixels(pixels))
+
+    def _signature_pixels(self, pixels):
         import tensorflow as tf
 
         fn = self.module.signatures["predict_pixels"]
+        if isinstance(pixels, dict):
+            return self._named(fn(**{n: tf.constant(np.asarray(v, np.float32))
+                                     for n, v in pixels.items()}))
         return self._named(fn(pixels=tf.constant(np.asarray(pixels, np.float32))))
 
     def predict_bytes(self, blobs) -> dict[str, np.ndarray]:
-        """Encoded PNG/JPEG bytes through ``serving_default`` (in-graph preprocessing)."""
+        """Encoded PNG/JPEG bytes through ``serving_default`` (in-graph preprocessing); a
+        multi-input model takes ``{input name: [bytes, ...]}``."""
         import tensorflow as tf
 
         fn = self.module.signatures["serving_default"]
+        names = self.inputs
+        if names is not None:
+            if not isinstance(blobs, dict) or set(blobs) != set(names):
+                raise ExportError(f"{self.path}: serving_default takes one input per image "
+                                  f"type {names}: pass {{name: [encoded PNG/JPEG bytes]}}")
+            return self._named(fn(**{n: tf.constant(list(blobs[n]), tf.string)
+                                     for n in names}))
         return self._named(fn(image_bytes=tf.constant(list(blobs), tf.string)))
 
 
@@ -210,9 +285,14 @@ class TFLitePredictor(Predictor):
         sigs = self.interpreter.get_signature_list()
         self.signature = "serving_default" if "serving_default" in sigs else next(iter(sigs))
         self.runner = self.interpreter.get_signature_runner(self.signature)
-        self.input_name = sigs[self.signature]["inputs"][0]
+        self.input_names = list(sigs[self.signature]["inputs"])
+        self.input_name = self.input_names[0]
+        _check_named(self, self.input_names)
 
     def raw(self, pixels):
+        if isinstance(pixels, dict):
+            out = self.runner(**{n: np.asarray(v, np.float32) for n, v in pixels.items()})
+            return {k: np.asarray(v, np.float32) for k, v in out.items()}
         out = self.runner(**{self.input_name: np.asarray(pixels, np.float32)})
         return {k: np.asarray(v, np.float32) for k, v in out.items()}
 
@@ -229,11 +309,33 @@ class OnnxPredictor(Predictor):
             opts.intra_op_num_threads = num_threads
         self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
+        # graph input name -> the model's input name ("t1:0" -> "t1")
+        self.feeds = {i.name.split(":")[0]: i.name for i in self.session.get_inputs()}
         self.output_names = [o.name for o in self.session.get_outputs()]
+        _check_named(self, list(self.feeds))
 
     def raw(self, pixels):
-        outs = self.session.run(None, {self.input_name: np.asarray(pixels, np.float32)})
+        if isinstance(pixels, dict):
+            feed = {self.feeds[n]: np.asarray(v, np.float32) for n, v in pixels.items()}
+        else:
+            feed = {self.input_name: np.asarray(pixels, np.float32)}
+        outs = self.session.run(None, feed)
         return {n.split(":")[0]: np.asarray(v, np.float32) for n, v in zip(self.output_names, outs)}
+
+
+def _check_named(predictor: Predictor, graph_inputs: list[str]) -> None:
+    """A multi-input model file must take the metadata's named inputs (and a single-input
+    one, one input)."""
+    names = predictor.inputs
+    if names is None:
+        if len(graph_inputs) != 1:
+            raise ExportError(f"{predictor.path}: the model file has {len(graph_inputs)} "
+                              f"inputs {graph_inputs} but its metadata describes a one-image "
+                              "model; re-export it")
+        return
+    if set(graph_inputs) != set(names):
+        raise ExportError(f"{predictor.path}: the model file's inputs {graph_inputs} are not "
+                          f"the metadata's image types {names}; re-export it")
 
 
 def load_predictor(path, info: ModelInfo | None = None, **kwargs) -> Predictor:

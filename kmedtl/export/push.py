@@ -89,15 +89,37 @@ def _synthetic_png(shape) -> bytes:
     return bytes(tf.io.encode_png(img).numpy())
 
 
-def write_warmup(path, model_name: str, shape) -> Path:
-    """``tf_serving_warmup_requests``: one PredictionLog per signature (synthetic image)."""
+def _named_request(model_name: str, signature: str, tensors: dict):
+    """A ``PredictRequest`` with one named input tensor proto per entry of ``tensors``."""
+    from tensorflow_serving.apis import predict_pb2
+
+    req = predict_pb2.PredictRequest()
+    req.model_spec.name = model_name
+    req.model_spec.signature_name = signature
+    for name, proto in tensors.items():
+        req.inputs[name].CopyFrom(proto)
+    return req
+
+
+def write_warmup(path, model_name: str, shape, inputs=None) -> Path:
+    """``tf_serving_warmup_requests``: one PredictionLog per signature (synthetic image;
+    a multi-input model: the same image for each of its named ``inputs``)."""
     import tensorflow as tf
     from tensorflow_serving.apis import prediction_log_pb2
 
     from kmedtl.serving.client import grpc_request
 
-    requests = [grpc_request(model_name, [_synthetic_png(shape)]),
-                grpc_request(model_name, pixels=np.zeros((1, *shape), np.float32))]
+    if inputs:
+        requests = [_named_request(model_name, "serving_default", {
+                        n: tf.make_tensor_proto([_synthetic_png(shape)], dtype=tf.string,
+                                                shape=[1]) for n in inputs}),
+                    _named_request(model_name, "predict_pixels", {
+                        n: tf.make_tensor_proto(np.zeros((1, *shape), np.float32),
+                                                dtype=tf.float32, shape=[1, *shape])
+                        for n in inputs})]
+    else:
+        requests = [grpc_request(model_name, [_synthetic_png(shape)]),
+                    grpc_request(model_name, pixels=np.zeros((1, *shape), np.float32))]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with tf.io.TFRecordWriter(str(path)) as writer:
@@ -188,7 +210,7 @@ def push_run(run_dir, *, root="saved_models", name: str | None = None,
                 shutil.copy2(rf.file(f), extra / f)
         shutil.copy2(export_dir / EXPORT_FILE, extra / EXPORT_FILE)
         shape = tuple(export["model"]["input_shape"])
-        write_warmup(extra / WARMUP_FILE, name, shape)
+        write_warmup(extra / WARMUP_FILE, name, shape, export["model"].get("inputs"))
         for _ in range(100):  # another pusher may take a number between listing and rename
             version = (versions(base) or [0])[-1] + 1
             blessing["pushed_version"] = version

@@ -69,10 +69,15 @@ PARITY_SAMPLES = 256  # random pixels when the run's test data cannot be read
 MIN_PARITY_IMAGES = 200
 
 
-def augmented_copies(x: np.ndarray, n: int, lo: float, hi: float, seed: int = 0) -> tuple:
+def augmented_copies(x, n: int, lo: float, hi: float, seed: int = 0) -> tuple:
     """``n`` seeded augmented copies of the images ``x`` (cycled): a horizontal and/or
     vertical flip, a brightness shift of up to 5% of the pixel range and Gaussian noise of 1%,
-    clipped to ``[lo, hi]``.  Returns ``(copies, source_index)`` so labels can follow."""
+    clipped to ``[lo, hi]``.  Returns ``(copies, source_index)`` so labels can follow.  A
+    dict of inputs (a multi-input model) gives a dict: every input of a case gets the same
+    flips."""
+    if isinstance(x, dict):
+        copies = {k: augmented_copies(v, n, lo, hi, seed)[0] for k, v in x.items()}
+        return copies, np.arange(n) % n_cases(x)
     rng = np.random.default_rng(seed)
     idx = np.arange(n) % len(x)
     out = x[idx].astype(np.float32, copy=True)
@@ -87,6 +92,23 @@ def augmented_copies(x: np.ndarray, n: int, lo: float, hi: float, seed: int = 0)
         out[i] += rng.normal(0.0, 0.01 * span, out[i].shape).astype(np.float32)
     return np.clip(out, lo, hi).astype(np.float32), idx
 BATCH = 32
+
+
+def n_cases(x) -> int:
+    """Number of cases in pixels: an array, or a dict of arrays (one per input)."""
+    return len(next(iter(x.values()))) if isinstance(x, dict) else len(x)
+
+
+def take(x, index):
+    """Rows ``index`` (a slice or an index array) of pixels: an array or a dict of them."""
+    return {k: v[index] for k, v in x.items()} if isinstance(x, dict) else x[index]
+
+
+def join(a, b):
+    """Pixels ``a`` followed by ``b`` (arrays or dicts of arrays)."""
+    if isinstance(a, dict):
+        return {k: np.concatenate([a[k], b[k]]) for k in a}
+    return np.concatenate([a, b])
 
 
 @dataclass
@@ -152,8 +174,9 @@ def _failure(name: str, p: dict) -> str:
             f"{_bound_text(p)} on {p['n']} images")
 
 
-def predict_batched(predictor, x: np.ndarray) -> dict[str, np.ndarray]:
-    outs = [predictor.predict_pixels(x[i:i + BATCH]) for i in range(0, len(x), BATCH)]
+def predict_batched(predictor, x) -> dict[str, np.ndarray]:
+    outs = [predictor.predict_pixels(take(x, slice(i, i + BATCH)))
+            for i in range(0, n_cases(x), BATCH)]
     return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
 
 
@@ -234,16 +257,20 @@ def export_run(run_dir, *, formats=FORMATS, out_dir=None, verify: bool = True,
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
     tmp.mkdir()
-    info = ModelInfo(ctx.hierarchy, ctx.options, ctx.normalization, ctx.temperature, ctx.name)
+    inputs = ctx.input_names  # a multi-input model: one named input per image type
+    info = ModelInfo(ctx.hierarchy, ctx.options, ctx.normalization, ctx.temperature, ctx.name,
+                     tuple(inputs) if inputs else None)
     names = output_names(ctx.hierarchy, ctx.node_outputs)
     h, w, c = ctx.input_shape  # from the model's input, checked against the image options
+    byte_inputs, pixel_inputs = (inputs, inputs) if inputs else ([BYTES_INPUT], [PIXELS_INPUT])
     metadata = {
         "model": info.to_dict(), "outputs": names,
         "class_names": class_names(ctx.hierarchy, ctx.node_outputs),
         "signatures": {
-            "serving_default": {"inputs": {BYTES_INPUT: {"dtype": "string", "shape": [-1]}}},
-            "predict_pixels": {"inputs": {PIXELS_INPUT: {"dtype": "float32",
-                                                         "shape": [-1, h, w, c]}}}},
+            "serving_default": {"inputs": {n: {"dtype": "string", "shape": [-1]}
+                                           for n in byte_inputs}},
+            "predict_pixels": {"inputs": {n: {"dtype": "float32", "shape": [-1, h, w, c]}
+                                          for n in pixel_inputs}}},
         "source_precision": ctx.source_precision,
         "calibration": {"temperature": ctx.temperature,
                         "source": "calibration.json" if ctx.calibration else "none (T=1)"},
@@ -258,21 +285,26 @@ def export_run(run_dir, *, formats=FORMATS, out_dir=None, verify: bool = True,
 
             lo, hi = pixel_range(ctx.normalization, c)
             x = rng.uniform(lo, hi, (PARITY_SAMPLES, h, w, c)).astype(np.float32)
-            report.parity_data = f"synthetic uniform pixels ({len(x)}); the run's test split " \
-                                 "could not be read"
+            if inputs:
+                x = {n: rng.uniform(lo, hi, (PARITY_SAMPLES, h, w, c)).astype(np.float32)
+                     for n in inputs}
+            report.parity_data = f"synthetic uniform pixels ({n_cases(x)}); the run's test " \
+                                 "split could not be read"
         else:
-            report.parity_data = f"test split of the run ({len(x)} images)"
-        n_test = len(x)
-        if x is not None and len(x) < MIN_PARITY_IMAGES:
+            report.parity_data = f"test split of the run ({n_cases(x)} images)"
+        n_test = n_cases(x)
+        if x is not None and n_test < MIN_PARITY_IMAGES:
             from kmedtl.export.savedmodel import pixel_range
 
             lo, hi = pixel_range(ctx.normalization, c)
-            extra, src = augmented_copies(x, MIN_PARITY_IMAGES - len(x), lo, hi)
-            x = np.concatenate([x, extra])
+            extra, src = augmented_copies(x, MIN_PARITY_IMAGES - n_test, lo, hi)
+            x = join(x, extra)
             if y is not None:
                 y = np.concatenate([np.asarray(y), np.asarray(y)[src]])
-            report.parity_data += (f" + {len(extra)} augmented copies of them (flips, "
-                                   f"brightness, noise) = {len(x)} images")
+            report.parity_data += (f" + {n_cases(extra)} augmented copies of them (flips, "
+                                   f"brightness, noise) = {n_cases(x)} images")
+        if inputs:
+            report.parity_data += f" (cases of {len(inputs)} named inputs {list(inputs)})"
         reps = None
         if "tflite" in formats and "int8" in tflite_variants:
             reps = split_pixels(ctx, "train", limit=int(representative_samples))[0]
@@ -328,15 +360,27 @@ def export_run(run_dir, *, formats=FORMATS, out_dir=None, verify: bool = True,
 
 def _bytes_parity(smp, paths, ref, x) -> dict:
     """``serving_default`` on the test files' encoded bytes vs the Keras model on the
-    training pipeline's pixels (checks the in-graph preprocessing end to end)."""
+    training pipeline's pixels (checks the in-graph preprocessing end to end).  For a
+    multi-input model each path is ``{input name: file}`` (a case is used when every one
+    of its files is PNG/JPEG)."""
     from kmedtl.data.decode import read_bytes
     from kmedtl.serving.client import is_raster
 
-    idx = [i for i, p in enumerate(paths) if is_raster(read_bytes(p)[:8])]
+    def raster(p):
+        files = p.values() if isinstance(p, dict) else [p]
+        return all(is_raster(read_bytes(f)[:8]) for f in files)
+
+    idx = [i for i, p in enumerate(paths) if raster(p)]
     if not idx:
         return {"n": 0, "note": "no PNG/JPEG test files (DICOM is decoded client-side)"}
-    blobs = [read_bytes(paths[i]) for i in idx]
-    outs = [smp.predict_bytes(blobs[i:i + BATCH]) for i in range(0, len(blobs), BATCH)]
+    if isinstance(paths[idx[0]], dict):
+        names = list(paths[idx[0]])
+        blobs = {n: [read_bytes(paths[i][n]) for i in idx] for n in names}
+        outs = [smp.predict_bytes({n: b[i:i + BATCH] for n, b in blobs.items()})
+                for i in range(0, len(idx), BATCH)]
+    else:
+        blobs = [read_bytes(paths[i]) for i in idx]
+        outs = [smp.predict_bytes(blobs[i:i + BATCH]) for i in range(0, len(blobs), BATCH)]
     got = {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
     leaf = ref["leaf"][idx]
     return {"n": len(idx), "signature": "serving_default",

@@ -9,7 +9,13 @@ Signatures (inputs -> outputs, names from :func:`kmedtl.export.model.output_name
   as in training (what :mod:`kmedtl.serving` sends for DICOM).
 
 Both return ``leaf``, ``calibrated``, ``level_<k>``, ``node_<parent>``, ``label``
-(string), ``label_index`` and ``confidence``.  A request that is not a batch of PNG/JPEG
+(string), ``label_index`` and ``confidence``.
+
+A multi-input model (``train.model: multi_input``) takes one named input per image type
+in both signatures, named after the image types (:attr:`RunContext.input_names`, e.g.
+``t1`` and ``t2``): ``serving_default(t1=<tf.string [N]>, t2=<tf.string [N]>)`` and
+``predict_pixels(t1=<float32 [N, H, W, C]>, t2=...)``; the i-th entries of every input are
+one case (batches of different sizes are refused).  A request that is not a batch of PNG/JPEG
 bytes, pixels of the wrong size, or values outside the normalisation's range fails with
 ``InvalidArgumentError`` whose message names the input and the fix.
 
@@ -46,17 +52,19 @@ def pixel_range(normalization: str, channels: int) -> tuple[float, float]:
     return float(ends.min()), float(ends.max())
 
 
-def check_pixels(pixels, shape, normalization: str):
+def check_pixels(pixels, shape, normalization: str, name: str = PIXELS_INPUT):
     """In-graph guards of ``predict_pixels`` (TF Serving feeds the signature's tensors
-    without Python's shape check: spatial size and range are asserted here)."""
+    without Python's shape check: spatial size and range are asserted here).  ``name`` is
+    the input the messages name."""
     h, w, c = shape
     lo, hi = pixel_range(normalization, c)
     tol = 1e-3 * max(1.0, hi - lo)
-    where = (f"pixels: expected float32 images of shape [N, {h}, {w}, {c}] in "
+    where = (f"{name}: expected float32 images of shape [N, {h}, {w}, {c}] in "
              f"[{lo:g}, {hi:g}] (normalisation {normalization!r})")
     # checked at run time, also where TF Serving feeds the tensor without Python's check:
     # "Shape of tensor pixels [1,48,48,1] is not compatible with expected shape [?,32,32,1]"
-    pixels = tf.ensure_shape(pixels, [None, h, w, c], name="pixels_must_match_data_image")
+    pixels = tf.ensure_shape(pixels, [None, h, w, c],
+                             name=f"{name}_must_match_data_image")
     checks = [
         tf.debugging.assert_all_finite(pixels, message=f"{where}; got NaN or inf"),
         tf.debugging.assert_greater_equal(tf.reduce_min(pixels), tf.constant(lo - tol),
@@ -69,11 +77,51 @@ def check_pixels(pixels, shape, normalization: str):
         return tf.identity(pixels)
 
 
+def same_batch(tensors: dict):
+    """In-graph check that every named input holds the same number of cases."""
+    names = list(tensors)
+    first = tf.shape(tensors[names[0]])[0]
+    checks = [tf.debugging.assert_equal(
+        tf.shape(tensors[n])[0], first,
+        message=f"inputs {names}: every input needs one entry per case; {n!r} and "
+                f"{names[0]!r} have different batch sizes") for n in names[1:]]
+    with tf.control_dependencies(checks):
+        return {n: tf.identity(t) for n, t in tensors.items()}
+
+
+def _named_function(fn, names):
+    """``fn(dict)`` as a function of one positional argument per name (a signature's
+    inputs are named after its TensorSpecs)."""
+    def wrapped(*args):
+        return fn(dict(zip(names, args)))
+
+    return wrapped
+
+
 def serving_functions(ctx: RunContext):
     """``{signature name: (python function, input signature)}`` for the run's model."""
     model, h, opts = ctx.model, ctx.hierarchy, ctx.options
     norm, temp = ctx.normalization, ctx.temperature
     shape = ctx.input_shape  # the model's input (checked against the image options)
+    names = ctx.input_names
+    if names:
+        def run_multi(pixels: dict):
+            out = model(same_batch(pixels), training=False)
+            return postprocess_tf(out if isinstance(out, dict) else {"leaf": out}, h, temp)
+
+        def serving_multi(blobs: dict):
+            return run_multi({n: decode_batch(b, opts, norm) for n, b in blobs.items()})
+
+        def pixels_multi(pixels: dict):
+            return run_multi({n: check_pixels(p, shape, norm, n) for n, p in pixels.items()})
+
+        return {
+            "serving_default": (_named_function(serving_multi, names),
+                                [tf.TensorSpec([None], tf.string, name=n) for n in names]),
+            "predict_pixels": (_named_function(pixels_multi, names),
+                               [tf.TensorSpec([None, *shape], tf.float32, name=n)
+                                for n in names]),
+        }
 
     def run(pixels):
         out = model(pixels, training=False)
@@ -93,8 +141,18 @@ def serving_functions(ctx: RunContext):
     }
 
 
-def core_function(model, shape):
-    """pixels -> the Keras model's raw outputs (dict): what TFLite and ONNX convert."""
+def core_function(model, shape, input_names=None):
+    """pixels -> the Keras model's raw outputs (dict): what TFLite and ONNX convert.  A
+    multi-input model (``input_names``) takes one pixels input per image type, named after
+    it."""
+    if input_names:
+        specs = [tf.TensorSpec([None, *shape], tf.float32, name=n) for n in input_names]
+
+        def raw(pixels: dict):
+            out = model(pixels, training=False)
+            return out if isinstance(out, dict) else {"leaf": out}
+
+        return tf.function(_named_function(raw, list(input_names)), input_signature=specs)
     spec = tf.TensorSpec([None, *shape], tf.float32, name=PIXELS_INPUT)
 
     @tf.function(input_signature=[spec])
@@ -130,8 +188,8 @@ def write_savedmodel(ctx: RunContext, path) -> Path:
     return path
 
 
-def write_core_savedmodel(model, shape, path) -> Path:
+def write_core_savedmodel(model, shape, path, input_names=None) -> Path:
     """A plain pixels -> raw outputs SavedModel (input to the TFLite converter)."""
-    core = core_function(model, shape)
+    core = core_function(model, shape, input_names)
     _write_archive(model, {"serving_default": (core, list(core.input_signature))}, Path(path))
     return Path(path)

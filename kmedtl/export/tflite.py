@@ -10,7 +10,8 @@ Variants (:data:`VARIANTS`):
   (the converter adds quantise/dequantise at the edges), so every variant takes the same
   pixels.
 
-Each file takes ``pixels`` (float32 [N, H, W, C], preprocessed as in training) and returns
+Each file takes ``pixels`` (float32 [N, H, W, C], preprocessed as in training; a
+multi-input model: one such input per image type, named after it) and returns
 the model's raw outputs (``leaf`` and one per head); :mod:`kmedtl.export.predictors` adds
 the named outputs (levels, label, calibrated confidence).
 
@@ -45,11 +46,19 @@ def _converter(saved_model_dir, variant: str, representative=None):
             raise ExportError("tflite int8: full-integer quantisation needs representative "
                               "images from the training split (the run's data could not be "
                               "read); export the other variants with --tflite-variants")
-        reps = np.asarray(representative, np.float32)
+        if isinstance(representative, dict):  # a multi-input model: one entry per input
+            named = {k: np.asarray(v, np.float32) for k, v in representative.items()}
+            n = min(len(v) for v in named.values())
 
-        def gen():
-            for i in range(len(reps)):
-                yield [reps[i:i + 1]]
+            def gen():
+                for i in range(n):
+                    yield {k: v[i:i + 1] for k, v in named.items()}
+        else:
+            reps = np.asarray(representative, np.float32)
+
+            def gen():
+                for i in range(len(reps)):
+                    yield [reps[i:i + 1]]
 
         conv.representative_dataset = gen
         conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
@@ -84,7 +93,8 @@ def convert_all(ctx, out_dir, variants=VARIANTS, representative=None) -> dict[st
         raise ExportError(f"tflite_variants: {unknown} not in {list(VARIANTS)}")
     out = {}
     with tempfile.TemporaryDirectory(prefix="kmedtl-core-") as tmp:
-        core = write_core_savedmodel(ctx.model, ctx.input_shape, Path(tmp) / "core")
+        core = write_core_savedmodel(ctx.model, ctx.input_shape, Path(tmp) / "core",
+                                     ctx.input_names)
         for v in variants:
             out[v] = convert(core, v, Path(out_dir) / f"model_{v}.tflite",
                              representative if v == "int8" else None)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from kmedtl.config import (  # noqa: F401  (parse_set: re-exported for kmedtl.run.cli)
     Config,
@@ -33,6 +33,7 @@ from kmedtl.config import (  # noqa: F401  (parse_set: re-exported for kmedtl.ru
     parse_set,
 )
 from kmedtl.errors import ConfigError
+from kmedtl.schema import Strict, validate
 
 #: Every stage, in the order they run.
 STAGES = ("audit", "split", "pretrain", "tune", "train", "evaluate", "export", "push")
@@ -46,11 +47,7 @@ TFLITE_VARIANTS = ("float32", "float16", "dynamic_int8", "int8")
 StageName = Literal[STAGES]  # type: ignore[valid-type]
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
-
-
-class PretrainSection(_Strict):
+class PretrainSection(Strict):
     """Same-domain pretraining of ``train.backbone`` on images the fold does not use.
 
     The pool is every usable image of the data that is in none of the fold's
@@ -72,7 +69,7 @@ class PretrainSection(_Strict):
     seed: int | None = None  # default train.seed
 
 
-class EvaluateSection(_Strict):
+class EvaluateSection(Strict):
     """Arguments of :func:`kmedtl.evaluation.run.evaluate_run`."""
 
     n_boot: int = Field(default=1000, ge=0)
@@ -103,7 +100,7 @@ class EvaluateSection(_Strict):
         return v
 
 
-class ExportSection(_Strict):
+class ExportSection(Strict):
     """Arguments of ``kmedtl.export.export_run``; ``require_verified`` fails the stage (and
     so skips push) when the exported formats do not match the Keras model."""
 
@@ -118,7 +115,7 @@ class ExportSection(_Strict):
     out_dir: str | None = None  # default: export_run's (inside the run folder)
 
 
-class PushSection(_Strict):
+class PushSection(Strict):
     """Arguments of ``kmedtl.export.push_run``: ``saved_models/<name>/<version>/`` when the
     blessing ``thresholds`` (metric -> minimum, from ``metrics.json``) hold."""
 
@@ -128,7 +125,7 @@ class PushSection(_Strict):
     metric: str = "balanced_accuracy"
 
 
-class PipelineSection(_Strict):
+class PipelineSection(Strict):
     """``pipeline:``: which stages run, on which fold, with what options."""
 
     stages: list[StageName] = Field(default_factory=lambda: list(DEFAULT_STAGES),
@@ -222,10 +219,7 @@ def load_pipeline(source, overrides: dict | None = None) -> Pipeline:
     if not isinstance(pipe_raw, dict):
         raise ConfigError(f"{label}: pipeline: must be a mapping (stages, fold, pretrain, "
                           f"evaluate, export, push), got {type(pipe_raw).__name__}")
-    try:
-        spec = PipelineSection.model_validate(pipe_raw)
-    except ValidationError as exc:
-        raise ConfigError(_format(label, exc)) from None
+    spec = validate(PipelineSection, pipe_raw, label, prefix=("pipeline",))
     _check_dataset(raw, label)
     try:
         cfg = load_config(raw, base_dir=base_dir)
@@ -253,33 +247,11 @@ def _check_tune(cfg: Config, spec: PipelineSection, train, label: str) -> None:
             f"{label}: split.val: the 'tune' stage scores its trials on the validation part, "
             "but split.val is 0 (no validation part; the test part is never used for the "
             "search); set split.val > 0, e.g. 0.15, or remove 'tune' from pipeline.stages")
-    if train.model == "staged":
+    if train.model in ("staged", "multi_input"):
         raise ConfigError(
-            f"{label}: pipeline.stages: the 'tune' stage builds one Keras model per trial, but "
-            "train.model is 'staged'; set train.model: flat or hierarchical, or remove 'tune' "
-            "from pipeline.stages")
-
-
-def _format(label: str, exc: ValidationError) -> str:
-    lines = [f"{label}: invalid pipeline section:"]
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in ("pipeline", *err["loc"]))
-        if err["type"] == "extra_forbidden":
-            parent = _section(err["loc"][:-1])
-            lines.append(f"  {loc}: unknown field; allowed fields here: "
-                         f"{sorted(parent.model_fields)}")
-            continue
-        given = err.get("input")
-        given_s = f" (got {given!r})" if not isinstance(given, dict) else ""
-        msg = err["msg"].removeprefix("Value error, ")
-        lines.append(f"  {loc}: {msg}{given_s}")
-    return "\n".join(lines)
-
-
-def _section(loc) -> type[BaseModel]:
-    from kmedtl.config import model_at
-
-    return model_at(PipelineSection, loc)
+            f"{label}: pipeline.stages: the 'tune' stage searches one single-input Keras "
+            f"model per trial, but train.model is '{train.model}'; set train.model: flat or "
+            "hierarchical, or remove 'tune' from pipeline.stages")
 
 
 __all__ = ["DEFAULT_STAGES", "EvaluateSection", "ExportSection", "Pipeline", "PipelineSection",

@@ -228,7 +228,6 @@ def stage_pretrain(ctx: Context) -> StageOutput:
     from kmedtl.data.pipeline import make_dataset
     from kmedtl.models import ContrastivePretrainer, save_backbone
     from kmedtl.models.pretraining import pretrain_backbone
-    from kmedtl.training.config import train_section
     from kmedtl.training.features import materialise
     from kmedtl.training.run import build_backbone
 
@@ -237,7 +236,7 @@ def stage_pretrain(ctx: Context) -> StageOutput:
     p = ctx.spec.pretrain
     prep = ctx.prepared()
     fold = ctx.fold(prep.splits)
-    tc = train_section(ctx.cfg, ctx.pipe.label)
+    tc = ctx.pipe.train  # the train section, validated once by load_pipeline
     seed = tc.seed if p.seed is None else p.seed
     pool = pretrain_pool(prep, fold)
     if p.max_images is not None and len(pool) > p.max_images:
@@ -355,14 +354,17 @@ def stage_tune(ctx: Context, *, resume: bool = False) -> StageOutput:
     from kmedtl.training import tuning
     from kmedtl.training.config import train_section
     from kmedtl.training.features import FeatureCache
-    from kmedtl.training.run import check_weight_scaling, datasets, targets_for
+    from kmedtl.training.run import check_tunable, check_weight_scaling, datasets, targets_for
 
     fail_hook("tune")
     t0 = time.perf_counter()
     label = ctx.pipe.label
     cfg = train_config(ctx, tuned=False)
-    tc = train_section(cfg, label)
+    tc = ctx.pipe.train  # the train section, validated once by load_pipeline
+    if "pretrain" in ctx.spec.stages:  # train.weights: the pretrained backbone (train_config)
+        tc = train_section(tc, label, weights=cfg.train["weights"])
     check_weight_scaling(tc)
+    check_tunable(tc)
     if tuning.distributed_role() == "worker":
         raise ConfigError(
             f"{label}: pipeline.stages: the 'tune' stage runs a single-process search, but "

@@ -45,7 +45,9 @@ Run folder (contract)
                            it takes float32 images in [0, 1] of data.image.size/channels;
                            outputs: "leaf" (flat), or {"leaf", "<parent>"...}
                            (hierarchical / staged), softmax probabilities over
-                           Hierarchy.leaves / each parent's children
+                           Hierarchy.leaves / each parent's children; multi_input: one
+                           input per image type, named after it (data.columns.path, else
+                           "image", then data.extra_columns), outputs as its head
       checkpoints/
         best.weights.h5    weights (with optimizer state) at the best epoch
         last.weights.h5    weights after the last epoch
@@ -77,6 +79,8 @@ Run folder (contract)
                            fallback, or when Keras turned it off, e.g. under determinism)
                            (staged: model "staged", train_metrics/val_metrics with
                            accuracy, kappa, auc from predict_proba, timings, stages)
+                           (multi_input: also "inputs" [image types] and "multi_input"
+                           {fusion, head, shared_backbone})
 
 ``kmedtl tune`` adds ``tuning/`` (``results.csv``, ``results.md``,
 ``best_config.yaml`` -- a full config for ``kmedtl train`` -- ``search/`` KerasTuner's
@@ -84,7 +88,9 @@ project, ``features/`` the on-disk feature cache); ``kmedtl lr-find`` writes
 ``lr_find.png`` and ``lr_find.json``.
 """
 
+from kmedtl.config import RECOMMENDED_RECIPE
 from kmedtl.training.config import (
+    MultiInputSection,
     OneCycleSection,
     StagedSection,
     TrainSection,
@@ -148,6 +154,8 @@ __all__ = [
     "SearchResult",
     "SmoothedSparseCategoricalCrossentropy",
     "SparseAUC",
+    "MultiInputSection",
+    "RECOMMENDED_RECIPE",
     "StagedSection",
     "TrainResult",
     "TrainSection",

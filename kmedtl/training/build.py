@@ -50,10 +50,24 @@ def build_training_backbone(cfg: TrainSection, input_shape):
     return bb
 
 
-def build_model(cfg: TrainSection, hierarchy, input_shape):
-    """The classifier of ``train.model`` (``flat`` or ``hierarchical``) over ``train.backbone``
-    (cut at ``train.cut``, rescaled as ``train.weight_scaling``), built under
-    ``train.precision``."""
+def build_model(cfg: TrainSection, hierarchy, input_shape, input_names=None):
+    """The classifier of ``train.model`` (``flat``, ``hierarchical`` or ``multi_input``) over
+    ``train.backbone`` (cut at ``train.cut``, rescaled as ``train.weight_scaling``), built
+    under ``train.precision``.
+
+    ``multi_input`` needs ``input_names`` (the image types, main image first:
+    :func:`kmedtl.data.prepare.input_names`): a
+    :class:`~kmedtl.models.MultiInputClassifier` with one input per name (each of
+    ``input_shape``), fused as ``train.multi_input.fusion`` under a
+    ``train.multi_input.head`` head, over one shared backbone or one per input
+    (``train.multi_input.shared_backbone``)."""
+    if cfg.model == "multi_input":
+        return build_multi_input(cfg, hierarchy, input_shape, input_names)
+    if input_names is not None and len(input_names) > 1:
+        raise ConfigError(f"train.model: {cfg.model!r} takes one image, but the data has "
+                          f"{len(input_names)} image inputs {list(input_names)} "
+                          "(data.extra_columns); set train.model: multi_input, or drop "
+                          "data.extra_columns")
     bb = build_training_backbone(cfg, input_shape)
     with precision_policy(cfg.precision):
         if cfg.model == "flat":
@@ -63,3 +77,44 @@ def build_model(cfg: TrainSection, hierarchy, input_shape):
                                           pooling=cfg.pooling)
     raise ConfigError(f"train.model: {cfg.model!r} builds no single Keras model; use "
                       "run_training() for the staged workflow")
+
+
+def check_multi_input(cfg: TrainSection, input_names) -> list[str]:
+    """``train.model: multi_input`` needs at least two image inputs (the manifest's main
+    image and ``data.extra_columns``); returns the names."""
+    names = list(input_names or ())
+    if len(names) < 2:
+        raise ConfigError(
+            "train.model: 'multi_input' needs several images per case: use a CSV manifest "
+            "(data.source: manifest) and list its further image columns in "
+            f"data.extra_columns (got inputs {names or ['image']}); name the main image's "
+            "input with data.columns: {path: <its column>}")
+    return names
+
+
+def build_multi_input(cfg: TrainSection, hierarchy, input_shape, input_names):
+    """:class:`~kmedtl.models.MultiInputClassifier` of a ``multi_input`` train section."""
+    names = check_multi_input(cfg, input_names)
+    mi = cfg.multi_input
+    if mi.shared_backbone:
+        bbs = build_training_backbone(cfg, input_shape)
+    else:  # one backbone per image type, each with the configured weights
+        bbs = {name: build_training_backbone(cfg, input_shape) for name in names}
+    try:
+        with precision_policy(cfg.precision):
+            return models.MultiInputClassifier(
+                bbs, hierarchy, input_names=names if mi.shared_backbone else None,
+                fusion=mi.fusion, head=mi.head, dropout=cfg.dropout, pooling=cfg.pooling)
+    except ModelError as exc:
+        raise ConfigError(f"train.multi_input: {exc}") from None
+
+
+def targets_for(cfg: TrainSection) -> str:
+    """The dataset targets the model of ``cfg`` trains on: the per-head dict for a
+    hierarchical head, else leaf indices."""
+    if cfg.model == "hierarchical":
+        return "hierarchy"
+    if cfg.model == "multi_input" and cfg.multi_input.head == "hierarchical":
+        return "hierarchy"
+    return "leaf"
+

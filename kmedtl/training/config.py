@@ -3,7 +3,7 @@
 :class:`kmedtl.config.Config` keeps ``train`` as a free mapping (the data layer does not
 know about training); :func:`train_section` validates it into a :class:`TrainSection`.
 Errors are one :class:`~kmedtl.errors.ConfigError` whose lines name ``train.<field>``, what
-was given and what is allowed, worded by :func:`kmedtl.config._format_errors`::
+was given and what is allowed, worded by :func:`kmedtl.schema.format_validation_error`::
 
     run.yaml: invalid config:
       train.optimizer: Input should be 'adam', 'adamw', 'sgd', ... (got 'adagrad')
@@ -18,30 +18,26 @@ Example::
 
 from __future__ import annotations
 
-import re
 from typing import Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from kmedtl.config import Config, _allowed_fields, _format_errors, model_at
+from kmedtl.config import Config, apply_recipe
 from kmedtl.errors import ConfigError
 from kmedtl.models.backbones import backbone_names, get_spec
+from kmedtl.schema import Strict, validate
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop", "nadam", "adamax", "lion")
 SCHEDULES = ("constant", "one_cycle", "cosine", "step")
 STRATEGIES = ("full", "linear_probe", "freeze", "gradual", "fine_tune")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16", "auto")
-MODELS = ("flat", "hierarchical", "staged")
+MODELS = ("flat", "hierarchical", "staged", "multi_input")
 TUNERS = ("random", "hyperband", "bayesian")
 DISTRIBUTE = ("none", "mirrored", "multi_worker")
 WEIGHT_SCALINGS = ("none", "transfusion")
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
-
-
-class OneCycleSection(_Strict):
+class OneCycleSection(Strict):
     """One-cycle shape (Smith 2018; fastai's defaults)."""
 
     pct_start: float = Field(default=0.25, gt=0.0, lt=1.0)
@@ -58,14 +54,26 @@ class OneCycleSection(_Strict):
         return v
 
 
-class StagedSection(_Strict):
+class StagedSection(Strict):
     """The staged hierarchical workflow (``train.model: staged``)."""
 
     transfer: Literal["hierarchy", "pretrained"] = "hierarchy"
     n_folds: int = Field(default=5, ge=2)
 
 
-class TuneSection(_Strict):
+class MultiInputSection(Strict):
+    """``train.model: multi_input``: one model over several image types per case (the
+    manifest's main image, named by ``data.columns.path`` else ``image``, then
+    ``data.extra_columns``), fused late (:class:`kmedtl.models.MultiInputClassifier`)."""
+
+    # concat: pooled features joined under one head; average: one head per input, the
+    # probabilities averaged
+    fusion: Literal["concat", "average"] = "concat"
+    head: Literal["flat", "hierarchical"] = "hierarchical"
+    shared_backbone: bool = True  # false: one train.backbone per input
+
+
+class TuneSection(Strict):
     """``kmedtl tune``: the KerasTuner search space and the stock tuner that explores it."""
 
     tuner: Literal[TUNERS] = "random"  # type: ignore[valid-type]
@@ -120,7 +128,7 @@ class TuneSection(_Strict):
         return v
 
 
-class TrainSection(_Strict):
+class TrainSection(Strict):
     """Everything ``kmedtl train`` / :class:`~kmedtl.training.Trainer` needs.
 
     See ``pipelines/train_*.yaml`` for commented examples.  ``monitor`` and
@@ -181,6 +189,7 @@ class TrainSection(_Strict):
     verbose: Union[Literal["auto"], Literal[0, 1, 2]] = "auto"
 
     staged: StagedSection = Field(default_factory=StagedSection)
+    multi_input: MultiInputSection = Field(default_factory=MultiInputSection)
     tune: TuneSection = Field(default_factory=TuneSection)
 
     @field_validator("backbone")
@@ -238,7 +247,7 @@ class TrainSection(_Strict):
         return self
 
 
-class _Wrapper(_Strict):
+class _Wrapper(Strict):
     train: TrainSection = Field(default_factory=TrainSection)
 
 
@@ -255,38 +264,13 @@ def train_section(source: Any = None, label: str = "config", **overrides) -> Tra
         raw = dict(source)
     else:
         raise ConfigError(f"{label}: train must be a mapping, got {type(source).__name__}")
+    raw = apply_recipe(raw, label)
     for key, value in overrides.items():
         if isinstance(value, dict) and isinstance(raw.get(key), dict):
             raw[key] = {**raw[key], **value}
         else:
             raw[key] = value
-    try:
-        return _Wrapper.model_validate({"train": raw}).train
-    except ValidationError as exc:
-        raise ConfigError(_errors(label, exc)) from None
-
-
-def _errors(label: str, exc: ValidationError) -> str:
-    """:func:`kmedtl.config._format_errors`, with the allowed fields of ``train.*`` fixed.
-
-    ``_format_errors`` looks allowed fields up from :class:`kmedtl.config.Config`, where
-    ``train`` is a plain dict, so for ``train.<unknown>`` it would list the top-level
-    sections; walk :class:`TrainSection` instead.
-    """
-    text = _format_errors(label, exc)
-    for err in exc.errors():
-        if err["type"] != "extra_forbidden":
-            continue
-        wrong = f"allowed fields here: {_allowed_fields(err['loc'][:-1])}"
-        right = f"allowed fields here: {_allowed(err['loc'][:-1])}"
-        loc = ".".join(str(p) for p in err["loc"])
-        text = re.sub(re.escape(f"{loc}: unknown field; {wrong}"),
-                      lambda _m, loc=loc, right=right: f"{loc}: unknown field; {right}", text)
-    return text
-
-
-def _allowed(loc) -> list[str]:
-    return sorted(model_at(_Wrapper, loc).model_fields)
+    return validate(_Wrapper, {"train": raw}, label).train
 
 
 def resolved_config(cfg, train: TrainSection, hierarchy=None) -> dict:

@@ -4,8 +4,11 @@ A model is split into **layer groups**, input side first, head last.  For a kmed
 backbone the groups are its *stages*, read from the registry's named cut points (those of
 ``kind == "stage"``, see :func:`kmedtl.models.cut_points`): ResNet's ``conv2..conv5``,
 CBR's ``block1..blockN``, ...; ``n`` merges consecutive stages into ``n - 1`` backbone
-groups (plus the head).  Any other model (no ``.backbone``) is split evenly over its
-weighted layers, the last weighted layer being the head.
+groups (plus the head).  A multi-input model's backbone is its shared one, or its
+backbones (one per input) taken together: the k-th group holds each one's k-th stage, and
+everything outside them (pooling, fusion, heads) is the head.  Any other model (no
+``.backbone``) is split evenly over its weighted layers, the last weighted layer being the
+head.
 
 Freezing follows Keras 3 semantics: ``layer.trainable = False`` removes its weights from
 training and runs ``BatchNormalization`` in inference mode (moving statistics used and
@@ -81,20 +84,45 @@ def set_trainable(layer, value: bool) -> None:
 
 
 # ---------------------------------------------------------------------------- groups
-def find_backbone(model) -> keras.Model | None:
-    """``model.backbone`` when the model has one (every kmedtl classifier does)."""
+def model_backbones(model) -> list:
+    """The backbone(s) of a kmedtl classifier: ``model.backbone``; for a multi-input model
+    (:class:`~kmedtl.models.MultiInputClassifier`) its shared backbone, or its backbones,
+    one per input, in input order; ``[]`` for any other model."""
+    from collections.abc import Mapping
+
     bb = getattr(model, "backbone", None)
-    return bb if isinstance(bb, keras.Model) else None
+    if isinstance(bb, keras.Model):
+        return [bb]
+    shared = getattr(model, "shared_backbone", None)
+    if isinstance(shared, keras.Model):
+        return [shared]
+    per = getattr(model, "backbones", None)
+    if isinstance(per, Mapping) and per and all(isinstance(b, keras.Model)
+                                                for b in per.values()):
+        return list(per.values())
+    return []
+
+
+def find_backbone(model) -> keras.Model | None:
+    """``model.backbone`` when the model has one (every kmedtl classifier does; a
+    multi-input model's shared backbone); ``None`` otherwise, also for several backbones
+    (:func:`model_backbones` lists those)."""
+    bbs = model_backbones(model)
+    return bbs[0] if len(bbs) == 1 else None
 
 
 def _is_input(layer) -> bool:
     return isinstance(layer, keras.layers.InputLayer)
 
 
+def _own_layers(bb) -> list:
+    return [la for la in bb.layers if not _is_input(la)]
+
+
 def backbone_layers(model) -> list:
-    bb = find_backbone(model)
-    if bb is not None:
-        return [la for la in bb.layers if not _is_input(la)]
+    bbs = model_backbones(model)
+    if bbs:
+        return [la for bb in bbs for la in _own_layers(bb)]
     weighted = [la for la in _flat_layers(model) if la.weights]
     if len(weighted) < 2:
         raise ConfigError(f"model {model.name!r} has fewer than two weighted layers: nothing to "
@@ -109,17 +137,29 @@ def _flat_layers(model) -> list:
 
 
 def head_layers(model) -> list:
-    bb = find_backbone(model)
-    if bb is not None:
-        return [la for la in model.layers if la is not bb and not _is_input(la)]
+    bbs = {id(bb) for bb in model_backbones(model)}
+    if bbs:
+        return [la for la in model.layers if id(la) not in bbs and not _is_input(la)]
     inside = {id(la) for la in backbone_layers(model)}
     return [la for la in _flat_layers(model) if id(la) not in inside]
 
 
 def stage_groups(model) -> list[LayerGroup]:
-    """Backbone layers split at the stage cut points (one group per stage)."""
-    bb = find_backbone(model)
-    layers = backbone_layers(model)
+    """Backbone layers split at the stage cut points (one group per stage).  Several
+    backbones (a multi-input model, one per input) share one architecture: the k-th group
+    holds the k-th stage of each."""
+    bbs = model_backbones(model)
+    if len(bbs) > 1:
+        per = [_stage_groups(bb, _own_layers(bb)) for bb in bbs]
+        if len({tuple(g.name for g in p) for p in per}) != 1:
+            raise ConfigError(f"model {model.name!r}: its backbones {[b.name for b in bbs]} "
+                              "have different stages; layer groups need one architecture")
+        return [LayerGroup(group.name, [la for p in per for la in p[k].layers])
+                for k, group in enumerate(per[0])]
+    return _stage_groups(find_backbone(model), backbone_layers(model))
+
+
+def _stage_groups(bb, layers) -> list[LayerGroup]:
     cuts = []
     if bb is not None and hasattr(bb, "named_cuts"):
         cuts = [c for c in bb.named_cuts() if c.kind == "stage"]
@@ -195,9 +235,10 @@ def unfreeze_all(model) -> None:
 def freeze_backbone(model) -> None:
     """Linear probe: backbone frozen (BatchNorm in inference mode), head trainable."""
     set_trainable(model, True)
-    bb = find_backbone(model)
-    if bb is not None:
-        bb.trainable = False
+    bbs = model_backbones(model)
+    if bbs:
+        for bb in bbs:
+            bb.trainable = False
     else:
         for layer in backbone_layers(model):
             layer.trainable = False
@@ -220,8 +261,13 @@ def freeze_below(model, cut: str) -> list:
     """Freeze the backbone up to and including ``cut`` (a named cut or layer name);
     returns the frozen layers."""
     set_trainable(model, True)
-    layers = backbone_layers(model)
-    bb = find_backbone(model)
+    bbs = model_backbones(model)
+    if len(bbs) > 1:  # one backbone per input: the same cut in each
+        return [la for bb in bbs for la in _freeze_below(bb, _own_layers(bb), cut)]
+    return _freeze_below(find_backbone(model), backbone_layers(model), cut)
+
+
+def _freeze_below(bb, layers, cut: str) -> list:
     target = None
     if bb is not None and hasattr(bb, "named_cuts"):
         target = next((c.op for c in bb.named_cuts() if c.name == cut), None)
@@ -244,13 +290,17 @@ def freeze_below(model, cut: str) -> list:
 def freeze_first(model, k: int) -> list:
     """Freeze the first ``k`` backbone layers (graph order, input layer excluded)."""
     set_trainable(model, True)
-    layers = backbone_layers(model)
-    if k > len(layers):
-        raise ConfigError(f"train.freeze_layers: {k} is more than the backbone's {len(layers)} "
-                          "layers")
-    for layer in layers[:k]:
-        layer.trainable = False
-    return layers[:k]
+    bbs = model_backbones(model)
+    parts = [_own_layers(bb) for bb in bbs] if len(bbs) > 1 else [backbone_layers(model)]
+    frozen = []
+    for layers in parts:  # one backbone per input: the first k layers of each
+        if k > len(layers):
+            raise ConfigError(f"train.freeze_layers: {k} is more than the backbone's "
+                              f"{len(layers)} layers")
+        for layer in layers[:k]:
+            layer.trainable = False
+        frozen.extend(layers[:k])
+    return frozen
 
 
 def unfreeze_top(model, groups: Sequence[LayerGroup], n_backbone: int) -> None:

@@ -30,7 +30,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from kmedtl.data.prepare import prepare
+from kmedtl.data.prepare import prepare, primary_input
 from kmedtl.data.splits import per_class_subset
 from kmedtl.errors import ConfigError
 from kmedtl.training.config import train_section
@@ -38,6 +38,7 @@ from kmedtl.training.run import (
     _check_data,
     build_model,
     check_weight_scaling,
+    model_inputs,
     run_folder,
     targets_for,
 )
@@ -102,9 +103,11 @@ def run_learning_curve(cfg, sizes, seeds: int = 3, *, out=None, fold: int = 0,
     tc = train_section(cfg, label, verbose=0, tensorboard=False)
     if tc.model == "staged":
         raise ConfigError("train.model: learning-curve trains one Keras model per point; use "
-                          "flat or hierarchical (e.g. --set train.model=hierarchical)")
+                          "flat, hierarchical or multi_input (e.g. --set train.model=hierarchical)")
     _check_data(cfg)
     check_weight_scaling(tc)
+    inputs = model_inputs(cfg, tc)
+    primary = primary_input(cfg.data)
     out_dir = Path(out) if out else run_folder(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     prep = prepare(cfg)
@@ -136,7 +139,7 @@ def run_learning_curve(cfg, sizes, seeds: int = 3, *, out=None, fold: int = 0,
     labels = [leaf_of[i] for i in ids]
     common = dict(hierarchy=h, options=prep.options, cache=prep.cache,
                   batch_size=tc.batch_size, targets=targets_for(tc), normalization="unit",
-                  decoder=cfg.data.decoder)
+                  decoder=cfg.data.decoder, primary_input=primary)
     val_ds = make_dataset(val_samples, **common) if val_samples else None
     rows: list[dict] = []
     paths = {k: out_dir / v for k, v in FILES.items()}
@@ -150,11 +153,11 @@ def run_learning_curve(cfg, sizes, seeds: int = 3, *, out=None, fold: int = 0,
                                 **common)
         steps = tc.steps_per_epoch or (math.ceil(len(subset) / tc.batch_size)
                                        if cfg.data.balance == "sampling" else None)
-        model = build_model(train_section(tc, seed=seed), h, prep.options.shape)
+        model = build_model(train_section(tc, seed=seed), h, prep.options.shape, inputs)
         Trainer(model, tc, seed=seed).fit(train_ds, val_ds, steps_per_epoch=steps,
                                           evaluate=False)
         pred = predict(model, test_samples, h, prep.options, batch_size=tc.batch_size,
-                       decoder=cfg.data.decoder)
+                       decoder=cfg.data.decoder, primary_input=primary)
         value = classification_metrics(pred.y, pred.leaf_probs, list(h.leaves))[metric]
         rows.append({"n_per_class": names[n], "seed": seed, "n_train": len(subset),
                      "n_test": len(pred.y), metric: float(value),

@@ -21,13 +21,15 @@ import yaml
 
 from kmedtl import models  # looked up per call, as kmedtl.models.<name> (patchable there)
 from kmedtl.data.audit import public
-from kmedtl.data.prepare import prepare
+from kmedtl.data.prepare import input_names, prepare, primary_input
 from kmedtl.errors import ConfigError
-from kmedtl.training.build import (  # noqa: F401  (build_backbone: re-exported)
+from kmedtl.training.build import (  # noqa: F401  (build_backbone, targets_for: re-exported)
     build_backbone,
     build_model,
     build_training_backbone,
+    check_multi_input,
     check_weight_scaling,
+    targets_for,
 )
 from kmedtl.training.callbacks import read_state
 from kmedtl.training.config import TrainSection, resolved_config, train_section
@@ -59,7 +61,7 @@ def datasets(cfg, prep, tc: TrainSection, targets: str, fold: int = 0) -> dict:
     _check_data(cfg)
     common = dict(hierarchy=prep.hierarchy, options=prep.options, cache=prep.cache,
                   batch_size=tc.batch_size, targets=targets, normalization="unit",
-                  decoder=cfg.data.decoder)
+                  decoder=cfg.data.decoder, primary_input=primary_input(cfg.data))
     train_samples, val_samples = prep.samples("train", fold), prep.samples("val", fold)
     if not train_samples:
         raise ConfigError("split: the training split is empty; check data.root and split.*")
@@ -77,8 +79,25 @@ def datasets(cfg, prep, tc: TrainSection, targets: str, fold: int = 0) -> dict:
     return out
 
 
-def targets_for(tc: TrainSection) -> str:
-    return "hierarchy" if tc.model == "hierarchical" else "leaf"
+def model_inputs(cfg, tc: TrainSection) -> list[str] | None:
+    """The image inputs the model of ``tc`` takes (``multi_input``: checked, at least two),
+    else ``None``; a multi-image source for a single-image model is an error."""
+    names = input_names(cfg.data)
+    if tc.model == "multi_input":
+        return check_multi_input(tc, names)
+    if len(names) > 1:
+        raise ConfigError(f"train.model: {tc.model!r} takes one image per case, but the data "
+                          f"has {len(names)} image inputs {names} (data.extra_columns); set "
+                          "train.model: multi_input, or drop data.extra_columns")
+    return None
+
+
+def check_tunable(tc: TrainSection) -> None:
+    """The tuner searches single-input backbones/cuts/strategies: not ``multi_input``."""
+    if tc.model == "multi_input":
+        raise ConfigError("train.model: the search (kmedtl tune, the 'tune' stage) builds "
+                          "single-image models; tune train.model flat or hierarchical on the "
+                          "main image, then train multi_input with the chosen settings")
 
 
 # ---------------------------------------------------------------------------- run folder
@@ -127,6 +146,7 @@ def run_training(cfg, run_dir=None, *, epochs: int | None = None, overwrite: boo
     tc = train_section(cfg, label, **overrides)
     _check_data(cfg)
     check_weight_scaling(tc)
+    inputs = model_inputs(cfg, tc)
     run_dir = run_folder(cfg, run_dir)
     prepare_run_dir(run_dir, overwrite)
     keras.utils.set_random_seed(tc.seed)
@@ -143,7 +163,7 @@ def run_training(cfg, run_dir=None, *, epochs: int | None = None, overwrite: boo
     data = datasets(cfg, prep, tc, targets_for(tc), fold)
     strategy = get_strategy(tc.distribute)
     with strategy_scope(strategy):
-        model = build_model(tc, prep.hierarchy, prep.options.shape)
+        model = build_model(tc, prep.hierarchy, prep.options.shape, inputs)
     extra = {"model": tc.model, "backbone": tc.backbone, "cut": tc.cut, "fold": fold,
              "weights": tc.weights, "weight_scaling": tc.weight_scaling,
              "leaves": list(prep.hierarchy.leaves), "hierarchy": prep.hierarchy.to_config(),
@@ -151,6 +171,9 @@ def run_training(cfg, run_dir=None, *, epochs: int | None = None, overwrite: boo
              "prepare_seconds": round(prepare_seconds, 3), "backend": keras.backend.backend(),
              "distribute": tc.distribute,
              "replicas": getattr(strategy, "num_replicas_in_sync", 1)}
+    if tc.model == "multi_input":
+        extra["inputs"] = inputs
+        extra["multi_input"] = tc.multi_input.model_dump(mode="json")
     trainer = Trainer(model, tc, run_dir=run_dir, distribution=strategy, callbacks=callbacks)
     return trainer.fit(data["train"], data["val"], steps_per_epoch=data["steps_per_epoch"],
                        eval_train=data["train_eval"], extra_metrics=extra)
@@ -256,12 +279,14 @@ def run_lr_find(cfg, out_png=None, *, steps: int = 200, start_lr: float = 1e-7,
     tc = train_section(cfg, label)
     check_weight_scaling(tc)
     if tc.model == "staged":
-        raise ConfigError("train.model: lr-find needs one Keras model; use flat or "
-                          "hierarchical (the staged workflow trains one model per node)")
+        raise ConfigError("train.model: lr-find needs one Keras model; use flat, "
+                          "hierarchical or multi_input (the staged workflow trains one model "
+                          "per node)")
+    inputs = model_inputs(cfg, tc)
     keras.utils.set_random_seed(tc.seed)
     prep = prepare(cfg)
     data = datasets(cfg, prep, tc, targets_for(tc))
-    model = build_model(tc, prep.hierarchy, prep.options.shape)
+    model = build_model(tc, prep.hierarchy, prep.options.shape, inputs)
     plan_phases(tc, model, tc.epochs)[0].apply(model)
     result = lr_find(model, data["train"], start_lr=start_lr, end_lr=end_lr, steps=steps,
                      config=tc)
@@ -292,6 +317,7 @@ def run_tuning(cfg, run_dir=None, *, label: str = "config", overwrite: bool | No
     if tc.model == "staged":
         raise ConfigError("train.model: the search builds one Keras model per trial; tune "
                           "with flat or hierarchical, then train staged with the best config")
+    check_tunable(tc)
     preflight()
     run_dir = run_folder(cfg, run_dir)
     tdir = run_dir / "tuning"
