@@ -180,3 +180,16 @@ comparisons:
         keys.append({(c.arm, c.pretrain_key, c.key) for c in runner.plan()})
     assert keys[0] == keys[1]
     assert any(k[1] for k in keys[0])  # the pretrained arm has a pool key
+
+
+def test_an_arm_with_an_unknown_train_field_stops_the_study_when_it_loads(tmp_path):
+    """An unquoted comma in a YAML flow mapping splits a label into a bogus field; that
+    must be a load error naming the arm, not one failed cell after another mid-run."""
+    p = _write(tmp_path, BASE.format(root=tmp_path) + """
+train: {backbone: cbr_micro, epochs: 1}
+comparisons:
+  - {name: one, arms: [{name: a}, {name: b, label: default (flat, fine_tune)}]}
+""")
+    with pytest.raises(ConfigError,
+                       match=r"(?s)arms\[1\] \(b\), N=5: .*train.fine_tune\): unknown field"):
+        load_study(p)

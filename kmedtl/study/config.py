@@ -25,20 +25,17 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from kmedtl.config import _format_errors, expand_env
+from kmedtl.config import expand_env
 from kmedtl.errors import ConfigError
+from kmedtl.schema import Strict, validate
 
 Size = Union[int, Literal["all"]]
 METRICS = ("balanced_accuracy", "kappa", "auroc_macro", "f1_macro")
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
-
-
-class StudyData(_Strict):
+class StudyData(Strict):
     """The dataset and how it is made duplicate-free (see :mod:`kmedtl.study.data`)."""
 
     root: str  # the dataset folder (a manifest's paths are relative to it)
@@ -55,7 +52,7 @@ class StudyData(_Strict):
     split_seed: int = 0
 
 
-class Grid(_Strict):
+class Grid(Strict):
     sizes: list[Size] = Field(default_factory=lambda: [25, 50, 100, "all"], min_length=1)
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
 
@@ -69,7 +66,7 @@ class Grid(_Strict):
         return v
 
 
-class Pretrain(_Strict):
+class Pretrain(Strict):
     """Same-domain pretraining on training images outside every small subset."""
 
     # simclr / rotation: no labels; level1: supervised on a different, coarser label task
@@ -106,7 +103,7 @@ class Pretrain(_Strict):
         return self
 
 
-class Arm(_Strict):
+class Arm(Strict):
     name: str
     label: str | None = None  # shown in tables; default: name
     init: str = "scratch"  # "scratch" or the name of a pretrain entry
@@ -126,13 +123,13 @@ class Arm(_Strict):
         return out
 
 
-class Evaluation(_Strict):
+class Evaluation(Strict):
     n_boot: int = Field(default=1000, ge=10)
     primary: Literal[METRICS] = "balanced_accuracy"  # type: ignore[valid-type]
     alpha: float = Field(default=0.05, gt=0, lt=1)
 
 
-class Moonshot(_Strict):
+class Moonshot(Strict):
     """The moonshot ratio of one arm: its metric with ``small`` labels per class divided by
     its metric with ``large`` (default all) labels."""
 
@@ -141,7 +138,7 @@ class Moonshot(_Strict):
     large: Size = "all"
 
 
-class StudyConfig(_Strict):
+class StudyConfig(Strict):
     name: str
     # what the comparison asks, shared by the same comparison on other datasets (the
     # cross-dataset summary, kmedtl.study.summary, lines them up by topic); default: name
@@ -255,16 +252,31 @@ def load_study(path) -> list[StudyConfig]:
     out = []
     for i, entry in enumerate(entries):
         label = str(path) if len(entries) == 1 else f"{path}: comparisons[{i}]"
-        try:
-            cfg = StudyConfig.model_validate(entry)
-        except ValidationError as exc:
-            raise ConfigError(_format_errors(label, exc)) from None
+        cfg = validate(StudyConfig, entry, label)
         _resolve(cfg, path)
+        _check_recipes(cfg, label)
         out.append(cfg)
     names = [c.name for c in out]
     if len(set(names)) != len(names):
         raise ConfigError(f"{path}: comparison names repeat: {names}")
     return out
+
+
+def _check_recipes(cfg: StudyConfig, label: str) -> None:
+    """Validate every arm's recipe (the shared ``train`` with the arm's fields on top) at
+    every N it runs at, when the file loads: a misspelt field (or a YAML flow mapping whose
+    unquoted comma split a label) must stop the study before any cell trains, not fail each
+    of the arm's cells one by one hours into the run."""
+    from kmedtl.study.training import train_section_for
+
+    for j, arm in enumerate(cfg.arms):
+        recipe = {**cfg.train, **arm.train}
+        for n in cfg.sizes_of(arm):
+            try:
+                train_section_for(recipe, n, 0)
+            except (ConfigError, KeyError) as exc:
+                msg = exc.args[0] if exc.args else exc
+                raise ConfigError(f"{label}: arms[{j}] ({arm.name}), N={n}: {msg}") from None
 
 
 def _resolve(cfg: StudyConfig, path: Path) -> None:
