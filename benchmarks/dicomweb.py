@@ -4,7 +4,7 @@ loop of dicomweb-client ``retrieve_instance`` calls.  All numbers come from one 
     python benchmarks/dicomweb.py [--patients 25] [--images 4] [--size 0] [--workers 4]
         [--repeats 3] [--out r.json]
 
-Data: the brain-tumour DICOM demo (``kmedtl.run.make_dicom_demo``: real brain-tumour
+Data: the brain-tumour DICOM demo (``kmedtl.pipeline.make_dicom_demo``: real brain-tumour
 JPEGs wrapped as 8-bit MR Secondary Capture instances; ``--size 0`` keeps the native
 ~512 px), ``4 x patients x images`` instances in ``4 x patients`` studies, uploaded to a
 fresh Orthanc (Debian's orthanc + orthanc-dicomweb, tests/orthanc_server.py) through its
@@ -82,7 +82,7 @@ def main(argv=None):
     from orthanc_server import Orthanc
 
     from kmedtl.data.dicomweb import DicomWebSpec, pull
-    from kmedtl.run.make_dicom_demo import make_dicom_demo
+    from kmedtl.pipeline.make_dicom_demo import make_dicom_demo
 
     source = Path(os.environ.get("KMEDTL_DATASETS", "../shared/datasets")) / "brain-tumor-mri"
     tmp = Path(tempfile.mkdtemp(prefix="kmedtl-dicomweb-bench-"))

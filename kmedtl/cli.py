@@ -40,7 +40,7 @@ LIGHT_COMMANDS = ("data", "weights")
 #: Modules whose ``add_parsers(sub)`` register the stage subcommands.  Importing their
 #: packages loads Keras and TensorFlow (seconds), so it happens only when needed.
 STAGE_PARSERS = ("kmedtl.training.cli", "kmedtl.evaluation.cli", "kmedtl.export.cli",
-                 "kmedtl.run.cli")
+                 "kmedtl.pipeline.cli")
 
 #: TensorFlow's native start-up lines.  TF_CPP_MIN_LOG_LEVEL does not silence them: absl
 #: writes everything logged before ``absl::InitializeLog()`` straight to stderr, and both

@@ -1,7 +1,7 @@
 """The config-schema base: the one strict pydantic base of every typed config section, and
 the one way their validation errors are worded.
 
-Every YAML-facing model in kmedtl (:mod:`kmedtl.config`, :mod:`kmedtl.run.spec`,
+Every YAML-facing model in kmedtl (:mod:`kmedtl.config`, :mod:`kmedtl.pipeline.spec`,
 :mod:`kmedtl.study.config`, :mod:`kmedtl.training.config`) derives from :class:`Strict`
 and is validated through :func:`validate`, so a typo or a wrong type reads the same in
 every file::

@@ -75,7 +75,7 @@ def orthanc_installed():
 @pytest.fixture(scope="module")
 def demo(datasets_dir, tmp_path_factory):
     """The brain-tumour DICOM demo with one AccessionNumber per study; per-file facts."""
-    from kmedtl.run.make_dicom_demo import make_dicom_demo
+    from kmedtl.pipeline.make_dicom_demo import make_dicom_demo
 
     out = tmp_path_factory.mktemp("demo")
     manifest = make_dicom_demo(out, datasets_dir / "brain-tumor-mri")
@@ -557,7 +557,7 @@ def test_kmedtl_run_trains_and_evaluates_from_the_server(creds, demo, tmp_path):
     (credentials from the environment only), with the shipped Lite0 backbone."""
     import yaml
 
-    from kmedtl.run import run_pipeline
+    from kmedtl.pipeline import run_pipeline
 
     labels = labels_csv(tmp_path / "labels.csv", study_labels(demo))
     cfg = {

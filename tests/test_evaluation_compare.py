@@ -15,7 +15,7 @@ from test_pipeline_run import pipeline_dict
 from kmedtl.cli import main as kmedtl_main
 from kmedtl.errors import ConfigError
 from kmedtl.evaluation.compare import compare_runs
-from kmedtl.run import run_pipeline
+from kmedtl.pipeline import run_pipeline
 
 LEAVES = ["normal", "glioma", "meningioma", "pituitary"]
 

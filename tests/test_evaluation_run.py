@@ -164,7 +164,7 @@ def test_evaluate_writes_every_artefact(tiny_run, capsys):
 def test_model_card_from_run_folder(tiny_run, tmp_path):
     """What the export stage calls: the card from the files a run folder holds."""
     from kmedtl.evaluation import model_card_from_run
-    from kmedtl.evaluation.run import evaluate_run
+    from kmedtl.evaluation.stage import evaluate_run
 
     run, _ = tiny_run
     if not (run / "metrics.json").is_file():
@@ -178,7 +178,7 @@ def test_model_card_from_run_folder(tiny_run, tmp_path):
 
 def test_evaluate_external_test_folder_with_unreadable_file(tiny_run, tmp_path):
     """--test SOURCE evaluates every image there; a broken file is skipped and listed."""
-    from kmedtl.evaluation.run import evaluate_run
+    from kmedtl.evaluation.stage import evaluate_run
 
     run, data = tiny_run
     ext = tmp_path / "external"
@@ -199,7 +199,7 @@ def test_evaluate_external_test_folder_with_unreadable_file(tiny_run, tmp_path):
 
 def test_evaluate_missing_model_names_the_file(tmp_path):
     from kmedtl.errors import ConfigError
-    from kmedtl.evaluation.run import evaluate_run
+    from kmedtl.evaluation.stage import evaluate_run
 
     run = tmp_path / "run"
     run.mkdir()

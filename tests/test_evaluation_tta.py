@@ -43,7 +43,7 @@ def test_tta_predictions_are_the_mean_over_flipped_views(tiny_run):
     from kmedtl.data.pipeline import make_dataset
     from kmedtl.data.prepare import load_index
     from kmedtl.data.splits import Splits
-    from kmedtl.evaluation.run import load_model, predict
+    from kmedtl.evaluation.stage import load_model, predict
 
     run, _ = tiny_run
     cfg = load_config(run / "config.yaml")
@@ -69,7 +69,7 @@ def test_tta_predictions_are_the_mean_over_flipped_views(tiny_run):
 
 
 def test_cli_tta_changes_predictions_and_metrics_json_records_it(tiny_run, tmp_path, capsys):
-    from kmedtl.evaluation.run import evaluate_run
+    from kmedtl.evaluation.stage import evaluate_run
 
     run, _ = tiny_run
     off = evaluate_run(run, out=tmp_path / "off", **FAST)
@@ -90,7 +90,7 @@ def test_cli_tta_changes_predictions_and_metrics_json_records_it(tiny_run, tmp_p
 
 
 def test_random_tta_views_are_reproducible(tiny_run, tmp_path):
-    from kmedtl.evaluation.run import evaluate_run
+    from kmedtl.evaluation.stage import evaluate_run
 
     run, _ = tiny_run
     tta = {"flips": "none", "n": 3, "rotation": 0.1, "zoom": 0.1, "seed": 3}
@@ -138,7 +138,7 @@ def test_cli_tta_rejects_unknown_flip_mode(tmp_path, capsys):
 def test_pipeline_tta_errors_name_the_field(tmp_path, tta, message):
     from test_pipeline_run import pipeline_dict
 
-    from kmedtl.run import load_pipeline
+    from kmedtl.pipeline import load_pipeline
 
     raw = pipeline_dict(tmp_path)
     raw["pipeline"]["evaluate"]["tta"] = tta
@@ -154,7 +154,7 @@ def test_pipeline_tta_errors_name_the_field(tmp_path, tta, message):
 def test_pipeline_tta_shorthands(tmp_path, tta, flips, n):
     from test_pipeline_run import pipeline_dict
 
-    from kmedtl.run import load_pipeline
+    from kmedtl.pipeline import load_pipeline
 
     raw = pipeline_dict(tmp_path)
     raw["pipeline"]["evaluate"]["tta"] = tta
@@ -165,7 +165,7 @@ def test_pipeline_tta_shorthands(tmp_path, tta, flips, n):
 def test_pipeline_evaluate_stage_applies_tta_and_reruns_alone_when_it_changes(tmp_path):
     from test_pipeline_run import pipeline_dict
 
-    from kmedtl.run import run_pipeline
+    from kmedtl.pipeline import run_pipeline
 
     raw = pipeline_dict(tmp_path, train={"epochs": 1})
     raw["pipeline"]["evaluate"]["tta"] = {"flips": "horizontal"}

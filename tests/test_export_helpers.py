@@ -66,7 +66,7 @@ def exported_run(tmp_path_factory, datasets_dir) -> dict:
     if "run" in _CACHE:
         return _CACHE
     from kmedtl.config import load_config
-    from kmedtl.evaluation.run import evaluate_run
+    from kmedtl.evaluation.stage import evaluate_run
     from kmedtl.export import export_run
     from kmedtl.training import run_training
 
@@ -122,7 +122,7 @@ def random_pixels(n: int, size: int = SIZE, seed: int = 0) -> np.ndarray:
 def test_quantised_parity_allows_flips_only_without_an_accuracy_loss():
     import numpy as np
 
-    from kmedtl.export.run import parity
+    from kmedtl.export.stage import parity
 
     rng = np.random.default_rng(0)
     y = rng.integers(0, 4, 400)

@@ -63,8 +63,8 @@ def test_named_outputs_numpy_and_graph_agree():
 def test_flat_model_exports_to_every_format(tmp_path):
     from kmedtl.export.onnx import write_onnx
     from kmedtl.export.predictors import ModelInfo, load_predictor
-    from kmedtl.export.run import parity
     from kmedtl.export.savedmodel import write_savedmodel
+    from kmedtl.export.stage import parity
     from kmedtl.export.tflite import convert_all
     from kmedtl.models import FlatClassifier, backbone
 

@@ -12,7 +12,7 @@ import tensorflow as tf
 from test_export_helpers import exported_run, jpeg_files
 
 from kmedtl.export import export_run, load_predictor, push_run
-from kmedtl.export.run import BOUNDS, MIN_PARITY_IMAGES
+from kmedtl.export.stage import BOUNDS, MIN_PARITY_IMAGES
 
 
 @pytest.fixture(scope="module")
@@ -230,7 +230,7 @@ def test_mixed_precision_run_exports_in_float32(built, tmp_path):
 
     import keras
 
-    from kmedtl.evaluation.run import load_model
+    from kmedtl.evaluation.stage import load_model
 
     run = tmp_path / "mixed_run"
     shutil.copytree(built["run"], run, ignore=shutil.ignore_patterns("export", "backup",
@@ -256,7 +256,7 @@ def test_mixed_precision_run_exports_in_float32(built, tmp_path):
 
 
 def test_augmented_copies_are_seeded_flipped_and_keep_their_source():
-    from kmedtl.export.run import augmented_copies
+    from kmedtl.export.stage import augmented_copies
 
     x = np.random.default_rng(1).uniform(0, 1, (3, 8, 8, 1)).astype("float32")
     a, src = augmented_copies(x, 10, 0.0, 1.0)

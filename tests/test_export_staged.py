@@ -10,7 +10,7 @@ from test_training_helpers import write_config
 
 from kmedtl.config import load_config
 from kmedtl.export import export_run, load_predictor
-from kmedtl.export.run import BOUNDS, predict_batched, prob_keys
+from kmedtl.export.stage import BOUNDS, predict_batched, prob_keys
 
 N_PARITY = 200
 

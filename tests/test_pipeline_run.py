@@ -13,8 +13,8 @@ from test_training_helpers import TINY, TREE, write_images
 
 from kmedtl.cli import main as kmedtl_main
 from kmedtl.errors import ConfigError, DatasetNotFoundError
-from kmedtl.run import load_pipeline, run_pipeline
-from kmedtl.run.stages import FAIL_ENV, SimulatedInterruption, pretrain_pool
+from kmedtl.pipeline import load_pipeline, run_pipeline
+from kmedtl.pipeline.stages import FAIL_ENV, SimulatedInterruption, pretrain_pool
 
 UNTIL_EVALUATE = ["audit", "split", "train", "evaluate"]
 

@@ -10,8 +10,8 @@ import os
 import numpy as np
 import pytest
 
-from kmedtl.run import run_pipeline
-from kmedtl.run.make_dicom_demo import SC_SOP_CLASS, make_dicom_demo
+from kmedtl.pipeline import run_pipeline
+from kmedtl.pipeline.make_dicom_demo import SC_SOP_CLASS, make_dicom_demo
 
 PIPELINE = "pipelines/dicom_manifest.yaml"
 PATIENTS_PER_CLASS, IMAGES_PER_PATIENT = 4, 3

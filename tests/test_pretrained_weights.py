@@ -259,7 +259,7 @@ def test_offline_imagenet_is_one_line_and_exit_2_then_import_makes_it_work(tmp_p
         "from kmedtl.config import load_config",
         "from kmedtl.errors import KmedtlError",
         "from kmedtl.training.config import train_section",
-        "from kmedtl.training.run import build_backbone",
+        "from kmedtl.training.stage import build_backbone",
         "try:",
         "    bb = build_backbone(train_section(load_config(sys.argv[1])), (64, 64, 3))",
         "except KmedtlError as exc:",

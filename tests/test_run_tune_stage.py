@@ -14,8 +14,8 @@ import yaml
 from test_pipeline_run import record, sha, write_pipeline
 
 from kmedtl.errors import ConfigError
-from kmedtl.run import load_pipeline, run_pipeline
-from kmedtl.run import records as R
+from kmedtl.pipeline import load_pipeline, run_pipeline
+from kmedtl.pipeline import records as R
 
 TUNE = {"max_trials": 2, "epochs": 1, "strategies": ["linear_probe", "full"],
         "lr_ratios": [1.0, 3.0], "seed": 1}

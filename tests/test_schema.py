@@ -14,7 +14,7 @@ import yaml
 
 from kmedtl.config import load_config
 from kmedtl.errors import ConfigError
-from kmedtl.run import load_pipeline
+from kmedtl.pipeline import load_pipeline
 from kmedtl.schema import Strict, format_validation_error, model_at, validate
 from kmedtl.study.config import load_study
 

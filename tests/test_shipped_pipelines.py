@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kmedtl.export.run import MIN_PARITY_IMAGES
-from kmedtl.run.spec import DEFAULT_STAGES
+from kmedtl.export.stage import MIN_PARITY_IMAGES
+from kmedtl.pipeline.spec import DEFAULT_STAGES
 
 ROOT = Path(__file__).resolve().parents[1]
 PIPELINES = sorted(p.name for p in (ROOT / "pipelines").glob("*.yaml")
@@ -68,7 +68,7 @@ def test_shipped_pipeline_runs_as_shipped(name, datasets_dir, tmp_path):
     env = {**os.environ, "KMEDTL_DATASETS": str(datasets_dir), "TF_CPP_MIN_LOG_LEVEL": "3",
            "KMEDTL_HOME": os.environ.get("KMEDTL_HOME", str(tmp_path / "home"))}
     if name == "dicom_manifest.yaml":
-        from kmedtl.run.make_dicom_demo import make_dicom_demo
+        from kmedtl.pipeline.make_dicom_demo import make_dicom_demo
 
         make_dicom_demo(tmp_path / "dicom", datasets_dir / "brain-tumor-mri",
                         patients_per_class=4, images_per_patient=3, size=64)

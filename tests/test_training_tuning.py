@@ -90,7 +90,7 @@ def test_cached_head_training_equals_training_the_frozen_model():
     cfg = train_section(base, strategy="linear_probe", learning_rate=0.01, dropout=0.0,
                         cut=None)
     x, y = arrays(24, n_classes=3)
-    from kmedtl.training.run import build_model
+    from kmedtl.training.stage import build_model
 
     keras.utils.set_random_seed(0)
     full = build_model(cfg, hierarchy(), (32, 32, 1))

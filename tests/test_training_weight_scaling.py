@@ -16,7 +16,7 @@ from kmedtl.errors import ConfigError
 from kmedtl.models import backbone
 from kmedtl.models.weights import leaf_layers
 from kmedtl.training.config import train_section
-from kmedtl.training.run import build_model, run_training
+from kmedtl.training.stage import build_model, run_training
 
 SHAPE = (32, 32, 1)
 

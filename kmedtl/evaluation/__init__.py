@@ -12,7 +12,7 @@ Plain functions on arrays (no hidden state), scikit-learn wherever it has the me
 - :mod:`~kmedtl.evaluation.learning_curves`, :mod:`~kmedtl.evaluation.plots`;
 - :mod:`~kmedtl.evaluation.evaluate`: everything ``metrics.json`` holds, from predictions;
 - :mod:`~kmedtl.evaluation.gradcam` (Keras), :mod:`~kmedtl.evaluation.report` (HTML),
-  :mod:`~kmedtl.evaluation.model_card`, :mod:`~kmedtl.evaluation.run` (a run folder end to
+  :mod:`~kmedtl.evaluation.model_card`, :mod:`~kmedtl.evaluation.stage` (a run folder end to
   end) and :mod:`~kmedtl.evaluation.cli` (``kmedtl evaluate``).
 
 The array functions import neither Keras nor TensorFlow; ``GradCAM``, ``evaluate_run`` and
@@ -93,8 +93,8 @@ _LAZY = {
     "grad_cam": "kmedtl.evaluation.gradcam",
     "find_target_layer": "kmedtl.evaluation.gradcam",
     "overlay": "kmedtl.evaluation.gradcam",
-    "evaluate_run": "kmedtl.evaluation.run",
-    "predict": "kmedtl.evaluation.run",
+    "evaluate_run": "kmedtl.evaluation.stage",
+    "predict": "kmedtl.evaluation.stage",
     "TemperatureScaling": "kmedtl.evaluation.layers",
 }
 

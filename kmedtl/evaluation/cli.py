@@ -94,7 +94,7 @@ def tta_from_args(args):
 
 
 def cmd_evaluate(args) -> int:
-    from kmedtl.evaluation.run import evaluate_run
+    from kmedtl.evaluation.stage import evaluate_run
     from kmedtl.evaluation.uncertainty import format_interval
 
     tta = tta_from_args(args)

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from kmedtl.errors import ConfigError
-from kmedtl.evaluation.run import PREDICTIONS_FILE
+from kmedtl.evaluation.stage import PREDICTIONS_FILE
 
 METRICS = ("balanced_accuracy", "accuracy", "f1_macro", "kappa")
 

@@ -23,8 +23,8 @@ Example::
 from kmedtl.export.errors import ExportError, ParityError, PushError, ServingError
 
 _LAZY = {
-    "export_run": "kmedtl.export.run", "ExportReport": "kmedtl.export.run",
-    "BOUNDS": "kmedtl.export.run",
+    "export_run": "kmedtl.export.stage", "ExportReport": "kmedtl.export.stage",
+    "BOUNDS": "kmedtl.export.stage",
     "push_run": "kmedtl.export.push", "PushReport": "kmedtl.export.push",
     "write_warmup": "kmedtl.export.push",
     "load_predictor": "kmedtl.export.predictors", "find_metadata": "kmedtl.export.predictors",

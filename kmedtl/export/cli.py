@@ -92,7 +92,7 @@ def add_parsers(subparsers) -> None:
 
 def cmd_export(args) -> int:
     from kmedtl.export.push import push_run
-    from kmedtl.export.run import export_run
+    from kmedtl.export.stage import export_run
 
     report = export_run(args.run_dir, formats=args.formats, out_dir=args.out, verify=args.verify,
                         tflite_variants=args.tflite_variants, opset=args.opset,

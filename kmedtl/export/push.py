@@ -135,7 +135,7 @@ def push_run(run_dir, *, root="saved_models", name: str | None = None,
     """Bless and push the run's SavedModel (see the module docstring)."""
     from kmedtl.export.model import read_json
     from kmedtl.export.predictors import EXPORT_FILE
-    from kmedtl.export.run import export_run
+    from kmedtl.export.stage import export_run
     from kmedtl.jsonio import write_json
     from kmedtl.run_folder import RunFolder
 

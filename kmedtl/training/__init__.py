@@ -117,7 +117,6 @@ from kmedtl.training.lr_finder import LRFinderResult, lr_find
 from kmedtl.training.metrics import CohenKappa, SparseAUC
 from kmedtl.training.optimizers import DiscriminativeOptimizer, make_optimizer
 from kmedtl.training.precision import precision_policy, resolve_precision
-from kmedtl.training.run import build_model, run_lr_find, run_training, run_tuning
 from kmedtl.training.schedules import (
     ExponentialSweep,
     OffsetSchedule,
@@ -125,6 +124,7 @@ from kmedtl.training.schedules import (
     OneCycleMomentum,
     make_schedule,
 )
+from kmedtl.training.stage import build_model, run_lr_find, run_training, run_tuning
 from kmedtl.training.trainer import Trainer, TrainResult, fine_tune, save_inference_model
 from kmedtl.training.tta import predict_tta
 

@@ -1,7 +1,7 @@
 """The model a ``train`` section describes: backbone (cut, weights, weight scaling) and
 classifier, built under ``train.precision``.
 
-Shared by the config-driven stages (:mod:`kmedtl.training.run`, which re-exports these
+Shared by the config-driven stages (:mod:`kmedtl.training.stage`, which re-exports these
 names) and the tuner (:mod:`kmedtl.training.tuning` builds one model per trial), so
 neither has to import the other.
 """

@@ -17,7 +17,7 @@ import json
 
 from kmedtl.config import load_config, parse_set
 from kmedtl.training.learning_curve import METRICS, parse_sizes, run_learning_curve
-from kmedtl.training.run import run_lr_find, run_training, run_tuning
+from kmedtl.training.stage import run_lr_find, run_training, run_tuning
 
 
 def _config(path):

@@ -34,7 +34,7 @@ from kmedtl.data.prepare import prepare, primary_input
 from kmedtl.data.splits import per_class_subset
 from kmedtl.errors import ConfigError
 from kmedtl.training.config import train_section
-from kmedtl.training.run import (
+from kmedtl.training.stage import (
     _check_data,
     build_model,
     check_weight_scaling,
@@ -92,7 +92,7 @@ def run_learning_curve(cfg, sizes, seeds: int = 3, *, out=None, fold: int = 0,
     # (loaded when a learning curve runs, not when the CLI builds its parser)
     from kmedtl.evaluation.learning_curves import learning_curve, summarise_learning_curve
     from kmedtl.evaluation.metrics import classification_metrics
-    from kmedtl.evaluation.run import predict
+    from kmedtl.evaluation.stage import predict
 
     if isinstance(sizes, str):
         sizes = parse_sizes(sizes)

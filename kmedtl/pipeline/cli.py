@@ -2,7 +2,7 @@
 
 The CLI owner wires it in with::
 
-    from kmedtl.run.cli import add_parsers as add_run_parsers
+    from kmedtl.pipeline.cli import add_parsers as add_run_parsers
     add_run_parsers(sub)   # sub = parser.add_subparsers(...)
 
 Config problems raise :class:`~kmedtl.errors.KmedtlError` subclasses, which
@@ -13,8 +13,8 @@ from __future__ import annotations
 
 
 def cmd_run(args) -> int:
-    from kmedtl.run.runner import run_pipeline
-    from kmedtl.run.spec import parse_set
+    from kmedtl.pipeline.runner import run_pipeline
+    from kmedtl.pipeline.spec import parse_set
 
     res = run_pipeline(args.pipeline, run_dir=args.run_dir, force=args.force or (),
                        until=args.until, overrides=parse_set(args.set))
@@ -31,7 +31,7 @@ def cmd_run(args) -> int:
 
 def add_parsers(subparsers) -> None:
     """Register ``run`` on an ``add_subparsers()`` object."""
-    from kmedtl.run.spec import STAGES
+    from kmedtl.pipeline.spec import STAGES
 
     r = subparsers.add_parser(
         "run", help="run a pipeline YAML end to end (audit, split, pretrain, tune, train, "

@@ -40,7 +40,7 @@ from kmedtl.jsonio import json_safe
 from kmedtl.run_folder import (
     RunFolder,
     leaf_output,
-    load_model,  # noqa: F401  (re-exported: kmedtl.evaluation.run.load_model)
+    load_model,  # noqa: F401  (re-exported: kmedtl.evaluation.stage.load_model)
     normalization_for,
 )
 

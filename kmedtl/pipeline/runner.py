@@ -1,7 +1,7 @@
 """Run a pipeline end to end, resuming what a previous run left.
 
 :func:`run_pipeline` walks the stages of ``pipeline.stages`` in order.  For each it
-computes the fingerprint (:mod:`kmedtl.run.records`) and skips the stage when its record
+computes the fingerprint (:mod:`kmedtl.pipeline.records`) and skips the stage when its record
 says ``done`` with the same fingerprint and its outputs are still there; otherwise it
 runs it.  Tokens chain the stages, so a stage that reruns makes everything downstream of
 it rerun, and nothing upstream.  ``train`` interrupted mid-way (record ``running``,
@@ -23,11 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kmedtl.errors import ConfigError
-from kmedtl.run import records as R
-from kmedtl.run.spec import STAGES, Pipeline, load_pipeline
-from kmedtl.run.stages import STAGE_FUNCS, Context, SimulatedInterruption
+from kmedtl.pipeline import records as R
+from kmedtl.pipeline.spec import STAGES, Pipeline, load_pipeline
+from kmedtl.pipeline.stages import STAGE_FUNCS, Context, SimulatedInterruption
 
-log = logging.getLogger("kmedtl.run")
+log = logging.getLogger("kmedtl.pipeline")
 
 #: Stages that continue an interrupted attempt of the same inputs, and the file (in the run
 #: folder) that holds the state they continue from.
@@ -80,7 +80,8 @@ def run_pipeline(source, *, run_dir=None, force=(), until: str | None = None,
     """Run (or resume) a pipeline; see the module docstring.
 
     Args:
-        source: a pipeline YAML path, a mapping, or a loaded :class:`~kmedtl.run.spec.Pipeline`.
+        source: a pipeline YAML path, a mapping, or a loaded
+            :class:`~kmedtl.pipeline.spec.Pipeline`.
         run_dir: the run folder (default ``<output_dir>/<name>``).
         force: stage names (or ``"all"``) to rerun with everything after them, even when
             their fingerprints match.
@@ -88,7 +89,7 @@ def run_pipeline(source, *, run_dir=None, force=(), until: str | None = None,
         overrides: a nested mapping merged into the YAML before validation (as
             ``kmedtl run --set key=value``).
     """
-    from kmedtl.run.summary import write_summary
+    from kmedtl.pipeline.summary import write_summary
 
     pipe = load_pipeline(source, overrides)
     stages, forced = _select(pipe, force, until)

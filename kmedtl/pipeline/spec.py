@@ -24,7 +24,7 @@ from typing import Literal
 import yaml
 from pydantic import Field, field_validator, model_validator
 
-from kmedtl.config import (  # noqa: F401  (parse_set: re-exported for kmedtl.run.cli)
+from kmedtl.config import (  # noqa: F401  (parse_set: re-exported for kmedtl.pipeline.cli)
     Config,
     TTAOptions,
     dataset_path,
@@ -70,7 +70,7 @@ class PretrainSection(Strict):
 
 
 class EvaluateSection(Strict):
-    """Arguments of :func:`kmedtl.evaluation.run.evaluate_run`."""
+    """Arguments of :func:`kmedtl.evaluation.stage.evaluate_run`."""
 
     n_boot: int = Field(default=1000, ge=0)
     alpha: float = Field(default=0.05, gt=0.0, lt=1.0)

@@ -1,7 +1,7 @@
-"""kmedtl.run: one pipeline YAML, end to end, resumable (``kmedtl run PIPELINE.yaml``).
+"""kmedtl.pipeline: one pipeline YAML, end to end, resumable (``kmedtl run PIPELINE.yaml``).
 
 A pipeline file is a run config (:class:`kmedtl.config.Config`) plus a ``pipeline:``
-section (:class:`~kmedtl.run.spec.PipelineSection`)::
+section (:class:`~kmedtl.pipeline.spec.PipelineSection`)::
 
     pipeline:
       stages: [audit, split, pretrain, tune, train, evaluate, export, push]
@@ -30,16 +30,16 @@ Run folder (``<output_dir>/<name>/`` or ``--run-dir``)::
     summary.md, summary.json             one page: counts reconciled, split sizes,
                                          test metrics with CIs, export parity, push, times
 
-Resume: see :mod:`kmedtl.run.records` (fingerprints, tokens) and
-:mod:`kmedtl.run.runner`.  Python::
+Resume: see :mod:`kmedtl.pipeline.records` (fingerprints, tokens) and
+:mod:`kmedtl.pipeline.runner`.  Python::
 
-    from kmedtl.run import run_pipeline
+    from kmedtl.pipeline import run_pipeline
     result = run_pipeline("pipelines/brain_tumor_hierarchical.yaml")
     result.ran, result.skipped, result.summary["test"]["headline"]
 """
 
-from kmedtl.run.runner import PipelineResult, run_pipeline
-from kmedtl.run.spec import STAGES, Pipeline, PipelineSection, load_pipeline
+from kmedtl.pipeline.runner import PipelineResult, run_pipeline
+from kmedtl.pipeline.spec import STAGES, Pipeline, PipelineSection, load_pipeline
 
 __all__ = ["STAGES", "Pipeline", "PipelineResult", "PipelineSection", "load_pipeline",
            "run_pipeline"]

@@ -9,7 +9,7 @@ split         the leakage-free split of ``split:``, checked: no exact duplicate,
               duplicate (``dedupe: near``) or patient across train/val/test:
               ``data/splits.json``
 pretrain      same-domain pretraining of ``train.backbone`` on the images the fold does not
-              use (:class:`~kmedtl.run.spec.PretrainSection`):
+              use (:class:`~kmedtl.pipeline.spec.PretrainSection`):
               ``pretrain/backbone.weights.h5``, ``pretrain/pretrain.json``
 tune          the KerasTuner search of ``train.tune`` (:mod:`kmedtl.training.tuning`) on
               the fold: trials fit on its training part and are scored on its validation
@@ -21,7 +21,7 @@ train         :func:`kmedtl.training.run_training` into the run folder (its cont
               ``config.yaml``, ``splits.json``, ``model.keras``, ``train_metrics.json``,
               ...); resumes from ``backup/`` after an interruption; with ``tune`` in the
               pipeline it trains the train section of ``tuning/best.json``
-evaluate      :func:`kmedtl.evaluation.run.evaluate_run`: ``metrics.json``,
+evaluate      :func:`kmedtl.evaluation.stage.evaluate_run`: ``metrics.json``,
               ``report.html``, ``model_card.md``, ``plots/``
 export        ``kmedtl.export.export_run`` (SavedModel / TFLite / ONNX, parity verified)
 push          ``kmedtl.export.push_run`` to ``saved_models/<name>/<version>/`` if blessed
@@ -45,10 +45,10 @@ from pathlib import Path
 
 from kmedtl import jsonio
 from kmedtl.errors import ConfigError, KmedtlError
-from kmedtl.run.records import Records, file_sha256
+from kmedtl.pipeline.records import Records, file_sha256
 from kmedtl.run_folder import RunFolder
 
-log = logging.getLogger("kmedtl.run")
+log = logging.getLogger("kmedtl.pipeline")
 
 FAIL_ENV = "KMEDTL_PIPELINE_FAIL"
 
@@ -70,7 +70,7 @@ class StageOutput:
 
 @dataclass
 class Context:
-    pipe: object  # kmedtl.run.spec.Pipeline
+    pipe: object  # kmedtl.pipeline.spec.Pipeline
     run_dir: Path
     records: Records
     _prepared: object = None
@@ -229,7 +229,7 @@ def stage_pretrain(ctx: Context) -> StageOutput:
     from kmedtl.models import ContrastivePretrainer, save_backbone
     from kmedtl.models.pretraining import pretrain_backbone
     from kmedtl.training.features import materialise
-    from kmedtl.training.run import build_backbone
+    from kmedtl.training.stage import build_backbone
 
     fail_hook("pretrain")
     t0 = time.perf_counter()
@@ -324,7 +324,7 @@ def read_best(ctx: Context) -> dict:
 
 
 def _ids_digest(samples) -> str:
-    from kmedtl.run.records import digest
+    from kmedtl.pipeline.records import digest
 
     return digest(sorted(s.id for s in samples))
 
@@ -350,11 +350,11 @@ def stage_tune(ctx: Context, *, resume: bool = False) -> StageOutput:
     import keras
     import numpy as np
 
-    from kmedtl.run.records import digest
+    from kmedtl.pipeline.records import digest
     from kmedtl.training import tuning
     from kmedtl.training.config import train_section
     from kmedtl.training.features import FeatureCache
-    from kmedtl.training.run import check_tunable, check_weight_scaling, datasets, targets_for
+    from kmedtl.training.stage import check_tunable, check_weight_scaling, datasets, targets_for
 
     fail_hook("tune")
     t0 = time.perf_counter()
@@ -497,7 +497,7 @@ class _DieAt:
 
 def stage_train(ctx: Context, *, resume: bool) -> StageOutput:
     from kmedtl.data.splits import Splits
-    from kmedtl.training.run import run_training
+    from kmedtl.training.stage import run_training
 
     die_at = fail_hook("train")
     callbacks = [_DieAt.make(die_at)] if die_at is not None else []
@@ -540,7 +540,7 @@ def stage_train(ctx: Context, *, resume: bool) -> StageOutput:
 
 # ------------------------------------------------------------------------------ evaluate
 def stage_evaluate(ctx: Context) -> StageOutput:
-    from kmedtl.evaluation.run import evaluate_run
+    from kmedtl.evaluation.stage import evaluate_run
 
     fail_hook("evaluate")
     e = ctx.spec.evaluate

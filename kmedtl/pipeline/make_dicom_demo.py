@@ -7,7 +7,7 @@ MRI JPEGs: each selected image becomes a Secondary Capture Image Storage object
 little endian) and several images of one class share a synthetic patient (PatientID,
 study and series), so a split that ignored patients would leak::
 
-    python -m kmedtl.run.make_dicom_demo OUT_DIR [--source $KMEDTL_DATASETS/brain-tumor-mri]
+    python -m kmedtl.pipeline.make_dicom_demo OUT_DIR [--source $KMEDTL_DATASETS/brain-tumor-mri]
         [--patients-per-class 4] [--images-per-patient 3] [--size 128]
 
 writes ``OUT_DIR/images/IM<n>.dcm`` and ``OUT_DIR/manifest.csv`` with columns
@@ -125,7 +125,7 @@ def make_dicom_demo(out_dir, source, *, patients_per_class: int = 4,
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m kmedtl.run.make_dicom_demo",
+    p = argparse.ArgumentParser(prog="python -m kmedtl.pipeline.make_dicom_demo",
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("out_dir")
     default = os.path.join(os.environ.get("KMEDTL_DATASETS", "../shared/datasets"),
