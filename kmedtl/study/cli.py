@@ -1,4 +1,9 @@
-"""``python -m kmedtl.study STUDY.yaml [...]``: run the grid, then write RESULTS.md."""
+"""``python -m kmedtl.study STUDY.yaml [...]``: run the grid, then write RESULTS.md.
+
+The cells train in worker processes replaced after every ``--cells-per-process`` cells
+(default :data:`kmedtl.study.runner.CELLS_PER_PROCESS`; 0 = in this process), which keeps
+a long study's memory bounded; see :mod:`kmedtl.study.runner`.
+"""
 
 from __future__ import annotations
 
@@ -26,7 +31,31 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--report-only", action="store_true", help="train nothing; only write "
                    "RESULTS.md from the finished cells")
     p.add_argument("--no-plots", action="store_true", help="skip learning-curve PNGs")
+    p.add_argument("--cells-per-process", type=_cells_per_process,
+                   default=_default_cells_per_process(), metavar="K",
+                   help="train the cells in a worker process that is replaced by a fresh one "
+                   "after every K cells, so memory that TensorFlow keeps per cell goes back "
+                   "to the system; a worker that dies (e.g. OOM-killed) fails only its cell, "
+                   "which the next --resume retries (default "
+                   f"{_default_cells_per_process()}; 0: every cell in this process, whose "
+                   "memory grows over a long run; lower K if cells die of memory)")
     return p
+
+
+def _default_cells_per_process() -> int:
+    from kmedtl.study.runner import CELLS_PER_PROCESS
+
+    return CELLS_PER_PROCESS
+
+
+def _cells_per_process(text: str) -> int:
+    try:
+        k = int(text)
+    except ValueError:
+        k = -1
+    if k < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return k
 
 
 def main(argv=None) -> int:
@@ -44,7 +73,8 @@ def main(argv=None) -> int:
             runner.plan()
         else:
             status = runner.run(resume=args.resume, overwrite=args.overwrite,
-                                max_minutes=args.max_minutes)
+                                max_minutes=args.max_minutes,
+                                cells_per_process=args.cells_per_process)
             total = status["planned_unique"] - status["not_applicable"]
             print(f"study: {status['done']} of {total} cells done ({status['ran_now']} now, "
                   f"{status['failed_now']} failed, "
