@@ -14,12 +14,20 @@ evaluation, export, push and predict read::
       model_card.md, model_card.json, plots/      (kmedtl evaluate)
       export/              (kmedtl export; export/export.json)
       push.json            (kmedtl export --push)
+      checkpoints/, backup/, logs/  (training: best/last weights, resume state, TensorBoard)
+      tuning/              (kmedtl tune: best_config.yaml, results, search/, features/)
+      lr_find.png, lr_find.json  (kmedtl lr-find)
       data/, stages/, tuning/, pretrain/, backup/  (kmedtl run: the pipeline's own files)
 
 :class:`RunFolder` gives the path of each artefact (class constants name the files) and
-loads each thing once: the config (through :func:`kmedtl.config.load_config`), the model,
-the label tree, the image options, the model's input shape, the split's samples and the
-JSON artefacts (through :mod:`kmedtl.jsonio`).
+is what training writes through (:meth:`RunFolder.training_paths`,
+:meth:`RunFolder.write_config`, :meth:`RunFolder.write_splits`,
+:meth:`RunFolder.write_audit`, :meth:`RunFolder.write_train_metrics`,
+:meth:`RunFolder.write_history`, :meth:`RunFolder.clear_training`: every write atomic,
+a temporary sibling renamed over the file).  It loads each thing once: the config
+(through :func:`kmedtl.config.load_config`), the model, the label tree, the image
+options, the model's input shape, the split's samples and the JSON artefacts (through
+:mod:`kmedtl.jsonio`).
 
 The label tree (:attr:`RunFolder.hierarchy`) follows one rule:
 
@@ -48,7 +56,9 @@ Example::
 
 from __future__ import annotations
 
+import json
 import os
+import re
 from pathlib import Path
 
 from kmedtl import jsonio
@@ -57,6 +67,43 @@ from kmedtl.errors import ConfigError, KmedtlError
 #: kmedtl.models preprocessing names -> kmedtl.data.pipeline normalisation names.
 _NORMALIZATION = {"unit": "unit", "tf": "symmetric", "torch": "imagenet", "caffe": "caffe",
                   "none": "raw255"}
+
+
+def _atomic_write(path, write, *, newline: str | None = None) -> str:
+    """``write(fh)`` into ``<path>.tmp``, then rename it over ``path`` (a reader never sees
+    half a file; a failed write leaves the old file and no temporary one)."""
+    path = os.fspath(path)
+    tmp = f"{path}.tmp"
+    try:
+        with open(tmp, "w", encoding="utf-8", newline=newline) as fh:
+            write(fh)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_yaml(path, data, *, sort_keys: bool = False) -> str:
+    """Write ``data`` to ``path`` atomically as ``yaml.safe_dump(data, sort_keys=...)``."""
+    import yaml
+
+    return _atomic_write(path, lambda fh: yaml.safe_dump(data, fh, sort_keys=sort_keys))
+
+
+def write_rows(path, rows) -> str:
+    """Write ``rows`` (dicts) to ``path`` atomically as CSV: a header of every key in
+    first-seen order, then one line per row."""
+    import csv
+
+    def write(fh):
+        cols = list(dict.fromkeys(k for r in rows for k in r))
+        w = csv.DictWriter(fh, fieldnames=cols)
+        w.writeheader()
+        for r in rows:
+            w.writerow(r)
+
+    return _atomic_write(path, write, newline="")
 
 
 def load_model(path, error: type[Exception] = ConfigError):
@@ -72,13 +119,15 @@ def load_model(path, error: type[Exception] = ConfigError):
     return keras.saving.load_model(path)
 
 
-def leaf_output(output, error: type[Exception] = ConfigError):
+def leaf_output(output, error: type[Exception] = ConfigError, *, first: bool = False):
     """The leaf-probability output of a model's (symbolic or eager) output structure: the
-    ``leaf`` entry of a dict (or its only entry), the first of a list, else the output."""
+    ``leaf`` entry of a dict (or its only entry), the first of a list, else the output.
+    A dict of several outputs without ``leaf`` raises ``error``, or with ``first`` (the
+    Trainer's rule for a model that is not kmedtl's) gives its first entry."""
     if isinstance(output, dict):
         if "leaf" in output:
             return output["leaf"]
-        if len(output) == 1:
+        if len(output) == 1 or (first and output):
             return next(iter(output.values()))
         raise error(f"evaluate: the model's outputs are {sorted(output)}; expected a "
                     "'leaf' output (probabilities over the hierarchy's leaves)")
@@ -181,6 +230,25 @@ class RunFolder:
     PUSH = "push.json"
     DATA_DIR = "data"  # the pipeline's audit/split stage outputs
     STAGES_DIR = "stages"
+    # training (kmedtl train / the pipeline's train stage): see training_paths()
+    CHECKPOINTS_DIR = "checkpoints"
+    BEST_WEIGHTS = "best.weights.h5"  # checkpoints/
+    LAST_WEIGHTS = "last.weights.h5"  # checkpoints/
+    STAGE_WEIGHTS = "stage_{node}.weights.h5"  # checkpoints/, one per staged node model
+    BACKUP_DIR = "backup"
+    BACKUP_STATE = "state.json"  # backup/
+    PHASE_WEIGHTS = "phase_end.npz"  # backup/
+    PHASE_WEIGHTS_TMP = "phase_end.tmp.npz"  # backup/, renamed to PHASE_WEIGHTS
+    BACKUP_PHASE = "phase_{index}"  # backup/: BackupAndRestore's folder per phase
+    LOGS_DIR = "logs"
+    #: what a finished training run leaves (``--overwrite`` removes them first)
+    TRAINING_FILES = (CONFIG, SPLITS, AUDIT, MODEL, HISTORY, TRAIN_METRICS)
+    TRAINING_DIRS = (CHECKPOINTS_DIR, BACKUP_DIR, LOGS_DIR)
+    # kmedtl tune / kmedtl lr-find
+    TUNING_DIR = "tuning"
+    TUNING_BEST_CONFIG = "best_config.yaml"  # tuning/
+    TUNING_FEATURES_DIR = "features"  # tuning/: the default on-disk feature cache
+    LR_FIND_PNG = "lr_find.png"  # lr_find.json beside it
 
     def __init__(self, path, *, error: type[Exception] = ConfigError, model=None,
                  loaded_model=None):
@@ -191,6 +259,12 @@ class RunFolder:
 
     def __repr__(self) -> str:
         return f"RunFolder({str(self.path)!r})"
+
+    @classmethod
+    def for_config(cls, cfg, run_dir=None, **kwargs) -> RunFolder:
+        """The run folder of a config: ``run_dir`` when given, else
+        ``<output_dir>/<name>``."""
+        return cls(Path(run_dir) if run_dir else Path(cfg.output_dir) / cfg.name, **kwargs)
 
     # ------------------------------------------------------------------ paths
     def file(self, name: str) -> Path:
@@ -250,6 +324,97 @@ class RunFolder:
         """The pipeline's split stage output (``data/splits.json``)."""
         return self.path / self.DATA_DIR / self.SPLITS
 
+    # ------------------------------------------------------------------ training paths
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.path / self.CHECKPOINTS_DIR
+
+    @property
+    def backup_dir(self) -> Path:
+        return self.path / self.BACKUP_DIR
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.path / self.LOGS_DIR
+
+    @property
+    def backup_state_path(self) -> Path:
+        """``backup/state.json``: the resume state of an unfinished run."""
+        return self.backup_dir / self.BACKUP_STATE
+
+    @property
+    def tuning_dir(self) -> Path:
+        return self.path / self.TUNING_DIR
+
+    @property
+    def tuning_best_config_path(self) -> Path:
+        return self.tuning_dir / self.TUNING_BEST_CONFIG
+
+    @property
+    def tuning_features_dir(self) -> Path:
+        return self.tuning_dir / self.TUNING_FEATURES_DIR
+
+    @property
+    def lr_find_path(self) -> Path:
+        """``lr_find.png`` (``lr_find.json`` beside it)."""
+        return self.path / self.LR_FIND_PNG
+
+    def stage_weights_path(self, node: str) -> Path:
+        """``checkpoints/stage_<node>.weights.h5``: a staged run's node model weights."""
+        return self.checkpoints_dir / self.STAGE_WEIGHTS.format(node=node)
+
+    def backup_phase_dir(self, index: int) -> Path:
+        """``backup/phase_<index>/``: ``BackupAndRestore``'s folder for phase ``index``."""
+        return self.backup_dir / self.BACKUP_PHASE.format(index=int(index))
+
+    @classmethod
+    def backup_phase_index(cls, name: str) -> int | None:
+        """The phase index of a ``backup/`` entry named as :meth:`backup_phase_dir` names
+        it, else ``None``."""
+        pattern = re.escape(cls.BACKUP_PHASE).replace(re.escape("{index}"), r"(\d+)")
+        m = re.fullmatch(pattern, name)
+        return int(m[1]) if m else None
+
+    def training_paths(self, create: bool = False) -> dict[str, Path]:
+        """Where the :class:`~kmedtl.training.Trainer` writes: ``best``/``last`` (weights in
+        ``checkpoints/``), ``backup_dir``, ``state``, ``phase_weights`` and
+        ``phase_weights_tmp`` (in ``backup/``), ``logs_dir``, ``history``, ``model`` and
+        ``metrics`` (``train_metrics.json``).  ``create`` makes the three folders."""
+        if create:
+            for d in (self.checkpoints_dir, self.backup_dir, self.logs_dir):
+                d.mkdir(parents=True, exist_ok=True)
+        return {"best": self.checkpoints_dir / self.BEST_WEIGHTS,
+                "last": self.checkpoints_dir / self.LAST_WEIGHTS,
+                "backup_dir": self.backup_dir, "state": self.backup_state_path,
+                "phase_weights": self.backup_dir / self.PHASE_WEIGHTS,
+                "phase_weights_tmp": self.backup_dir / self.PHASE_WEIGHTS_TMP,
+                "logs_dir": self.logs_dir, "history": self.history_path,
+                "model": self.path / self.MODEL, "metrics": self.train_metrics_path}
+
+    def training_state(self) -> dict | None:
+        """``backup/state.json`` (``None`` when absent or unreadable: nothing to resume)."""
+        try:
+            with open(self.backup_state_path) as fh:
+                return json.load(fh)
+        except (OSError, ValueError):
+            return None
+
+    @property
+    def training_finished(self) -> bool:
+        """Training finished here: ``train_metrics.json`` is written and ``backup/`` holds
+        no resume state."""
+        return self.train_metrics_path.exists() and self.training_state() is None
+
+    def clear_training(self) -> None:
+        """Remove what training writes (:attr:`TRAINING_FILES`, :attr:`TRAINING_DIRS`)."""
+        import shutil
+
+        for name in self.TRAINING_FILES:
+            (self.path / name).unlink(missing_ok=True)
+        for name in self.TRAINING_DIRS:
+            shutil.rmtree(self.path / name, ignore_errors=True)
+        self._cache.clear()
+
     def ensure_dir(self, hint: str = "") -> RunFolder:
         """Raise ``error`` when the folder does not exist; returns ``self``."""
         if not self.path.is_dir():
@@ -273,6 +438,46 @@ class RunFolder:
     def write_json(self, name: str, data, **kwargs) -> str:
         """Write a JSON artefact atomically (:func:`kmedtl.jsonio.write_json`)."""
         return jsonio.write_json(self.path / name, data, **kwargs)
+
+    def _forget(self, *keys) -> None:
+        for key in keys:
+            self._cache.pop(key, None)
+
+    # ------------------------------------------------------------------ writes (atomic)
+    def write_config(self, mapping) -> str:
+        """Write ``config.yaml`` (``yaml.safe_dump``, keys in the mapping's order)."""
+        self._forget("config", "image_options", "hierarchy", "index", "by_id")
+        return write_yaml(self.config_path, mapping)
+
+    def write_best_config(self, mapping) -> str:
+        """Write ``tuning/best_config.yaml`` (the search's best config, as config.yaml)."""
+        self.tuning_dir.mkdir(parents=True, exist_ok=True)
+        return write_yaml(self.tuning_best_config_path, mapping)
+
+    def write_splits(self, splits, root=None) -> str:
+        """Write ``splits.json`` (:meth:`kmedtl.data.splits.Splits.save`: ids relative to
+        ``root``; atomic)."""
+        for key in [k for k in self._cache if isinstance(k, tuple) and k[0] == "splits"]:
+            self._forget(key)
+        self._forget("by_id")
+        path = str(self.splits_path)
+        splits.save(path, root=root)
+        return path
+
+    def write_audit(self, report) -> str:
+        """Write ``audit.json`` (the public audit report; ``default=str``)."""
+        self._forget("audit", "hierarchy")
+        return self.write_json(self.AUDIT, report, strict=False, default=str)
+
+    def write_train_metrics(self, metrics) -> str:
+        """Write ``train_metrics.json`` (as given, ``default=str``)."""
+        self._forget("train_metrics")
+        return self.write_json(self.TRAIN_METRICS, metrics, strict=False, default=str)
+
+    def write_history(self, rows) -> str:
+        """Write ``history.csv`` from row dicts (:func:`write_rows`; the Trainer's runs
+        append to it through Keras' ``CSVLogger`` instead)."""
+        return write_rows(self.history_path, rows)
 
     def _once(self, key, make):
         if key not in self._cache:

@@ -4,8 +4,11 @@ function."""
 
 from __future__ import annotations
 
+import ast
 import json
+import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -198,3 +201,216 @@ def test_output_names_come_from_the_hierarchy():
         clash.exported_output_names(["x-y", "x_y"])
     with pytest.raises(ExportError, match="clashing"):
         output_names(clash, ["x-y", "x_y"])
+
+
+# ---------------------------------------------------------------------------- training side
+TRAINING_SOURCES = sorted((Path(__file__).resolve().parents[1] / "kmedtl" / "training")
+                          .glob("*.py"))
+#: (module file, name) pairs allowed to spell a run-folder name: user-facing help text of
+#: modules that write nothing there themselves.
+SPELLING_ALLOWED = {("cli.py", RunFolder.LR_FIND_PNG)}
+
+
+def _layout_names() -> tuple[set[str], set[str]]:
+    """RunFolder's file names (with a dot) and folder names, ``{...}`` fields as ``{}``."""
+    names = {re.sub(r"\{\w*\}", "{}", v) for k, v in vars(RunFolder).items()
+             if k.isupper() and isinstance(v, str)}
+    return {n for n in names if "." in n}, {n for n in names if "." not in n}
+
+
+def _string_literals(tree) -> list[tuple[int, str]]:
+    """``(line, text)`` of every string literal that is not a docstring or a bare string
+    statement; an f-string's text has ``{}`` for each field."""
+    skip = {id(node.value) for node in ast.walk(tree)
+            if isinstance(node, ast.Expr) and isinstance(node.value, (ast.Constant,
+                                                                      ast.JoinedStr))}
+    inner = {id(v) for node in ast.walk(tree) if isinstance(node, ast.JoinedStr)
+             for v in node.values}
+    out = []
+    for node in ast.walk(tree):
+        if id(node) in skip or id(node) in inner:
+            continue
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            out.append((node.lineno, node.value))
+        elif isinstance(node, ast.JoinedStr):
+            out.append((node.lineno, "".join(v.value if isinstance(v, ast.Constant) else "{}"
+                                             for v in node.values)))
+    return out
+
+
+#: folder names that are also plain words of kmedtl's vocabulary (the config section
+#: ``data``, train_metrics.json's ``stages``): flagged only inside a path ``a/b``
+WORDS = {RunFolder.DATA_DIR, RunFolder.STAGES_DIR}
+
+
+def _spelt(text: str, files: set[str], dirs: set[str]) -> set[str]:
+    """The run-folder names a literal spells: a file name anywhere, a folder name as the
+    whole literal or as a component of a path-like one (no blanks)."""
+    found = {n for n in files if re.search(rf"(?<![\w.]){re.escape(n)}(?!\w)", text)}
+    if not re.search(r"\s", text):
+        parts = text.strip("/").split("/")
+        found |= {n for n in dirs if n in parts and (len(parts) > 1 or n not in WORDS)}
+    return found
+
+
+def test_training_spells_no_run_folder_name():
+    """kmedtl/training/*.py builds every run-folder path through RunFolder: no string
+    literal outside docstrings and comments names one of its files or folders."""
+    files, dirs = _layout_names()
+    assert {"config.yaml", "model.keras", "train_metrics.json", "history.csv", "splits.json",
+            "audit.json", "best.weights.h5", "stage_{}.weights.h5", "state.json",
+            "best_config.yaml", "lr_find.png"} <= files
+    assert {"checkpoints", "backup", "logs", "tuning", "phase_{}"} <= dirs
+    snippet = ('"""model.keras"""\n'  # the checker: docstrings and comments are skipped
+               'def f(run):\n    """See ``backup/``."""  # history.csv\n'
+               '    return f"{run}/checkpoints", run / "audit.json", {"backup": 1}\n')
+    assert sorted(_string_literals(ast.parse(snippet))) == [
+        (4, "audit.json"), (4, "backup"), (4, "{}/checkpoints")]
+    assert _spelt("{}/checkpoints", files, dirs) == {"checkpoints"}
+    assert _spelt("see train_metrics.json", files, dirs) == {"train_metrics.json"}
+    assert _spelt("no backup left", files, dirs) == set()
+    assert _spelt("data", files, dirs) == set() and _spelt("data/x", files, dirs) == {"data"}
+    found = []
+    for path in TRAINING_SOURCES:
+        for line, text in _string_literals(ast.parse(path.read_text(), str(path))):
+            for name in _spelt(text, files, dirs):
+                if (path.name, name) not in SPELLING_ALLOWED:
+                    found.append(f"{path.name}:{line}: {name!r} in {text!r}")
+    assert not found, "run-folder names spelt outside kmedtl/run_folder.py:\n" + \
+        "\n".join(found)
+
+
+def test_training_run_writes_every_file_where_run_folder_says(tmp_path):
+    from test_training_helpers import write_config
+
+    from kmedtl.config import load_config
+    from kmedtl.training import run_training
+    from kmedtl.training.stage import prepare_run_dir
+
+    cfg = load_config(write_config(tmp_path, name="rf", train={
+        "model": "flat", "epochs": 2, "strategy": "gradual", "unfreeze_at": [0.5]}))
+    rf = RunFolder.for_config(cfg)
+    assert rf.path == tmp_path / "runs" / "rf"
+    result = run_training(cfg)
+    assert result.run_dir == str(rf.path) and len(result.phases) == 2
+    paths = rf.training_paths()
+    for key in ("best", "last", "history", "model", "metrics"):
+        assert paths[key].is_file(), key
+    assert paths["model"] == rf.model_path and paths["metrics"] == rf.train_metrics_path
+    assert paths["best"].parent == paths["last"].parent == rf.checkpoints_dir
+    for key in ("state", "phase_weights", "phase_weights_tmp"):  # finished: nothing to resume
+        assert paths[key].parent == rf.backup_dir and not paths[key].exists(), key
+    assert rf.backup_dir.is_dir() and not any(rf.backup_dir.iterdir())
+    assert paths["logs_dir"] == rf.logs_dir and rf.logs_dir.is_dir()
+    for p in (rf.config_path, rf.splits_path, rf.audit_path, rf.history_path):
+        assert p.is_file(), p
+    assert {p.name for p in rf.path.iterdir()} == \
+        set(RunFolder.TRAINING_FILES) | set(RunFolder.TRAINING_DIRS)
+    assert not [p for p in rf.path.rglob("*") if ".tmp" in p.name]
+    assert rf.training_finished and rf.training_state() is None
+    # the files' formats: config.yaml as yaml.safe_dump(sort_keys=False), JSON indent=1
+    text = rf.config_path.read_text()
+    assert text == yaml.safe_dump(yaml.safe_load(text), sort_keys=False)
+    assert rf.config.name == "rf" and rf.fold == 0
+    for p in (rf.train_metrics_path, rf.audit_path):
+        text = p.read_text()
+        assert text == json.dumps(json.loads(text), indent=1), p
+    assert json.loads(rf.splits_path.read_text())["kind"] == "kmedtl-splits"
+    assert rf.train_metrics["run_dir"] == str(rf.path) and rf.train_metrics["model"] == "flat"
+    # a finished run is refused, then cleared by --overwrite
+    with pytest.raises(ConfigError, match=re.escape(RunFolder.TRAIN_METRICS)):
+        prepare_run_dir(rf.path, overwrite=False)
+    (rf.path / "notes.txt").write_text("mine")
+    prepare_run_dir(rf.path, overwrite=True)
+    assert [p.name for p in rf.path.iterdir()] == ["notes.txt"]
+    assert not rf.training_finished
+
+
+def test_staged_training_writes_where_run_folder_says(tmp_path):
+    from test_training_helpers import write_config
+
+    from kmedtl.config import load_config
+    from kmedtl.training import run_training
+
+    cfg = load_config(write_config(tmp_path, name="st", train={
+        "model": "staged", "epochs": 1, "staged": {"n_folds": 2}}))
+    rf = RunFolder.for_config(cfg)
+    run_training(cfg)
+    h = rf.hierarchy
+    for node in h.parents:
+        assert rf.stage_weights_path(node).is_file()
+        assert rf.stage_weights_path(node).parent == rf.checkpoints_dir
+    assert {p.name for p in rf.path.iterdir()} == \
+        set(RunFolder.TRAINING_FILES) | set(RunFolder.TRAINING_DIRS)
+    assert rf.training_finished and rf.train_metrics["model"] == "staged"
+    text = rf.train_metrics_path.read_text()
+    assert text == json.dumps(json.loads(text), indent=1)
+    assert rf.history_path.read_text().splitlines()[0].startswith("stage,fold,epoch,")
+    assert set(rf.model.output) == {"leaf", *(h.node_output_name(p) for p in h.parents)}
+    assert not [p for p in rf.path.rglob("*") if ".tmp" in p.name]
+
+
+def test_write_config_is_atomic(tmp_path, monkeypatch):
+    rf = RunFolder(tmp_path)
+    mapping = {"name": "x", "data": {"root": "d", "hierarchy": {"b": None, "a": None}}}
+    assert rf.write_config(mapping) == str(rf.config_path)
+    old = rf.config_path.read_bytes()
+    assert old == yaml.safe_dump(mapping, sort_keys=False).encode()
+    with pytest.raises(yaml.representer.RepresenterError):  # cannot be represented
+        rf.write_config({"name": "y", "bad": object()})
+
+    def half_then_fail(data, fh, **kwargs):
+        fh.write("name: y\n")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(yaml, "safe_dump", half_then_fail)
+    with pytest.raises(OSError, match="disk full"):
+        rf.write_config({"name": "y"})
+    with pytest.raises(OSError, match="disk full"):
+        rf.write_best_config({"name": "y"})
+    assert rf.config_path.read_bytes() == old  # the old file, whole
+    assert not rf.tuning_best_config_path.exists()
+    assert sorted(p.name for p in tmp_path.rglob("*")) == [RunFolder.CONFIG,
+                                                           RunFolder.TUNING_DIR]
+
+
+def test_training_writes_are_atomic_and_invalidate_what_was_read(tmp_path):
+    rf = RunFolder(tmp_path)
+    assert rf.train_metrics == {} and rf.audit is None
+    rf.write_train_metrics({"fold": 2, "when": object})
+    rf.write_audit({"counts": {"by_class": {"a": 1, "b": 2}}})
+    assert rf.fold == 2 and rf.train_metrics["when"] == str(object)  # default=str
+    assert rf.audit["counts"]["by_class"] == {"a": 1, "b": 2}
+    loop: dict = {"fold": 3}
+    loop["self"] = loop
+    with pytest.raises(ValueError, match="Circular"):  # a failed write keeps the old file
+        rf.write_train_metrics(loop)
+    assert read_json(rf.train_metrics_path)["fold"] == 2
+    rows = [{"stage": "root", "fold": 0, "epoch": 0, "loss": 1.5},
+            {"stage": "root", "fold": "final", "epoch": 0, "loss": 1.0, "auc": 0.5}]
+    rf.write_history(rows)
+    assert rf.history_path.read_bytes() == (b"stage,fold,epoch,loss,auc\r\n"
+                                            b"root,0,0,1.5,\r\nroot,final,0,1.0,0.5\r\n")
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    assert rf.training_state() is None and rf.training_finished  # metrics, no resume state
+    rf.backup_dir.mkdir()
+    rf.backup_state_path.write_text('{"epoch": 1}')
+    assert rf.training_state() == {"epoch": 1} and not rf.training_finished
+    rf.backup_state_path.write_text("{half")
+    assert rf.training_state() is None and rf.training_finished
+    assert rf.backup_phase_dir(3) == rf.backup_dir / "phase_3"
+    assert RunFolder.backup_phase_index("phase_3") == 3
+    assert RunFolder.backup_phase_index("phase_x") is None
+    assert RunFolder.backup_phase_index("phase_end.npz") is None
+    rf.clear_training()
+    assert not any(tmp_path.iterdir())
+
+
+def test_leaf_output_first_is_the_trainers_rule():
+    from kmedtl.run_folder import leaf_output
+
+    assert leaf_output({"a": 1, "leaf": 2}) == 2 and leaf_output({"a": 1}) == 1
+    assert leaf_output([3, 4]) == 3 and leaf_output(5) == 5
+    with pytest.raises(ConfigError, match="'leaf' output"):
+        leaf_output({"a": 1, "b": 2})
+    assert leaf_output({"a": 1, "b": 2}, first=True) == 1

@@ -206,7 +206,7 @@ def hierarchy_targets(hierarchy, labels) -> dict[str, np.ndarray]:
     try:
         out = {"leaf": np.asarray(encoded["leaf"])}
         for p in h.parents:
-            out[h.node_output_name(p)] = np.asarray(encoded[f"node:{p}"])
+            out[h.node_output_name(p)] = np.asarray(encoded[h.node_target_name(p)])
     except KeyError as exc:
         raise ModelError(
             f"labels: encoded targets lack key {exc.args[0]!r}; pass Hierarchy.encode(...) "

@@ -154,7 +154,7 @@ class StagedHierarchicalClassifier(OutOfFoldStacking):
             up = h.node(parent).parent
             init = models[up] if self.transfer == "hierarchy" and parent != ROOT else None
             model = self.build_node_model(parent, init)
-            target = enc[f"node:{parent}"]
+            target = enc[h.node_target_name(parent)]
             rows = indices[target[indices] >= 0]
             if len(rows):
                 self._fit_model(
@@ -181,10 +181,11 @@ class StagedHierarchicalClassifier(OutOfFoldStacking):
         inputs = keras.Input(shape=shape, name="image")
         per_node = {}
         for p in self.hierarchy.parents:
-            per_node[p] = keras.layers.Activation("linear", dtype="float32", name=p)(
+            name = self.hierarchy.node_output_name(p)  # the output "<parent>"
+            per_node[name] = keras.layers.Activation("linear", dtype="float32", name=name)(
                 models[p](inputs)
             )
         feats = keras.layers.Concatenate(dtype="float32", name="stacking_features")(
             list(per_node.values())
-        ) if len(per_node) > 1 else per_node[ROOT]
+        ) if len(per_node) > 1 else next(iter(per_node.values()))
         return inputs, feats, per_node

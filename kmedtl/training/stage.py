@@ -9,20 +9,19 @@ with the tuner) and are re-exported here.
 
 from __future__ import annotations
 
-import json
 import math
-import shutil
 import time
 from pathlib import Path
 
 import keras
 import numpy as np
-import yaml
 
 from kmedtl import models  # looked up per call, as kmedtl.models.<name> (patchable there)
 from kmedtl.data.audit import public
 from kmedtl.data.prepare import input_names, prepare, primary_input
 from kmedtl.errors import ConfigError
+from kmedtl.jsonio import write_json
+from kmedtl.run_folder import RunFolder
 from kmedtl.training.build import (  # noqa: F401  (build_backbone, targets_for: re-exported)
     build_backbone,
     build_model,
@@ -31,17 +30,12 @@ from kmedtl.training.build import (  # noqa: F401  (build_backbone, targets_for:
     check_weight_scaling,
     targets_for,
 )
-from kmedtl.training.callbacks import read_state
 from kmedtl.training.config import TrainSection, resolved_config, train_section
 from kmedtl.training.distribute import enable_determinism, get_strategy, strategy_scope
 from kmedtl.training.features import FeatureCache, materialise
 from kmedtl.training.freezing import plan_phases
 from kmedtl.training.lr_finder import lr_find
 from kmedtl.training.trainer import Trainer, save_inference_model
-
-RUN_FILES = ("config.yaml", "splits.json", "audit.json", "model.keras", "history.csv",
-             "train_metrics.json")
-RUN_DIRS = ("checkpoints", "backup", "logs")
 
 
 # ---------------------------------------------------------------------------- data
@@ -101,34 +95,30 @@ def check_tunable(tc: TrainSection) -> None:
 
 
 # ---------------------------------------------------------------------------- run folder
+# The layout (file names, what each holds, atomic writes) is kmedtl.run_folder.RunFolder's;
+# training writes through it.
 def run_folder(cfg, run_dir=None) -> Path:
-    return Path(run_dir) if run_dir else Path(cfg.output_dir) / cfg.name
-
-
-def _finished(run_dir: Path) -> bool:
-    return (run_dir / "train_metrics.json").exists() and \
-        read_state(run_dir / "backup" / "state.json") is None
+    return RunFolder.for_config(cfg, run_dir).path
 
 
 def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
-    if _finished(run_dir):
+    """Refuse (or, with ``overwrite``, clear) a folder holding a finished run; create it."""
+    rf = RunFolder(run_dir)
+    if rf.training_finished:
         if not overwrite:
-            raise ConfigError(f"{run_dir}: already holds a finished run (train_metrics.json); "
-                              "pass --overwrite, another --run-dir, or change name:")
-        for f in RUN_FILES:
-            (run_dir / f).unlink(missing_ok=True)
-        for d in RUN_DIRS:
-            shutil.rmtree(run_dir / d, ignore_errors=True)
-    run_dir.mkdir(parents=True, exist_ok=True)
+            raise ConfigError(f"{run_dir}: already holds a finished run "
+                              f"({RunFolder.TRAIN_METRICS}); pass --overwrite, another "
+                              "--run-dir, or change name:")
+        rf.clear_training()
+    rf.path.mkdir(parents=True, exist_ok=True)
 
 
 def write_provenance(run_dir: Path, cfg, tc: TrainSection, prep) -> None:
-    """``config.yaml`` (resolved), ``splits.json`` and ``audit.json``."""
-    with open(run_dir / "config.yaml", "w") as fh:
-        yaml.safe_dump(resolved_config(cfg, tc, prep.hierarchy), fh, sort_keys=False)
-    prep.splits.save(str(run_dir / "splits.json"), root=prep.index.root)
-    with open(run_dir / "audit.json", "w") as fh:
-        json.dump(public(prep.report), fh, indent=1, default=str)
+    """``config.yaml`` (resolved), ``splits.json`` and ``audit.json``, each atomically."""
+    rf = RunFolder(run_dir)
+    rf.write_config(resolved_config(cfg, tc, prep.hierarchy))
+    rf.write_splits(prep.splits, root=prep.index.root)
+    rf.write_audit(public(prep.report))
 
 
 # ---------------------------------------------------------------------------- train
@@ -211,13 +201,14 @@ def run_staged(cfg, tc: TrainSection, prep, run_dir: Path, prepare_seconds: floa
     fit_seconds = time.perf_counter() - t0
     # clean (un-compiled) node models, so model.keras needs no training objects to load
     staged.models_ = {k: _clean(m) for k, m in staged.models_.items()}
-    (run_dir / "checkpoints").mkdir(exist_ok=True)
+    rf = RunFolder(run_dir)
+    rf.checkpoints_dir.mkdir(exist_ok=True)
     for node, m in staged.models_.items():
-        m.save_weights(str(run_dir / "checkpoints" / f"stage_{node}.weights.h5"))
-    save_inference_model(staged.to_keras(name=f"{cfg.name}_staged"), run_dir / "model.keras")
-    for d in ("backup", "logs"):
-        (run_dir / d).mkdir(exist_ok=True)
-    _write_rows(run_dir / "history.csv", rows)
+        m.save_weights(str(rf.stage_weights_path(node)))
+    save_inference_model(staged.to_keras(name=f"{cfg.name}_staged"), rf.model_path)
+    for d in (rf.backup_dir, rf.logs_dir):
+        d.mkdir(exist_ok=True)
+    rf.write_history(rows)
     metrics = {"train": _proba_metrics(staged.predict_proba(x_tr), y_tr)}
     if data["val"] is not None:
         x_va, y_va = _arrays(data["val"])
@@ -232,8 +223,7 @@ def run_staged(cfg, tc: TrainSection, prep, run_dir: Path, prepare_seconds: floa
            "timings": {"prepare_seconds": round(prepare_seconds, 3),
                        "fit_seconds": round(fit_seconds, 3)},
            "backend": keras.backend.backend(), "config": tc.model_dump(mode="json")}
-    with open(run_dir / "train_metrics.json", "w") as fh:
-        json.dump(out, fh, indent=1, default=str)
+    rf.write_train_metrics(out)
     return out
 
 
@@ -241,17 +231,6 @@ def _clean(model):
     clone = model.__class__.from_config(model.get_config())
     clone.set_weights(model.get_weights())
     return clone
-
-
-def _write_rows(path, rows):
-    import csv
-
-    cols = list(dict.fromkeys(k for r in rows for k in r))
-    with open(path, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=cols)
-        w.writeheader()
-        for r in rows:
-            w.writerow(r)
 
 
 def _proba_metrics(proba, y) -> dict:
@@ -290,10 +269,9 @@ def run_lr_find(cfg, out_png=None, *, steps: int = 200, start_lr: float = 1e-7,
     plan_phases(tc, model, tc.epochs)[0].apply(model)
     result = lr_find(model, data["train"], start_lr=start_lr, end_lr=end_lr, steps=steps,
                      config=tc)
-    out_png = Path(out_png) if out_png else run_folder(cfg) / "lr_find.png"
+    out_png = Path(out_png) if out_png else RunFolder.for_config(cfg).lr_find_path
     result.plot(out_png)
-    with open(out_png.with_suffix(".json"), "w") as fh:
-        json.dump(result.to_json(), fh, indent=1)
+    write_json(out_png.with_suffix(".json"), result.to_json(), strict=False)
     return result, out_png
 
 
@@ -319,8 +297,8 @@ def run_tuning(cfg, run_dir=None, *, label: str = "config", overwrite: bool | No
                           "with flat or hierarchical, then train staged with the best config")
     check_tunable(tc)
     preflight()
-    run_dir = run_folder(cfg, run_dir)
-    tdir = run_dir / "tuning"
+    rf = RunFolder.for_config(cfg, run_dir)
+    run_dir, tdir = rf.path, rf.tuning_dir
     tdir.mkdir(parents=True, exist_ok=True)
     keras.utils.set_random_seed(tc.tune.seed)
     prep = prepare(cfg)
@@ -330,7 +308,8 @@ def run_tuning(cfg, run_dir=None, *, label: str = "config", overwrite: bool | No
         raise ConfigError("split.val: the search needs a validation split (split.val > 0)")
     cache = None
     if tc.tune.feature_cache:
-        cache = FeatureCache(tc.tune.cache_dir or tdir / "features", batch_size=tc.batch_size)
+        cache = FeatureCache(tc.tune.cache_dir or rf.tuning_features_dir,
+                             batch_size=tc.batch_size)
     hm = TransferHyperModel(tc, prep.hierarchy, prep.options.shape,
                             plain_train=data["train_eval"], plain_val=data["val"],
                             feature_cache=cache)
@@ -338,9 +317,6 @@ def run_tuning(cfg, run_dir=None, *, label: str = "config", overwrite: bool | No
                         epochs=tc.tune.epochs or tc.epochs, verbose=verbose)
     if result.best_section is not None:
         best = resolved_config(cfg, result.best_section, prep.hierarchy)
-        path = tdir / "best_config.yaml"
-        with open(path, "w") as fh:
-            yaml.safe_dump(best, fh, sort_keys=False)
-        result.files["best_config"] = str(path)
+        result.files["best_config"] = rf.write_best_config(best)
     return result
 

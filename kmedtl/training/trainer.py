@@ -40,7 +40,6 @@ Example::
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import math
 import os
@@ -56,6 +55,7 @@ import keras
 import numpy as np
 
 from kmedtl.errors import ConfigError
+from kmedtl.run_folder import RunFolder, leaf_output
 from kmedtl.training import callbacks as cb
 from kmedtl.training.batchnorm import recalibrate_batchnorm
 from kmedtl.training.config import TrainSection, train_section
@@ -115,15 +115,6 @@ def _num(v):
     return f if math.isfinite(f) else None
 
 
-def _leaf_output(model):
-    out = model.output
-    if isinstance(out, dict):
-        return out.get("leaf", next(iter(out.values())))
-    if isinstance(out, (list, tuple)):
-        return out[0]
-    return out
-
-
 def _is_multi_output(model) -> bool:
     return isinstance(model.output, dict) and len(model.output) > 1 or \
         isinstance(model.output, (list, tuple)) and len(model.output) > 1
@@ -161,6 +152,8 @@ class Trainer:
         self.cfg: TrainSection = train_section(config, label, **overrides)
         self.model = model
         self.run_dir = Path(run_dir) if run_dir else None
+        # the run folder's layout (file names) is RunFolder's; the Trainer writes through it
+        self.folder = RunFolder(self.run_dir) if self.run_dir else None
         self.distribution = distribution
         self.extra_callbacks = list(callbacks)
         self.loss = loss
@@ -168,7 +161,7 @@ class Trainer:
         self.loss_weights = loss_weights
         self.jit_compile = resolve_jit_compile(self.cfg.jit_compile)
         self.multi_output = _is_multi_output(model)
-        self.n_classes = int(_leaf_output(model).shape[-1])
+        self.n_classes = int(leaf_output(model.output, first=True).shape[-1])
 
     # ------------------------------------------------------------------ compile
     def compile_args(self) -> dict:
@@ -367,49 +360,44 @@ class Trainer:
             return self.model.fit(callbacks=make_callbacks(), **fit_kwargs)
 
     def _paths(self) -> dict | None:
-        if self.run_dir is None:
+        """:meth:`RunFolder.training_paths` (its folders created); ``None`` without a
+        run folder (the best weights then go to a temporary folder)."""
+        if self.folder is None:
             self._tmp = tempfile.mkdtemp(prefix="kmedtl_ckpt_")
             return None
-        d = self.run_dir
-        for sub in ("checkpoints", "backup", "logs"):
-            (d / sub).mkdir(parents=True, exist_ok=True)
-        return {"best": d / "checkpoints" / "best.weights.h5",
-                "last": d / "checkpoints" / "last.weights.h5",
-                "backup": d / "backup", "state": d / "backup" / "state.json",
-                "phase_weights": d / "backup" / "phase_end.npz",
-                "logs": d / "logs", "history": d / "history.csv",
-                "model": d / "model.keras", "metrics": d / "train_metrics.json"}
+        return self.folder.training_paths(create=True)
 
     def _best_path(self, paths):
-        return paths["best"] if paths else Path(self._tmp) / "best.weights.h5"
+        return paths["best"] if paths else Path(self._tmp) / RunFolder.BEST_WEIGHTS
 
     def _start(self, paths) -> dict | None:
         """Resume state from ``backup/`` or, for a fresh run, clear stale outputs."""
         if paths is None:
             return None
-        state = cb.read_state(paths["state"])
+        state = self.folder.training_state()  # backup/state.json
         if state is None:
             for stale in (paths["history"], paths["best"], paths["last"]):
                 if stale.exists():
                     stale.unlink()
-            shutil.rmtree(paths["backup"], ignore_errors=True)
-            paths["backup"].mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(paths["backup_dir"], ignore_errors=True)
+            paths["backup_dir"].mkdir(parents=True, exist_ok=True)
             return None
-        for sub in paths["backup"].iterdir():  # finished phases' leftovers
-            m = re.fullmatch(r"phase_(\d+)", sub.name)
-            if m and sub.is_dir() and int(m[1]) < int(state.get("completed_phases", 0)):
+        for sub in paths["backup_dir"].iterdir():  # finished phases' leftovers
+            index = RunFolder.backup_phase_index(sub.name)
+            if index is not None and sub.is_dir() and \
+                    index < int(state.get("completed_phases", 0)):
                 shutil.rmtree(sub, ignore_errors=True)
         log.info("resuming %s from epoch %s", self.run_dir, state.get("epoch"))
         return state
 
     def _end_phase(self, paths, completed, epoch, best):
         weights = self.model.get_weights()
-        tmp = paths["backup"] / "phase_end.tmp.npz"
+        tmp = paths["phase_weights_tmp"]
         np.savez(tmp, *weights)
         os.replace(tmp, paths["phase_weights"])
         cb.write_state(paths["state"], completed_phases=completed, phase=completed,
                        epoch=epoch, best=best)
-        shutil.rmtree(paths["backup"] / f"phase_{completed - 1}", ignore_errors=True)
+        shutil.rmtree(self.folder.backup_phase_dir(completed - 1), ignore_errors=True)
 
     def _callbacks(self, phase, paths, monitor, mode, checkpoint, timer, completed, user):
         cfg = self.cfg
@@ -424,11 +412,11 @@ class Trainer:
                                                          factor=cfg.reduce_lr_factor))
         if paths is not None:
             out.append(keras.callbacks.BackupAndRestore(
-                str(paths["backup"] / f"phase_{phase.index}"), save_freq=cfg.backup_every,
+                str(self.folder.backup_phase_dir(phase.index)), save_freq=cfg.backup_every,
                 delete_checkpoint=False))
             out.append(keras.callbacks.CSVLogger(str(paths["history"]), append=True))
             if cfg.tensorboard:
-                out.append(keras.callbacks.TensorBoard(str(paths["logs"])))
+                out.append(keras.callbacks.TensorBoard(str(paths["logs_dir"])))
             out.append(cb.RunState(paths["state"], phase.index, completed, checkpoint))
         return [*out, *self.extra_callbacks, *user]
 
@@ -487,13 +475,10 @@ class Trainer:
         save_inference_model(self.model, paths["model"])
         metrics = {"kind": "kmedtl-train-metrics", "version": 1, **(extra or {}),
                    **result.to_json(), "config": self.cfg.model_dump(mode="json")}
-        tmp = f"{paths['metrics']}.tmp"
-        with open(tmp, "w") as fh:
-            json.dump(metrics, fh, indent=1, default=str)
-        os.replace(tmp, paths["metrics"])
+        self.folder.write_train_metrics(metrics)
         # the run is complete: nothing left to resume
-        shutil.rmtree(paths["backup"], ignore_errors=True)
-        paths["backup"].mkdir(exist_ok=True)
+        shutil.rmtree(paths["backup_dir"], ignore_errors=True)
+        paths["backup_dir"].mkdir(exist_ok=True)
 
 
 def read_history(path) -> dict:
