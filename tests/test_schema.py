@@ -170,3 +170,21 @@ def test_one_strict_base_and_one_error_formatter():
     # >>> EXPECTED TO FAIL until kmedtl/training/config.py derives from kmedtl.schema.Strict
     # >>> and words its errors with kmedtl.schema (its _Strict and _errors are the offenders)
     assert offenders == [], offenders
+
+
+def test_the_train_stage_validates_the_train_section_once(monkeypatch):
+    """load_pipeline validates ``train``; the train stage, run_training and the Trainer use
+    that object instead of validating the mapping again."""
+    import kmedtl.training.trainer as trainer_mod
+    from kmedtl.models import FlatClassifier, backbone
+    from kmedtl.training import Trainer, train_section
+
+    tc = train_section({"backbone": "cbr_tiny", "epochs": 1})
+    model = FlatClassifier(backbone("cbr_tiny", input_shape=(32, 32, 1)), 2)
+    calls = []
+    monkeypatch.setattr(trainer_mod, "train_section",
+                        lambda *a, **k: calls.append(a) or train_section(*a, **k))
+    t = Trainer(model, tc)
+    assert t.cfg is tc and calls == []
+    assert Trainer(model, tc, epochs=3).cfg.epochs == 3  # overrides: a new section
+    assert len(calls) == 1

@@ -497,6 +497,7 @@ class _DieAt:
 
 def stage_train(ctx: Context, *, resume: bool) -> StageOutput:
     from kmedtl.data.splits import Splits
+    from kmedtl.training.config import train_section
     from kmedtl.training.stage import run_training
 
     die_at = fail_hook("train")
@@ -505,8 +506,11 @@ def stage_train(ctx: Context, *, resume: bool) -> StageOutput:
     if not resume:  # a different config's half-finished run must not be resumed
         shutil.rmtree(run / "backup", ignore_errors=True)
     cfg = train_config(ctx)
+    # the section load_pipeline validated, unless the tune or pretrain stage changed it
+    tc = (ctx.pipe.train if not {"tune", "pretrain"} & set(ctx.spec.stages)
+          else train_section(cfg, ctx.pipe.label))
     run_training(cfg, run, overwrite=not resume, label=ctx.pipe.label, callbacks=callbacks,
-                 fold=ctx.spec.fold)
+                 fold=ctx.spec.fold, train=tc)
     # the trainer re-derives the split from the same config: it must be the pipeline's
     rf = ctx.folder
     mine = Splits.load(rf.pipeline_splits_path)

@@ -123,17 +123,22 @@ def write_provenance(run_dir: Path, cfg, tc: TrainSection, prep) -> None:
 
 # ---------------------------------------------------------------------------- train
 def run_training(cfg, run_dir=None, *, epochs: int | None = None, overwrite: bool = False,
-                 label: str = "config", callbacks=(), fold: int = 0):
+                 label: str = "config", callbacks=(), fold: int = 0,
+                 train: TrainSection | None = None):
     """``kmedtl train``: prepare data, build, train, write ``runs/<name>/``.
 
     Returns the :class:`~kmedtl.training.TrainResult` (staged runs: a dict).  An
     interrupted run (``backup/`` holds its state) resumes when called again.  ``fold``
     picks the fold of a k-fold / repeated split (recorded as ``"fold"`` in
-    ``train_metrics.json``).
+    ``train_metrics.json``).  ``train``: the already validated train section (``kmedtl
+    run`` passes the one it validated when the pipeline loaded); default: ``cfg.train``.
     """
     t0 = time.perf_counter()
     overrides = {"epochs": epochs} if epochs else {}
-    tc = train_section(cfg, label, **overrides)
+    if train is None or overrides:
+        tc = train_section(train if train is not None else cfg, label, **overrides)
+    else:
+        tc = train
     _check_data(cfg)
     check_weight_scaling(tc)
     inputs = model_inputs(cfg, tc)

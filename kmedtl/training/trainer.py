@@ -149,7 +149,10 @@ class Trainer:
     def __init__(self, model, config=None, *, run_dir=None, distribution=None, callbacks=(),
                  loss=None, metrics=None, loss_weights=None, label: str = "config",
                  **overrides):
-        self.cfg: TrainSection = train_section(config, label, **overrides)
+        # a validated section is used as it is: the train section is validated once, where
+        # the config is loaded, and passed down as this typed object
+        self.cfg: TrainSection = (config if isinstance(config, TrainSection) and not overrides
+                                  else train_section(config, label, **overrides))
         self.model = model
         self.run_dir = Path(run_dir) if run_dir else None
         # the run folder's layout (file names) is RunFolder's; the Trainer writes through it
