@@ -48,24 +48,31 @@ def json_safe(obj):
     return obj
 
 
-def write_json(path, data, *, strict: bool = True, default=None, indent: int = 1) -> str:
-    """Write ``data`` to ``path`` atomically; returns the path (a string).
-
-    ``strict`` (default): :func:`json_safe` first and refuse NaN (strict JSON).  Otherwise
-    the data are dumped as they are, ``default`` encoding what ``json`` cannot."""
+def atomic_write(path, write, *, newline: str | None = None) -> str:
+    """``write(fh)`` into ``<path>.tmp``, then rename it over ``path``: a reader never sees
+    half a file, and a failed write leaves the old file and no temporary one.  Returns the
+    path (a string)."""
     path = os.fspath(path)
     tmp = f"{path}.tmp"
     try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            if strict:
-                json.dump(json_safe(data), fh, indent=indent, allow_nan=False, default=default)
-            else:
-                json.dump(data, fh, indent=indent, default=default)
+        with open(tmp, "w", encoding="utf-8", newline=newline) as fh:
+            write(fh)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_json(path, data, *, strict: bool = True, default=None, indent: int = 1) -> str:
+    """Write ``data`` to ``path`` atomically (:func:`atomic_write`); returns the path.
+
+    ``strict`` (default): :func:`json_safe` first and refuse NaN (strict JSON).  Otherwise
+    the data are dumped as they are, ``default`` encoding what ``json`` cannot."""
+    if strict:
+        return atomic_write(path, lambda fh: json.dump(json_safe(data), fh, indent=indent,
+                                                       allow_nan=False, default=default))
+    return atomic_write(path, lambda fh: json.dump(data, fh, indent=indent, default=default))
 
 
 def read_json(path, *, error: type[Exception] = ConfigError,

@@ -69,26 +69,11 @@ _NORMALIZATION = {"unit": "unit", "tf": "symmetric", "torch": "imagenet", "caffe
                   "none": "raw255"}
 
 
-def _atomic_write(path, write, *, newline: str | None = None) -> str:
-    """``write(fh)`` into ``<path>.tmp``, then rename it over ``path`` (a reader never sees
-    half a file; a failed write leaves the old file and no temporary one)."""
-    path = os.fspath(path)
-    tmp = f"{path}.tmp"
-    try:
-        with open(tmp, "w", encoding="utf-8", newline=newline) as fh:
-            write(fh)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def write_yaml(path, data, *, sort_keys: bool = False) -> str:
     """Write ``data`` to ``path`` atomically as ``yaml.safe_dump(data, sort_keys=...)``."""
     import yaml
 
-    return _atomic_write(path, lambda fh: yaml.safe_dump(data, fh, sort_keys=sort_keys))
+    return jsonio.atomic_write(path, lambda fh: yaml.safe_dump(data, fh, sort_keys=sort_keys))
 
 
 def write_rows(path, rows) -> str:
@@ -103,7 +88,7 @@ def write_rows(path, rows) -> str:
         for r in rows:
             w.writerow(r)
 
-    return _atomic_write(path, write, newline="")
+    return jsonio.atomic_write(path, write, newline="")
 
 
 def load_model(path, error: type[Exception] = ConfigError):
