@@ -29,7 +29,7 @@ def test_the_study_arm_that_measured_it_is_the_recommended_recipe(ds, datasets_d
     study = {s.name: s for s in load_study(f"pipelines/study_imagenet_{ds}.yaml")}
     s = study[f"{ds}_recipe"]
     arm = next(a for a in s.arms if a.name == "recommended")
-    recipe = {**s.train, **arm.train}
+    recipe = s.recipe_of(arm)
     assert _subset(recipe) == RECOMMENDED_RECIPE
     default = next(a for a in s.arms if a.name == s.reference)
     assert {**s.train, **default.train}["strategy"] == "fine_tune"  # what it was measured against

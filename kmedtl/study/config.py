@@ -205,6 +205,10 @@ class StudyConfig(Strict):
     def sizes_of(self, arm: Arm) -> list:
         return list(arm.sizes or self.grid.sizes)
 
+    def recipe_of(self, arm: Arm) -> dict:
+        """The arm's training recipe: the shared ``train`` with the arm's fields on top."""
+        return {**self.train, **arm.train}
+
 
 SHARED = ("data", "grid", "train", "pretrain", "evaluation", "results", "budget_minutes")
 # (costs and moonshot belong to one comparison)
@@ -270,7 +274,7 @@ def _check_recipes(cfg: StudyConfig, label: str) -> None:
     from kmedtl.study.training import train_section_for
 
     for j, arm in enumerate(cfg.arms):
-        recipe = {**cfg.train, **arm.train}
+        recipe = cfg.recipe_of(arm)
         for n in cfg.sizes_of(arm):
             try:
                 train_section_for(recipe, n, 0)

@@ -163,7 +163,7 @@ class Report:
         L += [f"Study file: `{Path(s.source).name}`; reference arm for paired tests: "
               f"**{ref.label or ref.name}**.", "", "| arm | recipe |", "|---|---|"]
         for arm in s.arms:
-            recipe = {**s.train, **arm.train}
+            recipe = s.recipe_of(arm)
             L.append(f"| {arm.label or arm.name} | {_recipe_text(recipe, arm.init, arm.n_folds)}"
                      " |")
         L.append("")
@@ -242,7 +242,7 @@ class Report:
              + " | ".join(f"N={n}" for n in sizes) + " |",
              "|---|---|---|---|---|---|---|" + "---|" * len(sizes)]
         for arm in s.arms:
-            recipe = {**s.train, **arm.train}
+            recipe = s.recipe_of(arm)
             r = rows.get((recipe.get("backbone"), recipe.get("cut") or "(full)"))
             if r is None:
                 continue

@@ -240,7 +240,7 @@ class StudyRunner:
         planned = []
         for si, s in enumerate(self.studies):
             for ai, arm in enumerate(s.arms):
-                recipe = {**s.train, **arm.train}
+                recipe = s.recipe_of(arm)
                 for n in s.sizes_of(arm):
                     for seed in s.grid.seeds:
                         pkey = (self.pretrain_key(s, arm.init, seed) if arm.init != "scratch"
