@@ -32,7 +32,7 @@ def test_the_study_arm_that_measured_it_is_the_recommended_recipe(ds, datasets_d
     recipe = s.recipe_of(arm)
     assert _subset(recipe) == RECOMMENDED_RECIPE
     default = next(a for a in s.arms if a.name == s.reference)
-    assert {**s.train, **default.train}["strategy"] == "fine_tune"  # what it was measured against
+    assert s.recipe_of(default)["strategy"] == "fine_tune"  # what it was measured against
 
 
 def test_recipe_recommended_expands_and_fields_beside_it_win():
