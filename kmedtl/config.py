@@ -23,6 +23,8 @@ from typing import Any, Literal, Union
 import yaml
 from pydantic import Field, field_validator, model_validator
 
+from kmedtl.data.augment import Augmentation
+from kmedtl.data.dicomweb import DicomWebSpec
 from kmedtl.data.options import WINDOW_MODES, ImageOptions
 from kmedtl.errors import ConfigError, DatasetNotFoundError
 from kmedtl.hierarchy import Hierarchy
@@ -155,7 +157,7 @@ class TTAOptions(Strict):
 
     def augment_layers(self) -> list:
         """The Keras layers that make the random views (empty when there are none)."""
-        import keras
+        import keras  # lazy: keeps `kmedtl data` (which loads configs) free of Keras
 
         layers = []
         if self.rotation > 0:
@@ -268,8 +270,6 @@ class Config(Strict):
         return Hierarchy(h)
 
     def augmentation(self, seed: int | None = None):
-        from kmedtl.data.augment import Augmentation
-
         return Augmentation(**self.augment.model_dump(), seed=seed)
 
 
@@ -374,8 +374,6 @@ def _check_source(cfg: Config, label: str):
     if d.source == "manifest" and not d.manifest:
         raise ConfigError(f"{label}: data.manifest is required when data.source is 'manifest'")
     if d.source == "dicomweb":
-        from kmedtl.data.dicomweb import DicomWebSpec
-
         if not d.dicomweb:
             raise ConfigError(f"{label}: data.dicomweb (url, store, labels ...) is required "
                               "when data.source is 'dicomweb'")

@@ -139,3 +139,11 @@ class DicomWebAuthError(DicomWebError, PermissionError):
 
 class DicomWebTLSError(DicomWebError, ConnectionError):
     """The TLS handshake failed (unknown CA, wrong host name, client certificate needed)."""
+
+
+class ServingError(KmedtlError):
+    """A prediction request cannot be built, sent or answered (client side).
+
+    Defined here, below both ``kmedtl.serving`` and ``kmedtl.export`` (which re-exports
+    it), so that neither package has to import the other's face to raise it.
+    """

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 
 from kmedtl.errors import HierarchyError
 
@@ -128,8 +129,6 @@ class Hierarchy:
     @classmethod
     def from_yaml(cls, source: str | Path) -> Hierarchy:
         """Build from a YAML file path or a YAML string."""
-        import yaml
-
         text = source
         if isinstance(source, Path) or (
             isinstance(source, str) and "\n" not in source and source.endswith((".yaml", ".yml"))
@@ -322,6 +321,7 @@ class Hierarchy:
 
     def level_probabilities_tf(self, leaf, k: int):
         """:meth:`level_probabilities` with TensorFlow ops (for exported graphs)."""
+        # lazy: the label tree is loaded by `kmedtl data` and on KERAS_BACKEND=jax (no TF)
         import tensorflow as tf
 
         leaf = tf.convert_to_tensor(leaf)

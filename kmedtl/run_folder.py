@@ -56,13 +56,23 @@ Example::
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 
+import keras
+import yaml
+
+import kmedtl.models  # noqa: F401  (registers kmedtl's serializable classes)
 from kmedtl import jsonio
+from kmedtl.config import load_config
+from kmedtl.data.prepare import check_model_inputs, input_names, load_index, primary_input
+from kmedtl.data.splits import Splits
 from kmedtl.errors import ConfigError, KmedtlError
+from kmedtl.hierarchy import Hierarchy
 
 #: kmedtl.models preprocessing names -> kmedtl.data.pipeline normalisation names.
 _NORMALIZATION = {"unit": "unit", "tf": "symmetric", "torch": "imagenet", "caffe": "caffe",
@@ -71,16 +81,12 @@ _NORMALIZATION = {"unit": "unit", "tf": "symmetric", "torch": "imagenet", "caffe
 
 def write_yaml(path, data, *, sort_keys: bool = False) -> str:
     """Write ``data`` to ``path`` atomically as ``yaml.safe_dump(data, sort_keys=...)``."""
-    import yaml
-
     return jsonio.atomic_write(path, lambda fh: yaml.safe_dump(data, fh, sort_keys=sort_keys))
 
 
 def write_rows(path, rows) -> str:
     """Write ``rows`` (dicts) to ``path`` atomically as CSV: a header of every key in
     first-seen order, then one line per row."""
-    import csv
-
     def write(fh):
         cols = list(dict.fromkeys(k for r in rows for k in r))
         w = csv.DictWriter(fh, fieldnames=cols)
@@ -93,10 +99,6 @@ def write_rows(path, rows) -> str:
 
 def load_model(path, error: type[Exception] = ConfigError):
     """``keras.saving.load_model`` with kmedtl's layers registered."""
-    import keras
-
-    import kmedtl.models  # noqa: F401  (registers kmedtl's serializable classes)
-
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise error(f"{path}: model file not found (the training stage writes "
@@ -392,8 +394,6 @@ class RunFolder:
 
     def clear_training(self) -> None:
         """Remove what training writes (:attr:`TRAINING_FILES`, :attr:`TRAINING_DIRS`)."""
-        import shutil
-
         for name in self.TRAINING_FILES:
             (self.path / name).unlink(missing_ok=True)
         for name in self.TRAINING_DIRS:
@@ -512,8 +512,6 @@ class RunFolder:
     def config(self):
         """``config.yaml``, loaded and validated once (:func:`kmedtl.config.load_config`)."""
         def make():
-            from kmedtl.config import load_config
-
             return load_config(self.config_path)
 
         return self._once("config", make)
@@ -540,8 +538,6 @@ class RunFolder:
     @property
     def model_hierarchy(self):
         """The hierarchy the saved model carries, or ``None`` (also without a model file)."""
-        from kmedtl.hierarchy import Hierarchy
-
         if "model" not in self._cache and not self.has_model:
             return None
         h = getattr(self.model, "hierarchy", None)
@@ -553,8 +549,6 @@ class RunFolder:
         return self._once("hierarchy", self._resolve_hierarchy)
 
     def _resolve_hierarchy(self):
-        from kmedtl.hierarchy import Hierarchy
-
         h = self.model_hierarchy
         if h is None and self.has_config:
             h = self.config.hierarchy()
@@ -603,23 +597,17 @@ class RunFolder:
     def data_inputs(self) -> list[str]:
         """The image inputs of the configured data (main image first):
         :func:`kmedtl.data.prepare.input_names` of ``config.yaml``'s ``data``."""
-        from kmedtl.data.prepare import input_names
-
         return input_names(self.config.data, check=False)
 
     @property
     def primary_input(self) -> str:
         """The main image's input name in the configured data (``image`` unless
         ``data.columns.path`` names it)."""
-        from kmedtl.data.prepare import primary_input
-
         return primary_input(self.config.data)
 
     def check_inputs(self, data_inputs=None, where: str | None = None) -> list[str] | None:
         """Raise ``error`` unless the model takes the images the data gives (default: the
         configured data's :attr:`data_inputs`); returns :attr:`input_names`."""
-        from kmedtl.data.prepare import check_model_inputs
-
         data_inputs = self.data_inputs if data_inputs is None else list(data_inputs)
         check_model_inputs(self.input_names, data_inputs,
                            where or f"{self.model_path} with {self.config_path}", self.error)
@@ -634,8 +622,6 @@ class RunFolder:
     def index(self):
         """``(index, hierarchy)`` of the configured data (:func:`load_index`), once."""
         def make():
-            from kmedtl.data.prepare import load_index
-
             return load_index(self.config)
 
         return self._once("index", make)
@@ -648,8 +634,6 @@ class RunFolder:
         """``splits.json`` (:class:`~kmedtl.data.splits.Splits`; ids resolved against
         ``root``), or ``None`` when the folder has no split file."""
         def make():
-            from kmedtl.data.splits import Splits
-
             return Splits.load(self.splits_path, root=root) if self.has_splits else None
 
         return self._once(("splits", None if root is None else str(root)), make)

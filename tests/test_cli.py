@@ -97,3 +97,47 @@ def test_console_script_runs_in_a_fresh_process(tmp_path):
     exe = os.path.join(os.path.dirname(sys.executable), "kmedtl")
     res = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and res.stdout.startswith("kmedtl ")
+
+
+def test_data_package_never_imports_the_config():
+    """``kmedtl.data`` sits below ``kmedtl.config`` (and the root CLI): the data commands
+    get the YAML -> config resolution handed in by ``kmedtl.cli``."""
+    from test_import_graph import import_graph
+
+    graph = import_graph()
+    up = {src: sorted(d for d in dsts if d in ("kmedtl.config", "kmedtl.cli"))
+          for src, dsts in graph.items() if src.startswith("kmedtl.data")}
+    assert {src: d for src, d in up.items() if d} == {}
+    assert "kmedtl.data.cli" in graph["kmedtl.cli"]
+
+
+def test_data_commands_use_the_config_loader_they_are_given(tree, tmp_path, capsys):
+    import argparse
+
+    from kmedtl.config import load_config
+    from kmedtl.data.cli import add_parsers
+
+    seen = []
+
+    def loader(source):
+        seen.append(source)
+        return load_config(source)
+
+    parser = argparse.ArgumentParser()
+    add_parsers(parser.add_subparsers(dest="command", required=True), load_config=loader)
+    args = parser.parse_args(["data", "audit", str(tree), "--no-cache", "--size", "32",
+                              "--workers", "1"])
+    assert args.func(args) == 0
+    assert "read 18 = used 17 + skipped 1" in capsys.readouterr().out
+    # SOURCE as a folder, then the overridden values re-validated
+    assert seen[0] == {"data": {"source": "folder", "root": str(tree)}}
+    assert seen[1]["data"]["image"]["size"] == 32 and len(seen) == 2
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"data: {{root: {tree}, image: {{size: 32}}}}\n"
+                   "split: {method: source, val: 0.25}\n")
+    seen.clear()
+    args = parser.parse_args(["data", "split", str(cfg), "--out", str(tmp_path / "s.json"),
+                              "--workers", "1"])
+    assert args.func(args) == 0
+    assert seen == [str(cfg)]

@@ -6,7 +6,9 @@ Public entry points::
     from kmedtl.data.pipeline import make_dataset      # tf.data (imports TensorFlow)
 
 The modules below ``pipeline`` never import TensorFlow, so cache/audit worker processes
-start fast.
+start without it.  ``kmedtl.data.cli`` holds the ``kmedtl data`` subcommands (not imported
+here); like every module in this package it never imports ``kmedtl.config``, which sits
+above: the root CLI hands it the YAML -> config loader.
 """
 
 from kmedtl.data.audit import audit, format_summary

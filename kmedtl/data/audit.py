@@ -94,7 +94,7 @@ def audit(index: DatasetIndex, options: ImageOptions | None = None, *, splits=No
     if runner not in ("process", "beam"):
         raise ValueError(f"runner={runner!r}: use 'process' or 'beam'")
     if runner == "beam":
-        # Apache Beam (optional, heavy): loaded for runner="beam" only
+        # lazy: Apache Beam, an optional extra (pip install 'kmedtl[beam]'), runner="beam" only
         from kmedtl.data import beam
 
         digests, phashes, skipped = beam.scan_index_beam(
@@ -120,7 +120,7 @@ def audit(index: DatasetIndex, options: ImageOptions | None = None, *, splits=No
         by_split[split_of.get(s.id, "unassigned")][cls(s)] += 1
 
     if runner == "beam":  # the same groups as below, as Beam transforms (banded pHash)
-        from kmedtl.data import beam  # Apache Beam (optional, heavy)
+        from kmedtl.data import beam  # lazy: Apache Beam (pip install 'kmedtl[beam]')
 
         g = beam.duplicate_groups(digests, phashes, path_of, near_threshold, beam_options)
         exact, near, near_pairs = g.exact, g.near, [tuple(p) for p in g.near_pairs]

@@ -50,7 +50,7 @@ class Augmentation:
         return bool(self.mixup or self.cutmix)
 
     def layers(self) -> list:
-        import keras
+        import keras  # lazy: keeps `kmedtl data` (configs name an Augmentation) Keras-free
 
         s = self.seed
         out = []
@@ -71,6 +71,7 @@ class Augmentation:
 
     def apply_batch(self, images, labels, layers=None, mixers=None):
         """Augment one batch (tf.data graph mode). Returns (images, labels)."""
+        # lazy: keeps `kmedtl data` free of TensorFlow (absent under KERAS_BACKEND=jax)
         import tensorflow as tf
 
         for layer in layers if layers is not None else self.layers():
@@ -82,7 +83,7 @@ class Augmentation:
         return images, labels
 
     def mixers(self) -> list:
-        import keras
+        import keras  # lazy: keeps `kmedtl data` (configs name an Augmentation) Keras-free
 
         out = []
         if self.mixup:

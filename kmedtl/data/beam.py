@@ -52,9 +52,12 @@ import glob
 import json
 import os
 import shutil
+import tempfile
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+
+import numpy as np
 
 from kmedtl.data import scan
 from kmedtl.data.cache import CacheResult, finish_build, plan_build
@@ -64,8 +67,9 @@ from kmedtl.errors import BackendUnavailableError, KmedtlError
 
 try:
     import apache_beam as beam
+    from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 except ImportError:  # pragma: no cover - the error is raised when a pipeline is asked for
-    beam = None
+    beam = PipelineOptions = StandardOptions = None
 
 HASH_BITS = 64
 _MASK = (1 << HASH_BITS) - 1
@@ -112,8 +116,6 @@ def pipeline_options(beam_options=None, *, workers: int | None = None):
     """``PipelineOptions`` from :func:`beam_flags`; a ready ``PipelineOptions`` is used
     as is."""
     _beam()
-    from apache_beam.options.pipeline_options import PipelineOptions
-
     if isinstance(beam_options, PipelineOptions):
         return beam_options
     return PipelineOptions(beam_flags(beam_options, workers=workers))
@@ -123,8 +125,6 @@ def _small_job_options(beam_options):
     """Options for a job over small in-memory data (the duplicate grouping): the
     caller's runner, but in this process when it is the DirectRunner (starting worker
     processes would cost more than the job)."""
-    from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
-
     options = pipeline_options(beam_options)
     runner = str(options.view_as(StandardOptions).runner or "DirectRunner")
     if isinstance(beam_options, PipelineOptions) or "Direct" not in runner:
@@ -220,8 +220,6 @@ def scan_index_beam(index: DatasetIndex, options: ImageOptions, cache_dir=None,
         res = build_cache_beam(index, options, cache_dir, beam_options, workers=workers,
                                phash=True)
         return res.digests, res.phashes, res.skipped
-    import tempfile
-
     tasks = [scan.Task(s.path, s.frame, options, None, True) for s in index.samples]
     results = run_tasks(tasks, beam_options, work_dir=work_dir or tempfile.gettempdir(),
                         workers=workers)
@@ -276,8 +274,6 @@ def _emit_band_keys(rec, band_list):
 def _verify_bucket(kv, threshold: int, band_list):
     """Pairs within ``threshold`` bits among one bucket's members, each reported by the
     first band it agrees on only."""
-    import numpy as np
-
     (band, _), members = kv
     members = sorted(members)
     if len(members) < 2:
@@ -447,8 +443,6 @@ def duplicate_groups(digests: Mapping[str, str], phashes: Mapping[str, int],
     With the DirectRunner the job runs in this process (its input is one small record
     per sample); any other runner gets the caller's options unchanged.
     """
-    import tempfile
-
     _beam()
     options = _small_job_options(beam_options)
     exact_in = [(sid, d, path_of[sid]) for sid, d in digests.items() if sid in path_of]

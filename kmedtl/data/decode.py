@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kmedtl.data import dicom, raster, transforms
+from kmedtl.data import dicom, raster, tfio_backend, transforms
 from kmedtl.data.hashing import content_digest
 from kmedtl.data.options import ImageOptions
 from kmedtl.errors import DataError
@@ -78,9 +78,6 @@ def decode_bytes(data: bytes, name: str, options: ImageOptions, frame: int | Non
         raise DataError(name, "file is empty (0 bytes)", kind="zero_byte")
     if looks_like_dicom(name, data[:132]):
         if decoder == "tfio":
-            # tensorflow-io backend (optional, heavy): loaded for decoder="tfio" only
-            from kmedtl.data import tfio_backend
-
             img, meta = tfio_backend.decode_dicom_tfio_with_meta(data, options, name, frame)
             return img, dict(meta, source="dicom", decoder="tfio")
         d = dicom.decode_dicom(data, options, frame=frame, name=name, summary=summary)

@@ -36,6 +36,23 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pydicom
+from pydicom.dataset import FileMetaDataset
+from pydicom.encaps import get_frame
+from pydicom.errors import InvalidDicomError
+from pydicom.pixels import (
+    apply_color_lut,
+    apply_modality_lut,
+    apply_voi,
+    get_decoder,
+    pixel_array,
+)
+from pydicom.uid import (
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    RLELossless,
+)
 
 from kmedtl.data.jpeg_lossless import LOSSLESS_JPEG_SYNTAXES, check_frame
 from kmedtl.data.options import WINDOW_PRESETS, ImageOptions
@@ -155,9 +172,6 @@ def read_dataset(source, path_for_errors, *, stop_before_pixels=False):
     Files without the DICOM preamble (old ACR-NEMA style, or written by tools that skip
     the file meta) are accepted when they parse into a plausible image dataset.
     """
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
     name = path_for_errors
     if isinstance(source, (bytes, bytearray)):
         if len(source) == 0:
@@ -229,9 +243,6 @@ def _first_line(exc) -> str:
 
 def _ensure_transfer_syntax(ds):
     """Datasets without file meta still decode: infer the syntax they were read with."""
-    from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-
     meta = getattr(ds, "file_meta", None)
     if meta is None:
         ds.file_meta = meta = FileMetaDataset()
@@ -311,8 +322,6 @@ def check_dimensions(ds, name, max_pixels):
 
 
 def _check_codec(ds, name):
-    from pydicom.pixels import get_decoder
-
     tsyntax = ds.file_meta.TransferSyntaxUID
     if not tsyntax.is_compressed:
         return
@@ -364,9 +373,6 @@ def decode_dicom(source, options: ImageOptions, *, frame: int | None = None,
 
 
 def _decode_dataset(ds, options: ImageOptions, frame, name, summary) -> DicomImage:
-    from pydicom.pixels import get_decoder, pixel_array
-    from pydicom.uid import RLELossless
-
     check_pixels_present(ds, name)
     check_dimensions(ds, name, options.max_pixels)
     _ensure_transfer_syntax(ds)
@@ -419,9 +425,6 @@ def _check_lossless_jpeg(ds, arr, index, total, name):
     if photometric.startswith("YBR") or photometric == "PALETTE COLOR" or \
             arr.dtype.kind not in "iu":
         return  # colour-converted or looked-up samples are not the stream's samples
-    from pydicom.encaps import get_frame
-    from pydicom.pixels import pixel_array
-
     try:
         stream = get_frame(ds.PixelData, index, number_of_frames=total)
     except Exception:  # noqa: BLE001 - pixel_array already read the frame; nothing to check
@@ -491,8 +494,6 @@ def _decoder_reason(text: str) -> str:
 
 def to_display(arr: np.ndarray, ds, options: ImageOptions, name: str):
     """Map decoded pixel values to float32 [0, 1] display values, (H, W, C)."""
-    from pydicom.pixels import apply_color_lut
-
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     info: dict = {}
     if photometric == "PALETTE COLOR":
@@ -573,8 +574,6 @@ def _modality(arr, ds):
     """
     note = None
     if "ModalityLUTSequence" in ds:
-        from pydicom.pixels import apply_modality_lut
-
         seq = ds.get("ModalityLUTSequence")
         problem = lut_problem(seq[0] if seq else None)
         if problem is None:
@@ -641,8 +640,6 @@ def _window(values: np.ndarray, ds, options: ImageOptions):
             return fn(values, c, w), {"window": [c, w], "window_source": f"header {func}"}
         reason = "no window in header"
         if "VOILUTSequence" in ds:
-            from pydicom.pixels import apply_voi
-
             seq = ds.get("VOILUTSequence")
             problem = lut_problem(seq[0] if seq else None)
             if problem is None:

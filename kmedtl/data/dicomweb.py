@@ -64,6 +64,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
+from pydicom.datadict import tag_for_keyword
+from pydicom.errors import InvalidDicomError
+
 from kmedtl.data import dicom
 from kmedtl.data.options import ImageOptions
 from kmedtl.data.sources import SPLIT_NAMES, DatasetIndex, Sample, Skipped
@@ -300,6 +303,7 @@ def _env(name: str, field_name: str) -> str:
 
 
 def _session_class():
+    # lazy: requests comes with the dicomweb extra (pip install 'kmedtl[dicomweb]')
     import requests
 
     class Session(requests.Session):
@@ -321,8 +325,9 @@ def _session_class():
 
 def make_session(spec: DicomWebSpec):
     """A ``requests.Session`` with the spec's credentials (from the environment) and TLS."""
+    # lazy: requests comes with the dicomweb extra (pip install 'kmedtl[dicomweb]')
     import requests
-    from requests.adapters import HTTPAdapter
+    from requests.adapters import HTTPAdapter  # lazy: the dicomweb extra, as above
 
     session = _session_class()()
     if spec.username_env:
@@ -364,6 +369,7 @@ def make_client(spec: DicomWebSpec, session=None):
     """A ``dicomweb_client.DICOMwebClient`` on ``session`` (default: :func:`make_session`),
     retrying each request ``spec.retries`` times with exponential back-off."""
     try:
+        # lazy: an optional extra (pip install 'kmedtl[dicomweb]'); refused below without it
         from dicomweb_client import DICOMwebClient
     except ImportError:
         raise BackendUnavailableError("the DICOMweb source needs dicomweb-client: "
@@ -388,6 +394,7 @@ def _status(exc) -> int | None:
 def _fatal(exc, spec: DicomWebSpec, doing: str, *, study=None, instance=None,
            progress: str = "") -> DicomWebError | None:
     """The whole-server error ``exc`` stands for, or None when it concerns one item."""
+    # lazy: requests comes with the dicomweb extra (pip install 'kmedtl[dicomweb]')
     import requests
 
     url = spec.redacted_url
@@ -448,6 +455,7 @@ def _short(exc) -> str:
 
 def _skip_reason(exc, what: str) -> tuple[str, str]:
     """(kind, reason) for an error that concerns one instance."""
+    # lazy: requests comes with the dicomweb extra (pip install 'kmedtl[dicomweb]')
     import requests
 
     status = _status(exc)
@@ -461,8 +469,6 @@ def _skip_reason(exc, what: str) -> tuple[str, str]:
                         requests.exceptions.ContentDecodingError)):
         return "truncated_transfer", (f"{what}: the transfer stayed truncated after retries "
                                       f"({_short(exc)}); the next pull retries it")
-    from pydicom.errors import InvalidDicomError
-
     if isinstance(exc, InvalidDicomError):
         return "invalid_dicom", (f"{what}: the server sent a part that is not a DICOM file "
                                  f"({_first_line(exc)})")
@@ -595,8 +601,6 @@ class Store:
 
 def deidentify(ds) -> None:
     """Empty :data:`IDENTITY_KEYWORDS` at every nesting level (sequences are removed)."""
-    from pydicom.datadict import tag_for_keyword
-
     tags = {tag_for_keyword(k) for k in IDENTITY_KEYWORDS} - {None}
 
     def scrub(dataset):

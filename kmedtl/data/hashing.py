@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 
+import imagehash
 import numpy as np
+from PIL import Image
 
 
 def content_digest(data: bytes) -> str:
@@ -14,9 +16,6 @@ def content_digest(data: bytes) -> str:
 
 def perceptual_hash(img: np.ndarray) -> int:
     """64-bit DCT perceptual hash (ImageHash's ``phash``) of a [0, 1] or uint8 image."""
-    import imagehash
-    from PIL import Image
-
     a = np.asarray(img)
     if a.dtype != np.uint8:
         a = np.clip(np.rint(a * 255.0), 0, 255).astype(np.uint8)

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import tensorflow as tf
 
+from kmedtl.data import tfio_backend
 from kmedtl.data.augment import Augmentation
 from kmedtl.data.cache import CacheResult
 from kmedtl.data.decode import load_image
@@ -132,9 +133,6 @@ def make_dataset(samples: list[Sample], hierarchy, options: ImageOptions, *,
     if decoder not in ("pydicom", "tfio"):
         raise ConfigError(f"data.decoder: {decoder!r} is not one of ['pydicom', 'tfio']")
     if decoder == "tfio":
-        # tensorflow-io backend (optional, heavy): loaded for decoder="tfio" only
-        from kmedtl.data import tfio_backend
-
         tfio_backend.require()
         if cache is not None:
             raise ConfigError("data.decoder: tfio decodes inside the tf.data stream; the cache "

@@ -12,14 +12,13 @@ import io
 import warnings
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
 from kmedtl.errors import DecodeError, ImageTooLargeError
 
 
 def decode_raster(data: bytes, name: str, max_pixels: int) -> tuple[np.ndarray, dict]:
     """Decode encoded image bytes to (H, W, 1|3) float32 in [0, 1] plus a small meta dict."""
-    from PIL import Image, UnidentifiedImageError
-
     if len(data) == 0:
         raise DecodeError(name, "file is empty (0 bytes)", kind="zero_byte")
     with warnings.catch_warnings():

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 
+from matplotlib.figure import Figure
+
 from kmedtl.data import decode
 from kmedtl.data.options import ImageOptions
 
@@ -24,13 +26,10 @@ def describe(path, options: ImageOptions, frame: int | None = None) -> dict:
 
 def render(path, out_png, options: ImageOptions, frame: int | None = None) -> dict:
     """Write a PNG: native image, what the model sees, and the header summary."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     d = describe(path, options, frame)
-    fig, axes = plt.subplots(1, 3, figsize=(15, 5.2), gridspec_kw={"width_ratios": [1, 1, 1.1]})
+    # a Figure of its own (no pyplot): drawn by Agg, whatever backend the caller uses
+    fig = Figure(figsize=(15, 5.2))
+    axes = fig.subplots(1, 3, gridspec_kw={"width_ratios": [1, 1, 1.1]})
     for ax, img, title in ((axes[0], d["native"], "decoded (windowed, native size)"),
                            (axes[1], d["model_input"], "model input")):
         shown = img[..., 0] if img.shape[-1] == 1 else img
@@ -45,7 +44,6 @@ def render(path, out_png, options: ImageOptions, frame: int | None = None) -> di
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
     fig.savefig(out_png, dpi=100)
-    plt.close(fig)
     return d["summary"]
 
 

@@ -12,11 +12,16 @@ bad file.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import multiprocessing as mp
 import os
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
+
+import numpy as np
+from tqdm.auto import tqdm
 
 from kmedtl.data import decode, hashing
 from kmedtl.data.options import ImageOptions
@@ -61,8 +66,6 @@ def cache_file_for(folder: str, digest: str, frame: int | None) -> str:
 
 def process(task: Task) -> Result:
     """Work for one sample; never raises for a bad file."""
-    import numpy as np
-
     if _CRASH_MARKER and _CRASH_MARKER in task.path:  # fault injection for tests only
         os.abort()
     try:
@@ -131,8 +134,6 @@ def tune_allocator() -> bool:
             os.environ.get("KMEDTL_WORKER_MALLOC", "").lower() == "default":
         return False
     try:
-        import ctypes
-
         libc = ctypes.CDLL("libc.so.6")
         libc.gnu_get_libc_version  # glibc, not musl  # noqa: B018
         return bool(libc.mallopt(_M_MMAP_THRESHOLD, WORKER_MMAP_THRESHOLD)) and \
@@ -193,9 +194,7 @@ def run(tasks: list[Task], workers: int | None = None, progress: bool | None = N
 
 def _pool_map(tasks, workers, chunk):
     """Yield ``process`` results from a fresh spawned pool (workers start without __main__)."""
-    import multiprocessing as mp
-
-    with _detached_main():
+    with detached_main():
         pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"),
                                    initializer=_worker_init)
         try:
@@ -208,7 +207,7 @@ def _pool_map(tasks, workers, chunk):
 
 
 @contextlib.contextmanager
-def _detached_main():
+def detached_main():
     """Start spawned workers without re-running the caller's ``__main__``.
 
     ``process`` lives in this importable module, so workers never need the main script.
@@ -228,6 +227,4 @@ def _detached_main():
 
 
 def _bar(total, desc, enabled):
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, desc=desc, unit="img", disable=not enabled, leave=False)

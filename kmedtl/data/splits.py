@@ -15,6 +15,7 @@ import os
 from dataclasses import dataclass, field
 
 import numpy as np
+from sklearn.model_selection import StratifiedGroupKFold
 
 from kmedtl.errors import ConfigError
 
@@ -120,8 +121,6 @@ class Splits:
 
 def _sgkf_take(idx, labels, groups, fraction, seed):
     """Split ``idx`` into (rest, held) with ~``fraction`` held out, stratified and grouped."""
-    from sklearn.model_selection import StratifiedGroupKFold
-
     if fraction <= 0:
         return idx, idx[:0]
     n_splits = max(2, int(round(1.0 / fraction)))
@@ -147,8 +146,6 @@ def holdout(ids, labels, groups, val=0.15, test=0.15, seed=0) -> Splits:
 
 def kfold(ids, labels, groups, k=5, val=0.15, seed=0) -> Splits:
     """k stratified grouped folds; each test fold once, a val part carved from the rest."""
-    from sklearn.model_selection import StratifiedGroupKFold
-
     if k < 2:
         raise ConfigError(f"split.k: need at least 2 folds, got {k}")
     ids, labels, groups = list(ids), np.asarray(labels), np.asarray(groups)

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import functools
 import warnings
+from importlib import metadata
 
 import numpy as np
 
@@ -104,8 +105,6 @@ _FUNCTIONAL_GROUPS_SEQ = (b"\x00\x52\x29\x92", b"\x52\x00\x92\x29",
 
 def _tf_version() -> str | None:
     """Installed TensorFlow version, from package metadata (no import)."""
-    from importlib import metadata
-
     for dist in ("tensorflow", "tensorflow-cpu", "tensorflow-gpu", "tensorflow-intel",
                  "tensorflow-macos", "tf-nightly"):
         try:
@@ -143,11 +142,12 @@ def _probe() -> tuple[bool, str]:
             # tensorflow_io warns (rather than fails) when its plugins do not load, and
             # loads its op library lazily: touching an op forces the load here.
             warnings.simplefilter("ignore")
+            # lazy: tensorflow-io is an optional extra (pip install 'kmedtl[tfio]'); probed here
             import tensorflow_io  # noqa: F401
-            from tensorflow_io.python.ops import core_ops
+            from tensorflow_io.python.ops import core_ops  # lazy: the tfio extra, as above
 
             core_ops.io_decode_dicom_image  # noqa: B018 - attribute access loads the .so
-            import tensorflow as tf
+            import tensorflow as tf  # lazy: keeps `kmedtl data` (decode imports this) TF-free
         tf_version = tf.__version__
     except Exception as exc:  # noqa: BLE001 - any failure means "not usable here"
         on = f"TensorFlow {tf_version}" if tf_version else "TensorFlow not installed"
@@ -160,8 +160,6 @@ def _probe() -> tuple[bool, str]:
             f"decoder 'tfio': tensorflow-io imported, but TensorFlow {tf_version} is newer "
             f"than {MAX_TF[0]}.{MAX_TF[1]}. {_FIX}"
         )
-    from importlib import metadata
-
     try:
         tfio_version = metadata.version("tensorflow-io")
     except metadata.PackageNotFoundError:
@@ -472,8 +470,8 @@ def decode_dicom_tfio_with_meta(data: bytes, options: ImageOptions, name: str,
                                 frame: int | None = None) -> tuple[np.ndarray, dict]:
     """Like :func:`decode_dicom_tfio`, also returning the window that was applied."""
     require()
-    import tensorflow as tf
-    import tensorflow_io as tfio
+    import tensorflow as tf  # lazy: keeps `kmedtl data` (decode imports this) TF-free
+    import tensorflow_io as tfio  # lazy: an optional extra (pip install 'kmedtl[tfio]')
 
     if len(data) == 0:
         raise DicomDecodeError(name, "file is empty (0 bytes)", kind="zero_byte")
@@ -510,8 +508,8 @@ def make_tfio_decode_fn(options: ImageOptions):
     ...     lambda p: fn(tf.io.read_file(p), p), num_parallel_calls=tf.data.AUTOTUNE)
     """
     require()
-    import tensorflow as tf
-    import tensorflow_io as tfio
+    import tensorflow as tf  # lazy: keeps `kmedtl data` (decode imports this) TF-free
+    import tensorflow_io as tfio  # lazy: an optional extra (pip install 'kmedtl[tfio]')
 
     tags = tf.constant(list(_TAGS.values()), tf.uint32)
     i_rows, i_cols = _TAG_NAMES.index("Rows"), _TAG_NAMES.index("Columns")

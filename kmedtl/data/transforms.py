@@ -8,6 +8,7 @@ signature reproduces these pixels in-graph (checked in tests).
 from __future__ import annotations
 
 import numpy as np
+from PIL import Image
 
 #: ITU-R BT.601 luma weights, as used by Pillow's convert("L") and tf.image.rgb_to_grayscale.
 LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
@@ -23,8 +24,6 @@ def to_channels(img: np.ndarray, channels: int) -> np.ndarray:
 
 
 def _resize_plane(plane: np.ndarray, width: int, height: int) -> np.ndarray:
-    from PIL import Image
-
     im = Image.fromarray(np.ascontiguousarray(plane, dtype=np.float32), mode="F")
     return np.asarray(im.resize((width, height), Image.Resampling.BILINEAR), dtype=np.float32)
 

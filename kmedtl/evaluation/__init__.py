@@ -15,8 +15,9 @@ Plain functions on arrays (no hidden state), scikit-learn wherever it has the me
   :mod:`~kmedtl.evaluation.model_card`, :mod:`~kmedtl.evaluation.stage` (a run folder end to
   end) and :mod:`~kmedtl.evaluation.cli` (``kmedtl evaluate``).
 
-The array functions import neither Keras nor TensorFlow; ``GradCAM``, ``evaluate_run`` and
-friends load them on first use.
+Importing the package loads Keras (``GradCAM``, ``TemperatureScaling`` and the run
+folder's model loading need it) but not TensorFlow: ``evaluate_run`` and ``predict`` load
+the ``tf.data`` pipeline on first use, so everything else runs under ``KERAS_BACKEND=jax``.
 
 Example::
 
@@ -38,6 +39,7 @@ from kmedtl.evaluation.calibration import (
     save_calibration,
 )
 from kmedtl.evaluation.evaluate import evaluate_predictions, flat_values, summarise_metrics
+from kmedtl.evaluation.gradcam import GradCAM, find_target_layer, grad_cam, overlay
 from kmedtl.evaluation.hierarchical import (
     ancestor_sets,
     greedy_leaf,
@@ -46,6 +48,7 @@ from kmedtl.evaluation.hierarchical import (
     inconsistent_mask,
     level_predictions,
 )
+from kmedtl.evaluation.layers import TemperatureScaling
 from kmedtl.evaluation.learning_curves import (
     learning_curve,
     load_learning_curve,
@@ -76,6 +79,7 @@ from kmedtl.evaluation.model_card import (
     write_model_card,
 )
 from kmedtl.evaluation.report import render_report, write_report
+from kmedtl.evaluation.stage import evaluate_run, predict
 from kmedtl.evaluation.uncertainty import (
     bootstrap,
     bootstrap_ci,
@@ -87,25 +91,6 @@ from kmedtl.evaluation.uncertainty import (
     mean_sd,
     summarise_repeats,
 )
-
-_LAZY = {
-    "GradCAM": "kmedtl.evaluation.gradcam",
-    "grad_cam": "kmedtl.evaluation.gradcam",
-    "find_target_layer": "kmedtl.evaluation.gradcam",
-    "overlay": "kmedtl.evaluation.gradcam",
-    "evaluate_run": "kmedtl.evaluation.stage",
-    "predict": "kmedtl.evaluation.stage",
-    "TemperatureScaling": "kmedtl.evaluation.layers",
-}
-
-
-def __getattr__(name):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'kmedtl.evaluation' has no attribute {name!r}")
-
 
 __all__ = [
     "GradCAM",

@@ -37,6 +37,8 @@ import json
 import os
 
 import numpy as np
+from keras import ops
+from scipy.optimize import minimize_scalar
 
 from kmedtl.errors import ConfigError
 
@@ -106,8 +108,6 @@ def apply_temperature(probs_or_logits, temperature: float, *, from_logits: bool 
         x = np.asarray(probs_or_logits, dtype=np.float64)
         z = x if from_logits else np.log(np.clip(x, eps, None))
         return np.exp(_log_softmax(z / t))
-    from keras import ops
-
     x = ops.convert_to_tensor(probs_or_logits)
     z = x if from_logits else ops.log(ops.maximum(x, ops.cast(eps, x.dtype)))
     return ops.softmax(z / ops.cast(t, z.dtype), axis=-1)
@@ -117,8 +117,6 @@ def fit_temperature(y_true, probs_or_logits, *, from_logits: bool = False,
                     bounds: tuple[float, float] = (0.05, 20.0)) -> float:
     """The ``T`` in ``bounds`` minimising the NLL of ``apply_temperature(x, T)`` on
     ``y_true`` (bounded Brent search over ``log T``; the NLL is smooth and unimodal in it)."""
-    from scipy.optimize import minimize_scalar
-
     x = np.asarray(probs_or_logits, dtype=np.float64)
     y = np.asarray(y_true).astype(np.int64).ravel()
     if len(y) == 0:

@@ -13,6 +13,12 @@ from __future__ import annotations
 
 import argparse
 
+from kmedtl.config import tta_options
+from kmedtl.errors import ConfigError
+from kmedtl.evaluation.compare import add_parsers as add_compare_parsers
+from kmedtl.evaluation.stage import evaluate_run
+from kmedtl.evaluation.uncertainty import format_interval
+
 
 def add_parsers(subparsers) -> argparse.ArgumentParser:
     """Register ``evaluate`` on an ``argparse`` subparsers object; returns its parser."""
@@ -60,8 +66,6 @@ def add_parsers(subparsers) -> argparse.ArgumentParser:
                    help="random zoom of the extra views (fraction)")
     g.add_argument("--tta-seed", type=int, metavar="S", help="seed of the random views (0)")
     p.set_defaults(func=cmd_evaluate)
-    from kmedtl.evaluation.compare import add_parsers as add_compare_parsers
-
     add_compare_parsers(subparsers)
     return p
 
@@ -72,9 +76,6 @@ _TTA_FLAGS = {"tta_n": "n", "tta_rotation": "rotation", "tta_zoom": "zoom",
 
 def tta_from_args(args):
     """The TTA options of ``--tta``/``--tta-*`` (``None`` when ``--tta`` is not given)."""
-    from kmedtl.config import tta_options
-    from kmedtl.errors import ConfigError
-
     given = {opt: getattr(args, flag) for flag, opt in _TTA_FLAGS.items()
              if getattr(args, flag, None) is not None}
     if getattr(args, "tta", None) is None:
@@ -94,9 +95,6 @@ def tta_from_args(args):
 
 
 def cmd_evaluate(args) -> int:
-    from kmedtl.evaluation.stage import evaluate_run
-    from kmedtl.evaluation.uncertainty import format_interval
-
     tta = tta_from_args(args)
 
     doc = evaluate_run(args.run_dir, test=args.test, out=args.out, fold=args.fold,

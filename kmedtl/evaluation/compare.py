@@ -28,9 +28,12 @@ import os
 from pathlib import Path
 
 import numpy as np
+from sklearn import metrics as skm
 
 from kmedtl.errors import ConfigError
 from kmedtl.evaluation.stage import PREDICTIONS_FILE
+from kmedtl.evaluation.uncertainty import compare_models
+from kmedtl.jsonio import write_json
 
 METRICS = ("balanced_accuracy", "accuracy", "f1_macro", "kappa")
 
@@ -53,8 +56,6 @@ def read_predictions(run_dir) -> tuple[list[str], list[str], np.ndarray, list[st
 
 
 def _metric(name):
-    from sklearn import metrics as skm
-
     fns = {"balanced_accuracy": skm.balanced_accuracy_score, "accuracy": skm.accuracy_score,
            "f1_macro": lambda y, p: skm.f1_score(y, p, average="macro"),
            "kappa": skm.cohen_kappa_score}
@@ -68,8 +69,6 @@ def compare_runs(run_a, run_b, metric: str = "balanced_accuracy", n_boot: int = 
                  alpha: float = 0.05, seed: int = 0, common: bool = False) -> dict:
     """Paired comparison of two evaluated runs (A minus B) on the same test cases (with
     ``common``: on the cases both runs held out, see the module docstring)."""
-    from kmedtl.evaluation.uncertainty import compare_models
-
     ids_a, leaves_a, pa, true_a = read_predictions(run_a)
     ids_b, leaves_b, pb, true_b = read_predictions(run_b)
     if leaves_a != leaves_b:
@@ -131,8 +130,6 @@ def _mcnemar_text(mc: dict) -> str:
 
 
 def write_comparison(res: dict, path) -> Path:
-    from kmedtl.jsonio import write_json
-
     write_json(path, res)
     return Path(path)
 

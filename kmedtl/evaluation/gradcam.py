@@ -34,6 +34,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import keras
+import matplotlib
 import numpy as np
 from keras import ops
 
@@ -49,7 +50,8 @@ def value_and_grad(fn: Callable, x):
     """
     backend = keras.backend.backend()
     if backend == "tensorflow":
-        import tensorflow as tf  # TensorFlow backend only: its gradient tape
+        # lazy: TensorFlow backend only (its gradient tape); absent under KERAS_BACKEND=jax
+        import tensorflow as tf
 
         x = tf.convert_to_tensor(x)
         with tf.GradientTape() as tape:
@@ -57,12 +59,12 @@ def value_and_grad(fn: Callable, x):
             value, aux = fn(x)
         return (value, aux), tape.gradient(value, x)
     if backend == "jax":
-        import jax  # JAX backend only
+        import jax  # lazy: JAX backend only (an optional extra)
 
         (value, aux), grad = jax.value_and_grad(fn, has_aux=True)(ops.convert_to_tensor(x))
         return (value, aux), grad
     if backend == "torch":
-        import torch  # torch backend only
+        import torch  # lazy: torch backend only (an optional extra)
 
         x = ops.convert_to_tensor(x).detach().requires_grad_(True)
         value, aux = fn(x)
@@ -261,8 +263,6 @@ def overlay(image, heatmap, alpha: float = 0.45, cmap: str = "jet") -> np.ndarra
 
     ``image``: ``(H, W)``, ``(H, W, 1)`` or ``(H, W, 3)``, float in ``[0, 1]`` or uint8.
     """
-    import matplotlib
-
     img = np.asarray(image)
     img = img.astype("float32") / 255.0 if img.dtype == np.uint8 else img.astype("float32")
     if img.ndim == 3 and img.shape[-1] == 1:

@@ -27,6 +27,7 @@ import os
 from collections.abc import Callable, Iterable, Mapping
 
 from kmedtl.errors import ConfigError
+from kmedtl.evaluation import plots
 from kmedtl.evaluation.uncertainty import mean_sd
 
 log = logging.getLogger("kmedtl.evaluation")
@@ -54,8 +55,6 @@ def learning_curve(train_fn: Callable[[int, int], float], sizes: Iterable[int],
             if path is not None:
                 save_learning_curve(path, results, metric)
     if plot_path is not None:
-        from kmedtl.evaluation import plots
-
         plots.save(plots.plot_learning_curve(results, metric), plot_path)
     return results
 

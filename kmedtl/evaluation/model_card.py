@@ -14,6 +14,7 @@ No patient identifier is ever read into the card: counts only.
 from __future__ import annotations
 
 import datetime as _dt
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from kmedtl import __version__
 from kmedtl.evaluation.uncertainty import format_interval
 from kmedtl.hierarchy import ROOT, Hierarchy
 from kmedtl.jsonio import write_json
+from kmedtl.run_folder import RunFolder, model_input_names
 
 DEFAULT_INTENDED_USE = (
     "Research on transfer learning for small medical-image datasets: classifying images "
@@ -139,8 +141,6 @@ def _model_info(model, config) -> dict:
             info["cut"] = getattr(bb, "cut", None)
         info["input_shape"] = list(model.input_shape[1:]) if not isinstance(
             model.input_shape, list) else [list(s[1:]) for s in model.input_shape]
-        from kmedtl.run_folder import model_input_names
-
         names = model_input_names(model)
         if names:  # a multi-input model: one input per image type
             info["inputs"] = names
@@ -317,8 +317,6 @@ def write_model_card(card: Mapping, out_dir) -> tuple[str, str]:
 
 def split_sizes_of(splits, label_of: Mapping[str, str], fold: int = 0) -> dict:
     """``{"train": {class: n}, "val": ..., "test": ...}`` for one fold of a split file."""
-    from collections import Counter
-
     f = splits.folds[fold]
     return {part: dict(sorted(Counter(label_of[i] for i in getattr(f, part)
                                       if i in label_of).items()))
@@ -336,8 +334,6 @@ def model_card_from_run(run_dir, *, out=None, model=None, hierarchy: Hierarchy |
     Split sizes per class come from ``audit.json``'s ``counts.by_split`` when the split
     file's ids cannot be matched to labels without re-indexing the data.
     """
-    from kmedtl.run_folder import RunFolder
-
     rf = RunFolder(run_dir, loaded_model=model)
     cfg = rf.config if rf.has_config else None
     audit = rf.audit

@@ -26,6 +26,8 @@ class in train/val/test of the fold; ``audit``: the audit summary) and ``artefac
 
 from __future__ import annotations
 
+import csv
+import io
 import logging
 import os
 from collections import Counter
@@ -33,9 +35,29 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from kmedtl import jsonio
+from kmedtl.config import load_config, tta_options
+from kmedtl.data.audit import dicom_patients
+from kmedtl.data.decode import load_image
+from kmedtl.data.prepare import input_names, load_index, primary_input
+from kmedtl.data.sources import DatasetIndex
 from kmedtl.errors import ConfigError, KmedtlError
+from kmedtl.evaluation import calibration as cal
+from kmedtl.evaluation import metrics as M
+from kmedtl.evaluation import plots
+from kmedtl.evaluation.evaluate import evaluate_predictions
+from kmedtl.evaluation.gradcam import GradCAM, overlay
+from kmedtl.evaluation.learning_curves import FILE_NAME as LC_FILE
+from kmedtl.evaluation.learning_curves import load_learning_curve
+from kmedtl.evaluation.model_card import (
+    build_model_card,
+    known_limitations,
+    label_tree_text,
+    write_model_card,
+)
+from kmedtl.evaluation.report import write_report
 from kmedtl.jsonio import json_safe
 from kmedtl.run_folder import (
     RunFolder,
@@ -43,6 +65,7 @@ from kmedtl.run_folder import (
     load_model,  # noqa: F401  (re-exported: kmedtl.evaluation.stage.load_model)
     normalization_for,
 )
+from kmedtl.training.tta import predict_tta
 
 log = logging.getLogger("kmedtl.evaluation")
 
@@ -65,8 +88,6 @@ write_json = jsonio.write_json
 
 def _tta_batch(model, x, tta, layers):
     """Mean outputs of one batch over the views of ``tta`` (a :class:`TTAOptions`)."""
-    from kmedtl.training.tta import predict_tta
-
     x = {k: np.asarray(v) for k, v in x.items()} if isinstance(x, dict) else np.asarray(x)
     n = len(next(iter(x.values()))) if isinstance(x, dict) else len(x)
     return predict_tta(model, x, n=tta.views, flips=tta.flips, augment=layers or None,
@@ -85,10 +106,9 @@ def predict(model, samples, hierarchy, options, *, batch_size: int = 32,
     samples feed the model a dict keyed ``primary_input`` and the image columns; a case
     goes when any of its images cannot be read.
     """
-    from kmedtl.config import tta_options
-
     tta = tta_options(tta)
     layers = tta.augment_layers() if tta is not None else []
+    # lazy: tf.data imports TensorFlow, absent under KERAS_BACKEND=jax
     from kmedtl.data.pipeline import PipelineReport, make_dataset
 
     if not samples:
@@ -130,9 +150,6 @@ def predict(model, samples, hierarchy, options, *, batch_size: int = 32,
 
 def _source_index(source: str, cfg, hierarchy):
     """Index an external test source with the run's hierarchy and image options."""
-    from kmedtl.config import load_config
-    from kmedtl.data.prepare import load_index
-
     src = os.path.abspath(source)
     if src.endswith((".yaml", ".yml")):
         other = load_config(src)
@@ -154,10 +171,6 @@ def _source_index(source: str, cfg, hierarchy):
 
 
 def _thumbnail(img: np.ndarray, size: int = 140) -> bytes:
-    import io
-
-    from PIL import Image
-
     a = np.asarray(img)
     if a.dtype != np.uint8:
         a = (np.clip(a, 0, 1) * 255).round().astype(np.uint8)
@@ -172,8 +185,6 @@ def _thumbnail(img: np.ndarray, size: int = 140) -> bytes:
 
 def _load_images(samples, options) -> np.ndarray:
     """[0, 1] float32 images of a few samples (for Grad-CAM and thumbnails)."""
-    from kmedtl.data.decode import load_image
-
     return np.stack([load_image(s.path, options, s.frame).image.astype("float32") / 255.0
                      for s in samples])
 
@@ -195,22 +206,6 @@ def evaluate_run(run_dir, *, test: str | None = None, out=None, fold: int | None
     ``tta``: test-time augmentation of the test and validation predictions (``None``: off;
     ``True``; a flip mode; a mapping or :class:`kmedtl.config.TTAOptions`), recorded in
     ``metrics.json`` as ``"tta"``."""
-    from kmedtl.config import tta_options
-    from kmedtl.data.prepare import input_names, primary_input
-    from kmedtl.evaluation import calibration as cal
-    from kmedtl.evaluation import metrics as M
-    from kmedtl.evaluation import plots
-    from kmedtl.evaluation.evaluate import evaluate_predictions
-    from kmedtl.evaluation.learning_curves import FILE_NAME as LC_FILE
-    from kmedtl.evaluation.learning_curves import load_learning_curve
-    from kmedtl.evaluation.model_card import (
-        build_model_card,
-        known_limitations,
-        label_tree_text,
-        write_model_card,
-    )
-    from kmedtl.evaluation.report import write_report
-
     tta = tta_options(tta, "evaluate.tta")
     rf = RunFolder(run_dir).ensure_dir()
     run = rf.path
@@ -276,9 +271,6 @@ def evaluate_run(run_dir, *, test: str | None = None, out=None, fold: int | None
     # ---- metrics
     patients = [s.patient_id for s in pt.samples]
     try:  # DICOM PatientID for samples without one: bootstrap clusters only, never written
-        from kmedtl.data.audit import dicom_patients
-        from kmedtl.data.sources import DatasetIndex
-
         from_headers = dicom_patients(DatasetIndex(list(pt.samples)))
         patients = [p or from_headers.get(s.id) for p, s in zip(patients, pt.samples)]
     except (KmedtlError, OSError, ImportError) as exc:
@@ -361,8 +353,8 @@ def evaluate_run(run_dir, *, test: str | None = None, out=None, fold: int | None
         chosen = np.concatenate([_pick(rng, right, n_gradcam - n_gradcam // 2),
                                  _pick(rng, wrong, n_gradcam // 2)]).astype(int)
         try:
+            # lazy: tf.data imports TensorFlow, absent under KERAS_BACKEND=jax
             from kmedtl.data.pipeline import normalize
-            from kmedtl.evaluation.gradcam import GradCAM, overlay
 
             imgs = _load_images([pt.samples[i] for i in chosen], options)
             cam = GradCAM(model)
@@ -478,8 +470,6 @@ def write_predictions(path, pred: Predictions, hierarchy, root=None) -> Path:
     """Per test case: ``id`` (relative to the data root), ``frame``, ``true``, ``pred`` and
     one ``p_<leaf>`` column per leaf.  What :func:`kmedtl.evaluation.compare.compare_runs`
     pairs two models on."""
-    import csv
-
     path = Path(path)
     tmp = path.with_suffix(".tmp")
     with open(tmp, "w", newline="") as fh:

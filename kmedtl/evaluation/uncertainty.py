@@ -32,6 +32,7 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
+from scipy import stats
 
 from kmedtl.errors import ConfigError
 
@@ -157,8 +158,6 @@ def mcnemar(correct_a, correct_b, *, exact: bool | None = None) -> dict:
     ``b + c`` at 0.5; otherwise ``chi2 = (|b - c| - 1)^2 / (b + c)`` with 1 degree of
     freedom.  Returns ``{"b", "c", "statistic", "p_value", "method"}``.
     """
-    from scipy import stats
-
     a = np.asarray(correct_a, bool).ravel()
     bb = np.asarray(correct_b, bool).ravel()
     if a.shape != bb.shape:

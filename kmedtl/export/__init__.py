@@ -9,8 +9,10 @@ and a TFX-style versioned push.
 - :func:`load_predictor` -- run any exported format (or ``.keras``) on pixels or files;
 - :func:`float32_model` -- rebuild a mixed-precision model in float32.
 
-TensorFlow is imported on first use. CLI: ``kmedtl export`` and ``kmedtl predict``
-(:func:`kmedtl.export.cli.add_parsers`).
+Importing the package imports TensorFlow and Keras (the export stage needs both); the
+optional converters and runtimes (tf2onnx, ONNX Runtime, LiteRT, tensorflow-serving-api:
+``kmedtl[export]``) load only when a format needs them.  CLI: ``kmedtl export`` and
+``kmedtl predict`` (:func:`kmedtl.export.cli.add_parsers`).
 
 Example::
 
@@ -21,25 +23,10 @@ Example::
 """
 
 from kmedtl.export.errors import ExportError, ParityError, PushError, ServingError
-
-_LAZY = {
-    "export_run": "kmedtl.export.stage", "ExportReport": "kmedtl.export.stage",
-    "BOUNDS": "kmedtl.export.stage",
-    "push_run": "kmedtl.export.push", "PushReport": "kmedtl.export.push",
-    "write_warmup": "kmedtl.export.push",
-    "load_predictor": "kmedtl.export.predictors", "find_metadata": "kmedtl.export.predictors",
-    "ModelInfo": "kmedtl.export.predictors", "Predictor": "kmedtl.export.predictors",
-    "float32_model": "kmedtl.export.model", "postprocess": "kmedtl.export.model",
-}
-
-
-def __getattr__(name):  # TensorFlow/Keras load only when an exporter is used
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'kmedtl.export' has no attribute {name!r}")
-
+from kmedtl.export.model import float32_model, postprocess
+from kmedtl.export.predictors import ModelInfo, Predictor, find_metadata, load_predictor
+from kmedtl.export.push import PushReport, push_run, write_warmup
+from kmedtl.export.stage import BOUNDS, ExportReport, export_run
 
 __all__ = ["BOUNDS", "ExportError", "ExportReport", "ModelInfo", "ParityError", "Predictor",
            "PushError", "PushReport", "ServingError", "export_run", "find_metadata",

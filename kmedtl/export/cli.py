@@ -24,8 +24,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
+from pathlib import Path
 
+import numpy as np
+
+from kmedtl.data import decode
+from kmedtl.data.options import ImageOptions
 from kmedtl.errors import KmedtlError
+from kmedtl.export.errors import ServingError
+from kmedtl.export.predictors import EXPORT_FILE, ModelInfo, find_metadata, load_predictor
+from kmedtl.export.push import push_run
+from kmedtl.export.stage import export_run
+from kmedtl.run_folder import RunFolder
+from kmedtl.serving.client import ServingClient, is_raster
 
 
 def _csv(value: str) -> list[str]:
@@ -91,9 +104,6 @@ def add_parsers(subparsers) -> None:
 
 
 def cmd_export(args) -> int:
-    from kmedtl.export.push import push_run
-    from kmedtl.export.stage import export_run
-
     report = export_run(args.run_dir, formats=args.formats, out_dir=args.out, verify=args.verify,
                         tflite_variants=args.tflite_variants, opset=args.opset,
                         representative_samples=args.representative_samples)
@@ -122,11 +132,6 @@ def cmd_export(args) -> int:
 
 
 def _metadata(path):
-    from pathlib import Path
-
-    from kmedtl.export.predictors import EXPORT_FILE, ModelInfo, find_metadata
-    from kmedtl.run_folder import RunFolder
-
     p = Path(path)
     if p.is_file() and p.suffix == ".json":
         d = json.loads(p.read_text())
@@ -141,13 +146,7 @@ def _metadata(path):
 
 
 def cmd_predict(args) -> int:
-    import sys
-
-    from kmedtl.export.errors import ServingError
-
     if args.server:
-        from kmedtl.serving.client import ServingClient
-
         files = args.inputs
         info = _metadata(args.metadata) if args.metadata else None
         if info is not None and info.inputs:
@@ -163,8 +162,6 @@ def cmd_predict(args) -> int:
         if len(args.inputs) < 2:
             raise ServingError("kmedtl predict MODEL FILES...: give a model and at least one "
                                "file (or --server URL FILES...)")
-        from kmedtl.export.predictors import load_predictor
-
         model, files = args.inputs[0], args.inputs[1:]
         info = _metadata(args.metadata) if args.metadata else None
         predictor = load_predictor(model, info)
@@ -193,8 +190,6 @@ def cmd_predict(args) -> int:
             if run is not None:
                 out = run([batch[i] for i in good])
             else:
-                import numpy as np
-
                 out = predictor.predict_pixels(
                     {n: np.concatenate([p[n] for p in pixels]) for n in pixels[0]}
                     if isinstance(pixels[0], dict) else np.concatenate(pixels))
@@ -219,8 +214,6 @@ def cmd_predict(args) -> int:
 def parse_case(arg: str, names) -> dict[str, str]:
     """``"t1=a.png,t2=b.png"`` -> ``{"t1": "a.png", "t2": "b.png"}``: one file per input of a
     multi-input model (every input named once)."""
-    from kmedtl.export.errors import ServingError
-
     example = ",".join(f"{n}=FILE" for n in names)
     out: dict[str, str] = {}
     for part in str(arg).split(","):
@@ -250,11 +243,6 @@ def _one_line(exc, path) -> str:
 def _check_for_server(path, info):
     """Read one file as the serving client will: PNG/JPEG must decode (TF Serving would
     reject the whole request otherwise), DICOM needs the preprocessing options."""
-    from kmedtl.data import decode
-    from kmedtl.data.options import ImageOptions
-    from kmedtl.export.errors import ServingError
-    from kmedtl.serving.client import is_raster
-
     data = decode.read_bytes(path)
     if info is None and not is_raster(data):
         raise ServingError(f"{path}: not PNG/JPEG, so it is decoded client-side (DICOM) and "
@@ -270,8 +258,6 @@ def format_prediction_text(files, out: dict, info, temperature: float = 1.0) -> 
     The label is the leaf with the highest raw probability; its *calibrated* probability
     (temperature scaling fitted on validation data) is the confidence.
     """
-    import os
-
     h = info.hierarchy
     cal = out.get("calibrated")
     lines = []

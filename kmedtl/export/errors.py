@@ -5,7 +5,9 @@ Each message names the file or argument at fault and what to do about it.
 
 from __future__ import annotations
 
-from kmedtl.errors import KmedtlError
+from kmedtl.errors import KmedtlError, ServingError
+
+__all__ = ["ExportError", "ParityError", "PushError", "ServingError"]
 
 
 class ExportError(KmedtlError):
@@ -18,7 +20,3 @@ class ParityError(ExportError):
 
 class PushError(ExportError):
     """A model cannot be pushed to ``saved_models/<name>/<version>/``."""
-
-
-class ServingError(KmedtlError):
-    """A prediction request cannot be built, sent or answered (client side)."""

@@ -26,14 +26,23 @@ Example::
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import keras
 import numpy as np
+import tensorflow as tf
 
+import kmedtl.models  # noqa: F401  (registers kmedtl's classes)
+from kmedtl.data.pipeline import PipelineReport, make_dataset
+from kmedtl.errors import HierarchyError, KmedtlError
 from kmedtl.export.errors import ExportError
+from kmedtl.jsonio import read_json as _read_json
+from kmedtl.run_folder import RunFolder, model_input_names, model_input_shape
+from kmedtl.training.precision import model_precision
 
 _EPS = 1e-12
 
@@ -64,10 +73,6 @@ def _all_layers(model):
 
 def float32_model(model):
     """A float32 copy of ``model`` with the same weights (works for mixed precision)."""
-    import keras
-
-    import kmedtl.models  # noqa: F401  (registers kmedtl's classes)
-
     config = _float32_config(keras.saving.serialize_keras_object(model))
     previous = keras.config.dtype_policy()
     keras.config.set_dtype_policy("float32")
@@ -101,8 +106,6 @@ def safe_name(name: str) -> str:
 def output_names(hierarchy, node_outputs=()) -> list[str]:
     """Names of the outputs every exported format returns (in this order; the names are
     the hierarchy's: :meth:`kmedtl.hierarchy.Hierarchy.exported_output_names`)."""
-    from kmedtl.errors import HierarchyError
-
     try:
         return hierarchy.exported_output_names(node_outputs)
     except HierarchyError as exc:
@@ -146,8 +149,6 @@ def postprocess(raw: dict, hierarchy, temperature: float = 1.0) -> dict[str, np.
 
 def postprocess_tf(raw: dict, hierarchy, temperature: float = 1.0) -> dict:
     """:func:`postprocess` in-graph (TensorFlow ops), for the SavedModel signatures."""
-    import tensorflow as tf
-
     leaf = tf.cast(raw["leaf"], tf.float32)
     z = tf.math.log(tf.maximum(leaf, _EPS)) / float(temperature)
     cal = tf.nn.softmax(z, axis=-1)
@@ -197,8 +198,6 @@ class RunContext:
         """``(height, width, channels)`` of the model's input (of each input of a
         multi-input model), checked against the image options
         (:func:`kmedtl.run_folder.model_input_shape`)."""
-        from kmedtl.run_folder import model_input_shape
-
         return model_input_shape(self.model, self.options, error=ExportError,
                                  where=f"{self.run_dir}: model", multi=True)
 
@@ -206,24 +205,17 @@ class RunContext:
     def input_names(self) -> list[str] | None:
         """One input per image type for a multi-input model (``None``: one image); every
         exported format takes inputs of these names."""
-        from kmedtl.run_folder import model_input_names
-
         return model_input_names(self.model)
 
 
 def read_json(path) -> dict | None:
     """A JSON file (``None`` when missing); unreadable JSON is an :class:`ExportError`."""
-    from kmedtl.jsonio import read_json as _read
-
-    return _read(path, error=ExportError)
+    return _read_json(path, error=ExportError)
 
 
 def load_run(run_dir) -> RunContext:
     """Read ``config.yaml``, ``model.keras`` (rebuilt in float32) and ``calibration.json``
     through :class:`kmedtl.run_folder.RunFolder`."""
-    from kmedtl.run_folder import RunFolder
-    from kmedtl.training.precision import model_precision
-
     rf = RunFolder(run_dir, error=ExportError)
     rf.ensure_dir("kmedtl train writes runs/<name>/")
     rf.ensure_files(RunFolder.CONFIG, RunFolder.MODEL,
@@ -251,12 +243,6 @@ def split_pixels(ctx: RunContext, part: str = "test", limit: int | None = None,
     ``(None, None, None)`` when the data or the split file is missing.  ``limit`` keeps a
     seeded random sample (split files list samples class by class).  For a multi-input
     model ``pixels`` is ``{input name: array}`` and each path ``{input name: file}``."""
-    import logging
-
-    from kmedtl.data.pipeline import PipelineReport, make_dataset
-    from kmedtl.errors import KmedtlError
-    from kmedtl.run_folder import RunFolder
-
     rf = ctx.folder if ctx.folder is not None else RunFolder(ctx.run_dir, error=ExportError)
     if not rf.has_splits:
         return None, None, None

@@ -15,14 +15,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from kmedtl.export.errors import ExportError
+from kmedtl.export.savedmodel import core_function
 
 DEFAULT_OPSET = 17
 
 
 def write_onnx(ctx, out_path, opset: int | None = None) -> Path:
-    import tf2onnx
-
-    from kmedtl.export.savedmodel import core_function
+    import tf2onnx  # lazy: tf2onnx is an optional extra (kmedtl[export])
 
     opset = int(opset or DEFAULT_OPSET)
     core = core_function(ctx.model, ctx.input_shape, ctx.input_names)

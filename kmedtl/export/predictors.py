@@ -23,13 +23,18 @@ Example::
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import tensorflow as tf
 
+from kmedtl.data.options import ImageOptions
 from kmedtl.export.errors import ExportError
 from kmedtl.export.model import postprocess, raw_outputs
+from kmedtl.hierarchy import Hierarchy
+from kmedtl.run_folder import RunFolder, load_model
+from kmedtl.serving.client import load_pixels
 
 METADATA_FILE = "kmedtl.json"
 EXPORT_FILE = "export.json"
@@ -48,8 +53,6 @@ class ModelInfo:
     inputs: tuple | None = None
 
     def to_dict(self) -> dict:
-        from dataclasses import asdict
-
         opts = asdict(self.options)
         opts.pop("extra", None)
         out = {"name": self.name, "hierarchy": self.hierarchy.to_config(),
@@ -62,9 +65,6 @@ class ModelInfo:
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelInfo:
-        from kmedtl.data.options import ImageOptions
-        from kmedtl.hierarchy import Hierarchy
-
         img = dict(d["image"])
         for key in ("size", "percentiles"):
             if key in img:
@@ -105,8 +105,6 @@ def _find_metadata(path):
 
 def _keras_run_folder(path):
     """The :class:`~kmedtl.run_folder.RunFolder` a ``.keras`` file sits in (None if not)."""
-    from kmedtl.run_folder import RunFolder
-
     path = Path(path)
     if path.suffix != ".keras":
         return None
@@ -185,8 +183,6 @@ class Predictor:
     def load_pixels(self, files):
         """Read files (PNG/JPEG/DICOM) with the run's preprocessing -> model pixels (a
         multi-input model: ``{input name: files}`` -> ``{input name: pixels}``)."""
-        from kmedtl.serving.client import load_pixels
-
         names = self.inputs
         if names is None:
             if isinstance(files, dict):
@@ -211,8 +207,6 @@ class KerasPredictor(Predictor):
 
     def __init__(self, path, info, model=None):
         super().__init__(path, info)
-        from kmedtl.run_folder import load_model
-
         self.model = model if model is not None else load_model(path, ExportError)
 
     def raw(self, pixels):  # Keras' compiled predict step (no eager per-call overhead)
@@ -226,8 +220,6 @@ class SavedModelPredictor(Predictor):
 
     def __init__(self, path, info):
         super().__init__(path, info)
-        import tensorflow as tf
-
         self.module = tf.saved_model.load(str(path))
         if "predict_pixels" not in self.module.signatures:
             raise ExportError(f"{path}: the SavedModel has no 'predict_pixels' signature "
@@ -250,8 +242,6 @@ class SavedModelPredictor(Predictor):
         return self._signature_pixels(self.check_pixels(pixels))
 
     def _signature_pixels(self, pixels):
-        import tensorflow as tf
-
         fn = self.module.signatures["predict_pixels"]
         if isinstance(pixels, dict):
             return self._named(fn(**{n: tf.constant(np.asarray(v, np.float32))
@@ -261,8 +251,6 @@ class SavedModelPredictor(Predictor):
     def predict_bytes(self, blobs) -> dict[str, np.ndarray]:
         """Encoded PNG/JPEG bytes through ``serving_default`` (in-graph preprocessing); a
         multi-input model takes ``{input name: [bytes, ...]}``."""
-        import tensorflow as tf
-
         fn = self.module.signatures["serving_default"]
         names = self.inputs
         if names is not None:
@@ -279,7 +267,7 @@ class TFLitePredictor(Predictor):
 
     def __init__(self, path, info, num_threads: int | None = None):
         super().__init__(path, info)
-        from ai_edge_litert.interpreter import Interpreter
+        from ai_edge_litert.interpreter import Interpreter  # lazy: LiteRT, an optional extra
 
         self.interpreter = Interpreter(model_path=str(path), num_threads=num_threads)
         sigs = self.interpreter.get_signature_list()
@@ -302,7 +290,7 @@ class OnnxPredictor(Predictor):
 
     def __init__(self, path, info, num_threads: int | None = None):
         super().__init__(path, info)
-        import onnxruntime as ort
+        import onnxruntime as ort  # lazy: ONNX Runtime, an optional extra
 
         opts = ort.SessionOptions()
         if num_threads:

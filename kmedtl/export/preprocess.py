@@ -31,6 +31,7 @@ import numpy as np
 import tensorflow as tf
 
 from kmedtl.data.options import ImageOptions
+from kmedtl.data.pipeline import normalize
 from kmedtl.data.transforms import LUMA
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -150,8 +151,6 @@ def preprocess_one(data, options: ImageOptions):
 
 def decode_batch(images, options: ImageOptions, normalization: str = "unit"):
     """A 1-D batch of encoded images -> (N, H, W, C) normalised float32 pixels."""
-    from kmedtl.data.pipeline import normalize
-
     images = tf.convert_to_tensor(images, tf.string)
     # checked at run time (TF Serving feeds tensors without a shape check): "Shape of
     # tensor image_bytes [] is not compatible with expected shape [?]"

@@ -35,8 +35,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import tensorflow as tf
 
 from kmedtl.export.errors import PushError
+from kmedtl.export.model import read_json
+from kmedtl.export.predictors import EXPORT_FILE
+from kmedtl.export.stage import export_run
+from kmedtl.jsonio import write_json
+from kmedtl.run_folder import RunFolder
+from kmedtl.serving.client import grpc_request
 
 WARMUP_FILE = "tf_serving_warmup_requests"
 
@@ -81,8 +88,6 @@ def versions(base: Path) -> list[int]:
 
 
 def _synthetic_png(shape) -> bytes:
-    import tensorflow as tf
-
     h, w, c = shape
     ramp = np.add.outer(np.arange(h), np.arange(w)) * 255.0 / max(h + w - 2, 1)
     img = np.repeat(ramp[..., None], c, -1).astype(np.uint8)
@@ -91,7 +96,7 @@ def _synthetic_png(shape) -> bytes:
 
 def _named_request(model_name: str, signature: str, tensors: dict):
     """A ``PredictRequest`` with one named input tensor proto per entry of ``tensors``."""
-    from tensorflow_serving.apis import predict_pb2
+    from tensorflow_serving.apis import predict_pb2  # lazy: tensorflow-serving-api, an extra
 
     req = predict_pb2.PredictRequest()
     req.model_spec.name = model_name
@@ -104,10 +109,8 @@ def _named_request(model_name: str, signature: str, tensors: dict):
 def write_warmup(path, model_name: str, shape, inputs=None) -> Path:
     """``tf_serving_warmup_requests``: one PredictionLog per signature (synthetic image;
     a multi-input model: the same image for each of its named ``inputs``)."""
-    import tensorflow as tf
+    # lazy: tensorflow-serving-api is an optional extra (kmedtl[export])
     from tensorflow_serving.apis import prediction_log_pb2
-
-    from kmedtl.serving.client import grpc_request
 
     if inputs:
         requests = [_named_request(model_name, "serving_default", {
@@ -118,8 +121,9 @@ def write_warmup(path, model_name: str, shape, inputs=None) -> Path:
                                                 dtype=tf.float32, shape=[1, *shape])
                         for n in inputs})]
     else:
+        pixels = np.zeros((1, *shape), np.float32)
         requests = [grpc_request(model_name, [_synthetic_png(shape)]),
-                    grpc_request(model_name, pixels=np.zeros((1, *shape), np.float32))]
+                    grpc_request(model_name, pixels=pixels)]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with tf.io.TFRecordWriter(str(path)) as writer:
@@ -133,12 +137,6 @@ def write_warmup(path, model_name: str, shape, inputs=None) -> Path:
 def push_run(run_dir, *, root="saved_models", name: str | None = None,
              thresholds: dict | None = None, metric: str = "balanced_accuracy") -> PushReport:
     """Bless and push the run's SavedModel (see the module docstring)."""
-    from kmedtl.export.model import read_json
-    from kmedtl.export.predictors import EXPORT_FILE
-    from kmedtl.export.stage import export_run
-    from kmedtl.jsonio import write_json
-    from kmedtl.run_folder import RunFolder
-
     rf = RunFolder(run_dir, error=PushError)
     run = rf.path
     if not rf.has_config:

@@ -32,9 +32,11 @@ import shutil
 import uuid
 from pathlib import Path
 
+import keras
 import numpy as np
 import tensorflow as tf
 
+from kmedtl.data.pipeline import normalize
 from kmedtl.export.model import RunContext, postprocess_tf
 from kmedtl.export.preprocess import decode_batch
 
@@ -45,8 +47,6 @@ PIXELS_INPUT = "pixels"
 
 def pixel_range(normalization: str, channels: int) -> tuple[float, float]:
     """(min, max) a pixel can take after ``normalization`` of [0, 1] images."""
-    from kmedtl.data.pipeline import normalize
-
     ends = np.stack([np.asarray(normalize(np.full((1, 1, 1, channels), v, np.float32),
                                           normalization)) for v in (0.0, 1.0)])
     return float(ends.min()), float(ends.max())
@@ -164,8 +164,6 @@ def core_function(model, shape, input_names=None):
 
 
 def _write_archive(model, endpoints: dict, path: Path):
-    import keras
-
     archive = keras.export.ExportArchive()
     archive.track(model)
     for name, (fn, spec) in endpoints.items():

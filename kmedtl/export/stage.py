@@ -48,8 +48,27 @@ from pathlib import Path
 
 import numpy as np
 
+from kmedtl.data.decode import read_bytes
+from kmedtl.export import onnx as onnx_export
+from kmedtl.export import tflite
 from kmedtl.export.errors import ExportError
+from kmedtl.export.model import (
+    class_names,
+    file_size,
+    load_run,
+    output_names,
+    split_pixels,
+)
+from kmedtl.export.predictors import (
+    EXPORT_FILE,
+    METADATA_FILE,
+    KerasPredictor,
+    ModelInfo,
+    load_predictor,
+)
+from kmedtl.export.savedmodel import BYTES_INPUT, PIXELS_INPUT, pixel_range, write_savedmodel
 from kmedtl.jsonio import json_safe, write_json
+from kmedtl.serving.client import is_raster
 
 log = logging.getLogger("kmedtl.export")
 
@@ -228,24 +247,6 @@ def export_run(run_dir, *, formats=FORMATS, out_dir=None, verify: bool = True,
     listed in ``report.failures``, nothing is raised); without it the measurements are
     still recorded but ``verified`` stays False.
     """
-    from kmedtl.export import onnx as onnx_export
-    from kmedtl.export import tflite
-    from kmedtl.export.model import (
-        class_names,
-        file_size,
-        load_run,
-        output_names,
-        split_pixels,
-    )
-    from kmedtl.export.predictors import (
-        EXPORT_FILE,
-        METADATA_FILE,
-        KerasPredictor,
-        ModelInfo,
-        load_predictor,
-    )
-    from kmedtl.export.savedmodel import BYTES_INPUT, PIXELS_INPUT, write_savedmodel
-
     t0 = time.perf_counter()
     formats = tuple(formats)
     unknown = [f for f in formats if f not in FORMATS]
@@ -281,8 +282,6 @@ def export_run(run_dir, *, formats=FORMATS, out_dir=None, verify: bool = True,
         x, y, paths = split_pixels(ctx, "test")
         if x is None:
             rng = np.random.default_rng(0)
-            from kmedtl.export.savedmodel import pixel_range
-
             lo, hi = pixel_range(ctx.normalization, c)
             x = rng.uniform(lo, hi, (PARITY_SAMPLES, h, w, c)).astype(np.float32)
             if inputs:
@@ -294,8 +293,6 @@ def export_run(run_dir, *, formats=FORMATS, out_dir=None, verify: bool = True,
             report.parity_data = f"test split of the run ({n_cases(x)} images)"
         n_test = n_cases(x)
         if x is not None and n_test < MIN_PARITY_IMAGES:
-            from kmedtl.export.savedmodel import pixel_range
-
             lo, hi = pixel_range(ctx.normalization, c)
             extra, src = augmented_copies(x, MIN_PARITY_IMAGES - n_test, lo, hi)
             x = join(x, extra)
@@ -363,9 +360,6 @@ def _bytes_parity(smp, paths, ref, x) -> dict:
     training pipeline's pixels (checks the in-graph preprocessing end to end).  For a
     multi-input model each path is ``{input name: file}`` (a case is used when every one
     of its files is PNG/JPEG)."""
-    from kmedtl.data.decode import read_bytes
-    from kmedtl.serving.client import is_raster
-
     def raster(p):
         files = p.values() if isinstance(p, dict) else [p]
         return all(is_raster(read_bytes(f)[:8]) for f in files)

@@ -26,15 +26,15 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import tensorflow as tf
 
 from kmedtl.export.errors import ExportError
+from kmedtl.export.savedmodel import write_core_savedmodel
 
 VARIANTS = ("float32", "float16", "dynamic_int8", "int8")
 
 
 def _converter(saved_model_dir, variant: str, representative=None):
-    import tensorflow as tf
-
     conv = tf.lite.TFLiteConverter.from_saved_model(str(saved_model_dir))
     if variant == "float32":
         return conv
@@ -86,8 +86,6 @@ def convert(saved_model_dir, variant: str, out_path, representative=None) -> Pat
 
 def convert_all(ctx, out_dir, variants=VARIANTS, representative=None) -> dict[str, Path]:
     """Every requested variant of the run's model into ``out_dir/model_<variant>.tflite``."""
-    from kmedtl.export.savedmodel import write_core_savedmodel
-
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise ExportError(f"tflite_variants: {unknown} not in {list(VARIANTS)}")

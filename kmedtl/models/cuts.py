@@ -103,9 +103,7 @@ def inception_cuts(model) -> list[Cut]:
 
 def xception_cuts(model) -> list[Cut]:
     """The residual adds are unnamed in keras.applications: alias them ``block{n}_out``."""
-    from keras.layers import Add
-
-    adds = [op for op in _ops(model) if isinstance(op, Add)]
+    adds = [op for op in _ops(model) if isinstance(op, keras.layers.Add)]
     stage_ends = {4, 12}  # entry flow ends at block 4, middle flow at block 12
     cuts = [
         Cut(f"block{n}_out", op, "stage" if n in stage_ends else "block")

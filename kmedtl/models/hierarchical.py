@@ -46,6 +46,11 @@ from kmedtl.models.heads import (
     pool_features,
 )
 
+try:  # what Keras' own mean reductions call (a private module: see _scale_for_distribution)
+    from keras.src.losses.loss import scale_loss_for_distribution as _keras_scale_loss
+except ImportError:  # moved in a future Keras
+    _keras_scale_loss = None
+
 
 def leaf_paths(h: Hierarchy) -> tuple[np.ndarray, list[int]]:
     """Index table for :class:`LeafProbabilities`.
@@ -176,11 +181,9 @@ class MaskedSparseCategoricalCrossentropy(keras.losses.Loss):
 def _scale_for_distribution(loss):
     """What Keras' own mean reductions do under a multi-replica ``tf.distribute`` strategy
     (divide by the replica count); a no-op on one device and on other backends."""
-    try:
-        from keras.src.losses.loss import scale_loss_for_distribution
-    except ImportError:  # moved in a future Keras: single-device behaviour is unaffected
+    if _keras_scale_loss is None:  # moved in a future Keras: single device is unaffected
         return loss
-    return scale_loss_for_distribution(loss)
+    return _keras_scale_loss(loss)
 
 
 def hierarchy_targets(hierarchy, labels) -> dict[str, np.ndarray]:

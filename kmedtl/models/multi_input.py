@@ -24,6 +24,7 @@ Example::
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 
 import keras
@@ -52,8 +53,6 @@ HEADS = ("flat", "hierarchical")
 
 
 def _check_input_name(name):
-    import re
-
     if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_.\-]*", str(name)):
         raise ModelError(
             f"input name {name!r} must start with a letter and contain only letters, "

@@ -25,6 +25,9 @@ from collections.abc import Callable
 
 import keras
 import numpy as np
+from sklearn.base import clone
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import KFold, StratifiedKFold
 
 from kmedtl.errors import ModelError
 
@@ -34,8 +37,6 @@ DEFAULT_COMPILE_KWARGS = {"optimizer": "adam"}
 
 def kfold_splits(y, n_folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """Stratified k-fold (plain k-fold when a class has fewer than ``n_folds`` samples)."""
-    from sklearn.model_selection import KFold, StratifiedKFold
-
     y = np.asarray(y)
     if not isinstance(n_folds, (int, np.integer)) or n_folds < 2:
         raise ModelError(f"n_folds={n_folds!r} must be an integer >= 2")
@@ -50,15 +51,11 @@ def kfold_splits(y, n_folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarra
 
 
 def default_meta_estimator():
-    from sklearn.linear_model import LogisticRegression
-
     return LogisticRegression(max_iter=1000)
 
 
 def _clone(estimator):
     try:
-        from sklearn.base import clone
-
         return clone(estimator)
     except Exception:  # not a scikit-learn estimator: a deep copy is the best we can do
         return copy.deepcopy(estimator)

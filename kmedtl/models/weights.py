@@ -35,8 +35,11 @@ is only as exact as float16/bfloat16.
 
 from __future__ import annotations
 
+import json
+import zipfile
 from pathlib import Path
 
+import h5py
 import keras
 import numpy as np
 
@@ -133,8 +136,6 @@ def read_weight_file(path) -> dict[str, list[np.ndarray]]:
 
 
 def _read_weights_h5(path) -> dict[str, list[np.ndarray]]:
-    import h5py
-
     out: dict[str, list[np.ndarray]] = {}
     with h5py.File(path, "r") as f:
         def visit(_, obj):
@@ -156,9 +157,6 @@ def _container_names(path) -> set[str]:
     """Names of the models stored in a weight file (the file's model and nested ones)."""
     path = Path(path)
     if path.name.endswith(".keras"):
-        import json
-        import zipfile
-
         with zipfile.ZipFile(path) as z:
             text = z.read("config.json").decode()
         names = set()
@@ -178,8 +176,6 @@ def _container_names(path) -> set[str]:
 
         walk(json.loads(text))
         return names
-    import h5py
-
     names = set()
     with h5py.File(path, "r") as f:
         def visit(name, obj):  # a model's group holds "layers" next to its "vars"

@@ -11,11 +11,11 @@ Config problems raise :class:`~kmedtl.errors.KmedtlError` subclasses, which
 
 from __future__ import annotations
 
+from kmedtl.pipeline.runner import run_pipeline
+from kmedtl.pipeline.spec import STAGES, parse_set
+
 
 def cmd_run(args) -> int:
-    from kmedtl.pipeline.runner import run_pipeline
-    from kmedtl.pipeline.spec import parse_set
-
     res = run_pipeline(args.pipeline, run_dir=args.run_dir, force=args.force or (),
                        until=args.until, overrides=parse_set(args.set))
     s = res.summary
@@ -31,8 +31,6 @@ def cmd_run(args) -> int:
 
 def add_parsers(subparsers) -> None:
     """Register ``run`` on an ``add_subparsers()`` object."""
-    from kmedtl.pipeline.spec import STAGES
-
     r = subparsers.add_parser(
         "run", help="run a pipeline YAML end to end (audit, split, pretrain, tune, train, "
                     "evaluate, export, push); reruns skip finished stages")

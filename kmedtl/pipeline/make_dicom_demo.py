@@ -25,14 +25,17 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
+from pydicom.dataset import FileDataset, FileMetaDataset
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
+
+from kmedtl.errors import DatasetNotFoundError
 
 SC_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.7"  # Secondary Capture Image Storage
 CLASSES = ("glioma_tumor", "meningioma_tumor", "no_tumor", "pituitary_tumor")
 
 
 def _gray(path, size: int | None) -> np.ndarray:
-    from PIL import Image
-
     with Image.open(path) as im:
         im = im.convert("L")
         if size:
@@ -43,9 +46,6 @@ def _gray(path, size: int | None) -> np.ndarray:
 def write_secondary_capture(path, pixels: np.ndarray, *, patient_id: str, study_uid: str,
                             series_uid: str, instance: int, description: str = "") -> Path:
     """One 8-bit MONOCHROME2 MR Secondary Capture file (pydicom)."""
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
-
     pixels = np.ascontiguousarray(pixels, dtype=np.uint8)
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = SC_SOP_CLASS
@@ -86,10 +86,6 @@ def make_dicom_demo(out_dir, source, *, patients_per_class: int = 4,
     """Build the demo set; returns the manifest path.  Images are taken evenly spaced
     through each class folder of ``source/split_folder`` (sorted by name), so the set is
     the same on every machine."""
-    from pydicom.uid import generate_uid
-
-    from kmedtl.errors import DatasetNotFoundError
-
     source, out = Path(source), Path(out_dir)
     rows = []
     n = patients_per_class * images_per_patient

@@ -22,10 +22,13 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
+
 from kmedtl.errors import ConfigError
 from kmedtl.pipeline import records as R
 from kmedtl.pipeline.spec import STAGES, Pipeline, load_pipeline
 from kmedtl.pipeline.stages import STAGE_FUNCS, Context, SimulatedInterruption
+from kmedtl.pipeline.summary import write_summary
 
 log = logging.getLogger("kmedtl.pipeline")
 
@@ -89,8 +92,6 @@ def run_pipeline(source, *, run_dir=None, force=(), until: str | None = None,
         overrides: a nested mapping merged into the YAML before validation (as
             ``kmedtl run --set key=value``).
     """
-    from kmedtl.pipeline.summary import write_summary
-
     pipe = load_pipeline(source, overrides)
     stages, forced = _select(pipe, force, until)
     run = run_folder(pipe, run_dir)
@@ -201,8 +202,6 @@ def _cpu() -> float:
 
 
 def _write_resolved(run: Path, pipe: Pipeline) -> None:
-    import yaml
-
     tmp = run / "pipeline.yaml.tmp"
     with open(tmp, "w") as fh:
         fh.write(f"# the resolved pipeline ({pipe.label}) as this run folder last ran it\n")

@@ -34,6 +34,7 @@ from kmedtl.config import (  # noqa: F401  (parse_set: re-exported for kmedtl.pi
 )
 from kmedtl.errors import ConfigError
 from kmedtl.schema import Strict, validate
+from kmedtl.training.config import train_section
 
 #: Every stage, in the order they run.
 STAGES = ("audit", "split", "pretrain", "tune", "train", "evaluate", "export", "push")
@@ -230,8 +231,6 @@ def load_pipeline(source, overrides: dict | None = None) -> Pipeline:
         elif not msg.startswith(label):
             msg = f"{label}: {msg}"
         raise ConfigError(msg) from None
-    from kmedtl.training.config import train_section
-
     train = train_section(cfg, label)
     _check_tune(cfg, spec, train, label)
     return Pipeline(cfg, spec, label, train)

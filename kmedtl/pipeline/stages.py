@@ -43,10 +43,32 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kmedtl import jsonio
+import keras
+import numpy as np
+
+from kmedtl import export, jsonio
+from kmedtl.data import splits as splitlib
+from kmedtl.data.audit import dicom_patients, public
+from kmedtl.data.pipeline import make_dataset
+from kmedtl.data.prepare import load_index, prepare
+from kmedtl.data.splits import Splits
 from kmedtl.errors import ConfigError, KmedtlError
-from kmedtl.pipeline.records import Records, file_sha256
+from kmedtl.evaluation.stage import evaluate_run
+from kmedtl.models import ContrastivePretrainer, save_backbone
+from kmedtl.models.pretraining import pretrain_backbone
+from kmedtl.pipeline.records import Records, digest, file_sha256
 from kmedtl.run_folder import RunFolder
+from kmedtl.training import tuning
+from kmedtl.training.config import train_section
+from kmedtl.training.features import FeatureCache, materialise
+from kmedtl.training.stage import (
+    build_backbone,
+    check_tunable,
+    check_weight_scaling,
+    datasets,
+    run_training,
+    targets_for,
+)
 
 log = logging.getLogger("kmedtl.pipeline")
 
@@ -92,16 +114,12 @@ class Context:
     def index(self):
         """``(index, hierarchy)`` of the configured data (cheap: no decoding)."""
         if self._index is None:
-            from kmedtl.data.prepare import load_index
-
             self._index = load_index(self.cfg)
         return self._index
 
     def prepared(self):
         """:func:`kmedtl.data.prepare.prepare` once per process (audit + cache + split)."""
         if self._prepared is None:
-            from kmedtl.data.prepare import prepare
-
             self._prepared = prepare(self.cfg)
         return self._prepared
 
@@ -129,8 +147,6 @@ def fail_hook(stage: str) -> int | None:
 
 # ------------------------------------------------------------------------------ audit
 def stage_audit(ctx: Context) -> StageOutput:
-    from kmedtl.data.audit import public
-
     fail_hook("audit")
     prep = ctx.prepared()
     report = public(prep.report)
@@ -149,8 +165,6 @@ def stage_audit(ctx: Context) -> StageOutput:
 
 # ------------------------------------------------------------------------------ split
 def stage_split(ctx: Context) -> StageOutput:
-    from kmedtl.data.audit import dicom_patients
-
     fail_hook("split")
     prep = ctx.prepared()
     splits = prep.splits
@@ -206,9 +220,6 @@ def stage_split(ctx: Context) -> StageOutput:
 def pretrain_pool(prep, fold) -> list:
     """Samples in none of the fold's parts that share no leakage group (patient, exact or
     near duplicate) with a val or test sample."""
-    from kmedtl.data import splits as splitlib
-    from kmedtl.data.audit import dicom_patients
-
     ids = [s.id for s in prep.index.samples]
     patients = {s.id: s.patient_id for s in prep.index.samples if s.patient_id}
     patients.update(dicom_patients(prep.index))
@@ -222,15 +233,6 @@ def pretrain_pool(prep, fold) -> list:
 
 
 def stage_pretrain(ctx: Context) -> StageOutput:
-    import keras
-    import numpy as np
-
-    from kmedtl.data.pipeline import make_dataset
-    from kmedtl.models import ContrastivePretrainer, save_backbone
-    from kmedtl.models.pretraining import pretrain_backbone
-    from kmedtl.training.features import materialise
-    from kmedtl.training.stage import build_backbone
-
     fail_hook("pretrain")
     t0 = time.perf_counter()
     p = ctx.spec.pretrain
@@ -324,8 +326,6 @@ def read_best(ctx: Context) -> dict:
 
 
 def _ids_digest(samples) -> str:
-    from kmedtl.pipeline.records import digest
-
     return digest(sorted(s.id for s in samples))
 
 
@@ -347,15 +347,6 @@ def stage_tune(ctx: Context, *, resume: bool = False) -> StageOutput:
     """The ``train.tune`` search on the fold's training (fit) and validation (objective)
     parts; ``resume`` continues an interrupted search of the same inputs (KerasTuner
     reloads its oracle from ``tuning/search/``)."""
-    import keras
-    import numpy as np
-
-    from kmedtl.pipeline.records import digest
-    from kmedtl.training import tuning
-    from kmedtl.training.config import train_section
-    from kmedtl.training.features import FeatureCache
-    from kmedtl.training.stage import check_tunable, check_weight_scaling, datasets, targets_for
-
     fail_hook("tune")
     t0 = time.perf_counter()
     label = ctx.pipe.label
@@ -473,12 +464,10 @@ def train_config(ctx: Context, *, tuned: bool = True):
 
 
 class _DieAt:
-    """Keras callback for the ``train@<epoch>`` test hook (made lazily: keras import)."""
+    """Keras callback for the ``train@<epoch>`` test hook."""
 
     @staticmethod
     def make(epoch: int):
-        import keras
-
         class DieAt(keras.callbacks.Callback):
             def __init__(self):
                 super().__init__()
@@ -496,10 +485,6 @@ class _DieAt:
 
 
 def stage_train(ctx: Context, *, resume: bool) -> StageOutput:
-    from kmedtl.data.splits import Splits
-    from kmedtl.training.config import train_section
-    from kmedtl.training.stage import run_training
-
     die_at = fail_hook("train")
     callbacks = [_DieAt.make(die_at)] if die_at is not None else []
     run = ctx.run_dir
@@ -544,8 +529,6 @@ def stage_train(ctx: Context, *, resume: bool) -> StageOutput:
 
 # ------------------------------------------------------------------------------ evaluate
 def stage_evaluate(ctx: Context) -> StageOutput:
-    from kmedtl.evaluation.stage import evaluate_run
-
     fail_hook("evaluate")
     e = ctx.spec.evaluate
     doc = evaluate_run(ctx.run_dir, fold=ctx.spec.fold, **e.model_dump())
@@ -567,16 +550,6 @@ def stage_evaluate(ctx: Context) -> StageOutput:
 
 
 # ------------------------------------------------------------------------------ export
-def _export_api():
-    try:
-        from kmedtl import export
-    except ImportError as exc:
-        raise ConfigError(f"pipeline.stages: the export/push stages need kmedtl.export "
-                          f"(pip install -e '.[export]'): {exc}; or stop before them with "
-                          "--until evaluate") from None
-    return export
-
-
 def _to_dict(obj):
     if hasattr(obj, "to_dict"):
         return obj.to_dict()
@@ -585,10 +558,9 @@ def _to_dict(obj):
 
 def stage_export(ctx: Context) -> StageOutput:
     fail_hook("export")
-    api = _export_api()
     x = ctx.spec.export
     out_dir = os.path.abspath(x.out_dir) if x.out_dir else None
-    report = api.export_run(ctx.run_dir, formats=tuple(x.formats), out_dir=out_dir,
+    report = export.export_run(ctx.run_dir, formats=tuple(x.formats), out_dir=out_dir,
                             verify=x.verify, tflite_variants=tuple(x.tflite_variants),
                             opset=x.opset, representative_samples=x.representative_samples)
     doc = _to_dict(report)
@@ -629,9 +601,8 @@ def _formats(doc) -> dict:
 # ------------------------------------------------------------------------------ push
 def stage_push(ctx: Context) -> StageOutput:
     fail_hook("push")
-    api = _export_api()
     p = ctx.spec.push
-    res = api.push_run(ctx.run_dir, root=os.path.abspath(p.root), name=p.name or ctx.cfg.name,
+    res = export.push_run(ctx.run_dir, root=os.path.abspath(p.root), name=p.name or ctx.cfg.name,
                        thresholds=p.thresholds, metric=p.metric)
     doc = _to_dict(res)
     path = getattr(res, "path", None)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 
 def cmd_list(args) -> int:
+    # lazy: the catalog builds Keras models; keeps `kmedtl weights --help` free of Keras
     from kmedtl.pretrained.catalog import format_table, list_sources
 
     print(format_table(list_sources()))
@@ -19,6 +20,7 @@ def cmd_list(args) -> int:
 
 
 def cmd_import(args) -> int:
+    # lazy: the catalog builds Keras models; keeps `kmedtl weights --help` free of Keras
     from kmedtl.pretrained.catalog import import_weights
 
     rec = import_weights(args.file, args.family)

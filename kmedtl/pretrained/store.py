@@ -33,6 +33,7 @@ import re
 import shutil
 import tempfile
 import time
+import urllib.error
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -247,8 +248,6 @@ def offline_error(family: str, exc: BaseException) -> WeightsError:
 
 def is_download_failure(exc: BaseException) -> bool:
     """True for the exceptions ``keras.utils.get_file`` raises when it cannot fetch."""
-    import urllib.error
-
     text = str(exc)
     return (isinstance(exc, (urllib.error.URLError, ConnectionError, TimeoutError))
             or "URL fetch failure" in text or "HTTP Error" in text)

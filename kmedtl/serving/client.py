@@ -28,12 +28,17 @@ from __future__ import annotations
 import base64
 import json
 import re
+import urllib.error
+import urllib.request
 from pathlib import Path
 from urllib.parse import urlparse
 
 import numpy as np
+import tensorflow as tf
 
-from kmedtl.export.errors import ServingError
+from kmedtl.data.decode import load_image
+from kmedtl.data.pipeline import normalize
+from kmedtl.errors import ServingError
 
 BYTES_INPUT = "image_bytes"
 PIXELS_INPUT = "pixels"
@@ -51,9 +56,6 @@ def load_pixels(files, options, normalization: str = "unit") -> np.ndarray:
     Uses :func:`kmedtl.data.decode.load_image` (DICOM rescale/windowing/frames from
     ``options``), 8-bit quantisation, ``/ 255`` and ``normalization``.
     """
-    from kmedtl.data.decode import load_image
-    from kmedtl.data.pipeline import normalize
-
     imgs = [load_image(f, options).image.astype(np.float32) / np.float32(255.0) for f in files]
     if not imgs:
         raise ServingError("no input files given")
@@ -103,7 +105,7 @@ def grpc_request(model_name: str, images=None, *, pixels=None,
                  signature_name: str | None = None, version: int | None = None,
                  version_label: str | None = None):
     """A ``PredictRequest`` for encoded images (``image_bytes``) or pixels (``pixels``)."""
-    import tensorflow as tf
+    # lazy: tensorflow-serving-api is an optional extra (pip install 'kmedtl[export]')
     from tensorflow_serving.apis import predict_pb2
 
     if (images is None) == (pixels is None):
@@ -128,8 +130,6 @@ def grpc_request(model_name: str, images=None, *, pixels=None,
 
 
 def parse_grpc_response(resp) -> dict[str, np.ndarray]:
-    import tensorflow as tf
-
     out = {k: tf.make_ndarray(v) for k, v in resp.outputs.items()}
     if "label" in out:
         out["label"] = np.array([s.decode() if isinstance(s, bytes) else s
@@ -186,9 +186,6 @@ class ServingClient:
         return f"{p['scheme']}://{p['host']}{path}:predict"
 
     def _rest(self, body: dict) -> dict[str, np.ndarray]:
-        import urllib.error
-        import urllib.request
-
         data = json.dumps(body).encode()
         req = urllib.request.Request(self.rest_url, data=data,
                                      headers={"Content-Type": "application/json"})
@@ -204,8 +201,9 @@ class ServingClient:
         return parse_rest_response(answer)
 
     def _grpc(self, request) -> dict[str, np.ndarray]:
+        # lazy: grpcio comes with the export extra (pip install 'kmedtl[export]')
         import grpc
-        from tensorflow_serving.apis import prediction_service_pb2_grpc
+        from tensorflow_serving.apis import prediction_service_pb2_grpc  # lazy: as above
 
         with grpc.insecure_channel(self.parts["host"]) as channel:
             stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)

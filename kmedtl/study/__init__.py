@@ -12,12 +12,7 @@ pretraining), :mod:`~kmedtl.study.stats` (CIs, paired tests), :mod:`~kmedtl.stud
 (grid, resume, budget) and :mod:`~kmedtl.study.report` (``RESULTS.md``).
 """
 
+from kmedtl.study.cli import main
 from kmedtl.study.config import StudyConfig, load_study
 
 __all__ = ["StudyConfig", "load_study", "main"]
-
-
-def main(argv=None):
-    from kmedtl.study.cli import main as _main
-
-    return _main(argv)

@@ -13,6 +13,9 @@ import sys
 from pathlib import Path
 
 from kmedtl.errors import KmedtlError
+from kmedtl.study.config import load_study
+from kmedtl.study.report import plot_learning_curves, write_report
+from kmedtl.study.runner import CELLS_PER_PROCESS, StudyRunner
 
 
 def parser() -> argparse.ArgumentParser:
@@ -43,8 +46,6 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _default_cells_per_process() -> int:
-    from kmedtl.study.runner import CELLS_PER_PROCESS
-
     return CELLS_PER_PROCESS
 
 
@@ -62,10 +63,6 @@ def main(argv=None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s",
                         datefmt="%H:%M:%S", stream=sys.stdout, force=True)
-    from kmedtl.study.config import load_study
-    from kmedtl.study.report import plot_learning_curves, write_report
-    from kmedtl.study.runner import StudyRunner
-
     try:
         studies = [c for p in args.studies for c in load_study(p)]
         runner = StudyRunner(studies, args.out)

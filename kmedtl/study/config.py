@@ -30,6 +30,7 @@ from pydantic import Field, field_validator, model_validator
 from kmedtl.config import expand_env
 from kmedtl.errors import ConfigError
 from kmedtl.schema import Strict, validate
+from kmedtl.study.training import train_section_for
 
 Size = Union[int, Literal["all"]]
 METRICS = ("balanced_accuracy", "kappa", "auroc_macro", "f1_macro")
@@ -271,8 +272,6 @@ def _check_recipes(cfg: StudyConfig, label: str) -> None:
     every N it runs at, when the file loads: a misspelt field (or a YAML flow mapping whose
     unquoted comma split a label) must stop the study before any cell trains, not fail each
     of the arm's cells one by one hours into the run."""
-    from kmedtl.study.training import train_section_for
-
     for j, arm in enumerate(cfg.arms):
         recipe = cfg.recipe_of(arm)
         for n in cfg.sizes_of(arm):

@@ -24,8 +24,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from kmedtl.config import load_config
 from kmedtl.data import splits as splitlib
+from kmedtl.data.pipeline import make_dataset
+from kmedtl.data.prepare import prepare
 from kmedtl.study.config import StudyData
+from kmedtl.training.features import materialise
 
 log = logging.getLogger("kmedtl.study")
 
@@ -78,11 +82,6 @@ class StudySplit:
 
 def load_split(d: StudyData, progress: bool = False) -> StudySplit:
     """Prepare, dedupe and load the study split (see the module docstring)."""
-    from kmedtl.config import load_config
-    from kmedtl.data.pipeline import make_dataset
-    from kmedtl.data.prepare import prepare
-    from kmedtl.training.features import materialise
-
     source = {"source": "folder", "root": d.root}
     if d.manifest:
         source = {"source": "manifest", "manifest": os.path.join(d.root, d.manifest),

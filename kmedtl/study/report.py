@@ -19,6 +19,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
 from kmedtl.evaluation import mean_sd
 from kmedtl.study.config import METRICS
@@ -454,16 +456,14 @@ def write_report(runner, path, title: str = "Study results", command: str = "") 
 
 
 def plot_learning_curves(runner, out_dir) -> list[Path]:
-    """One PNG per comparison (primary metric, mean +- sd over seeds vs N) into ``out_dir``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """One PNG per comparison (primary metric, mean +- sd over seeds vs N) into ``out_dir``
+    (matplotlib's object API and the Agg canvas: no pyplot, no global state)."""
     rep = Report(runner)
     paths = []
     for s in runner.studies:
-        fig, ax = plt.subplots(figsize=(5, 3.5))
+        fig = Figure(figsize=(5, 3.5))
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot()
         sizes = [str(n) for n in s.grid.sizes]
         for arm in s.arms:
             xs, ms, sds = [], [], []
@@ -484,6 +484,5 @@ def plot_learning_curves(runner, out_dir) -> list[Path]:
         fig.tight_layout()
         p = Path(out_dir) / f"learning_curve_{s.name}.png"
         fig.savefig(p, dpi=100)
-        plt.close(fig)
         paths.append(p)
     return paths

@@ -47,6 +47,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import multiprocessing as mp
 import os
 import platform
 import signal
@@ -56,12 +57,24 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from logging.handlers import QueueHandler
 from pathlib import Path
 
+import keras
 import numpy as np
+import tensorflow as tf
 
-from kmedtl.errors import ConfigError
+from kmedtl.data.scan import detached_main
+from kmedtl.errors import ConfigError, KmedtlError
+from kmedtl.study import training as study_training  # looked up per call (patchable there)
 from kmedtl.study.config import StudyConfig
+from kmedtl.study.data import load_split
+from kmedtl.study.stats import cell_metrics
+
+try:
+    import resource
+except ImportError:  # Windows
+    resource = None
 
 log = logging.getLogger("kmedtl.study")
 
@@ -118,9 +131,6 @@ class Cell:
 
 
 def hardware() -> dict:
-    import keras
-    import tensorflow as tf
-
     return {"cpu_count": os.cpu_count(), "machine": platform.machine(),
             "python": platform.python_version(), "tensorflow": tf.__version__,
             "keras": keras.__version__, "backend": keras.backend.backend(),
@@ -147,8 +157,6 @@ class StudyRunner:
     def load(self, write: bool = True):
         """Load the split once (``write``: also write ``split.json``; a worker process
         loads the split its parent has already written)."""
-        from kmedtl.study.data import load_split
-
         if self.split is None:
             self.split = load_split(self.studies[0].data)
             if not write:
@@ -195,8 +203,6 @@ class StudyRunner:
 
     def other_split(self, data):
         """The split of another dataset (cross-domain pretraining), loaded once."""
-        from kmedtl.study.data import load_split
-
         k = json.dumps(data.model_dump(), sort_keys=True)
         if k not in self._other:
             self._other[k] = load_split(data)
@@ -208,8 +214,6 @@ class StudyRunner:
         keeps every finished cell.  Cells finished under the first scheme (the whole epochs
         mapping in the digest) are still found: that key is used while its file exists and
         the new one's does not."""
-        from kmedtl.study.training import epochs_for
-
         def ident(r):
             d = {"fp": self.split.fingerprint, "recipe": r, "n": str(n), "seed": seed,
                  "init": pkey or "scratch"}
@@ -221,7 +225,7 @@ class StudyRunner:
         if not isinstance(recipe.get("epochs"), dict):
             return legacy
         try:
-            resolved = {**recipe, "epochs": epochs_for(recipe["epochs"], n)}
+            resolved = {**recipe, "epochs": study_training.epochs_for(recipe["epochs"], n)}
         except KeyError:
             return legacy  # reported when the cell runs
         key = ident(resolved)
@@ -281,8 +285,6 @@ class StudyRunner:
 
     # ------------------------------------------------------------------ running
     def _pretrained(self, cell: Cell, study: StudyConfig) -> str:
-        from kmedtl.study.training import pretrain
-
         path = self.out / "pretrain" / f"{cell.pretrain_key}.weights.h5"
         meta = path.with_suffix("").with_suffix(".json")
         if path.exists() and meta.exists():
@@ -300,9 +302,10 @@ class StudyRunner:
         log.info("pretraining %s (%s%s) on %d images%s", cell.init, spec.method,
                  f", from {spec.data.root}" if spec.data is not None else "", len(pool),
                  f" (capped at {spec.max_images})" if spec.max_images else "")
-        info = pretrain(source, spec, pool, path,
-                        study.train.get("backbone", "cbr_small"),
-                        recipe=study.train if spec.weights == "imagenet" else None)
+        info = study_training.pretrain(source, spec, pool, path,
+                                       study.train.get("backbone", "cbr_small"),
+                                       recipe=study.train if spec.weights == "imagenet"
+                                       else None)
         if spec.data is not None:
             info["data_root"] = os.path.relpath(spec.data.root, study.data.root)
         info.update(name=cell.init, study=study.name, key=cell.pretrain_key, pool=spec.pool,
@@ -325,17 +328,14 @@ class StudyRunner:
         worker process calls it for each cell it is sent.  Returns a short, picklable outcome:
         ``{"key", "ok", "error", "pid", "rss_mb", "peak_rss_mb"}`` (this process's RSS after
         the cell and its peak RSS so far, in MB)."""
-        from kmedtl.study.stats import cell_metrics
-        from kmedtl.study.training import train_cell
-
         split = self.load() if self.split is None else self.split
         study = {s.name: s for s in self.studies}[c.study]
         err = self.cell_path(c.key).with_suffix(".error.json")
         try:
             weights = self._pretrained(c, study) if c.init != "scratch" else None
-            info = train_cell(split, c.recipe, c.n, c.seed, weights=weights,
-                              n_folds=c.n_folds,
-                              recalibrate=c.recipe.get("recalibrate_bn", True))
+            info = study_training.train_cell(
+                split, c.recipe, c.n, c.seed, weights=weights, n_folds=c.n_folds,
+                recalibrate=c.recipe.get("recalibrate_bn", True))
             probs = info.pop("probs")
             metrics = cell_metrics(split.y_test, probs, study.evaluation.n_boot,
                                    study.evaluation.alpha, seed=c.seed)
@@ -451,9 +451,7 @@ def _rss_mb() -> float | None:
 
 def _peak_rss_mb(children: bool = False) -> float | None:
     """Peak RSS in MB of this process, or of its terminated and waited-for children."""
-    try:
-        import resource
-    except ImportError:  # Windows
+    if resource is None:
         return None
     ru = resource.getrusage(resource.RUSAGE_CHILDREN if children else resource.RUSAGE_SELF)
     scale = 2**20 if sys.platform == "darwin" else 2**10  # bytes on macOS, KiB elsewhere
@@ -519,11 +517,6 @@ class _Workers:
 
     # -- lifetime
     def _start(self) -> None:
-        import multiprocessing as mp
-
-        from kmedtl.data.scan import _detached_main
-        from kmedtl.errors import KmedtlError
-
         ctx = mp.get_context("spawn")  # never fork a process that runs TensorFlow
         here, there = ctx.Pipe(duplex=True)
         levels = {name: lg.level for name, lg in logging.root.manager.loggerDict.items()
@@ -533,7 +526,7 @@ class _Workers:
                            args=(there, self.runner.studies, str(self.runner.out),
                                  self.runner.split.fingerprint, levels, self.worker_init))
         t0 = time.perf_counter()
-        with _detached_main():  # the worker imports this module, never the caller's script
+        with detached_main():  # the worker imports this module, never the caller's script
             proc.start()
         there.close()
         self.proc, self.conn, self.cells_here = proc, here, 0
@@ -673,8 +666,6 @@ def _worker_main(conn, studies, out, fingerprint, levels, worker_init) -> None:
     The parent sends each planned :class:`Cell` itself (key, recipe, init, ...), not a key
     to look up in a plan of the worker's own: the parent's plan is the one the run reports,
     and planning again would only repeat the pretraining-pool and key computations."""
-    from logging.handlers import QueueHandler
-
     sender = _PipeSender(conn)
     handler = QueueHandler(sender)
     starting = [True]  # the parent has logged the split already: only errors while loading

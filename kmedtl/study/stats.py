@@ -20,6 +20,7 @@ cases), summarised over seeds:
 from __future__ import annotations
 
 import numpy as np
+from scipy.stats import rankdata
 
 from kmedtl.evaluation import bootstrap, compare_models, mean_sd
 from kmedtl.study.config import METRICS
@@ -33,8 +34,6 @@ def _auroc_macro(y, p) -> float:
     """Mean one-vs-rest AUROC over the classes present (Mann-Whitney U with average ranks:
     the same value as ``sklearn.metrics.roc_auc_score`` per class, ~50x faster, which
     matters inside a 1000-resample bootstrap)."""
-    from scipy.stats import rankdata
-
     out = []
     for c in range(p.shape[1]):
         pos = y == c

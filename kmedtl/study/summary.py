@@ -23,6 +23,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from kmedtl.errors import ConfigError, KmedtlError
+from kmedtl.study.config import load_study
+from kmedtl.study.report import Report, _pt, _verdict
+from kmedtl.study.runner import StudyRunner
 
 
 def _dataset(study) -> str:
@@ -46,9 +49,6 @@ def render(pairs: list[tuple[str, str]], results: dict[str, str] | None = None,
            command: str = "") -> str:
     """``pairs``: (study YAML, run folder) per dataset.  ``results``: the per-dataset
     report file each links to (study YAML -> path)."""
-    from kmedtl.study.config import load_study
-    from kmedtl.study.runner import StudyRunner
-
     if len(pairs) < 2:
         raise ConfigError("give at least two STUDY.yaml=RUN_FOLDER pairs (one per dataset)")
     runners = []
@@ -64,8 +64,6 @@ def render(pairs: list[tuple[str, str]], results: dict[str, str] | None = None,
 
 def render_runners(runners, results: dict[str, str] | None = None, command: str = "") -> str:
     """:func:`render` over planned :class:`~kmedtl.study.runner.StudyRunner` s."""
-    from kmedtl.study.report import Report, _pt, _verdict
-
     runs = []
     for runner in runners:
         rep = Report(runner)

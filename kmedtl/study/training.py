@@ -29,15 +29,30 @@ is 32..256 with 7x7; about 13x the compute at 32 px).
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
 from pathlib import Path
 
 import keras
 import numpy as np
+from sklearn.model_selection import train_test_split
 
+from kmedtl.models import (
+    ContrastivePretrainer,
+    FlatClassifier,
+    HierarchicalClassifier,
+    StagedHierarchicalClassifier,
+    backbone,
+    hierarchy_targets,
+    pretrain_backbone,
+    save_backbone,
+)
 from kmedtl.models import backbones as _bb
 from kmedtl.models import truncation as _trunc
 from kmedtl.models.cbr import cbr_network
+from kmedtl.training import Trainer, train_section
+from kmedtl.training.batchnorm import recalibrate_batchnorm as _recalibrate
+from kmedtl.training.tuning import TransferHyperModel, run_search
 
 log = logging.getLogger("kmedtl.study")
 
@@ -62,8 +77,6 @@ def recalibrate_batchnorm(model, x, batch_size: int = 256) -> int:
     """:func:`kmedtl.training.batchnorm.recalibrate_batchnorm` over the cell's training
     images (the study runs it itself, with the Trainer's own pass turned off, because its
     staged and pretraining cells train several models per cell)."""
-    from kmedtl.training.batchnorm import recalibrate_batchnorm as _recalibrate
-
     return _recalibrate(model, x, batch_size=batch_size)
 
 
@@ -80,8 +93,6 @@ def epochs_for(epochs, n) -> int:
 def train_section_for(recipe: dict, n, seed: int):
     """The :class:`~kmedtl.training.TrainSection` of a cell: the recipe with the N-specific
     epoch count and the seed; no TensorBoard, silent."""
-    from kmedtl.training import train_section
-
     fields = {k: v for k, v in recipe.items() if k not in ("init", "recalibrate_bn")}
     fields["epochs"] = epochs_for(fields.get("epochs", 10), n)
     fields.update(seed=int(seed), tensorboard=False, verbose=0, recalibrate_bn=False)
@@ -89,8 +100,6 @@ def train_section_for(recipe: dict, n, seed: int):
 
 
 def _backbone(tc, input_shape, weights):
-    from kmedtl.models import backbone
-
     # a pretrain entry's weights, else the recipe's own (``weights: imagenet``), else random
     return backbone(tc.backbone, weights=weights if weights is not None else tc.weights,
                     cut=tc.cut, input_shape=tuple(input_shape))
@@ -102,9 +111,6 @@ def train_cell(split, recipe: dict, n, seed: int, *, weights=None, n_folds: int 
 
     ``recalibrate``: :func:`recalibrate_batchnorm` on the cell's training images after
     training (every node model of a staged arm too)."""
-    from kmedtl.models import FlatClassifier, HierarchicalClassifier, hierarchy_targets
-    from kmedtl.training import Trainer
-
     t0 = time.perf_counter()
     tc = train_section_for(recipe, n, seed)
     keras.utils.clear_session(free_memory=True)
@@ -120,9 +126,6 @@ def train_cell(split, recipe: dict, n, seed: int, *, weights=None, n_folds: int 
         tc = search.pop("section")
         info.update(search=search, strategy=tc.strategy, cut=tc.cut)
     if tc.model == "staged":
-        from kmedtl.models import StagedHierarchicalClassifier
-        from kmedtl.training import train_section
-
         node_cfg = train_section(tc, model="flat")
 
         def fit_fn(model, xs, ys, *, name, fold, indices):
@@ -164,13 +167,6 @@ def _search(split, tc, x, y, shape, seed: int) -> dict:
     the N-subset alone: a stratified 20% of it is the validation split, the test set is
     never seen.  Returns the best trial's recipe (``section``, with the cell's own epochs, for
     the final fit on the whole subset) and what the search did."""
-    import tempfile
-
-    from sklearn.model_selection import train_test_split
-
-    from kmedtl.training import train_section
-    from kmedtl.training.tuning import TransferHyperModel, run_search
-
     t0 = time.perf_counter()
     rows = np.arange(len(y))
     tr, va = train_test_split(rows, test_size=0.2, stratify=y, random_state=int(seed))
@@ -201,9 +197,6 @@ def _rotations(x: np.ndarray):
 def _intermediate(split, spec, rows, name: str, recipe: dict):
     """ImageNet weights, then the level-1 task of ``split.x[rows]`` with the study's own
     recipe (``epochs`` from the pretrain spec); returns (model, losses)."""
-    from kmedtl.models import FlatClassifier, backbone
-    from kmedtl.training import Trainer, train_section
-
     fields = {k: v for k, v in recipe.items() if k not in ("init", "recalibrate_bn")}
     fields.update(backbone=name, weights="imagenet", model="flat", cut=None,
                   epochs=int(spec.epochs), batch_size=int(spec.batch_size), seed=spec.seed,
@@ -232,8 +225,6 @@ def pretrain(split, spec, rows: np.ndarray, path, default_backbone: str,
     images -- the level-1 node of the hierarchy (normal vs tumour) -- as in same-domain
     supervised transfer (Romero et al. 2020, Alzubaidi et al. 2020).
     """
-    from kmedtl.models import ContrastivePretrainer, backbone, pretrain_backbone, save_backbone
-
     t0 = time.perf_counter()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -131,8 +131,9 @@ from kmedtl.training.tta import predict_tta
 _LAZY = {"TransferHyperModel", "run_search", "TuningError", "preflight", "SearchResult"}
 
 
-def __getattr__(name):  # keras_tuner is imported on first use of the tuner
+def __getattr__(name):  # PEP 562: keras_tuner is imported on first use of the tuner
     if name in _LAZY:
+        # lazy: keras_tuner loads TensorFlow, absent under KERAS_BACKEND=jax
         from kmedtl.training import tuning
 
         return getattr(tuning, name)

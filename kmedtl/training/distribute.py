@@ -36,7 +36,7 @@ def get_strategy(kind: str = "none", devices=None):
     if keras.backend.backend() != "tensorflow":
         raise ConfigError(f"train.distribute: {kind!r} needs the TensorFlow backend (this is "
                           f"{keras.backend.backend()!r}; use keras.distribution there)")
-    import tensorflow as tf
+    import tensorflow as tf  # lazy: absent under KERAS_BACKEND=jax (TensorFlow backend only)
 
     if kind == "mirrored":
         return tf.distribute.MirroredStrategy(devices)
@@ -56,7 +56,7 @@ def strategy_scope(strategy):
 def split_cpu(n: int) -> list[str]:
     """Split the CPU into ``n`` logical devices (call before TensorFlow initialises its
     devices, i.e. before any op runs); returns their names for ``MirroredStrategy``."""
-    import tensorflow as tf
+    import tensorflow as tf  # lazy: absent under KERAS_BACKEND=jax (TensorFlow backend only)
 
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(
@@ -74,7 +74,7 @@ def enable_determinism(seed: int | None = None) -> None:
     if seed is not None:
         keras.utils.set_random_seed(seed)
     if keras.backend.backend() == "tensorflow":
-        import tensorflow as tf
+        import tensorflow as tf  # lazy: absent under KERAS_BACKEND=jax
 
         tf.config.experimental.enable_op_determinism()
     elif keras.backend.backend() == "jax":

@@ -42,7 +42,7 @@ Example::
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import keras
@@ -88,8 +88,6 @@ def model_backbones(model) -> list:
     """The backbone(s) of a kmedtl classifier: ``model.backbone``; for a multi-input model
     (:class:`~kmedtl.models.MultiInputClassifier`) its shared backbone, or its backbones,
     one per input, in input order; ``[]`` for any other model."""
-    from collections.abc import Mapping
-
     bb = getattr(model, "backbone", None)
     if isinstance(bb, keras.Model):
         return [bb]

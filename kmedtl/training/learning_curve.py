@@ -30,9 +30,15 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import keras
+import numpy as np
+
 from kmedtl.data.prepare import prepare, primary_input
 from kmedtl.data.splits import per_class_subset
 from kmedtl.errors import ConfigError
+from kmedtl.evaluation.learning_curves import learning_curve, summarise_learning_curve
+from kmedtl.evaluation.metrics import classification_metrics
+from kmedtl.evaluation.stage import predict
 from kmedtl.training.config import train_section
 from kmedtl.training.stage import (
     _check_data,
@@ -82,17 +88,8 @@ def run_learning_curve(cfg, sizes, seeds: int = 3, *, out=None, fold: int = 0,
     """Train and score every (size, seed); write the files above.  Returns
     ``{"results": {n: [metric per seed]}, "rows": [...], "files": {kind: path},
     "markdown": str, "sizes": {n: label}}``."""
-    import keras
-    import numpy as np
-
-    # tf.data: imports TensorFlow, which kmedtl.training leaves out at import (JAX backend)
+    # lazy: tf.data loads TensorFlow, absent under KERAS_BACKEND=jax
     from kmedtl.data.pipeline import make_dataset
-
-    # kmedtl.evaluation sits above kmedtl.training: an upward import, kept to this function
-    # (loaded when a learning curve runs, not when the CLI builds its parser)
-    from kmedtl.evaluation.learning_curves import learning_curve, summarise_learning_curve
-    from kmedtl.evaluation.metrics import classification_metrics
-    from kmedtl.evaluation.stage import predict
 
     if isinstance(sizes, str):
         sizes = parse_sizes(sizes)

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import keras
 import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
 from kmedtl.errors import ConfigError
 from kmedtl.training.schedules import ExponentialSweep
@@ -57,15 +59,13 @@ class LRFinderResult:
                 "losses": [float(v) for v in self.losses]}
 
     def plot(self, path) -> Path:
-        """Loss vs learning rate (log x axis) with the suggestions marked, as a PNG."""
-        import matplotlib
-
-        matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
-
+        """Loss vs learning rate (log x axis) with the suggestions marked, as a PNG (drawn
+        with matplotlib's object API and the Agg canvas: no pyplot, no global state)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+        fig = Figure(figsize=(6, 4), dpi=100)
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot()
         ax.plot(self.lrs, self.losses, color="0.75", lw=1, label="loss (per batch)")
         ax.plot(self.lrs, self.smoothed, color="C0", lw=2, label="smoothed")
         if self.steepest is not None:
@@ -83,7 +83,6 @@ class LRFinderResult:
         ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(path)
-        plt.close(fig)
         return path
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import keras
 import numpy as np
+from sklearn.metrics import cohen_kappa_score, roc_auc_score
 
 from kmedtl import models  # looked up per call, as kmedtl.models.<name> (patchable there)
 from kmedtl.data.audit import public
@@ -49,7 +50,7 @@ def _check_data(cfg):
 def datasets(cfg, prep, tc: TrainSection, targets: str, fold: int = 0) -> dict:
     """``train`` (shuffled, augmented, balanced as ``data.balance``), ``train_eval``
     (plain), ``val`` (or None) and the step count for one epoch."""
-    # tf.data: imports TensorFlow, which kmedtl.training leaves out at import (JAX backend)
+    # lazy: tf.data loads TensorFlow, absent under KERAS_BACKEND=jax
     from kmedtl.data.pipeline import make_dataset
 
     _check_data(cfg)
@@ -239,8 +240,6 @@ def _clean(model):
 
 
 def _proba_metrics(proba, y) -> dict:
-    from sklearn.metrics import cohen_kappa_score, roc_auc_score
-
     y = np.asarray(y).astype(int)
     pred = np.argmax(proba, axis=1)
     out = {"accuracy": float((pred == y).mean()),
@@ -287,7 +286,7 @@ def run_tuning(cfg, run_dir=None, *, label: str = "config", overwrite: bool | No
     """``kmedtl tune``: the KerasTuner search of ``train.tune`` on the configured data;
     writes ``<run>/tuning/{results.csv, results.md, best_config.yaml}`` and KerasTuner's
     project folder ``<run>/tuning/search/``."""
-    # keras_tuner (optional, slow to import) loads with the tuner, on first use only
+    # lazy: keras_tuner loads TensorFlow, absent under KERAS_BACKEND=jax
     from kmedtl.training.tuning import TransferHyperModel, preflight, run_search
 
     tune_over = {k: v for k, v in {"max_trials": max_trials, "tuner": tuner,

@@ -40,6 +40,7 @@ from pathlib import Path
 import keras
 import keras_tuner as kt
 import numpy as np
+from keras_tuner.src.distribute import utils as kt_distribute  # chief/worker (no public API)
 
 from kmedtl import models  # looked up per call, as kmedtl.models.<name> (patchable there)
 from kmedtl.errors import ConfigError, KmedtlError
@@ -338,11 +339,9 @@ def objective_for(tune: TuneSection, multi_output: bool):
 
 
 def distributed_role() -> str:
-    from keras_tuner.src.distribute import utils as dist
-
-    if not dist.has_chief_oracle():
+    if not kt_distribute.has_chief_oracle():
         return "single"
-    return "chief" if dist.is_chief_oracle() else "worker"
+    return "chief" if kt_distribute.is_chief_oracle() else "worker"
 
 
 def make_tuner(hypermodel: TransferHyperModel, objective, directory, project_name="search",
