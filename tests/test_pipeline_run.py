@@ -332,3 +332,48 @@ def test_export_and_push_stages(tmp_path):
         "thresholds": {"balanced_accuracy": 1.01}}}})
     assert res.ran == ["push"] and res.summary["push"]["pushed"] is False
     assert "Not pushed" in (run / "summary.md").read_text()
+
+
+def test_the_data_is_prepared_once_per_process(tmp_path, monkeypatch):
+    """The train stage trains on the data the split stage prepared: before, run_training
+    indexed, audited, cached and split the data a second time, and the pipeline compared
+    the two split files after training."""
+    import kmedtl.data.prepare as prep_mod
+    import kmedtl.pipeline.stages as stages_mod
+    import kmedtl.training.stage as train_mod
+
+    calls = []
+
+    def counting(cfg, **kw):
+        calls.append(cfg.name)
+        return prep_mod.prepare(cfg, **kw)
+
+    monkeypatch.setattr(stages_mod, "prepare", counting)
+    monkeypatch.setattr(train_mod, "prepare", counting)
+    res = run_pipeline(write_pipeline(tmp_path, stages=["audit", "split", "train"]))
+    assert res.ran == ["audit", "split", "train"]
+    assert calls == ["pipe"]
+    run = tmp_path / "runs" / "pipe"
+    assert json.loads((run / "splits.json").read_text())["folds"] == \
+        json.loads((run / "data" / "splits.json").read_text())["folds"]
+
+
+def test_a_resumed_train_stage_refuses_a_split_that_is_not_the_split_stages(tmp_path):
+    """Prepared afresh in a new process, the data must split as the split stage wrote;
+    a difference stops the stage before any training (the old check ran after it)."""
+    from kmedtl.pipeline.records import Records
+    from kmedtl.pipeline.stages import Context, PipelineStageError, stage_train
+
+    path = write_pipeline(tmp_path, stages=["audit", "split", "train"])
+    run_pipeline(path, until="split")
+    run = tmp_path / "runs" / "pipe"
+    written = run / "data" / "splits.json"
+    doc = json.loads(written.read_text())
+    fold = doc["folds"][0]
+    fold["train"], fold["test"] = fold["train"][1:], fold["test"] + fold["train"][:1]
+    written.write_text(json.dumps(doc))
+    ctx = Context(load_pipeline(path), run, Records(run))  # a fresh process's context
+    with pytest.raises(PipelineStageError, match=r"data/splits.json: the split stage wrote "
+                                                   r"a different split.*--force split"):
+        stage_train(ctx, resume=False)
+    assert not (run / "model.keras").exists() and not (run / "train_metrics.json").exists()

@@ -19,8 +19,10 @@ tune          the KerasTuner search of ``train.tune`` (:mod:`kmedtl.training.tun
               interrupted search resumes), ``tuning/features/`` (feature cache)
 train         :func:`kmedtl.training.run_training` into the run folder (its contract:
               ``config.yaml``, ``splits.json``, ``model.keras``, ``train_metrics.json``,
-              ...); resumes from ``backup/`` after an interruption; with ``tune`` in the
-              pipeline it trains the train section of ``tuning/best.json``
+              ...) on the data the pipeline prepared (once per process; a resumed
+              pipeline's split must equal ``data/splits.json``); resumes from ``backup/``
+              after an interruption; with ``tune`` in the pipeline it trains the train
+              section of ``tuning/best.json``
 evaluate      :func:`kmedtl.evaluation.stage.evaluate_run`: ``metrics.json``,
               ``report.html``, ``model_card.md``, ``plots/``
 export        ``kmedtl.export.export_run`` (SavedModel / TFLite / ONNX, parity verified)
@@ -490,21 +492,24 @@ def stage_train(ctx: Context, *, resume: bool) -> StageOutput:
     run = ctx.run_dir
     if not resume:  # a different config's half-finished run must not be resumed
         shutil.rmtree(run / "backup", ignore_errors=True)
-    cfg = train_config(ctx)
+    cfg = train_config(ctx)  # the tune and pretrain stages change only its train section
     # the section load_pipeline validated, unless the tune or pretrain stage changed it
     tc = (ctx.pipe.train if not {"tune", "pretrain"} & set(ctx.spec.stages)
           else train_section(cfg, ctx.pipe.label))
-    run_training(cfg, run, overwrite=not resume, label=ctx.pipe.label, callbacks=callbacks,
-                 fold=ctx.spec.fold, train=tc)
-    # the trainer re-derives the split from the same config: it must be the pipeline's
+    # Training gets the data this process prepared (once: the split stage's, when it ran
+    # here).  A resumed pipeline prepares it afresh, so check it against the split file
+    # the split stage wrote before spending any time on training.
+    prep = ctx.prepared()
     rf = ctx.folder
-    mine = Splits.load(rf.pipeline_splits_path)
-    theirs = rf.splits()
     f = ctx.spec.fold
-    if theirs is None or mine.folds[f].to_dict() != theirs.folds[f].to_dict():
-        raise PipelineStageError(f"{rf.splits_path}: training used a different split than "
-                                 f"{rf.pipeline_splits_path} (the data changed while the "
-                                 "pipeline ran?); rerun with --force split")
+    written = Splits.load(rf.pipeline_splits_path)
+    if written.folds[f].to_dict() != ctx.fold(prep.splits).to_dict():
+        raise PipelineStageError(f"{rf.pipeline_splits_path}: the split stage wrote a "
+                                 "different split than the data gives now (the data changed "
+                                 "while the pipeline ran?); rerun with --force split")
+    run_training(cfg, run, overwrite=not resume, label=ctx.pipe.label, callbacks=callbacks,
+                 fold=f, train=tc, prepared=prep)
+    rf = ctx.folder  # a fresh view: training wrote its files
     m = rf.train_metrics
     keep = ("model", "backbone", "cut", "fold", "n_train", "n_val", "n_test", "monitor",
             "best_epoch", "best_value", "stopped_early", "resumed_from_epoch", "val_metrics",

@@ -19,7 +19,7 @@ from sklearn.metrics import cohen_kappa_score, roc_auc_score
 
 from kmedtl import models  # looked up per call, as kmedtl.models.<name> (patchable there)
 from kmedtl.data.audit import public
-from kmedtl.data.prepare import input_names, prepare, primary_input
+from kmedtl.data.prepare import Prepared, input_names, prepare, primary_input
 from kmedtl.errors import ConfigError
 from kmedtl.jsonio import write_json
 from kmedtl.run_folder import RunFolder
@@ -125,7 +125,7 @@ def write_provenance(run_dir: Path, cfg, tc: TrainSection, prep) -> None:
 # ---------------------------------------------------------------------------- train
 def run_training(cfg, run_dir=None, *, epochs: int | None = None, overwrite: bool = False,
                  label: str = "config", callbacks=(), fold: int = 0,
-                 train: TrainSection | None = None):
+                 train: TrainSection | None = None, prepared: Prepared | None = None):
     """``kmedtl train``: prepare data, build, train, write ``runs/<name>/``.
 
     Returns the :class:`~kmedtl.training.TrainResult` (staged runs: a dict).  An
@@ -133,6 +133,9 @@ def run_training(cfg, run_dir=None, *, epochs: int | None = None, overwrite: boo
     picks the fold of a k-fold / repeated split (recorded as ``"fold"`` in
     ``train_metrics.json``).  ``train``: the already validated train section (``kmedtl
     run`` passes the one it validated when the pipeline loaded); default: ``cfg.train``.
+    ``prepared``: the data already prepared from ``cfg``'s data and split sections
+    (``kmedtl run`` passes the one its split stage wrote, so the data is indexed, audited,
+    cached and split once); default: :func:`~kmedtl.data.prepare.prepare` ``(cfg)``.
     """
     t0 = time.perf_counter()
     overrides = {"epochs": epochs} if epochs else {}
@@ -148,7 +151,7 @@ def run_training(cfg, run_dir=None, *, epochs: int | None = None, overwrite: boo
     keras.utils.set_random_seed(tc.seed)
     if tc.deterministic:
         enable_determinism(tc.seed)
-    prep = prepare(cfg)
+    prep = prepare(cfg) if prepared is None else prepared
     if not 0 <= fold < len(prep.splits.folds):
         raise ConfigError(f"--fold {fold}: the split has {len(prep.splits.folds)} fold(s) "
                           f"(split.method: {cfg.split.method})")
