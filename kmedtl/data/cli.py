@@ -8,11 +8,8 @@
 SOURCE is a folder-per-class tree, a CSV manifest or a YAML config.  Exit codes: 0 ok,
 1 data problems in --strict mode, 2 bad arguments or config, or data with nothing usable.
 
-The CLI owner wires it in with::
-
-    from kmedtl.config import load_config
-    from kmedtl.data.cli import add_parsers as add_data_parsers
-    add_data_parsers(sub, load_config=load_config)   # sub = parser.add_subparsers(...)
+The root command (``kmedtl.cli``) wires it in with
+``add_parsers(sub, load_config=load_config)``, passing the run config's loader.
 
 ``kmedtl.data`` sits below ``kmedtl.config`` and never imports it, yet SOURCE may be a
 YAML config and ``data split`` takes one: the caller hands over the YAML -> config
