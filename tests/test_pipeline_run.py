@@ -345,15 +345,19 @@ def test_the_data_is_prepared_once_per_process(tmp_path, monkeypatch):
     calls = []
 
     def counting(cfg, **kw):
-        calls.append(cfg.name)
-        return prep_mod.prepare(cfg, **kw)
+        prep = prep_mod.prepare(cfg, **kw)
+        calls.append((cfg.name, prep.seconds))
+        return prep
 
     monkeypatch.setattr(stages_mod, "prepare", counting)
     monkeypatch.setattr(train_mod, "prepare", counting)
     res = run_pipeline(write_pipeline(tmp_path, stages=["audit", "split", "train"]))
     assert res.ran == ["audit", "split", "train"]
-    assert calls == ["pipe"]
+    assert [name for name, _ in calls] == ["pipe"]
     run = tmp_path / "runs" / "pipe"
+    # train_metrics' prepare_seconds still counts the preparation the split stage did
+    metrics = json.loads((run / "train_metrics.json").read_text())
+    assert metrics["prepare_seconds"] >= round(calls[0][1], 3) > 0
     assert json.loads((run / "splits.json").read_text())["folds"] == \
         json.loads((run / "data" / "splits.json").read_text())["folds"]
 
@@ -377,3 +381,30 @@ def test_a_resumed_train_stage_refuses_a_split_that_is_not_the_split_stages(tmp_
                                                    r"a different split.*--force split"):
         stage_train(ctx, resume=False)
     assert not (run / "model.keras").exists() and not (run / "train_metrics.json").exists()
+
+
+def test_a_fold_the_split_does_not_have_is_a_config_error(tmp_path):
+    """pipeline.fold is not an input of the split stage: a rerun with a fold the split
+    lacks reaches the train stage, which names the field (it raised IndexError)."""
+    path = write_pipeline(tmp_path, stages=["audit", "split", "train"])
+    run_pipeline(path, until="split")
+    with pytest.raises(ConfigError, match=r"pipeline.fold: 3 but the split has 1 fold"):
+        run_pipeline(path, overrides={"pipeline": {"fold": 3}})
+
+
+def test_same_fold_compares_ids_as_the_split_file_stores_them(tmp_path):
+    from kmedtl.data.splits import Fold, Splits
+    from kmedtl.pipeline.stages import same_fold
+
+    root = tmp_path / "data"
+    ids = [str(root / "a" / f"{i}.png") for i in range(4)]
+    splits = Splits("holdout", 0, [Fold(ids[:2], ids[2:3], ids[3:])])
+    path = tmp_path / "splits.json"
+    splits.save(path, root=str(root))
+    odd = [str(root / "a" / ".." / "a" / f"{i}.png") for i in range(4)]  # same files
+    assert same_fold(Splits("holdout", 0, [Fold(odd[:2], odd[2:3], odd[3:])]), path,
+                     str(root), 0)
+    assert not same_fold(Splits("holdout", 0, [Fold(ids[:1], ids[1:3], ids[3:])]), path,
+                         str(root), 0)
+    assert not same_fold(splits, path, str(root), 1)
+

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import time
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -51,6 +52,7 @@ class Prepared:
     report: dict  # the audit report (see kmedtl.data.audit)
     splits: splitlib.Splits
     cache: CacheResult | None
+    seconds: float = 0.0  # wall time prepare() took (train_metrics' prepare_seconds)
 
     def samples(self, part: str, fold: int = 0) -> list[Sample]:
         """Samples of ``train``/``val``/``test`` in fold ``fold``."""
@@ -187,6 +189,7 @@ def require_usable(report: dict, where: str) -> None:
 
 def prepare(cfg: PrepareConfig, *, workers: int | None = None,
             progress: bool | None = None) -> Prepared:
+    t0 = time.perf_counter()
     index, hierarchy = load_index(cfg)
     options = cfg.image_options()
     workers = workers or cfg.data.workers
@@ -204,7 +207,8 @@ def prepare(cfg: PrepareConfig, *, workers: int | None = None,
         cache = build_cache(used, options, cfg.data.cache_dir, workers, progress=False,
                             phash=False)
     splits = make_splits(cfg, used, hierarchy, report)
-    return Prepared(used, hierarchy, options, report, splits, cache)
+    return Prepared(used, hierarchy, options, report, splits, cache,
+                    seconds=time.perf_counter() - t0)
 
 
 def make_splits(cfg: PrepareConfig, index: DatasetIndex, hierarchy: Hierarchy, report: dict):

@@ -40,6 +40,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -486,6 +487,20 @@ class _DieAt:
         return DieAt()
 
 
+def same_fold(splits: Splits, path: Path, root, fold: int) -> bool:
+    """Whether fold ``fold`` of ``splits`` is the one in the split file ``path``.
+
+    Both sides go through the file format (ids stored relative to ``root``, joined back on
+    load), so ids that are spelled differently but name the same file compare equal."""
+    written = Splits.load(path, root=root)
+    if fold >= len(written.folds):
+        return False
+    with tempfile.TemporaryDirectory() as tmp:
+        splits.save(Path(tmp) / "splits.json", root=root)
+        mine = Splits.load(Path(tmp) / "splits.json", root=root)
+    return mine.folds[fold].to_dict() == written.folds[fold].to_dict()
+
+
 def stage_train(ctx: Context, *, resume: bool) -> StageOutput:
     die_at = fail_hook("train")
     callbacks = [_DieAt.make(die_at)] if die_at is not None else []
@@ -500,15 +515,14 @@ def stage_train(ctx: Context, *, resume: bool) -> StageOutput:
     # here).  A resumed pipeline prepares it afresh, so check it against the split file
     # the split stage wrote before spending any time on training.
     prep = ctx.prepared()
-    rf = ctx.folder
-    f = ctx.spec.fold
-    written = Splits.load(rf.pipeline_splits_path)
-    if written.folds[f].to_dict() != ctx.fold(prep.splits).to_dict():
-        raise PipelineStageError(f"{rf.pipeline_splits_path}: the split stage wrote a "
-                                 "different split than the data gives now (the data changed "
-                                 "while the pipeline ran?); rerun with --force split")
+    ctx.fold(prep.splits)  # an out-of-range pipeline.fold is a ConfigError, named
+    written = ctx.folder.pipeline_splits_path
+    if not same_fold(prep.splits, written, prep.index.root, ctx.spec.fold):
+        raise PipelineStageError(f"{written}: the split stage wrote a different split than "
+                                 "the data gives now (the data changed while the pipeline "
+                                 "ran?); rerun with --force split")
     run_training(cfg, run, overwrite=not resume, label=ctx.pipe.label, callbacks=callbacks,
-                 fold=f, train=tc, prepared=prep)
+                 fold=ctx.spec.fold, train=tc, prepared=prep)
     rf = ctx.folder  # a fresh view: training wrote its files
     m = rf.train_metrics
     keep = ("model", "backbone", "cut", "fold", "n_train", "n_val", "n_test", "monitor",

@@ -156,7 +156,8 @@ def run_training(cfg, run_dir=None, *, epochs: int | None = None, overwrite: boo
         raise ConfigError(f"--fold {fold}: the split has {len(prep.splits.folds)} fold(s) "
                           f"(split.method: {cfg.split.method})")
     write_provenance(run_dir, cfg, tc, prep)
-    prepare_seconds = time.perf_counter() - t0
+    # the data preparation counts even when the caller did it (kmedtl run's split stage)
+    prepare_seconds = time.perf_counter() - t0 + (prep.seconds if prepared is not None else 0)
     if tc.model == "staged":
         return run_staged(cfg, tc, prep, run_dir, prepare_seconds, fold)
     data = datasets(cfg, prep, tc, targets_for(tc), fold)
