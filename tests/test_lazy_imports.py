@@ -40,7 +40,7 @@ import ast
 from pathlib import Path
 
 import pytest
-from test_import_graph import PACKAGE_ROOT, _modules
+from test_import_graph import PACKAGE_ROOT, _modules, _write
 
 #: Third-party roots that are heavy, with what importing each of them loads.
 HEAVY: dict[str, frozenset[str]] = {
@@ -246,13 +246,6 @@ def test_light_modules_stay_light(graph):
 def test_jax_path_needs_no_tensorflow(graph):
     heavy = [n for n in graph.modules if _in(n, JAX_PATH) and "tensorflow" in graph.heavy(n)]
     assert sorted(heavy) == sorted(JAX_PATH_EXCEPTIONS)
-
-
-def _write(root: Path, files: dict[str, str]) -> Path:
-    for rel, text in files.items():
-        (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        (root / rel).write_text(text)
-    return root / "pkg"
 
 
 def test_the_rule_on_a_small_package(tmp_path):
