@@ -73,6 +73,17 @@ def _reexports(tree: ast.Module, package: str) -> dict[str, str]:
     return found
 
 
+def from_module(node: ast.ImportFrom, src: str, is_pkg: bool) -> str:
+    """The module a ``from ... import`` in module ``src`` names (relative imports resolved
+    against the importer's package)."""
+    if not node.level:
+        return node.module or ""
+    base = src if is_pkg else src.rpartition(".")[0]
+    for _ in range(node.level - 1):
+        base = base.rpartition(".")[0]
+    return f"{base}.{node.module}" if node.module else base
+
+
 def import_graph(root: Path = PACKAGE_ROOT) -> dict[str, set[str]]:
     """Module -> the modules it imports, for the package at ``root``."""
     top = root.name
@@ -98,13 +109,7 @@ def import_graph(root: Path = PACKAGE_ROOT) -> dict[str, set[str]]:
             if isinstance(node, ast.Import):
                 targets = [a.name for a in node.names if _is_within(a.name, top)]
             elif isinstance(node, ast.ImportFrom):
-                if node.level:  # relative import: resolve against the importer's package
-                    base = src if is_pkg else src.rpartition(".")[0]
-                    for _ in range(node.level - 1):
-                        base = base.rpartition(".")[0]
-                    module = f"{base}.{node.module}" if node.module else base
-                else:
-                    module = node.module or ""
+                module = from_module(node, src, is_pkg)
                 if _is_within(module, top):
                     targets = [t for a in node.names for t in resolve_from(src, module, a.name)]
             for dst in targets:

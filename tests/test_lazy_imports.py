@@ -40,7 +40,7 @@ import ast
 from pathlib import Path
 
 import pytest
-from test_import_graph import PACKAGE_ROOT, _modules, _write
+from test_import_graph import PACKAGE_ROOT, _modules, _write, from_module
 
 #: Third-party roots that are heavy, with what importing each of them loads.
 HEAVY: dict[str, frozenset[str]] = {
@@ -131,13 +131,7 @@ def _targets(node, src: str, is_pkg: bool, modules) -> list[str]:
     if isinstance(node, ast.Import):
         return [a.name if a.name.startswith("kmedtl") else a.name.split(".")[0]
                 for a in node.names]
-    if node.level:
-        base = src if is_pkg else src.rpartition(".")[0]
-        for _ in range(node.level - 1):
-            base = base.rpartition(".")[0]
-        module = f"{base}.{node.module}" if node.module else base
-    else:
-        module = node.module or ""
+    module = from_module(node, src, is_pkg)
     if not module.startswith("kmedtl"):
         return [module.split(".")[0]]
     out = []

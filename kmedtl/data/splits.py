@@ -86,20 +86,25 @@ class Splits:
     params: dict = field(default_factory=dict)
     dropped: list[dict] = field(default_factory=list)
 
-    def save(self, path, root: str | None = None):
-        """Write the split file; ids are stored relative to ``root`` when given (ids outside
-        ``root``, e.g. absolute paths in a manifest, stay as they are: ``load`` joins a
-        relative id to the root, which would not give the id back for ``../`` paths)."""
+    def stored(self, root: str | None = None) -> dict:
+        """The split file's content; ids are stored relative to ``root`` when given (ids
+        outside ``root``, e.g. absolute paths in a manifest, stay as they are: ``load``
+        joins a relative id to the root, which would not give the id back for ``../``
+        paths)."""
         def rel(s):
             if not root:
                 return s
             r = os.path.relpath(s, root)
             return s if r == os.pardir or r.startswith(os.pardir + os.sep) else r
-        data = {"kind": "kmedtl-splits", "version": 1, "method": self.method, "seed": self.seed,
+        return {"kind": "kmedtl-splits", "version": 1, "method": self.method, "seed": self.seed,
                 "params": self.params, "root": root,
                 "folds": [{k: [rel(s) for s in v] for k, v in f.to_dict().items()}
                           for f in self.folds],
                 "dropped": [dict(d, id=rel(d["id"])) for d in self.dropped]}
+
+    def save(self, path, root: str | None = None):
+        """Write the split file (:meth:`stored`), atomically."""
+        data = self.stored(root)
         tmp = f"{path}.tmp"
         with open(tmp, "w") as fh:
             json.dump(data, fh, indent=1)

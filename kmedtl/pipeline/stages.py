@@ -40,7 +40,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -490,15 +489,10 @@ class _DieAt:
 def same_fold(splits: Splits, path: Path, root, fold: int) -> bool:
     """Whether fold ``fold`` of ``splits`` is the one in the split file ``path``.
 
-    Both sides go through the file format (ids stored relative to ``root``, joined back on
-    load), so ids that are spelled differently but name the same file compare equal."""
-    written = Splits.load(path, root=root)
-    if fold >= len(written.folds):
-        return False
-    with tempfile.TemporaryDirectory() as tmp:
-        splits.save(Path(tmp) / "splits.json", root=root)
-        mine = Splits.load(Path(tmp) / "splits.json", root=root)
-    return mine.folds[fold].to_dict() == written.folds[fold].to_dict()
+    Both sides are compared as the file stores them (ids relative to ``root``), so ids
+    that are spelled differently but name the same file compare equal."""
+    written = Splits.load(path, root=root).stored(root)["folds"]
+    return fold < len(written) and splits.stored(root)["folds"][fold] == written[fold]
 
 
 def stage_train(ctx: Context, *, resume: bool) -> StageOutput:
