@@ -87,8 +87,12 @@ class SplitSection(Strict):
     k: int = Field(default=5, ge=2)
     repeats: int = Field(default=5, ge=1)
     seed: int = 0
-    dedupe: Literal["none", "exact", "near"] = "near"
+    # none / exact (SHA-256) / near (+ pHash within near_threshold bits) / similar (+ 32x32
+    # grey thumbnails correlating >= similar_threshold: adjacent slices, re-crops; the
+    # audit reports the evidence for the threshold on each dataset)
+    dedupe: Literal["none", "exact", "near", "similar"] = "near"
     near_threshold: int = Field(default=2, ge=0, le=32)
+    similar_threshold: float = Field(default=0.935, gt=0.0, le=1.0)
     n_per_class: int | None = Field(default=None, ge=1)
     # Reuse a split file (``kmedtl data split``, or a run's ``data/splits.json``) instead of
     # making one, e.g. to compare two models on the same test cases.  Relative to the

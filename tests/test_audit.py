@@ -68,7 +68,10 @@ def test_audit_finds_planted_duplicates_in_the_right_keys(planted, tmp_path):
         "duplicate_groups": 3, "duplicate_files": 6, "cross_split_duplicate_groups": 2,
         "near_duplicate_groups": 1, "cross_split_near_duplicate_groups": 1,
         "label_conflicts": 1, "patients_in_several_splits": 0, "patients_with_id": 0,
-        "skipped_by_kind": {"corrupt_image": 1}, "ignored_by_kind": {}}
+        "skipped_by_kind": {"corrupt_image": 1}, "ignored_by_kind": {},
+        # the planted copies are already exact/near groups; none is left for similarity
+        "similar_groups": 0, "cross_split_similar_groups": 0, "largest_similar_group": 2,
+        "shortcuts_flagged": []}
     # What gets written: JSON-able, without the in-memory helpers.
     out = public(report)
     assert "_internal" not in out

@@ -213,8 +213,8 @@ def test_dicom_corpus_beam_equals_pool(pydicom_files, tmp_path):
     # the audit's pass without a cache: same digests, hashes and skips (the audit hashes a
     # fixed-size rendering, audit.hash_options)
     hopts = hash_options(opts)
-    digests, phashes, skipped = scan_index(index, hopts, None, workers=2, progress=False)
-    d2, p2, s2 = kb.scan_index_beam(index, hopts, beam_options=IN_MEMORY, work_dir=tmp_path)
+    digests, phashes, _, skipped = scan_index(index, hopts, None, workers=2, progress=False)
+    d2, p2, _, s2 = kb.scan_index_beam(index, hopts, beam_options=IN_MEMORY, work_dir=tmp_path)
     assert (digests, phashes) == (d2, p2)
     assert [s.to_dict() for s in skipped] == [s.to_dict() for s in s2]
     used = index.drop(skipped)

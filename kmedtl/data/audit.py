@@ -9,8 +9,15 @@ The report (a JSON-able dict) has these keys:
 - ``cross_split_duplicate_groups``: those groups that span more than one split.
 - ``near_duplicate_groups`` / ``cross_split_near_duplicate_groups``: groups linked by a
   perceptual hash (DCT pHash) within ``near_threshold`` bits that are not all identical.
+- ``similar_groups`` / ``cross_split_similar_groups``: groups of images whose 32x32 grey
+  thumbnails correlate at or above ``similar_threshold`` (adjacent slices of one scan,
+  re-crops, re-encodes), beyond what the pHash links; ``similarity`` holds the evidence for
+  the threshold (see :func:`similarity_evidence`).
 - ``label_conflicts``: duplicate or near-duplicate groups whose members carry different
   labels.
+- ``shortcuts``: how well non-content properties (width, height, aspect, format, file
+  size, DICOM scanner fields...) predict the label on their own, cross-validated against
+  chance, with a remedy for each one flagged (:mod:`kmedtl.data.shortcuts`).
 - ``patient_overlap``: patients found in more than one split, as salted pseudonyms (a
   fresh random salt per report, so nothing links back to a real ID).
 - ``summary``: group counts, ``skipped_by_kind`` (every skip has a kind) and
@@ -24,45 +31,64 @@ audited the same way without label statistics: ``counts.labelled`` is false and
 from __future__ import annotations
 
 import hashlib
+import os
 import secrets
 from collections import Counter, defaultdict
 from dataclasses import replace
 
-from kmedtl.data import dicom, scan
+import numpy as np
+from PIL import Image, ImageDraw
+
+from kmedtl.data import decode, dicom, scan
 from kmedtl.data.cache import build_cache
 from kmedtl.data.decode import looks_like_dicom
-from kmedtl.data.hashing import hamming_pairs
+from kmedtl.data.hashing import hamming_pairs, similar_pairs, thumbnail_matrix
 from kmedtl.data.options import ImageOptions
+from kmedtl.data.shortcuts import format_shortcuts, shortcut_audit
 from kmedtl.data.sources import DatasetIndex, Skipped
 from kmedtl.data.splits import _UnionFind
 from kmedtl.errors import DataError
 
 DEFAULT_NEAR_THRESHOLD = 2
 
+#: Default correlation at or above which two 32x32 grey thumbnails (of the 64 px audit
+#: rendering) are "similar content".  Chosen on brain-tumor-mri (no patient IDs; many
+#: adjacent slices): pairs whose thumbnails of the *original* JPEGs correlate >= 0.95 score
+#: >= 0.937 on this rendering in 99% of cases, and grouping at 0.935 left 0.2-0.6% of a
+#: stratified test split with a >= 0.95 neighbour (1.5-2.6% at 0.94, 12-14% at 0.95) while
+#: the largest group stayed at 3.5% of the images (0.93: 5.8%, 0.90: 14%).  On OCT, where
+#: patient IDs are known, most pairs this similar are *different* patients (83% at 0.935):
+#: a low-resolution correlation links look-alikes, not just one patient's images, so it
+#: groups conservatively (safe for leakage, costly only in split freedom) and is a
+#: fallback for data without patient IDs.  ``benchmarks/similarity_threshold.py``
+#: re-measures all of this; the audit reports the same evidence for each dataset.
+DEFAULT_SIMILAR_THRESHOLD = 0.935
+
 
 def scan_index(index: DatasetIndex, options: ImageOptions, cache_dir=None, workers=None,
                progress=None):
-    """Decode every sample once; returns (digests, phashes, skipped) keyed by sample id."""
+    """Decode every sample once; returns (digests, phashes, thumbs, skipped), the first
+    three keyed by sample id."""
     if cache_dir is not None:
         res = build_cache(index, options, cache_dir, workers, progress, phash=True)
-        return res.digests, res.phashes, res.skipped
+        return res.digests, res.phashes, res.thumbs, res.skipped
     tasks = [scan.Task(s.path, s.frame, options, None, True) for s in index.samples]
     # further images of multi-input samples are decoded too (not hashed: duplicates and
     # the split go by the main image), so an unreadable one drops its case here
     ids = {s.id for s in index.samples}
     extras = sorted({p for s in index.samples for _, p in s.extra} - ids)
     tasks += [scan.Task(p, None, options, None, False) for p in extras]
-    digests, phashes, skipped = {}, {}, []
+    digests, phashes, thumbs, skipped = {}, {}, {}, []
     results = scan.run(tasks, workers, progress, desc="audit")
     for s, r in zip(index.samples, results):
         if r.ok:
-            digests[s.id], phashes[s.id] = r.digest, r.phash
+            digests[s.id], phashes[s.id], thumbs[s.id] = r.digest, r.phash, r.thumb
         else:
             skipped.append(Skipped(r.path, r.error_reason, r.error_kind, "decode"))
     for r in results[len(index.samples):]:
         if not r.ok:
             skipped.append(Skipped(r.path, r.error_reason, r.error_kind, "decode"))
-    return digests, phashes, skipped
+    return digests, phashes, thumbs, skipped
 
 
 #: Near duplicates are found on a fixed 64x64 rendering of each image (the run's window,
@@ -84,7 +110,8 @@ def hash_options(options: ImageOptions) -> ImageOptions:
 def audit(index: DatasetIndex, options: ImageOptions | None = None, *, splits=None,
           cache_dir=None, workers=None, near_threshold: int = DEFAULT_NEAR_THRESHOLD,
           progress=None, patients: dict | None = None, hierarchy=None,
-          runner: str = "process", beam_options=None) -> dict:
+          runner: str = "process", beam_options=None,
+          similar_threshold: float = DEFAULT_SIMILAR_THRESHOLD) -> dict:
     """Audit a dataset index. ``splits`` (sample id -> split name) defaults to the split
     the source gave each sample (folder layout or manifest column).  Duplicates are found
     at :data:`HASH_SIZE` whatever ``options.size`` is (see :func:`hash_options`).
@@ -97,11 +124,11 @@ def audit(index: DatasetIndex, options: ImageOptions | None = None, *, splits=No
         # lazy: Apache Beam, an optional extra (pip install 'kmedtl[beam]'), runner="beam" only
         from kmedtl.data import beam
 
-        digests, phashes, skipped = beam.scan_index_beam(
+        digests, phashes, thumbs, skipped = beam.scan_index_beam(
             index, hash_options(options), cache_dir, beam_options, workers=workers)
     else:
-        digests, phashes, skipped = scan_index(index, hash_options(options), cache_dir,
-                                               workers, progress)
+        digests, phashes, thumbs, skipped = scan_index(index, hash_options(options),
+                                                       cache_dir, workers, progress)
     used = index.drop(skipped)
     split_of = dict(splits) if splits else {s.id: (s.split or "all") for s in used.samples}
     label_of = {s.id: s.label for s in used.samples}
@@ -134,6 +161,15 @@ def audit(index: DatasetIndex, options: ImageOptions | None = None, *, splits=No
     def as_paths(group):
         return [rel(path_of[x]) + (f"#{x.rsplit('#', 1)[1]}" if "#" in x else "") for x in group]
 
+    # similar content (done in this process on either runner: one matrix product per
+    # 1,024 images, no per-file work left to distribute)
+    similar, similar_links, evidence = _similar_groups(
+        thumbs, path_of, similar_threshold, exact + near,
+        patients_of(used, patients), as_paths)
+    if labelled:
+        evidence["mixed_label_groups"] = sum(len({label_of[x] for x in g}) > 1
+                                             for g in similar)
+
     conflicts = [as_paths(g) for g in exact + near
                  if labelled and len({label_of[x] for x in g}) > 1]
     report = {
@@ -145,9 +181,16 @@ def audit(index: DatasetIndex, options: ImageOptions | None = None, *, splits=No
         "cross_split_duplicate_groups": sorted(as_paths(g) for g in exact if crosses(g)),
         "near_duplicate_groups": sorted(as_paths(g) for g in near),
         "cross_split_near_duplicate_groups": sorted(as_paths(g) for g in near if crosses(g)),
+        "similar_groups": sorted(as_paths(g) for g in similar),
+        "cross_split_similar_groups": sorted(as_paths(g) for g in similar if crosses(g)),
+        "similarity": evidence,
         "label_conflicts": sorted(conflicts),
         "patient_overlap": _patient_overlap(used, split_of, patients),
-        "params": {"near_threshold": near_threshold, "hash": "sha256 + 64-bit DCT pHash",
+        # does a non-content property (size, format, scanner...) predict the label?
+        "shortcuts": shortcut_audit(used.samples, label_of={s.id: cls(s) for s in used.samples})
+        if labelled else {"skipped": "unlabelled"},
+        "params": {"near_threshold": near_threshold, "similar_threshold": similar_threshold,
+                   "hash": "sha256 + 64-bit DCT pHash + 32x32 grey thumbnail correlation",
                    "image_options": options.key(), "root": index.root},
     }
     report["summary"] = {
@@ -156,7 +199,11 @@ def audit(index: DatasetIndex, options: ImageOptions | None = None, *, splits=No
         "cross_split_duplicate_groups": len(report["cross_split_duplicate_groups"]),
         "near_duplicate_groups": len(report["near_duplicate_groups"]),
         "cross_split_near_duplicate_groups": len(report["cross_split_near_duplicate_groups"]),
+        "similar_groups": len(report["similar_groups"]),
+        "cross_split_similar_groups": len(report["cross_split_similar_groups"]),
+        "largest_similar_group": evidence["largest_group"],
         "label_conflicts": len(report["label_conflicts"]),
+        "shortcuts_flagged": report["shortcuts"].get("flagged", []),
         "patients_in_several_splits": report["patient_overlap"]["count"],
         "patients_with_id": report["patient_overlap"]["patients_with_id"],
         "skipped_by_kind": dict(Counter(x["kind"] for x in report["skipped"]).most_common()),
@@ -165,15 +212,22 @@ def audit(index: DatasetIndex, options: ImageOptions | None = None, *, splits=No
     }
     # Kept for callers that build leakage-free splits from the same pass (not serialised).
     report["_internal"] = {"digests": digests, "near_pairs": near_pairs,
-                           "index": used}
+                           "similar_pairs": similar_links, "index": used}
     return report
 
 
-def _patient_overlap(index: DatasetIndex, split_of, patients):
-    patients = dict(patients or {})
+def patients_of(index: DatasetIndex, patients: dict | None) -> dict:
+    """Sample id -> patient key: ``patients`` (e.g. from DICOM headers) over the index's
+    own patient ids (in memory only)."""
+    out = dict(patients or {})
     for s in index.samples:
         if s.patient_id:
-            patients.setdefault(s.id, s.patient_id)
+            out.setdefault(s.id, s.patient_id)
+    return out
+
+
+def _patient_overlap(index: DatasetIndex, split_of, patients):
+    patients = patients_of(index, patients)
     seen = defaultdict(set)
     for sid, pid in patients.items():
         if sid in split_of and pid:
@@ -229,9 +283,23 @@ def format_summary(report: dict) -> str:
         f"near-duplicate groups: {s['near_duplicate_groups']}, across splits: "
         f"{s['cross_split_near_duplicate_groups']}",
     ]
+    if "similar_groups" in s:
+        ev = report.get("similarity", {})
+        line = (f"similar-content groups (thumbnail r >= {ev.get('threshold')}): "
+                f"{s['similar_groups']}, across splits: {s['cross_split_similar_groups']}, "
+                f"largest: {s['largest_similar_group']} images")
+        if ev.get("patient_check"):
+            pc = ev["patient_check"]
+            line += (f"; {pc['different_patient_pairs']}/{pc['pairs_with_both_ids']} similar "
+                     "pairs link different patients")
+        lines.append(line)
+        if ev.get("warning"):
+            lines.append("warning: " + ev["warning"])
     patients = (f"patients with an ID: {s.get('patients_with_id', 0)}; in several splits: "
                 f"{s['patients_in_several_splits']}")
     lines.append(f"label conflicts: {s['label_conflicts']}; {patients}" if labelled else patients)
+    if labelled and report.get("shortcuts"):
+        lines += format_shortcuts(report["shortcuts"])
     kinds = Counter(x["kind"] for x in report["skipped"])
     ignored = s.get("ignored_by_kind", {})
     problems = {k: v for k, v in kinds.items() if k not in ignored}
@@ -266,3 +334,183 @@ def _duplicate_groups(digests, phashes, path_of, near_threshold):
             if len(v) > 1 and len({digests[x] for x in v}) > 1]
     near_pairs = [(ids[a], ids[b]) for a, b in pairs]
     return exact, near, near_pairs
+
+
+#: A similar-content group larger than this share of the images (and than
+#: CHAIN_WARNING_MIN images, so one scan's slices in a tiny set do not count) is reported
+#: as chaining.
+CHAIN_WARNING_SHARE = 0.10
+CHAIN_WARNING_MIN = 20
+
+
+def _similar_groups(thumbs, path_of, threshold, known_groups, patients, as_paths):
+    """``(groups, links, evidence)`` for similar content: connected components of the
+    "thumbnail correlation >= threshold" graph (sample-id groups of two or more that the
+    exact and pHash groups do not already hold whole), the links as ``(id, id, r)``, and
+    :func:`similarity_evidence`."""
+    ids = [sid for sid in thumbs if sid in path_of and thumbs[sid] is not None]
+    pairs, nearest, partner = similar_pairs([thumbs[i] for i in ids], threshold)
+    uf = _UnionFind(len(ids))
+    for a, b, _ in pairs:
+        uf.union(a, b)
+    comp = defaultdict(list)
+    for i, sid in enumerate(ids):
+        comp[uf.find(i)].append(sid)
+    known = {frozenset(g) for g in known_groups}
+    multi = [sorted(v) for v in comp.values() if len(v) > 1]
+    groups = [g for g in multi if frozenset(g) not in known]
+    links = [(ids[a], ids[b], r) for a, b, r in pairs]
+    evidence = similarity_evidence(ids, pairs, nearest, partner, multi, threshold, patients,
+                                   as_paths)
+    return groups, links, evidence
+
+
+def similarity_evidence(ids, pairs, nearest, partner, groups, threshold, patients,
+                        as_paths) -> dict:
+    """What the audit shows to judge the similarity threshold on this dataset.
+
+    - ``nearest``: quantiles and a histogram of each image's highest thumbnail correlation
+      with any other image (where the threshold falls in the distribution);
+    - ``examples``: the pairs just above and just below the threshold (paths and r), to
+      look at (``kmedtl data audit --montage`` draws them);
+    - ``group_sizes`` / ``largest_group``: chaining shows as one group holding a large
+      share of the images; ``warning`` says so above :data:`CHAIN_WARNING_SHARE`;
+    - ``patient_check``: where patient ids are known, the share of similar pairs that link
+      two *different* patients (the false-merge rate of the measure on this data).
+    """
+    n = len(ids)
+    finite = nearest[np.isfinite(nearest)] if n else np.array([])
+    hist_edges = np.round(np.linspace(0.5, 1.0, 11), 2)
+    counts, _ = np.histogram(np.clip(finite, 0.5, 1.0), bins=hist_edges)
+    sizes = Counter(len(g) for g in groups)
+    largest = max((len(g) for g in groups), default=1 if n else 0)
+    ev = {
+        "measure": "Pearson correlation of 32x32 grey thumbnails of the 64 px audit rendering",
+        "threshold": threshold,
+        "images": n,
+        "pairs": len(pairs),
+        "nearest": {
+            "quantiles": {f"q{int(q * 100):02d}": round(float(np.quantile(finite, q)), 4)
+                          for q in (0.1, 0.25, 0.5, 0.75, 0.9)} if finite.size else {},
+            "share_at_or_above_threshold": round(float(np.mean(finite >= threshold)), 4)
+            if finite.size else 0.0,
+            "histogram": {"edges": hist_edges.tolist(), "counts": counts.tolist()},
+        },
+        "groups": len(groups),
+        "group_sizes": {str(k): v for k, v in sorted(sizes.items())},
+        "largest_group": largest,
+        "largest_group_share": round(largest / n, 4) if n else 0.0,
+        "examples": _threshold_examples(ids, pairs, nearest, partner, threshold, as_paths),
+    }
+    if n and largest / n > CHAIN_WARNING_SHARE and largest >= CHAIN_WARNING_MIN:
+        ev["warning"] = (f"one similar-content group holds {largest} of {n} images "
+                         f"({largest / n:.0%}): the threshold chains unrelated images "
+                         "together; raise split.similar_threshold (see the 'similarity' "
+                         "evidence in the audit JSON)")
+    with_ids = [(a, b) for a, b, _ in pairs if ids[a] in patients and ids[b] in patients]
+    if with_ids:
+        diff = sum(patients[ids[a]] != patients[ids[b]] for a, b in with_ids)
+        ev["patient_check"] = {"pairs_with_both_ids": len(with_ids),
+                               "different_patient_pairs": diff,
+                               "false_merge_rate": round(diff / len(with_ids), 4)}
+    return ev
+
+
+def _threshold_examples(ids, pairs, nearest, partner, threshold, as_paths, k: int = 6) -> dict:
+    """Up to ``k`` pairs just above the threshold and ``k`` nearest-neighbour pairs just
+    below it (the ones a person should look at to judge it)."""
+    above = sorted(pairs, key=lambda p: p[2])[:k]
+    out = {"above": [as_paths([ids[a], ids[b]]) + [round(r, 4)] for a, b, r in above]}
+    below, seen = [], set()
+    for i in np.argsort(-np.nan_to_num(nearest, nan=-1.0)):
+        pair = frozenset((int(i), int(partner[i])))
+        if nearest[i] < threshold and pair not in seen:
+            seen.add(pair)
+            below.append(i)
+        if len(below) == k:
+            break
+    out["below"] = [as_paths([ids[i], ids[partner[i]]]) + [round(float(nearest[i]), 4)]
+                    for i in below]
+    return out
+
+
+def similarity_montage(report: dict, path, options: ImageOptions, tile: int = 96) -> None:
+    """A PNG of the ``similarity.examples`` pairs: one row per pair, the two images as the
+    audit saw them, with the correlation; pairs above the threshold first, then a grey
+    divider, then the nearest pairs below it."""
+    ex = report.get("similarity", {}).get("examples", {})
+    root = report["params"].get("root") or ""
+    opts = hash_options(options)
+    rows = [("above", p) for p in ex.get("above", [])] + [("below", p) for p in ex.get("below", [])]
+    if not rows:
+        raise DataError(path, "no image pairs to draw (the audit saw fewer than two images)",
+                        kind="empty")
+    label_w = 150
+    canvas = Image.new("L", (2 * tile + label_w, len(rows) * tile + 4), 0)
+    draw = ImageDraw.Draw(canvas)
+    y = 0
+    for i, (side, (a, b, r)) in enumerate(rows):
+        if i and side == "below" and rows[i - 1][0] == "above":
+            draw.rectangle([0, y, canvas.width, y + 3], fill=128)
+            y += 4
+        for j, rel in enumerate((a, b)):
+            name, _, frame = rel.partition("#")
+            try:
+                img = decode.load_image(os.path.join(root, name), opts,
+                                        int(frame) if frame else None).image
+                a8 = np.asarray(img)
+                if a8.dtype != np.uint8:
+                    a8 = np.clip(np.rint(a8 * 255.0), 0, 255)
+                a8 = np.rint(a8.mean(-1) if a8.ndim == 3 else a8).astype(np.uint8)
+                canvas.paste(Image.fromarray(a8).resize((tile, tile)), (j * tile, y))
+            except (DataError, OSError):
+                draw.text((j * tile + 4, y + 4), "unreadable", fill=255)
+        draw.text((2 * tile + 6, y + 6), f"{side} r={r:.3f}", fill=255)
+        draw.text((2 * tile + 6, y + 22), os.path.basename(a)[:22], fill=200)
+        draw.text((2 * tile + 6, y + 36), os.path.basename(b)[:22], fill=200)
+        y += tile
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    canvas.save(path)
+
+
+def training_lookalikes(samples, reference, options: ImageOptions, *,
+                        near_threshold: int = DEFAULT_NEAR_THRESHOLD,
+                        similar_threshold: float = DEFAULT_SIMILAR_THRESHOLD,
+                        workers=None) -> dict[str, dict]:
+    """Which of ``samples`` (an external test set) copy an image of ``reference`` (the
+    training and validation images): sample id -> ``{"reason": "exact" | "near" |
+    "similar", "match": reference path, "r": correlation}``, by the audit's three
+    measures at :data:`HASH_SIZE` (first that holds, in that order).  An external set is
+    only external without them.  Unreadable images are left to the caller's own pass."""
+    opts = hash_options(options)
+    ext = DatasetIndex(list(samples))
+    ref = DatasetIndex(list(reference))
+    d_ext, p_ext, t_ext, _ = scan_index(ext, opts, None, workers, False)
+    d_ref, p_ref, t_ref, _ = scan_index(ref, opts, None, workers, False)
+    ref_ids = [s.id for s in ref.samples if s.id in d_ref]
+    ext_ids = [s.id for s in ext.samples if s.id in d_ext]
+    path_of = {s.id: s.path for s in ref.samples}
+    out: dict[str, dict] = {}
+    if not ref_ids or not ext_ids:
+        return out
+    by_digest = {d_ref[i]: i for i in ref_ids}
+    ph_ref = np.array([p_ref[i] for i in ref_ids], dtype=np.uint64)
+    th_ref = thumbnail_matrix([t_ref[i] for i in ref_ids])
+    for start in range(0, len(ext_ids), 512):
+        chunk = ext_ids[start:start + 512]
+        bits = np.bitwise_count(np.array([p_ext[i] for i in chunk], dtype=np.uint64)[:, None]
+                                ^ ph_ref[None, :])
+        sim = thumbnail_matrix([t_ext[i] for i in chunk]) @ th_ref.T
+        for k, sid in enumerate(chunk):
+            j = int(np.argmax(sim[k]))
+            r = round(float(sim[k, j]), 4)
+            if d_ext[sid] in by_digest:
+                m, reason = by_digest[d_ext[sid]], "exact"
+            elif near_threshold >= 0 and bits[k].min() <= near_threshold:
+                m, reason = ref_ids[int(np.argmin(bits[k]))], "near"
+            elif r >= similar_threshold:
+                m, reason = ref_ids[j], "similar"
+            else:
+                continue
+            out[sid] = {"reason": reason, "match": path_of[m], "r": r}
+    return out

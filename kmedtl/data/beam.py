@@ -147,13 +147,15 @@ def _result_json(item) -> str:
     return json.dumps({"i": i, "path": r.path, "frame": r.frame, "ok": r.ok,
                        "digest": r.digest, "phash": None if r.phash is None else str(r.phash),
                        "cache_file": r.cache_file, "from_cache": r.from_cache,
-                       "error_kind": r.error_kind, "error_reason": r.error_reason})
+                       "error_kind": r.error_kind, "error_reason": r.error_reason,
+                       "thumb": None if r.thumb is None else r.thumb.hex()})
 
 
 def _result_from_json(d: dict) -> scan.Result:
     return scan.Result(d["path"], d["frame"], d["ok"], d["digest"],
                        None if d["phash"] is None else int(d["phash"]), d["cache_file"],
-                       d["from_cache"], None, d["error_kind"], d["error_reason"])
+                       d["from_cache"], None, d["error_kind"], d["error_reason"],
+                       None if d.get("thumb") is None else bytes.fromhex(d["thumb"]))
 
 
 def run_tasks(tasks: Sequence[scan.Task], beam_options=None, *, work_dir: str,
@@ -213,23 +215,23 @@ def build_cache_beam(index: DatasetIndex | list[Sample], options: ImageOptions, 
 
 def scan_index_beam(index: DatasetIndex, options: ImageOptions, cache_dir=None,
                     beam_options=None, *, workers: int | None = None, work_dir=None):
-    """``kmedtl.data.audit.scan_index`` on Beam: ``(digests, phashes, skipped)`` by
+    """``kmedtl.data.audit.scan_index`` on Beam: ``(digests, phashes, thumbs, skipped)`` by
     sample id.  Without ``cache_dir`` nothing is written but the job's temporary results
     (under ``work_dir``, default the system's temporary folder)."""
     if cache_dir is not None:
         res = build_cache_beam(index, options, cache_dir, beam_options, workers=workers,
                                phash=True)
-        return res.digests, res.phashes, res.skipped
+        return res.digests, res.phashes, res.thumbs, res.skipped
     tasks = [scan.Task(s.path, s.frame, options, None, True) for s in index.samples]
     results = run_tasks(tasks, beam_options, work_dir=work_dir or tempfile.gettempdir(),
                         workers=workers)
-    digests, phashes, skipped = {}, {}, []
+    digests, phashes, thumbs, skipped = {}, {}, {}, []
     for s, r in zip(index.samples, results, strict=True):
         if r.ok:
-            digests[s.id], phashes[s.id] = r.digest, r.phash
+            digests[s.id], phashes[s.id], thumbs[s.id] = r.digest, r.phash, r.thumb
         else:
             skipped.append(Skipped(r.path, r.error_reason, r.error_kind, "decode"))
-    return digests, phashes, skipped
+    return digests, phashes, thumbs, skipped
 
 
 # ---------------------------------------------------------------------------------------

@@ -32,7 +32,13 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from kmedtl.data.audit import audit, dicom_patients, format_summary, public
+from kmedtl.data.audit import (
+    audit,
+    dicom_patients,
+    format_summary,
+    public,
+    similarity_montage,
+)
 from kmedtl.data.cache import build_cache
 from kmedtl.data.labels import LabelMismatchError, check_labels
 from kmedtl.data.options import ImageOptions
@@ -109,6 +115,8 @@ def source_config(args, load_config: LoadConfig):
         d.unknown_labels = args.unknown_labels
     if getattr(args, "near_threshold", None) is not None:
         cfg.split.near_threshold = args.near_threshold
+    if getattr(args, "similar_threshold", None) is not None:
+        cfg.split.similar_threshold = args.similar_threshold
     # re-validate the overridden values through the typed model
     return load_config(cfg.model_dump(mode="json"))
 
@@ -119,6 +127,7 @@ def cmd_audit(args, load_config: LoadConfig) -> int:
                                   unlabelled=True if args.unlabelled else None)
     report = audit(index, cfg.image_options(), cache_dir=cfg.data.cache_dir,
                    workers=cfg.data.workers, near_threshold=cfg.split.near_threshold,
+                   similar_threshold=cfg.split.similar_threshold,
                    progress=None, hierarchy=hierarchy, patients=dicom_patients(index),
                    runner=args.runner, beam_options=args.beam_option)
     print(format_summary(report))
@@ -127,6 +136,9 @@ def cmd_audit(args, load_config: LoadConfig) -> int:
         with open(args.json, "w") as fh:
             json.dump(public(report), fh, indent=1)
         print(f"wrote {args.json}")
+    if args.montage:
+        similarity_montage(report, args.montage, cfg.image_options())
+        print(f"wrote {args.montage}")
     used = report["_internal"]["index"]
     require_usable(report, index.root or args.source)  # raises: exit 2
     code = 0
@@ -217,6 +229,11 @@ def add_parsers(subparsers, *, load_config: LoadConfig) -> argparse.ArgumentPars
     _common(a)
     a.add_argument("--json", help="write the full report here")
     a.add_argument("--near-threshold", type=int, help="pHash bits for near duplicates")
+    a.add_argument("--similar-threshold", type=float,
+                   help="thumbnail correlation for similar content (default 0.935)")
+    a.add_argument("--montage", metavar="PNG",
+                   help="draw the image pairs just above and just below the similarity "
+                        "threshold here, to judge it by eye")
     a.add_argument("--no-cache", action="store_true", help="do not write the image cache")
     a.add_argument("--unlabelled", action="store_true",
                    help="treat every file under SOURCE as an unlabelled image (a PACS "

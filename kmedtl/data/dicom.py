@@ -746,15 +746,25 @@ def _plain(v):
         return str(v)
 
 
+#: Header fields that group a split when PatientID is empty, broadest first: images of one
+#: study, one frame of reference (one scanner set-up) or one series are one patient's.
+GROUP_UIDS = ("StudyInstanceUID", "FrameOfReferenceUID", "SeriesInstanceUID")
+
+
 def patient_key(ds) -> str | None:
-    """PatientID for grouping splits, kept in memory only (never logged or written).
-    None when absent or unreadable (a damaged element)."""
-    try:
-        with quiet_pydicom():
-            pid = ds.get("PatientID")
-            return str(pid) if pid else None
-    except Exception:  # noqa: BLE001 - a corrupt PatientID groups nothing
-        return None
+    """The key that groups splits, kept in memory only (never logged or written):
+    PatientID, else (anonymised exports often blank it) the first of :data:`GROUP_UIDS`
+    present, prefixed with its field so keys of different kinds never collide.  None when
+    all are absent or unreadable (a damaged element)."""
+    for field in ("PatientID", *GROUP_UIDS):
+        try:
+            with quiet_pydicom():
+                value = ds.get(field)
+        except Exception:  # noqa: BLE001 - a corrupt element groups nothing
+            continue
+        if value:
+            return str(value) if field == "PatientID" else f"{field}:{value}"
+    return None
 
 
 def identifying_values(ds) -> list[str]:

@@ -1,4 +1,5 @@
-"""Content digests (exact duplicates, cache keys) and perceptual hashes (near duplicates)."""
+"""Content digests (exact duplicates, cache keys), perceptual hashes (near duplicates) and
+low-resolution thumbnails (similar content: adjacent slices, re-crops, re-encodes)."""
 
 from __future__ import annotations
 
@@ -42,3 +43,60 @@ def hamming_pairs(hashes: np.ndarray, max_distance: int, block: int = 2048):
         keep = ii < jj
         out.extend(zip(ii[keep].tolist(), jj[keep].tolist()))
     return out
+
+
+#: Side of the grey thumbnail that similar-content grouping compares (see :func:`thumbnail`).
+THUMB_SIZE = 32
+
+
+def thumbnail(img: np.ndarray) -> bytes:
+    """The 32x32 grey uint8 thumbnail of a [0, 1] or uint8 image, as 1,024 bytes.
+
+    Taken from the audit's 64 px rendering (the same pixels the pHash sees, so cached and
+    freshly decoded images give the same bytes): channels averaged, then an area (box)
+    reduction to :data:`THUMB_SIZE`.  :func:`similar_pairs` compares thumbnails by Pearson
+    correlation, which ignores brightness and contrast changes.
+    """
+    a = np.asarray(img)
+    if a.dtype != np.uint8:
+        a = np.clip(np.rint(a * 255.0), 0, 255).astype(np.uint8)
+    if a.ndim == 3:
+        a = np.rint(a.mean(axis=-1)).astype(np.uint8) if a.shape[-1] > 1 else a[..., 0]
+    t = Image.fromarray(a).resize((THUMB_SIZE, THUMB_SIZE), Image.Resampling.BOX)
+    return np.asarray(t, dtype=np.uint8).tobytes()
+
+
+def thumbnail_matrix(thumbs) -> np.ndarray:
+    """Rows of zero-mean, unit-norm float32 thumbnails (a constant image gives a zero row,
+    similar to nothing), so a dot product is the Pearson correlation."""
+    m = np.frombuffer(b"".join(thumbs), dtype=np.uint8).reshape(len(thumbs), -1)
+    m = m.astype(np.float32)
+    m -= m.mean(axis=1, keepdims=True)
+    norm = np.linalg.norm(m, axis=1, keepdims=True)
+    return np.divide(m, norm, out=np.zeros_like(m), where=norm > 1e-6)
+
+
+def similar_pairs(thumbs, threshold: float, block: int = 1024):
+    """``(pairs, nearest, partner)``: index pairs ``(i, j, r)`` with ``i < j`` whose
+    thumbnails correlate ``r >= threshold``, each thumbnail's highest correlation with any
+    other (``nan`` for a lone image) and the index of that other (-1 for a lone image).
+    Blocked matrix products: memory stays at ``block * n`` floats however many images
+    there are (n = 50,000 is about 2.5e12 flops: minutes)."""
+    m = thumbnail_matrix(thumbs)
+    n = len(m)
+    nearest = np.full(n, np.nan, dtype=np.float32)
+    partner = np.full(n, -1, dtype=np.int64)
+    pairs = []
+    for start in range(0, n, block):
+        stop = min(n, start + block)
+        sim = m[start:stop] @ m.T
+        rows = np.arange(stop - start)
+        sim[rows, rows + start] = -np.inf
+        if n > 1:
+            partner[start:stop] = sim.argmax(axis=1)
+            nearest[start:stop] = sim[rows, partner[start:stop]]
+        ii, jj = np.nonzero(sim >= threshold)
+        keep = ii + start < jj
+        ii, jj = ii[keep], jj[keep]
+        pairs.extend(zip((ii + start).tolist(), jj.tolist(), sim[ii, jj].tolist()))
+    return pairs, nearest, partner

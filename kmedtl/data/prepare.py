@@ -32,8 +32,8 @@ class PrepareConfig(Protocol):
 
     ``data`` (source, root, manifest, columns, dicomweb, strict, workers, cache_dir,
     unknown_labels, ...) and ``split`` (method, file, val, test, k, repeats, seed, dedupe,
-    near_threshold, n_per_class) are its sections.  A structural type, so the data layer
-    does not import the config face above it.
+    near_threshold, similar_threshold, n_per_class) are its sections.  A structural type,
+    so the data layer does not import the config face above it.
     """
 
     data: Any
@@ -195,6 +195,7 @@ def prepare(cfg: PrepareConfig, *, workers: int | None = None,
     workers = workers or cfg.data.workers
     report = audit(index, options, cache_dir=cfg.data.cache_dir, workers=workers,
                    progress=progress, near_threshold=cfg.split.near_threshold,
+                   similar_threshold=cfg.split.similar_threshold,
                    hierarchy=hierarchy)
     used: DatasetIndex = report["_internal"]["index"]
     require_usable(report, source_name(cfg.data))
@@ -218,7 +219,9 @@ def make_splits(cfg: PrepareConfig, index: DatasetIndex, hierarchy: Hierarchy, r
     patients = {x.id: x.patient_id for x in index.samples if x.patient_id}
     patients.update(dicom_patients(index))
     digests = report["_internal"]["digests"] if s.dedupe != "none" else None
-    near = report["_internal"]["near_pairs"] if s.dedupe == "near" else ()
+    near = list(report["_internal"]["near_pairs"]) if s.dedupe in ("near", "similar") else []
+    if s.dedupe == "similar":
+        near += [(a, b) for a, b, _ in report["_internal"]["similar_pairs"]]
     groups = splitlib.leakage_groups(ids, patients, digests, near)
     if s.file:
         out = _split_from_file(s.file, index, ids)
@@ -241,6 +244,7 @@ def make_splits(cfg: PrepareConfig, index: DatasetIndex, hierarchy: Hierarchy, r
     if problems and s.file:
         raise ConfigError(f"split.file: {s.file} leaks under this run's leakage groups "
                           f"(split.dedupe {s.dedupe}, near_threshold {s.near_threshold}, "
+                          f"similar_threshold {s.similar_threshold}, "
                           f"patients): {'; '.join(problems[:3])}; make the split with this "
                           "run's settings instead")
     if problems:  # a bug, never a data problem: refuse to hand out a leaking split

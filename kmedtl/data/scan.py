@@ -2,8 +2,9 @@
 
 Each sample is read once in a worker process: its bytes are hashed (SHA-256, the cache
 key and the exact-duplicate key), decoded, preprocessed, perceptually hashed (near
-duplicates) and, when a cache folder is given, written to the cache.  Workers are
-*spawned* processes that never import TensorFlow, so they start in well under a second.
+duplicates), reduced to a 32x32 thumbnail (similar content) and, when a cache folder is
+given, written to the cache.  Workers are *spawned* processes that never import
+TensorFlow, so they start in well under a second.
 
 A file that fails is returned as a failure with its reason; the pass never stops on one
 bad file.
@@ -53,6 +54,7 @@ class Result:
     meta: dict | None = None
     error_kind: str | None = None
     error_reason: str | None = None
+    thumb: bytes | None = None  # hashing.thumbnail of the hashed rendering (with phash)
 
 
 def entry_name(digest: str, frame: int | None) -> str:
@@ -80,12 +82,13 @@ def process(task: Task) -> Result:
             if os.path.exists(target):
                 img = np.fromfile(target, dtype=np.uint8).reshape(task.options.shape)
                 return Result(task.path, task.frame, True, digest, hashing.perceptual_hash(img),
-                              target, True)
+                              target, True, thumb=hashing.thumbnail(img))
         raw, meta = decode.decode_bytes(data, task.path, task.options, frame=task.frame,
                                         summary=False)
         del data
         img = decode.preprocess(raw, task.options)
         ph = hashing.perceptual_hash(img) if task.phash else None
+        thumb = hashing.thumbnail(img) if task.phash else None
         if target is not None:
             os.makedirs(os.path.dirname(target), exist_ok=True)
             tmp = f"{target}.{os.getpid()}.tmp"
@@ -94,7 +97,8 @@ def process(task: Task) -> Result:
         small = {k: meta[k] for k in ("source", "window_source", "Modality", "n_frames")
                  if k in meta}
         small["native_shape"] = list(raw.shape)
-        return Result(task.path, task.frame, True, digest, ph, target, False, small)
+        return Result(task.path, task.frame, True, digest, ph, target, False, small,
+                      thumb=thumb)
     except DataError as err:
         return Result(task.path, task.frame, False, error_kind=err.kind, error_reason=err.reason)
     except MemoryError:

@@ -94,6 +94,7 @@ def stage_inputs(stage: str, pipe, listing: str | None = None) -> dict:
     if stage == "audit":  # balance and normalisation act in the training pipeline only
         audit_data = {k: v for k, v in data.items() if k not in ("balance", "normalization")}
         return {"data": audit_data, "near_threshold": cfg["split"]["near_threshold"],
+                "similar_threshold": cfg["split"]["similar_threshold"],
                 "listing": listing}
     if stage == "split":
         return {"split": cfg["split"]}
