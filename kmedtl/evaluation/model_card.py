@@ -289,6 +289,20 @@ def render_model_card(card: Mapping) -> str:
                           f"{format_interval(b['at_target'].get('sensitivity'))}, specificity "
                           f"{format_interval(b['at_target'].get('specificity'))}.")
         md.append("")
+    if m.get("internal_vs_external"):
+        md += ["### Internal vs external test", "",
+               "The internal test comes from the training source; an external set from "
+               "another acquisition or site, with copies of training images removed, says "
+               "whether the model travels.", "",
+               "| test set | images | " + " | ".join(
+                   k.replace("_", " ") for k in m["internal_vs_external"][0]["metrics"])
+               + " | ECE |",
+               "|---|---|" + "---|" * (len(m["internal_vs_external"][0]["metrics"]) + 1)]
+        for r in m["internal_vs_external"]:
+            md.append(f"| {r['set']} | {r['n']} | " + " | ".join(
+                format_interval(v) for v in r["metrics"].values())
+                + f" | {format_interval(r['ece']) if r.get('ece') else 'n/a'} |")
+        md.append("")
     md += ["## Calibration", ""]
     c = card.get("calibration")
     if c:

@@ -39,7 +39,7 @@ from PIL import Image
 
 from kmedtl import jsonio
 from kmedtl.config import load_config, tta_options
-from kmedtl.data.audit import dicom_patients
+from kmedtl.data.audit import dicom_patients, training_lookalikes
 from kmedtl.data.decode import load_image
 from kmedtl.data.prepare import input_names, load_index, primary_input
 from kmedtl.data.sources import DatasetIndex
@@ -58,6 +58,7 @@ from kmedtl.evaluation.model_card import (
     write_model_card,
 )
 from kmedtl.evaluation.report import write_report
+from kmedtl.evaluation.uncertainty import format_interval
 from kmedtl.jsonio import json_safe
 from kmedtl.run_folder import (
     RunFolder,
@@ -199,13 +200,23 @@ def evaluate_run(run_dir, *, test: str | None = None, out=None, fold: int | None
                  batch_size: int = 32, threshold: float = 0.5,
                  target_sensitivity: float = 0.95, negative: str | None = None,
                  ordered: bool = False, n_bins: int = 15, n_gradcam: int = 8,
-                 n_examples: int = 12, tta=None) -> dict:
+                 n_examples: int = 12, tta=None, exclude_training: bool = False,
+                 external=None) -> dict:
     """Evaluate the model of a run folder; returns ``metrics.json``'s content (with the
     written paths under ``"artefacts"``).  See the module docstring for the steps.
 
     ``tta``: test-time augmentation of the test and validation predictions (``None``: off;
     ``True``; a flip mode; a mapping or :class:`kmedtl.config.TTAOptions`), recorded in
-    ``metrics.json`` as ``"tta"``."""
+    ``metrics.json`` as ``"tta"``.
+
+    ``exclude_training`` (with ``test``): leave out test images that are exact, near
+    (pHash) or similar-content (thumbnail) copies of the run's training or validation
+    images, counted in ``metrics.json`` under ``test.removed_as_training_lookalikes``.
+
+    ``external``: ``[{"name", "source", "dedupe"}]`` external test sets (another folder,
+    manifest or config), each evaluated like ``test`` into ``<out>/external/<name>/``
+    (its own metrics, report and model card) and summarised beside the internal test under
+    ``"external"`` in this ``metrics.json``, the report and the model card."""
     tta = tta_options(tta, "evaluate.tta")
     rf = RunFolder(run_dir).ensure_dir()
     run = rf.path
@@ -253,8 +264,29 @@ def evaluate_run(run_dir, *, test: str | None = None, out=None, fold: int | None
         test_index, test_data = _source_index(test, cfg, hierarchy)
         test_samples = test_index.samples
         test_source = os.path.abspath(test)
+        if exclude_training:
+            reference = part("train") + part("val")
+            if not reference:
+                raise ConfigError(f"{test_source}: cannot remove training look-alikes: "
+                                  f"the run's training images are not available ({run})")
+            found = training_lookalikes(test_samples, reference, options,
+                                        near_threshold=cfg.split.near_threshold,
+                                        similar_threshold=cfg.split.similar_threshold)
+            test_samples = [x for x in test_samples if x.id not in found]
+            removed = {"count": len(found),
+                       "by_reason": dict(Counter(v["reason"] for v in found.values())),
+                       "of": len(test_index.samples),
+                       "similar_threshold": cfg.split.similar_threshold,
+                       "near_threshold": cfg.split.near_threshold}
+            log.info("evaluate: %d of %d images of %s copy a training or validation image "
+                     "(%s); left out", len(found), len(test_index.samples), test_source,
+                     removed["by_reason"])
     if not test_samples:
         raise ConfigError(f"{run}: no test samples ({test_source})")
+    ext_rows = _evaluate_external(
+        external, run_dir, out_dir, fold=fold, n_boot=n_boot, alpha=alpha, seed=seed,
+        batch_size=batch_size, threshold=threshold, target_sensitivity=target_sensitivity,
+        negative=negative, ordered=ordered, n_bins=n_bins, n_examples=n_examples, tta=tta)
     norm = normalization_for(model, cfg.data.normalization)
     # a multi-input model takes the images its data names (main image, extra columns)
     data_section = cfg.data if test_data is None else test_data
@@ -404,7 +436,9 @@ def evaluate_run(run_dir, *, test: str | None = None, out=None, fold: int | None
         "run": {"name": cfg.name, "dir": str(run), "model": RunFolder.MODEL, "fold": fold},
         "test": {"source": test_source, "n": int(len(pt.y)),
                  "by_class": dict(sorted(by_class.items())),
-                 "skipped": pt.skipped + (missing if test is None else [])},
+                 "skipped": pt.skipped + (missing if test is None else []),
+                 **({"removed_as_training_lookalikes": removed}
+                    if test is not None and exclude_training else {})},
         "tta": tta.describe() if tta is not None else None,
         "data": {"split_sizes": split_sizes,
                  "audit": (audit or {}).get("summary"),
@@ -412,6 +446,9 @@ def evaluate_run(run_dir, *, test: str | None = None, out=None, fold: int | None
                                   if k in ("read", "used", "skipped", "samples")}},
         **{k: v for k, v in metrics.items() if k not in ("kind", "version")},
     }
+    if ext_rows:
+        doc["external"] = ext_rows
+        doc["internal_vs_external"] = internal_vs_external(doc)
     root = index.root if index is not None and test is None else (
         test if test and os.path.isdir(test) else None)
     write_predictions(out_dir / PREDICTIONS_FILE, pt, hierarchy, root)
@@ -427,6 +464,8 @@ def evaluate_run(run_dir, *, test: str | None = None, out=None, fold: int | None
     card = build_model_card(name=cfg.name, hierarchy=hierarchy, metrics=doc, config=cfg,
                             audit=audit, splits=splits, split_sizes=split_sizes,
                             calibration=json_safe(calib) if calib else None, model=model)
+    if ext_rows:
+        card["metrics"]["internal_vs_external"] = doc["internal_vs_external"]
     write_model_card(card, out_dir)
     summary = {}
     if audit:
@@ -441,6 +480,8 @@ def evaluate_run(run_dir, *, test: str | None = None, out=None, fold: int | None
         summary["split"] = f"{splits.method} (seed {splits.seed}), fold {fold}"
         summary["training images removed for leakage"] = len(splits.dropped)
     summary["test images evaluated"] = len(pt.y)
+    for row in doc.get("internal_vs_external", []):
+        summary[f"{row['set']} ({row['n']} images)"] = row["text"]
     if doc["test"]["skipped"]:
         summary["test images not evaluated (unreadable or missing)"] = len(doc["test"]["skipped"])
     write_report(out_dir / "report.html", doc, title=f"Evaluation report: {cfg.name}",
@@ -452,6 +493,52 @@ def evaluate_run(run_dir, *, test: str | None = None, out=None, fold: int | None
                  label_tree=label_tree_text(hierarchy))
     jsonio.write_json(out_dir / RunFolder.METRICS, doc)
     return doc
+
+
+#: The metrics of the internal-vs-external table, in order.
+EXTERNAL_METRICS = ("balanced_accuracy", "kappa", "auroc_macro", "f1_macro")
+
+
+def _evaluate_external(external, run_dir, out_dir, **kw) -> dict:
+    """Evaluate each declared external set into ``<out_dir>/external/<name>/``; returns
+    name -> its summary (source, n, removed look-alikes, headline, ECE)."""
+    rows: dict = {}
+    for ext in external or ():
+        ext = dict(ext)
+        name = ext["name"]
+        sub = evaluate_run(run_dir, test=ext["source"], out=Path(out_dir) / "external" / name,
+                           exclude_training=bool(ext.get("dedupe", True)), n_gradcam=0,
+                           external=None, **kw)
+        rows[name] = {"source": sub["test"]["source"], "n": sub["n_test"],
+                      "by_class": sub["test"]["by_class"],
+                      "removed_as_training_lookalikes":
+                          sub["test"].get("removed_as_training_lookalikes"),
+                      "skipped": len(sub["test"].get("skipped") or []),
+                      "headline": sub["headline"],
+                      "ece": (sub.get("calibration") or {}).get("ece"),
+                      "dir": os.path.relpath(Path(out_dir) / "external" / name, out_dir)}
+    return rows
+
+
+def internal_vs_external(doc) -> list[dict]:
+    """Rows of the internal-vs-external table: the internal test first, then each external
+    set, with :data:`EXTERNAL_METRICS` (value and CI) and a one-line text."""
+    def row(set_name, n, headline, ece, note=""):
+        vals = {k: headline.get(k) for k in EXTERNAL_METRICS if headline.get(k)}
+        text = "; ".join(f"{k.replace('_', ' ')} {format_interval(v)}" for k, v in vals.items())
+        if ece:
+            text += f"; ECE {format_interval(ece)}"
+        return {"set": set_name, "n": n, "metrics": vals, "ece": ece,
+                "text": text + (f" ({note})" if note else "")}
+
+    out = [row("internal test", doc["n_test"], doc["headline"],
+               (doc.get("calibration") or {}).get("ece"))]
+    for name, e in (doc.get("external") or {}).items():
+        rm = e.get("removed_as_training_lookalikes") or {}
+        note = (f"{rm['count']} of {rm['of']} removed as copies of training/validation "
+                f"images" if rm else "not deduplicated against training")
+        out.append(row(f"external: {name}", e["n"], e["headline"], e.get("ece"), note))
+    return out
 
 
 def _tta_text(tta) -> str:

@@ -7,7 +7,10 @@ Wire into the top-level parser with::
 
 ``kmedtl export RUN_DIR [--formats savedmodel,tflite,onnx] [--no-verify] [--push]``
 exits 0 when every requested format was written and (with verification, the default)
-passed its parity bound, 1 on a parity failure or a push that was not blessed.
+passed its parity bound, 1 on a parity failure or a push that was not blessed.  A
+quantised TFLite variant (dynamic_int8, int8) below its agreement bound is a
+``WARNING:`` line (agreement, 95% CI, n, remedy), not a failure, unless
+``--quantized-gate fail`` and the CI's upper end is below the bound.
 ``kmedtl predict MODEL FILES...`` runs a SavedModel folder, ``.tflite``, ``.onnx`` or
 ``.keras`` on PNG/JPEG/DICOM files; ``kmedtl predict --server URL FILES...`` asks TF
 Serving (``http://HOST:8501/v1/models/NAME`` or ``grpc://HOST:8500/NAME``).  Files are
@@ -36,7 +39,7 @@ from kmedtl.errors import KmedtlError
 from kmedtl.export.errors import ServingError
 from kmedtl.export.predictors import EXPORT_FILE, ModelInfo, find_metadata, load_predictor
 from kmedtl.export.push import push_run
-from kmedtl.export.stage import export_run
+from kmedtl.export.stage import QUANTIZED_GATES, export_run
 from kmedtl.run_folder import RunFolder
 from kmedtl.serving.client import ServingClient, is_raster
 
@@ -74,6 +77,9 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--opset", type=int, help="ONNX opset (default 17)")
     p.add_argument("--representative-samples", type=int, default=100,
                    help="training images calibrating full-integer int8 (100)")
+    p.add_argument("--quantized-gate", choices=QUANTIZED_GATES, default="warn",
+                   help="dynamic_int8/int8 below their agreement bound: warn (default), or "
+                        "fail when the 95%% CI's upper end is below the bound")
     p.add_argument("--push", action="store_true",
                    help="then push the SavedModel (blessing gate, see --threshold)")
     p.add_argument("--root", default="saved_models", help="push root (saved_models)")
@@ -106,7 +112,8 @@ def add_parsers(subparsers) -> None:
 def cmd_export(args) -> int:
     report = export_run(args.run_dir, formats=args.formats, out_dir=args.out, verify=args.verify,
                         tflite_variants=args.tflite_variants, opset=args.opset,
-                        representative_samples=args.representative_samples)
+                        representative_samples=args.representative_samples,
+                        quantized_gate=args.quantized_gate)
     code = 0 if (report.verified or not args.verify) else 1
     doc = report.to_dict()
     if args.push:
@@ -119,6 +126,8 @@ def cmd_export(args) -> int:
     else:
         print(f"exported {args.run_dir} -> {report.out_dir} ({report.parity_data})")
         print(report.table())
+        for w in report.warnings:
+            print(f"WARNING: {w}")
         for f in report.failures:
             print(f"PARITY FAILURE: {f}")
         if args.verify:

@@ -163,8 +163,10 @@ def push_run(run_dir, *, root="saved_models", name: str | None = None,
 
     check("export verified", export.get("verified"),
           "parity within bounds" if export.get("verified") else
-          f"export.json: verified is false "
-          f"({export.get('failures') or 'exported without verify'}); rerun kmedtl export")
+          "export.json: verified is false: " + ("; ".join(export["failures"])
+                                                if export.get("failures") else
+                                                "exported without verification; export "
+                                                f"with it: kmedtl export {run}"))
     value = None
     if metrics is None:
         check("evaluation", False, f"{rf.metrics_path}: not found; run kmedtl evaluate "

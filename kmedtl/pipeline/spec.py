@@ -16,6 +16,7 @@ Example::
 from __future__ import annotations
 
 import copy
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ from kmedtl.config import (  # noqa: F401  (parse_set: re-exported for kmedtl.pi
     Config,
     TTAOptions,
     dataset_path,
+    expand_env,
     load_config,
     merge_overrides,
     parse_set,
@@ -70,6 +72,18 @@ class PretrainSection(Strict):
     seed: int | None = None  # default train.seed
 
 
+class ExternalSet(Strict):
+    """An external test set: another acquisition or site, evaluated beside the internal
+    test (``pipeline.evaluate.external``).  ``source``: a class-folder tree, a manifest CSV
+    or a config YAML; relative to the pipeline file's folder, ``${VAR}`` expanded.
+    ``dedupe`` (default true) leaves out images that are exact, near or similar-content
+    copies of training or validation images, and counts them."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    source: str
+    dedupe: bool = True
+
+
 class EvaluateSection(Strict):
     """Arguments of :func:`kmedtl.evaluation.stage.evaluate_run`."""
 
@@ -88,6 +102,8 @@ class EvaluateSection(Strict):
     #: (:class:`kmedtl.config.TTAOptions`): a mapping (flips, n, rotation, zoom,
     #: seed), a flip mode, true (defaults) or null (off)
     tta: TTAOptions | None = None
+    #: external test sets, each reported beside the internal test (ExternalSet)
+    external: list[ExternalSet] = Field(default_factory=list)
 
     @field_validator("tta", mode="before")
     @classmethod
@@ -113,6 +129,10 @@ class ExportSection(Strict):
         default_factory=lambda: list(TFLITE_VARIANTS), min_length=1)
     opset: int | None = Field(default=None, ge=1)
     representative_samples: int = Field(default=100, ge=1)
+    #: quantised TFLite variants (dynamic_int8, int8) below their agreement bound: "warn"
+    #: (reported with a 95% CI, the run goes on) or "fail" (fails the export when the CI's
+    #: upper end is below the bound); see kmedtl.export.stage
+    quantized_gate: Literal["warn", "fail"] = "warn"
     out_dir: str | None = None  # default: export_run's (inside the run folder)
 
 
@@ -221,6 +241,15 @@ def load_pipeline(source, overrides: dict | None = None) -> Pipeline:
         raise ConfigError(f"{label}: pipeline: must be a mapping (stages, fold, pretrain, "
                           f"evaluate, export, push), got {type(pipe_raw).__name__}")
     spec = validate(PipelineSection, pipe_raw, label, prefix=("pipeline",))
+    for ext in spec.evaluate.external:  # resolved once, so every stage finds the same files
+        src = expand_env(ext.source, f"pipeline.evaluate.external.{ext.name}.source")
+        if base_dir is not None and not os.path.isabs(src):
+            src = os.path.normpath(os.path.join(base_dir, src))
+        ext.source = os.path.abspath(src)
+    names = [e.name for e in spec.evaluate.external]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{label}: pipeline.evaluate.external: names must differ, got "
+                          f"{names}")
     _check_dataset(raw, label)
     try:
         cfg = load_config(raw, base_dir=base_dir)

@@ -166,6 +166,28 @@ def stage_audit(ctx: Context) -> StageOutput:
 
 
 # ------------------------------------------------------------------------------ split
+#: Correlation at which the split reports test images with a train/val look-alike.
+NEIGHBOUR_REPORT_R = 0.95
+
+
+def similar_neighbours(links, fold, r_min: float = NEIGHBOUR_REPORT_R) -> dict:
+    """How many test images have a train or validation image whose thumbnail correlates
+    ``>= r_min`` with theirs (the audit's similarity links; reported whatever
+    ``split.dedupe`` is, so a split grouped only by exact or pHash duplicates shows what
+    it leaves across)."""
+    test = set(fold.test)
+    seen = set(fold.train) | set(fold.val)
+    hit = set()
+    for a, b, r in links:
+        if r >= r_min:
+            if a in test and b in seen:
+                hit.add(a)
+            elif b in test and a in seen:
+                hit.add(b)
+    return {"r_min": r_min, "count": len(hit), "test": len(test),
+            "share": round(len(hit) / len(test), 4) if test else 0.0}
+
+
 def stage_split(ctx: Context) -> StageOutput:
     fail_hook("split")
     prep = ctx.prepared()
@@ -185,6 +207,8 @@ def stage_split(ctx: Context) -> StageOutput:
     exact_cross = sum(1 for parts in by_digest.values() if len(parts) > 1)
     near_cross = sum(1 for a, b in internal["near_pairs"]
                      if a in assign and b in assign and assign[a] != assign[b])
+    similar_cross = sum(1 for a, b, _ in internal["similar_pairs"]
+                        if a in assign and b in assign and assign[a] != assign[b])
     patients = {s.id: s.patient_id for s in prep.index.samples if s.patient_id}
     patients.update(dicom_patients(prep.index))
     parts_of: dict = {}
@@ -194,10 +218,12 @@ def stage_split(ctx: Context) -> StageOutput:
     patient_cross = sum(1 for parts in parts_of.values() if len(parts) > 1)
     dedupe = ctx.cfg.split.dedupe
     problems = []
-    if dedupe in ("exact", "near") and exact_cross:
+    if dedupe != "none" and exact_cross:
         problems.append(f"{exact_cross} exact-duplicate group(s) span parts")
-    if dedupe == "near" and near_cross:
+    if dedupe in ("near", "similar") and near_cross:
         problems.append(f"{near_cross} near-duplicate pair(s) span parts")
+    if dedupe == "similar" and similar_cross:
+        problems.append(f"{similar_cross} similar-content pair(s) span parts")
     if patient_cross:
         problems.append(f"{patient_cross} patient(s) span parts")
     if problems:
@@ -210,6 +236,8 @@ def stage_split(ctx: Context) -> StageOutput:
     dropped = Counter(d.get("reason") for d in splits.dropped)
     result = {"method": splits.method, "seed": splits.seed, "fold": ctx.spec.fold,
               "n_folds": len(splits.folds), "dedupe": dedupe,
+              "test_with_similar_neighbour": similar_neighbours(internal["similar_pairs"],
+                                                                fold),
               "sizes": {p: sum(v.values()) for p, v in sizes.items()}, "by_class": sizes,
               "dropped": len(splits.dropped), "dropped_by_reason": dict(dropped),
               "unused": unused, "patients": len(parts_of),
@@ -557,9 +585,25 @@ def stage_evaluate(ctx: Context) -> StageOutput:
                           doc["tasks"]["leaf"]["per_class"].items()} if doc.get("tasks") else None,
               "skipped": len(doc.get("test", {}).get("skipped") or []),
               "tta": doc.get("tta")}
+    if doc.get("internal_vs_external"):
+        ext = doc.get("external") or {}
+        result["internal_vs_external"] = [
+            {**r, "removed": _removed_text(ext.get(r["set"].split(": ", 1)[-1]))}
+            for r in doc["internal_vs_external"]]
+        result["external"] = {k: {"source": v["source"], "n": v["n"], "dir": v["dir"],
+                                  "removed": v.get("removed_as_training_lookalikes")}
+                              for k, v in ext.items()}
     rf = ctx.folder
     outputs = [rf.metrics_path, rf.file(RunFolder.REPORT), rf.file(RunFolder.MODEL_CARD_MD)]
     return StageOutput(result, outputs)
+
+
+def _removed_text(ext) -> str:
+    rm = (ext or {}).get("removed_as_training_lookalikes")
+    if not rm:
+        return ""
+    reasons = ", ".join(f"{k} {v}" for k, v in sorted(rm["by_reason"].items()))
+    return f"{rm['count']} of {rm['of']}" + (f" ({reasons})" if reasons else "")
 
 
 # ------------------------------------------------------------------------------ export
@@ -575,28 +619,38 @@ def stage_export(ctx: Context) -> StageOutput:
     out_dir = os.path.abspath(x.out_dir) if x.out_dir else None
     report = export.export_run(ctx.run_dir, formats=tuple(x.formats), out_dir=out_dir,
                             verify=x.verify, tflite_variants=tuple(x.tflite_variants),
-                            opset=x.opset, representative_samples=x.representative_samples)
+                            opset=x.opset, representative_samples=x.representative_samples,
+                            quantized_gate=x.quantized_gate)
     doc = _to_dict(report)
     verified = bool(getattr(report, "verified", False))
     where = getattr(report, "out_dir", out_dir)
+    d = doc if isinstance(doc, dict) else {}
     result = {"verified": verified, "out_dir": str(where) if where else None,
-              "formats": _formats(doc), "failures": doc.get("failures") if isinstance(
-                  doc, dict) else None}
+              "formats": _formats(doc), "failures": d.get("failures"),
+              "warnings": d.get("warnings") or [],
+              "quantized_gate": d.get("quantized_gate", x.quantized_gate),
+              "int8_representative": d.get("int8_representative")}
     if not result["formats"]:  # an unfamiliar report layout: keep all of it
         result["report"] = doc
     if x.verify and x.require_verified and not verified:
         report_path = ctx.folder.stages_dir / "export_report.json"
         if where:
             _write_json(report_path, doc)
+        failures = "; ".join(d.get("failures") or []) or "see the report"
         raise PipelineStageError(
-            f"{where or ctx.run_dir}: the exported model failed verification (see "
-            f"{report_path}); fix the export, or set "
-            "pipeline.export.require_verified: false to continue unverified")
+            f"{where or ctx.run_dir}: the exported model failed verification: {failures} "
+            f"(report: {report_path}). To go on without a verified export, set "
+            "pipeline.export.require_verified: false")
     return StageOutput(result, [where] if where else [])
 
 
+_PARITY_KEYS = ("kind", "max_abs_diff", "agreement", "bound", "passed", "status", "n",
+                "n_independent", "ci", "confidence", "gate", "accuracy_delta", "n_accuracy")
+
+
 def _formats(doc) -> dict:
-    """Per exported format: path, size, accuracy and the parity numbers."""
+    """Per exported format: path, size, accuracy and the parity numbers (n compared,
+    agreement and its CI for quantised variants, bound, status)."""
     out = {}
     formats = doc.get("formats") if isinstance(doc, dict) else None
     for name, f in (formats or {}).items():
@@ -605,8 +659,7 @@ def _formats(doc) -> dict:
         parity = f.get("parity") if isinstance(f.get("parity"), dict) else None
         out[name] = {"path": f.get("path"), "size_bytes": f.get("size_bytes"),
                      "accuracy": f.get("accuracy"),
-                     "parity": {k: parity.get(k) for k in ("kind", "max_abs_diff", "agreement",
-                                                           "bound", "passed", "n")}
+                     "parity": {k: parity.get(k) for k in _PARITY_KEYS}
                      if parity else None}
     return out
 

@@ -200,6 +200,18 @@ def render(doc: dict) -> str:
         if e.get("leaf_f1"):
             L += ["", "Leaf F1: " + ", ".join(
                 f"{k} {' '.join(_interval(v))}" for k, v in e["leaf_f1"].items()) + "."]
+        if e.get("internal_vs_external"):
+            rows = e["internal_vs_external"]
+            keys = list(rows[0]["metrics"])
+            L += ["", "### Internal vs external test", "",
+                  "Internal: the held-out part of the training source. External: another "
+                  "acquisition, with copies of training/validation images removed (counted)."
+                  " Balanced accuracy and the rest with their CIs:", ""]
+            L += _table(["test set", "images", *keys, "ECE", "removed as training copies"],
+                        [[r["set"], r["n"],
+                          *(" ".join(_interval(r["metrics"].get(k))) for k in keys),
+                          " ".join(_interval(r.get("ece"))) if r.get("ece") else "n/a",
+                          r.get("removed", "")] for r in rows])
         bi = e.get("binary")
         if bi and bi.get("at_threshold"):
             a = bi["at_threshold"]
@@ -209,27 +221,7 @@ def render(doc: dict) -> str:
         L.append("")
     x = doc.get("export")
     if x:
-        L += ["## Export", "",
-              f"{'Verified' if x.get('verified') else 'NOT verified'}; written to "
-              f"`{x.get('out_dir')}`."]
-        if x.get("formats"):
-            L.append("")
-            rows = []
-            for name, f in x["formats"].items():
-                par = f.get("parity") or {}
-                rows.append([name, _size(f.get("size_bytes")), _f(f.get("accuracy")),
-                             f"{par['max_abs_diff']:.1e}"
-                             if isinstance(par.get("max_abs_diff"), (int, float)) else "-",
-                             _f(par.get("agreement")), f"{par['bound']:g} ({par.get('kind')})"
-                             if isinstance(par.get("bound"), (int, float)) else "-",
-                             {True: "yes", False: "NO"}.get(par.get("passed"), "reference")])
-            L += _table(["format", "size", "test accuracy", "max abs diff", "agreement",
-                         "bound", "parity"], rows)
-        else:
-            L += [f"- {k}: {v}" for k, v in _parity_lines(x.get("report"))]
-        if x.get("failures"):
-            L.append(f"Failures: {x['failures']}")
-        L.append("")
+        L += _export_lines(x)
     p = doc.get("push")
     if p:
         L += ["## Push", ""]
@@ -244,6 +236,52 @@ def render(doc: dict) -> str:
                      f"({c.get('detail')})")
         L.append("")
     return "\n".join(L).rstrip() + "\n"
+
+
+_EXPORT_STATUS = {"passed": "passed", "warned": "WARNED", "failed": "FAILED"}
+
+
+def _export_lines(x: dict) -> list[str]:
+    """The export section: verdict, one row per format (n images compared, agreement and
+    its 95% CI for quantised variants, bound, status), warnings and failures."""
+    gate = x.get("quantized_gate")
+    L = ["## Export", "",
+         f"{'Verified' if x.get('verified') else 'NOT verified'}; written to "
+         f"`{x.get('out_dir')}`." + (f" Quantised variants: `quantized_gate: {gate}`."
+                                     if gate else "")]
+    rep = x.get("int8_representative")
+    if isinstance(rep, dict) and rep.get("requested") is not None:
+        L.append(f"int8 calibrated on {rep.get('used')} {rep.get('split')} images "
+                 f"({rep.get('requested')} requested).")
+    if x.get("formats"):
+        L.append("")
+        rows = []
+        for name, f in x["formats"].items():
+            par = f.get("parity") or {}
+            ci = par.get("ci")
+            n, ind = par.get("n"), par.get("n_independent")
+            status = par.get("status") or {True: "passed", False: "failed"}.get(
+                par.get("passed"), "reference")
+            rows.append([name, _size(f.get("size_bytes")), _f(f.get("accuracy")),
+                         f"{par['max_abs_diff']:.1e}"
+                         if isinstance(par.get("max_abs_diff"), (int, float)) else "-",
+                         _f(par.get("agreement")),
+                         f"[{_f(ci[0])}, {_f(ci[1])}]" if ci else "-",
+                         "-" if n is None else str(n) if ind in (None, n)
+                         else f"{n} ({ind} test)",
+                         f"{par['bound']:g} ({par.get('kind')})"
+                         if isinstance(par.get("bound"), (int, float)) else "-",
+                         _EXPORT_STATUS.get(status, status)])
+        L += _table(["format", "size", "test accuracy", "max abs diff", "agreement",
+                     "95% CI", "n (test images)", "bound", "parity"], rows)
+    else:
+        L += [f"- {k}: {v}" for k, v in _parity_lines(x.get("report"))]
+    if x.get("warnings"):
+        L += [""] + [f"- Warning: {w}" for w in x["warnings"]]
+    if x.get("failures"):
+        L += [""] + [f"- Failure: {f}" for f in x["failures"]]
+    L.append("")
+    return L
 
 
 def _hp_value(v):
