@@ -261,3 +261,24 @@ def test_main_job_split_leaves_no_adjacent_slice_across(datasets_dir, tmp_path):
     summary = json.loads((out / "brain_tumor_hierarchical" / "summary.json").read_text())
     text = json.dumps(summary)
     assert "test_with_similar_neighbour" in text
+
+
+def test_oct_audit_flags_the_aspect_shortcut_and_reports_similarity(datasets_dir, tmp_path):
+    """``kmedtl data audit`` on the OCT set: wide scans (mostly DME and CNV) were downscaled,
+    so the aspect ratio predicts the class; the JSON has a shortcut section that says so,
+    and the similar-content evidence."""
+    env = {**os.environ, "KMEDTL_DATASETS": str(datasets_dir), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    out = tmp_path / "audit.json"
+    res = subprocess.run([sys.executable, "-m", "kmedtl", "data", "audit",
+                          str(datasets_dir / "kermany-oct2017-test"), "--json", str(out),
+                          "--no-cache"], env=env, cwd=tmp_path, capture_output=True,
+                         text=True, check=True)
+    report = json.loads(out.read_text())
+    sc = report["shortcuts"]
+    assert "aspect_ratio" in sc["flagged"]
+    a = sc["properties"]["aspect_ratio"]
+    assert a["balanced_accuracy"] > a["chance_p95"] and a["chance"] == 0.25
+    assert "crop" in a["remedy"]
+    assert "shortcut: aspect_ratio predicts the class" in res.stdout
+    assert report["similarity"]["threshold"] == DEFAULT_SIMILAR_THRESHOLD
+    assert "similar-content groups" in res.stdout

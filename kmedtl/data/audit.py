@@ -20,6 +20,8 @@ The report (a JSON-able dict) has these keys:
   chance, with a remedy for each one flagged (:mod:`kmedtl.data.shortcuts`).
 - ``patient_overlap``: patients found in more than one split, as salted pseudonyms (a
   fresh random salt per report, so nothing links back to a real ID).
+- ``warnings``: what indexing found questionable but not wrong (a hierarchy leaf that
+  merges several class folders, :attr:`DatasetIndex.warnings`).
 - ``summary``: group counts, ``skipped_by_kind`` (every skip has a kind) and
   ``ignored_by_kind`` (the subset that is metadata/hidden/documentation, not data).
 
@@ -52,11 +54,12 @@ from kmedtl.errors import DataError
 DEFAULT_NEAR_THRESHOLD = 2
 
 #: Default correlation at or above which two 32x32 grey thumbnails (of the 64 px audit
-#: rendering) are "similar content".  Chosen on brain-tumor-mri (no patient IDs; many
-#: adjacent slices): pairs whose thumbnails of the *original* JPEGs correlate >= 0.95 score
-#: >= 0.937 on this rendering in 99% of cases, and grouping at 0.935 left 0.2-0.6% of a
-#: stratified test split with a >= 0.95 neighbour (1.5-2.6% at 0.94, 12-14% at 0.95) while
-#: the largest group stayed at 3.5% of the images (0.93: 5.8%, 0.90: 14%).  On OCT, where
+#: rendering) are "similar content".  Chosen on brain-tumor-mri/Training (no patient IDs;
+#: many adjacent slices): pairs whose thumbnails of the *original* JPEGs correlate >= 0.95
+#: score >= 0.937 on this rendering in 99% of cases, and grouping at 0.935 left 0.2-0.5% of
+#: a stratified test split with a >= 0.95 neighbour (pHash alone: 42-43%; 0.94: 1.2-2.0%;
+#: 0.95: 10-13%) while the largest group held 131 of 2,870 images (0.93: 189, 0.90: 419).
+#: On OCT, where
 #: patient IDs are known, most pairs this similar are *different* patients (83% at 0.935):
 #: a low-resolution correlation links look-alikes, not just one patient's images, so it
 #: groups conservatively (safe for leakage, costly only in split freedom) and is a
@@ -186,6 +189,7 @@ def audit(index: DatasetIndex, options: ImageOptions | None = None, *, splits=No
         "similarity": evidence,
         "label_conflicts": sorted(conflicts),
         "patient_overlap": _patient_overlap(used, split_of, patients),
+        "warnings": list(index.warnings),
         # does a non-content property (size, format, scanner...) predict the label?
         "shortcuts": shortcut_audit(used.samples, label_of={s.id: cls(s) for s in used.samples})
         if labelled else {"skipped": "unlabelled"},
@@ -265,6 +269,11 @@ def dicom_patients(index: DatasetIndex) -> dict:
     return out
 
 
+def _class_counts(counts: dict) -> str:
+    """``{"glioma": 826, "normal": 395}`` -> ``"glioma 826, normal 395"``."""
+    return ", ".join(f"{k} {v}" for k, v in counts.items()) or "none"
+
+
 def format_summary(report: dict) -> str:
     c = report["counts"]
     s = report["summary"]
@@ -275,6 +284,9 @@ def format_summary(report: dict) -> str:
     if labelled:
         lines.append("by split: " + "; ".join(f"{k}: {sum(v.values())}"
                                               for k, v in c["by_split"].items()))
+        lines.append("by class: " + _class_counts(c["by_class"]))
+        if len(c["by_split"]) > 1:
+            lines += [f"by class in {k}: {_class_counts(v)}" for k, v in c["by_split"].items()]
     else:
         lines.append("unlabelled (no class folders): no label statistics")
     lines += [
@@ -309,6 +321,7 @@ def format_summary(report: dict) -> str:
     if ignored:
         lines.append("skipped, not data (metadata, hidden files, documentation): " + ", ".join(
             f"{k} {v}" for k, v in ignored.items()))
+    lines += ["warning: " + w for w in report.get("warnings") or ()]
     return "\n".join(lines)
 
 
