@@ -10,18 +10,21 @@ is allowed, e.g.::
       should be a valid tuple (got 'lungs')
 
 Strings may reference environment variables as ``${NAME}``; a missing variable is an
-error that names it (``KMEDTL_DATASETS`` is how shared datasets are found).
+error that names it (``KMEDTL_DATASETS`` is how shared datasets are found).  Every path is
+resolved once, when the config is loaded, and kept absolute (:data:`READ_PATHS`: relative
+to the YAML file's folder; :data:`WRITE_PATHS`: relative to the working directory).
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_serializer, model_validator
 
 from kmedtl.data.augment import Augmentation
 from kmedtl.data.dicomweb import DicomWebSpec
@@ -110,6 +113,20 @@ class AugmentSection(Strict):
     randaugment_factor: float = Field(default=0.3, ge=0)
     mixup: float = Field(default=0.0, ge=0)
     cutmix: float = Field(default=0.0, ge=0)
+    # colour jitter (3-channel input only), as torchvision's ColorJitter: saturation times
+    # a factor in [1 - s, 1 + s]; hue turned by up to +-h of the colour circle
+    saturation: float = Field(default=0.0, ge=0, lt=1)
+    hue: float = Field(default=0.0, ge=0, le=0.5)
+
+    @model_serializer(mode="wrap")
+    def _colour_only_when_set(self, handler):
+        # left out at 0, so configs, and the train-stage fingerprints of runs made before
+        # these fields existed, stay as they were
+        out = handler(self)
+        for name in ("saturation", "hue"):
+            if not out.get(name):
+                out.pop(name, None)
+        return out
 
 
 #: flip modes and how many deterministic views each gives (identity included)
@@ -325,13 +342,69 @@ def parse_set(items) -> dict:
     return out
 
 
+#: The paths of a run config, by what a relative one is relative to (README.md, "Path
+#: rules").  Each is resolved once, when the config is loaded (:func:`resolve_paths`), and
+#: kept absolute from then on: the run folder's ``config.yaml`` (and ``pipeline.yaml``)
+#: name the same files for every later stage and for a resumed run, from any working
+#: directory.  What a run *reads* (data, label tree, split file, weight file) is relative
+#: to the YAML file's folder; what it *writes* (run folders, caches) to the working
+#: directory, so ``kmedtl run pipelines/x.yaml`` from the repository root writes
+#: ``runs/<name>/`` there.  ``${VAR}`` is expanded first; a path that *starts* with a
+#: variable whose value is relative is relative to the working directory (as the variable
+#: is in the shell, and as :func:`dataset_path` reads ``KMEDTL_DATASETS``).  A ``--set``
+#: value is typed on the command line: relative to the working directory.
+READ_PATHS = ("data.root", "data.manifest", "data.hierarchy", "data.dicomweb.store",
+              "data.dicomweb.labels", "data.dicomweb.ca_bundle", "data.dicomweb.client_cert",
+              "data.dicomweb.client_key", "split.file", "train.weights")
+WRITE_PATHS = ("output_dir", "data.cache_dir", "train.tune.cache_dir")
+#: Values of path fields that name something other than a file.
+_NOT_PATHS = {"train.weights": ("imagenet",)}
+
+
+def resolve_path(value: str, base_dir=None, where: str = "") -> str:
+    """``value`` with ``${VAR}`` and ``~`` expanded, as an absolute normalised path: a
+    relative one joined to ``base_dir`` (default: the working directory), unless it
+    starts with a variable (then the working directory).  No symlink is resolved."""
+    from_env = value.lstrip().startswith("${")
+    value = os.path.expanduser(expand_env(value, where).strip())
+    if not os.path.isabs(value) and base_dir is not None and not from_env:
+        value = os.path.join(os.fspath(base_dir), value)
+    return os.path.abspath(value)
+
+
+def resolve_paths(raw: dict, base_dir=None, *, read=READ_PATHS, write=WRITE_PATHS) -> dict:
+    """A copy of the config mapping ``raw`` with every path field present in it made
+    absolute by :func:`resolve_path`: the ``read`` fields against ``base_dir`` (the YAML
+    file's folder; default the working directory), the ``write`` fields against the
+    working directory.  Values that are not path strings (``null``, a mapping, an empty
+    string, ``train.weights: imagenet``) are left for validation to judge."""
+    out = copy.deepcopy(raw)
+    for keys, base in ((read, base_dir), (write, None)):
+        for key in keys:
+            *parents, last = key.split(".")
+            node = out
+            for p in parents:
+                node = node.get(p) if isinstance(node, dict) else None
+            if not isinstance(node, dict):
+                continue
+            value = node.get(last)
+            if (isinstance(value, str) and value.strip()
+                    and value.strip() not in _NOT_PATHS.get(key, ())):
+                node[last] = resolve_path(value, base, key)
+    return out
+
+
 def load_config(source: str | Path | dict, base_dir: str | Path | None = None,
                 overrides: dict | None = None) -> Config:
     """Load and validate a YAML config (path or already-parsed dict), with ``overrides``
     (:func:`parse_set`) merged in before validation.
 
-    Relative paths in ``data.root``/``data.manifest``/``data.hierarchy`` are resolved
-    against the config file's folder.
+    Every path is resolved here, once, and kept absolute (:data:`READ_PATHS`,
+    :data:`WRITE_PATHS`): files the run reads (``data.root``/``manifest``/``hierarchy``,
+    ``data.dicomweb`` files, ``split.file``, ``train.weights``) against the config file's
+    folder (``base_dir``; for a mapping without one, the working directory), folders it
+    writes (``output_dir``, ``data.cache_dir``, ``train.tune.cache_dir``) and the
+    ``overrides``' paths against the working directory.
     """
     label = str(source) if not isinstance(source, dict) else "config"
     if isinstance(source, dict):
@@ -348,25 +421,14 @@ def load_config(source: str | Path | dict, base_dir: str | Path | None = None,
     if not isinstance(raw, dict):
         raise ConfigError(f"{label}: the top level must be a mapping of sections")
     if overrides:
-        raw = merge_overrides(raw, overrides)
+        raw = merge_overrides(raw, resolve_paths(overrides))
         label += " (with --set)"
-    raw = expand_env(raw)
+    raw = expand_env(resolve_paths(raw, base_dir))
     cfg = validate(Config, raw, label)
-    if base_dir is not None:
-        d = cfg.data
-        for field in ("root", "manifest"):
-            v = getattr(d, field)
-            if v and not os.path.isabs(v):
-                setattr(d, field, os.path.normpath(os.path.join(base_dir, v)))
-        if isinstance(d.hierarchy, str) and not os.path.isabs(d.hierarchy):
-            d.hierarchy = os.path.normpath(os.path.join(base_dir, d.hierarchy))
-        if d.dicomweb:
-            for key in ("store", "labels", "ca_bundle", "client_cert", "client_key"):
-                v = d.dicomweb.get(key)
-                if isinstance(v, str) and v and not os.path.isabs(v):
-                    d.dicomweb[key] = os.path.normpath(os.path.join(base_dir, v))
-        if cfg.split.file and not os.path.isabs(cfg.split.file):
-            cfg.split.file = os.path.normpath(os.path.join(base_dir, cfg.split.file))
+    for section, field in ((cfg, "output_dir"), (cfg.data, "cache_dir")):  # the defaults
+        value = getattr(section, field)
+        if value and not os.path.isabs(value):
+            setattr(section, field, os.path.abspath(value))
     _check_source(cfg, label)
     return cfg
 

@@ -11,7 +11,11 @@ A ``Hierarchy`` is built from YAML (or the equivalent Python objects) of any dep
 A mapping value is an internal node; a list of strings (or one string) is a leaf with the
 raw labels found in the data; ``null`` is a leaf whose raw label is its own name.  A plain
 list ``[a, b, c]`` is the flat (depth-1) case.  Every leaf also accepts its own name as a
-raw label.
+raw label.  So ``intact: [BG, N]`` is ONE class ``intact`` that merges the raw labels
+``BG`` and ``N``; ``intact: {BG: [BG], N: [N]}`` is a node with two classes.  When a leaf
+merges several labels that the data holds as separate classes (class folders),
+:meth:`Hierarchy.merged_leaves` finds it and :meth:`Hierarchy.merge_warning` words the
+warning that indexing a folder logs and the audit records.
 
 Data encodes labels with it (:meth:`Hierarchy.encode`), models build one head per parent
 node (:attr:`Hierarchy.parents`) and metrics/exports name their outputs from it.
@@ -193,6 +197,36 @@ class Hierarchy:
                 f"label {raw_label!r} is not in the hierarchy; known labels: "
                 f"{sorted(self._raw_to_leaf)} (add it to the hierarchy YAML or fix the data)"
             ) from None
+
+    def merged_leaves(self, labels: Iterable[str]) -> dict[str, tuple[str, ...]]:
+        """``{leaf: raw labels}`` for each leaf that two or more of ``labels`` (raw labels
+        the data holds as separate classes, e.g. its class folder names) map to, the raw
+        labels in the order given.  Labels not in the tree are ignored.
+
+            >>> Hierarchy({"intact": ["BG", "N"], "torn": None}).merged_leaves(
+            ...     ["BG", "N", "torn"])
+            {'intact': ('BG', 'N')}
+        """
+        found: dict[str, list[str]] = {}
+        for raw in dict.fromkeys(str(x) for x in labels):
+            leaf = self._raw_to_leaf.get(raw)
+            if leaf is not None:
+                found.setdefault(leaf, []).append(raw)
+        return {leaf: tuple(raws) for leaf, raws in found.items() if len(raws) > 1}
+
+    def merge_warning(self, leaf: str, raw_labels: Sequence[str],
+                      what: str = "class folders") -> str:
+        """The warning for a leaf that merges several of the data's classes
+        (:meth:`merged_leaves`): the leaf, the raw labels and the spelling that makes them
+        separate leaves."""
+        raws = [str(r) for r in raw_labels]
+        given = f"{leaf}: [{', '.join(raws)}]"
+        split = f"{leaf}: {{" + ", ".join(
+            f"{_node_name(r)}: [{r}]" for r in raws) + "}"
+        return (f"hierarchy: leaf {leaf!r} merges the {what} {raws} into ONE class: in a "
+                f"hierarchy YAML a list is one leaf's raw labels ({given}), a mapping is a "
+                f"subtree.  If these are meant to be separate classes, write {split}; if "
+                "merging them is intended, ignore this warning")
 
     def __contains__(self, raw_label) -> bool:
         return str(raw_label) in self._raw_to_leaf
@@ -419,6 +453,12 @@ def _normalise_value(value, name, where):
             "only; write children as a mapping, e.g. {glioma: [glioma_tumor]}"
         )
     raise HierarchyError(f"{where}: unsupported value {value!r}")
+
+
+def _node_name(raw: str) -> str:
+    """A valid node name for a raw label (characters outside the allowed set become
+    ``_``), for suggestions."""
+    return re.sub(r"[^A-Za-z0-9_.\-]", "_", str(raw)) or "_"
 
 
 def _check_name(key, where) -> str:

@@ -4,7 +4,10 @@ A run folder is what ``kmedtl train`` / ``kmedtl run PIPELINE.yaml`` write and w
 evaluation, export, push and predict read::
 
     runs/<name>/
-      config.yaml          the validated run config (data, split, train sections)
+      config.yaml          the validated run config (data, split, train sections); every
+                           path in it absolute (resolved once when the config was loaded:
+                           kmedtl.config.READ_PATHS / WRITE_PATHS), so any stage finds the
+                           same files from any working directory
       model.keras          the trained model
       splits.json          the split the model was trained on (ids per fold and part)
       train_metrics.json   training summary (``fold``, epochs, timings, ...)
@@ -58,6 +61,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import re
 import shutil
@@ -68,11 +72,13 @@ import yaml
 
 import kmedtl.models  # noqa: F401  (registers kmedtl's serializable classes)
 from kmedtl import jsonio
-from kmedtl.config import load_config
+from kmedtl.config import READ_PATHS, load_config
 from kmedtl.data.prepare import check_model_inputs, input_names, load_index, primary_input
 from kmedtl.data.splits import Splits
 from kmedtl.errors import ConfigError, KmedtlError
 from kmedtl.hierarchy import Hierarchy
+
+log = logging.getLogger("kmedtl")
 
 #: kmedtl.models preprocessing names -> kmedtl.data.pipeline normalisation names.
 _NORMALIZATION = {"unit": "unit", "tf": "symmetric", "torch": "imagenet", "caffe": "caffe",
@@ -510,11 +516,40 @@ class RunFolder:
 
     @property
     def config(self):
-        """``config.yaml``, loaded and validated once (:func:`kmedtl.config.load_config`)."""
+        """``config.yaml``, loaded and validated once (:func:`kmedtl.config.load_config`).
+
+        kmedtl writes every path absolute; a relative one (a config.yaml written by hand or
+        by an older kmedtl) is read against the run folder, and a warning names it when
+        nothing is there."""
         def make():
-            return load_config(self.config_path)
+            cfg = load_config(self.config_path)
+            self._warn_relative_paths(cfg)
+            return cfg
 
         return self._once("config", make)
+
+    def _warn_relative_paths(self, cfg) -> None:
+        try:
+            raw = yaml.safe_load(self.config_path.read_text()) or {}
+        except (OSError, yaml.YAMLError):
+            return
+        loaded = cfg.model_dump(mode="json")
+        for key in READ_PATHS:
+            *parents, last = key.split(".")
+            node, value = raw, loaded
+            for p in parents:
+                node = node.get(p) if isinstance(node, dict) else None
+                value = value.get(p) if isinstance(value, dict) else None
+            given = node.get(last) if isinstance(node, dict) else None
+            resolved = value.get(last) if isinstance(value, dict) else None
+            if (isinstance(given, str) and isinstance(resolved, str) and resolved != given
+                    and not os.path.isabs(os.path.expanduser(given))
+                    and "${" not in given and not os.path.exists(resolved)):
+                log.warning("%s: %s %r is a relative path, read against the run folder "
+                            "(%s), where nothing exists; kmedtl stores paths absolute "
+                            "(this config.yaml was written by hand or by an older version): "
+                            "give the absolute path in config.yaml", self.config_path, key,
+                            given, resolved)
 
     @property
     def name(self) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 
 import pytest
@@ -255,10 +256,17 @@ def test_main_job_names_kmedtl_datasets_and_the_dataset_when_missing(tmp_path, m
 def test_main_job_pipeline_is_valid(datasets_dir):
     pipe = load_pipeline("pipelines/brain_tumor_hierarchical.yaml")
     assert pipe.spec.stages == ["audit", "split", "train", "evaluate", "export", "push"]
-    assert pipe.config.split.dedupe == "near" and pipe.config.split.method == "holdout"
+    assert pipe.config.split.dedupe == "similar" and pipe.config.split.method == "holdout"
+    # trained on Training/ only; Testing/ (another acquisition) is the external test set
+    assert pipe.config.data.root.endswith(os.path.join("brain-tumor-mri", "Training"))
+    ext = pipe.spec.evaluate.external
+    assert [e.name for e in ext] == ["testing"] and ext[0].dedupe
+    assert ext[0].source.endswith(os.path.join("brain-tumor-mri", "Testing"))
     assert pipe.spec.push.thresholds == {"balanced_accuracy": 0.75}
     assert pipe.config.hierarchy().leaves == ("normal", "glioma", "meningioma", "pituitary")
-    assert pipe.spec.export.verify and pipe.spec.push.root == "saved_models"
+    # written folders: relative to the working directory, made absolute when loaded
+    assert pipe.spec.export.verify and pipe.spec.push.root == os.path.abspath("saved_models")
+    assert pipe.config.output_dir == os.path.abspath("runs")
 
 
 def test_pretraining_uses_only_images_outside_the_fold_and_feeds_training(tmp_path):

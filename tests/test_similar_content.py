@@ -282,3 +282,25 @@ def test_oct_audit_flags_the_aspect_shortcut_and_reports_similarity(datasets_dir
     assert "shortcut: aspect_ratio predicts the class" in res.stdout
     assert report["similarity"]["threshold"] == DEFAULT_SIMILAR_THRESHOLD
     assert "similar-content groups" in res.stdout
+
+
+def test_a_split_that_chains_most_images_into_one_group_is_refused(tmp_path):
+    """HAM10000's photos chain 1,722 of 1,759 images at the default threshold: a split over
+    such a group is meaningless, so it is an error that says what to do."""
+    from kmedtl.config import load_config
+    from kmedtl.data.prepare import prepare
+    from kmedtl.errors import ConfigError
+
+    root = tmp_path / "look_alikes"
+    for cls, seed in (("no_tumor", 1), ("glioma_tumor", 1)):  # one look-alike family
+        (root / cls).mkdir(parents=True)
+        for k in range(25):
+            Image.fromarray(_blob(0.1 * k, seed=seed)).save(root / cls / f"{k}.png")
+    cfg = load_config({"data": {"source": "folder", "root": str(root), "cache_dir": None,
+                                "hierarchy": {"normal": ["no_tumor"],
+                                              "tumor": ["glioma_tumor"]},
+                                "image": {"size": 32, "channels": 1}},
+                       "split": {"dedupe": "similar"}})
+    with pytest.raises(ConfigError, match="one similar-content group holds") as err:
+        prepare(cfg, workers=1, progress=False)
+    assert "split.similar_threshold" in str(err.value)

@@ -69,6 +69,8 @@ def thumbnail(img: np.ndarray) -> bytes:
 def thumbnail_matrix(thumbs) -> np.ndarray:
     """Rows of zero-mean, unit-norm float32 thumbnails (a constant image gives a zero row,
     similar to nothing), so a dot product is the Pearson correlation."""
+    if not len(thumbs):
+        return np.zeros((0, THUMB_SIZE * THUMB_SIZE), dtype=np.float32)
     m = np.frombuffer(b"".join(thumbs), dtype=np.uint8).reshape(len(thumbs), -1)
     m = m.astype(np.float32)
     m -= m.mean(axis=1, keepdims=True)

@@ -10,11 +10,22 @@ metadata (``__MACOSX/``, AppleDouble ``._*`` files, ``.DS_Store``, ``Thumbs.db``
 hidden files and documentation beside the data are skipped with their own reason kinds
 (``IGNORED_KINDS``).  They are listed by kind in every summary, never decide whether a
 folder is a class or a split folder, and never fail strict mode.
+
+Two layouts read differently from what a user may mean, so they are said out loud:
+
+- a hierarchy leaf that merges several class folders (``intact: [BG, N]`` with folders
+  ``BG/`` and ``N/``: one class, not two) is logged as a warning and kept in
+  ``DatasetIndex.warnings``, which the audit report carries;
+- top folders named like splits (``Train/``, ``Test/``, ``Validation/``..., see
+  ``SPLIT_NAMES``) are read as the source's own split: :func:`split_folders` lists them
+  and :func:`check_source_split` explains a source split that ``split.method: source``
+  cannot use (no test part, or no training part).
 """
 
 from __future__ import annotations
 
 import csv
+import logging
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -23,7 +34,9 @@ from pathlib import Path
 from kmedtl.data import dicom
 from kmedtl.data.decode import looks_like_dicom
 from kmedtl.data.options import ImageOptions
-from kmedtl.errors import DataError, ManifestError, StrictModeError
+from kmedtl.errors import ConfigError, DataError, ManifestError, StrictModeError
+
+log = logging.getLogger("kmedtl.data")
 
 #: Folder names recognised as split folders in a folder-per-class tree.
 SPLIT_NAMES = {
@@ -112,6 +125,11 @@ class DatasetIndex:
     skipped: list[Skipped] = field(default_factory=list)
     read: int = 0
     root: str | None = None
+    #: what indexing found questionable but not wrong (e.g. a hierarchy leaf that merges
+    #: several class folders); logged once and carried into the audit report
+    warnings: list[str] = field(default_factory=list)
+    #: what was indexed: "folder" (a class-folder tree), "manifest", or None (other)
+    source: str | None = None
 
     def counts(self) -> dict:
         """Entries (files of a folder tree, rows of a manifest): read = used + skipped.
@@ -155,6 +173,8 @@ class DatasetIndex:
             skipped=self.skipped + extra,
             read=self.read,
             root=self.root,
+            warnings=list(self.warnings),
+            source=self.source,
         )
 
     def problems(self) -> list[Skipped]:
@@ -325,13 +345,14 @@ def index_folder(root, hierarchy=None, options: ImageOptions | None = None, *,
         for d in top_dirs:
             samples.extend(Sample(str(f), None) for f in _walk_files(d, skipped))
         read = len(samples) + len(skipped)
-        index = DatasetIndex(samples, skipped, read, root=str(root_path))
+        index = DatasetIndex(samples, skipped, read, root=str(root_path), source="folder")
         return _expand_frames(index, options)
     has_splits = bool(top_dirs) and all(p.name.lower() in SPLIT_NAMES for p in top_dirs)
     layers = ([(SPLIT_NAMES[p.name.lower()], p) for p in top_dirs] if has_splits
               else [(None, root_path)])
     for p in top_files:
         skipped.append(_stray_file(p))
+    folder_labels: list[str] = []
     for split, base in layers:
         try:
             entries = sorted(base.iterdir())
@@ -348,6 +369,7 @@ def index_folder(root, hierarchy=None, options: ImageOptions | None = None, *,
         class_dirs = [p for p in entries if p.is_dir() and junk_kind(p.name) is None]
         for class_dir in class_dirs:
             label = class_dir.name
+            folder_labels.append(label)
             files = _walk_files(class_dir, skipped)
             if hierarchy is not None and label not in hierarchy:
                 for f in files:
@@ -356,13 +378,93 @@ def index_folder(root, hierarchy=None, options: ImageOptions | None = None, *,
                 continue
             samples.extend(Sample(str(f), label, split=split) for f in files)
     read = len(samples) + len(skipped)
-    index = DatasetIndex(samples, skipped, read, root=str(root_path))
+    warnings = merged_folder_warnings(hierarchy, folder_labels, root_path)
+    index = DatasetIndex(samples, skipped, read, root=str(root_path), warnings=warnings,
+                         source="folder")
     return _expand_frames(index, options)
+
+
+_WARNED: set[str] = set()
+
+
+def merged_folder_warnings(hierarchy, folder_labels, root) -> list[str]:
+    """Warnings for hierarchy leaves that merge several class folders (each folder a class
+    in the data, but one leaf in the tree: ``intact: [BG, N]``); each is logged once per
+    process and returned for the audit."""
+    if hierarchy is None:
+        return []
+    out = []
+    for leaf, raws in hierarchy.merged_leaves(folder_labels).items():
+        msg = f"{root}: " + hierarchy.merge_warning(leaf, raws, "class folders")
+        out.append(msg)
+        if msg not in _WARNED:
+            _WARNED.add(msg)
+            log.warning("%s", msg)
+    return out
 
 
 def _label_reason(label, hierarchy) -> str:
     return (f"label {label!r} is not in the hierarchy (known: {sorted(hierarchy.raw_labels)}); "
             "add it to the hierarchy YAML or remove these files")
+
+
+def split_folders(index: DatasetIndex) -> dict[str, dict]:
+    """The top folders of a folder-tree index that were read as the source's split
+    (``SPLIT_NAMES``): ``{folder name: {"split", "images", "classes": {class: n}}}``, in
+    folder order.  Empty for a manifest (its ``split`` column) or a tree without split
+    folders."""
+    out: dict[str, dict] = {}
+    if index.source != "folder" or not index.root:
+        return out
+    for s in index.samples:
+        if s.split is None:
+            continue
+        rel = os.path.relpath(s.path, index.root)
+        folder = rel.split(os.sep, 1)[0]
+        if folder.lower() not in SPLIT_NAMES:
+            continue
+        info = out.setdefault(folder, {"split": s.split, "images": 0, "classes": {}})
+        info["images"] += 1
+        info["classes"][s.label] = info["classes"].get(s.label, 0) + 1
+    return dict(sorted(out.items()))
+
+
+def check_source_split(index: DatasetIndex, where: str = "split.method: source") -> None:
+    """Raise a :class:`ConfigError` that explains a source split ``split.method: source``
+    cannot use: no test part, or no training part (e.g. a dataset whose only top folder is
+    ``Test/``: read as a split folder, every image becomes a test image).  Names the
+    folders read as splits and what each holds, the layout expected and the way out."""
+    parts = {s.split or "train" for s in index.samples}
+    if not index.samples or ("test" in parts and parts - {"test"}):
+        return
+    missing = "training" if "test" in parts else "test"
+    folders = split_folders(index)
+    names = ", ".join(f"{k}/ (read as {v['split']}: {v['images']} images; classes "
+                      + ", ".join(f"{c} {n}" for c, n in sorted(v["classes"].items())) + ")"
+                      for k, v in folders.items())
+    by_manifest = index.source == "manifest" and any(s.split for s in index.samples)
+    if folders:
+        found = (f"the top folder(s) of {index.root} are named like splits ("
+                 f"{'/'.join(sorted(SPLIT_NAMES))}, any case), so they were read as the "
+                 f"source's own split, not as classes: {names}")
+    elif by_manifest:
+        found = "the manifest's split column gives " + ", ".join(
+            f"{p} {sum(1 for s in index.samples if (s.split or 'train') == p)}"
+            for p in sorted(parts))
+    else:
+        found = (f"{index.root or 'the data'} comes with no split of its own (no "
+                 "Train/Test-style top folders, no manifest split column): every image is "
+                 "a training image")
+    raise ConfigError(
+        f"{where}: the data's own split has no {missing} images: {found}.  "
+        "split.method: source keeps a split the data came with; it needs a layout like "
+        "<root>/Training/<class>/... and <root>/Testing/<class>/... (or a manifest split "
+        "column with train and test rows).  If the folder is not a split: use "
+        "split.method: holdout, kfold or repeated (they ignore split folders and make a "
+        "grouped split of all images)"
+        + (", or point data.root at the folder that holds the class folders (e.g. "
+           f"{os.path.join(index.root, next(iter(folders)))}), or rename it"
+           if folders and len(folders) == 1 else "") + ".")
 
 
 #: The manifest columns kmedtl reads; ``columns`` maps them to a CSV's own header names.
@@ -477,7 +579,7 @@ def read_manifest(path, hierarchy=None, options: ImageOptions | None = None,
             continue
         samples.append(Sample(full, label, row.get("patient_id") or None, split, frame,
                               tuple(extra), entry=where))
-    index = DatasetIndex(samples, skipped, read=len(rows), root=str(base))
+    index = DatasetIndex(samples, skipped, read=len(rows), root=str(base), source="manifest")
     return _expand_frames(index, options)
 
 
@@ -524,7 +626,8 @@ def _expand_frames(index: DatasetIndex, options: ImageOptions | None) -> Dataset
                            for i in range(n))
                 continue
         out.append(s)
-    return DatasetIndex(out, skipped, index.read, index.root)
+    return DatasetIndex(out, skipped, index.read, index.root, list(index.warnings),
+                        index.source)
 
 
 def _maybe_dicom(path: str) -> bool:

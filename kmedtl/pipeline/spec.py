@@ -16,7 +16,6 @@ Example::
 from __future__ import annotations
 
 import copy
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,13 +25,15 @@ import yaml
 from pydantic import Field, field_validator, model_validator
 
 from kmedtl.config import (  # noqa: F401  (parse_set: re-exported for kmedtl.pipeline.cli)
+    WRITE_PATHS,
     Config,
     TTAOptions,
     dataset_path,
-    expand_env,
     load_config,
     merge_overrides,
     parse_set,
+    resolve_path,
+    resolve_paths,
 )
 from kmedtl.errors import ConfigError
 from kmedtl.schema import Strict, validate
@@ -75,7 +76,8 @@ class PretrainSection(Strict):
 class ExternalSet(Strict):
     """An external test set: another acquisition or site, evaluated beside the internal
     test (``pipeline.evaluate.external``).  ``source``: a class-folder tree, a manifest CSV
-    or a config YAML; relative to the pipeline file's folder, ``${VAR}`` expanded.
+    or a config YAML; relative to the pipeline file's folder, ``${VAR}`` expanded (made
+    absolute when the pipeline loads).
     ``dedupe`` (default true) leaves out images that are exact, near or similar-content
     copies of training or validation images, and counts them."""
 
@@ -133,14 +135,15 @@ class ExportSection(Strict):
     #: (reported with a 95% CI, the run goes on) or "fail" (fails the export when the CI's
     #: upper end is below the bound); see kmedtl.export.stage
     quantized_gate: Literal["warn", "fail"] = "warn"
-    out_dir: str | None = None  # default: export_run's (inside the run folder)
+    #: default: export_run's (inside the run folder); relative to the working directory
+    out_dir: str | None = None
 
 
 class PushSection(Strict):
     """Arguments of ``kmedtl.export.push_run``: ``saved_models/<name>/<version>/`` when the
     blessing ``thresholds`` (metric -> minimum, from ``metrics.json``) hold."""
 
-    root: str = "saved_models"
+    root: str = "saved_models"  # relative to the working directory
     name: str | None = None  # default: the config's name
     thresholds: dict[str, float] | None = None
     metric: str = "balanced_accuracy"
@@ -208,12 +211,39 @@ def _check_dataset(raw: dict, label: str) -> None:
                 raise type(exc)(f"{label}: data.{key} ({value}): {exc}") from None
 
 
+#: The pipeline section's paths (README.md, "Path rules"): external test sets are read
+#: (relative to the pipeline file's folder), export and push folders written (relative to
+#: the working directory); like the config's (:data:`kmedtl.config.READ_PATHS`), each is
+#: made absolute once, when the pipeline loads.
+PIPELINE_WRITE_PATHS = ("pipeline.push.root", "pipeline.export.out_dir")
+
+
+def _resolve_overrides(overrides: dict) -> dict:
+    """``--set`` values are typed on the command line: their paths (the config's and the
+    pipeline section's) are relative to the working directory."""
+    out = resolve_paths(overrides, write=(*WRITE_PATHS, *PIPELINE_WRITE_PATHS))
+    ext = ((out.get("pipeline") or {}).get("evaluate") or {}).get("external") \
+        if isinstance(out.get("pipeline"), dict) else None
+    if isinstance(ext, list):
+        for i, e in enumerate(ext):
+            if isinstance(e, dict) and isinstance(e.get("source"), str) and e["source"]:
+                e["source"] = resolve_path(e["source"], None,
+                                           f"pipeline.evaluate.external[{i}].source")
+    return out
+
+
 def load_pipeline(source, overrides: dict | None = None) -> Pipeline:
     """Load a pipeline YAML (path) or mapping; ``overrides`` is merged in first.
 
-    Relative ``data.root``/``data.manifest``/``data.hierarchy`` resolve against the
-    file's folder (as :func:`kmedtl.config.load_config` does); ``output_dir``,
-    ``data.cache_dir`` and ``pipeline.push.root`` against the working directory.
+    Every path is resolved here, once, and kept absolute (so ``pipeline.yaml`` and the run
+    folder's ``config.yaml`` name the same files for every later stage and for a resumed
+    run from any working directory): what the run reads (``data.root``,
+    ``data.manifest``, ``data.hierarchy``, ``data.dicomweb`` files, ``split.file``,
+    ``train.weights``, ``pipeline.evaluate.external[].source``) against the file's folder
+    (a mapping: the working directory); what it writes (``output_dir``,
+    ``data.cache_dir``, ``train.tune.cache_dir``, ``pipeline.push.root``,
+    ``pipeline.export.out_dir``) and ``--set`` values against the working directory.
+    ``${VAR}`` is expanded first (:func:`kmedtl.config.resolve_path`).
     """
     if isinstance(source, Pipeline):
         if overrides:
@@ -235,22 +265,27 @@ def load_pipeline(source, overrides: dict | None = None) -> Pipeline:
     if not isinstance(raw, dict):
         raise ConfigError(f"{label}: the top level must be a mapping of sections")
     if overrides:
-        raw = merge_overrides(raw, overrides)
+        raw = merge_overrides(raw, _resolve_overrides(overrides))
     pipe_raw = raw.pop("pipeline", None) or {}
     if not isinstance(pipe_raw, dict):
         raise ConfigError(f"{label}: pipeline: must be a mapping (stages, fold, pretrain, "
                           f"evaluate, export, push), got {type(pipe_raw).__name__}")
     spec = validate(PipelineSection, pipe_raw, label, prefix=("pipeline",))
-    for ext in spec.evaluate.external:  # resolved once, so every stage finds the same files
-        src = expand_env(ext.source, f"pipeline.evaluate.external.{ext.name}.source")
-        if base_dir is not None and not os.path.isabs(src):
-            src = os.path.normpath(os.path.join(base_dir, src))
-        ext.source = os.path.abspath(src)
+    _check_dataset(raw, label)  # a missing dataset first: it names the variable and folder
+    try:
+        for ext in spec.evaluate.external:  # read: relative to the pipeline file
+            ext.source = resolve_path(ext.source, base_dir,
+                                      f"pipeline.evaluate.external.{ext.name}.source")
+        spec.push.root = resolve_path(spec.push.root, None, "pipeline.push.root")
+        if spec.export.out_dir:
+            spec.export.out_dir = resolve_path(spec.export.out_dir, None,
+                                               "pipeline.export.out_dir")
+    except ConfigError as exc:
+        raise ConfigError(f"{label}: {exc}") from None
     names = [e.name for e in spec.evaluate.external]
     if len(set(names)) != len(names):
         raise ConfigError(f"{label}: pipeline.evaluate.external: names must differ, got "
                           f"{names}")
-    _check_dataset(raw, label)
     try:
         cfg = load_config(raw, base_dir=base_dir)
     except ConfigError as exc:

@@ -161,6 +161,7 @@ def stage_audit(ctx: Context) -> StageOutput:
               "reconciled": c.get("read") == (c.get("used") or 0) + (c.get("skipped") or 0),
               "by_class": c.get("by_class"), "by_source_split": c.get("by_split"),
               "skipped_by_kind": dict(reasons), "summary": report.get("summary"),
+              "warnings": report.get("warnings") or [],
               "cache": str(prep.cache.folder) if prep.cache is not None else None}
     return StageOutput(result, [out])
 

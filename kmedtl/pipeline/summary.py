@@ -135,6 +135,7 @@ def render(doc: dict) -> str:
                  f"across the source's splits), near-duplicate groups "
                  f"{s.get('near_duplicate_groups')} ({s.get('cross_split_near_duplicate_groups')}"
                  f" across), label conflicts {s.get('label_conflicts')}.")
+        L += [f"- Warning: {w}" for w in d.get("warnings") or ()]
         if d.get("by_class"):
             L.append("- Images per class: " + ", ".join(f"{k} {v}" for k, v in
                                                        d["by_class"].items()) + ".")
