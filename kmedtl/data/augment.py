@@ -4,7 +4,9 @@ augmentation layers now live in Keras itself).
 ``Augmentation`` holds the parameters; :meth:`Augmentation.layers` builds the Keras layers
 and :meth:`Augmentation.apply_batch` runs them on a batch inside ``tf.data``.  Images are
 float32 in [0, 1] at this point.  MixUp and CutMix mix labels too, so they need one-hot
-leaf targets (``targets="onehot"``).
+leaf targets (``targets="onehot"``).  ``saturation`` and ``hue`` (colour jitter, Keras'
+``RandomSaturation`` / ``RandomHue``) act on colour input only: asking for them on a
+one-channel image is a :class:`~kmedtl.errors.ConfigError` naming the field.
 """
 
 from __future__ import annotations
@@ -23,6 +25,13 @@ class Augmentation:
     ``rotation``/``zoom``/``contrast``/``brightness`` are Keras factors (rotation as a
     fraction of a full turn), ``randaugment`` a number of ops (magnitude
     ``randaugment_factor``), ``mixup``/``cutmix`` the Beta-distribution alpha.
+    ``saturation`` and ``hue`` follow torchvision's ``ColorJitter``: the saturation is
+    multiplied by a factor in ``[1 - saturation, 1 + saturation]`` (``saturation < 1``)
+    and the hue turned by up to ``+-hue`` of the colour circle (``hue <= 0.5``); both need
+    3-channel input.
+
+    >>> [type(x).__name__ for x in Augmentation(saturation=0.1, hue=0.02).layers()]
+    ['RandomFlip', 'RandomSaturation', 'RandomHue']
     """
 
     flip: str | None = "horizontal"
@@ -34,6 +43,8 @@ class Augmentation:
     randaugment_factor: float = 0.3
     mixup: float = 0.0
     cutmix: float = 0.0
+    saturation: float = 0.0
+    hue: float = 0.0
     seed: int | None = None
 
     def __post_init__(self):
@@ -41,13 +52,33 @@ class Augmentation:
             raise ConfigError(f"augment.flip: {self.flip!r} is not one of {list(FLIP_MODES)} "
                               "or null")
         for name in ("rotation", "zoom", "contrast", "brightness", "mixup", "cutmix",
-                     "randaugment_factor"):
+                     "randaugment_factor", "saturation", "hue"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"augment.{name}: must be >= 0, got {getattr(self, name)}")
+        if self.saturation >= 1:
+            raise ConfigError(f"augment.saturation: the factor range is [1 - s, 1 + s], so s "
+                              f"must be < 1, got {self.saturation}")
+        if self.hue > 0.5:
+            raise ConfigError(f"augment.hue: a turn of the colour circle by up to +-hue; at "
+                              f"most 0.5, got {self.hue}")
 
     @property
     def mixes_labels(self) -> bool:
         return bool(self.mixup or self.cutmix)
+
+    @property
+    def colour(self) -> list[str]:
+        """The fields set here that need colour (3-channel) input."""
+        return [n for n in ("saturation", "hue") if getattr(self, n)]
+
+    def check_channels(self, channels: int | None) -> None:
+        """ConfigError when colour jitter is asked of one-channel images (``None``: not
+        known yet, nothing to check)."""
+        if channels is not None and channels != 3 and self.colour:
+            raise ConfigError(
+                f"augment.{self.colour[0]}: colour jitter needs colour input, but the images "
+                f"have {channels} channel(s); set data.image.channels: 3 or remove "
+                f"augment.{' and augment.'.join(self.colour)}")
 
     def layers(self) -> list:
         import keras  # lazy: keeps `kmedtl data` (configs name an Augmentation) Keras-free
@@ -64,6 +95,12 @@ class Augmentation:
             out.append(keras.layers.RandomContrast(self.contrast, value_range=(0, 1), seed=s))
         if self.brightness:
             out.append(keras.layers.RandomBrightness(self.brightness, value_range=(0, 1), seed=s))
+        if self.saturation:  # Keras' factor f scales saturation by f / (1 - f)
+            sat = self.saturation
+            out.append(keras.layers.RandomSaturation(
+                ((1 - sat) / (2 - sat), (1 + sat) / (2 + sat)), value_range=(0, 1), seed=s))
+        if self.hue:  # Keras turns the hue by up to +-factor / 2 of the circle
+            out.append(keras.layers.RandomHue((0.0, 2 * self.hue), value_range=(0, 1), seed=s))
         if self.randaugment:
             out.append(keras.layers.RandAugment(value_range=(0, 1), num_ops=self.randaugment,
                                                 factor=self.randaugment_factor, seed=s))
@@ -74,6 +111,7 @@ class Augmentation:
         # lazy: keeps `kmedtl data` free of TensorFlow (absent under KERAS_BACKEND=jax)
         import tensorflow as tf
 
+        self.check_channels(images.shape[-1])
         for layer in layers if layers is not None else self.layers():
             images = layer(images, training=True)
         images = tf.clip_by_value(tf.cast(images, tf.float32), 0.0, 1.0)
