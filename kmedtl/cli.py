@@ -8,92 +8,56 @@ This module is the root parser and dispatcher:
 
 Each package registers its own subcommands through ``add_parsers(sub)``.  ``kmedtl.data``
 sits below ``kmedtl.config`` and never imports it, so this module hands the data commands
-the YAML -> config resolution: ``add_data_parsers(sub, load_config=load_config)`` (a YAML
-path or a config mapping -> the validated run config), used for a YAML SOURCE and for
-``data split CONFIG``.  Exit codes: 0 ok, 1 data problems in --strict mode, 2 bad
-arguments or config (a ``KmedtlError``), or data with nothing usable.
+the YAML -> config resolution: ``add_data_parsers(sub, load_config=load_run_config)`` (a
+YAML path -- a run config or a pipeline YAML -- or a config mapping -> the validated run
+config), used for a YAML SOURCE and for ``data split CONFIG``.  Exit codes: 0 ok, 1 data
+problems in --strict mode, 2 bad arguments or config (a ``KmedtlError``), or data with
+nothing usable.
 
-The data commands (and ``weights``) import neither TensorFlow nor Keras: the stage
-subcommands (train, evaluate, export, predict, run ...) are registered only when the
-command line names one of them (or asks for the full list, ``kmedtl --help``).
+The data commands (and ``weights``) import neither TensorFlow nor Keras to parse their
+arguments: the stage subcommands (train, evaluate, export, predict, run ...) are registered
+only when the command line names one of them (or asks for the full list, ``kmedtl
+--help``).  TensorFlow's and LiteRT's native log lines stay off the console unless
+``--verbose`` (:mod:`kmedtl._quiet`).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib
 import logging
 import os
-import re
 import sys
-import tempfile
+from pathlib import Path
 
-# TensorFlow's C++ start-up banner (oneDNN, CUDA probing) is noise on a command line; a
-# user who wants it sets TF_CPP_MIN_LOG_LEVEL themselves.  Set before anything imports TF.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import yaml
 
-from kmedtl import __version__  # noqa: E402
-from kmedtl.config import load_config  # noqa: E402
-from kmedtl.data.cli import add_parsers as add_data_parsers  # noqa: E402
-from kmedtl.errors import KmedtlError  # noqa: E402
-from kmedtl.pretrained.cli import add_parsers as add_weights_parsers  # noqa: E402
+from kmedtl import __version__
+from kmedtl._quiet import configure as configure_quiet
+from kmedtl._quiet import native_output_filtered, quiet_environment
+from kmedtl.config import load_config
+from kmedtl.data.cli import add_parsers as add_data_parsers
+from kmedtl.errors import ConfigError, KmedtlError
+from kmedtl.init import add_parsers as add_init_parsers
+from kmedtl.pretrained.cli import add_parsers as add_weights_parsers
 
 log = logging.getLogger("kmedtl")
 
 #: Subcommands that need neither TensorFlow nor Keras.
-LIGHT_COMMANDS = ("data", "weights")
+LIGHT_COMMANDS = ("data", "weights", "init")
 #: Modules whose ``add_parsers(sub)`` register the stage subcommands.  Importing their
 #: packages loads Keras and TensorFlow (seconds), so it happens only when needed.
 STAGE_PARSERS = ("kmedtl.training.cli", "kmedtl.evaluation.cli", "kmedtl.export.cli",
                  "kmedtl.pipeline.cli")
 
-#: TensorFlow's native start-up lines.  TF_CPP_MIN_LOG_LEVEL does not silence them: absl
-#: writes everything logged before ``absl::InitializeLog()`` straight to stderr, and both
-#: of TF's shared libraries log oneDNN/CUDA probing while loading.  Only these known lines
-#: are dropped; anything else TF prints while starting goes through.
-_STARTUP_NOISE = re.compile(
-    rb"^(WARNING: All log messages before absl::InitializeLog\(\) is called are written to "
-    rb"STDERR"
-    rb"|I\d{4} [\d:. ]+\d+ \S+\.cc:\d+\] "
-    rb"|[WE]\d{4} [\d:. ]+\d+ (cuda_\w+|cudart_stub|dso_loader|cpu_feature_guard"
-    rb"|computation_placer|gpu_device|port)\.cc:\d+\] "
-    rb"|To enable the following instructions: .* rebuild TensorFlow with the appropriate "
-    rb"compiler flags\.$)")
-
-
-@contextlib.contextmanager
-def _filter_native_stderr():
-    """Capture file descriptor 2 (C++ writes bypass ``sys.stderr``), then replay every line
-    except the known start-up noise."""
-    sys.stderr.flush()
-    try:
-        saved = os.dup(2)
-    except OSError:  # no stderr to filter (closed descriptor)
-        yield
-        return
-    with tempfile.TemporaryFile() as tmp:
-        os.dup2(tmp.fileno(), 2)
-        try:
-            yield
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            tmp.seek(0)
-            for line in tmp.read().splitlines(keepends=True):
-                if not _STARTUP_NOISE.match(line):
-                    os.write(2, line)
-
-
 def quiet_tensorflow_startup(verbose: bool = False) -> None:
     """Import TensorFlow and probe its devices with the native start-up lines filtered out
-    (``--verbose`` keeps them).  Without TensorFlow (e.g. a JAX-only machine) nothing
-    happens."""
+    (``--verbose`` keeps them; :mod:`kmedtl._quiet`).  Without TensorFlow (e.g. a JAX-only
+    machine) nothing happens."""
     if verbose or "tensorflow" in sys.modules or \
             os.environ.get("KERAS_BACKEND", "tensorflow") != "tensorflow":
         return
-    with _filter_native_stderr():
+    with native_output_filtered():
         try:
             # lazy: keeps `kmedtl data`/`weights` free of TensorFlow (stage commands only)
             import tensorflow as tf
@@ -101,6 +65,30 @@ def quiet_tensorflow_startup(verbose: bool = False) -> None:
             tf.config.list_physical_devices()  # CUDA probing logs its errors here
         except Exception:  # noqa: BLE001 - absent or broken TF: the command reports it
             pass
+
+
+def load_run_config(source):
+    """``load_config`` for the data commands, which also take a pipeline YAML (a run config
+    plus a ``pipeline:`` section, as ``kmedtl run`` reads it): that section says which
+    stages to run, not which data to read, so it is dropped here and the rest loads as a
+    run config, paths relative to the file's folder as in ``kmedtl run``.  (``load_pipeline``
+    itself is not called: it imports Keras, which the data commands never load.)"""
+    path = Path(source) if isinstance(source, (str, os.PathLike)) else None
+    if path is None or not path.is_file():
+        return load_config(source)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError:
+        raw = None  # load_config reports it, naming the file
+    if not isinstance(raw, dict) or "pipeline" not in raw:
+        return load_config(source)
+    raw.pop("pipeline")
+    try:
+        return load_config(raw, base_dir=path.parent)
+    except ConfigError as exc:  # name the file, not "config"
+        msg = str(exc)
+        raise ConfigError(f"{path}{msg[len('config'):]}" if msg.startswith("config:")
+                          else f"{path}: {msg}") from None
 
 
 def _command(argv) -> str | None:
@@ -123,7 +111,7 @@ def build_parser(argv=None) -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"kmedtl {__version__}")
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="command", required=True)
-    add_data_parsers(sub, load_config=load_config)
+    add_data_parsers(sub, load_config=load_run_config)
 
     # Later stages register their own subcommands.  Their packages load Keras (seconds of
     # start-up), so a data command's parser leaves them out.
@@ -131,6 +119,7 @@ def build_parser(argv=None) -> argparse.ArgumentParser:
         for module in STAGE_PARSERS:
             importlib.import_module(module).add_parsers(sub)
     add_weights_parsers(sub)
+    add_init_parsers(sub)
     return p
 
 
@@ -138,9 +127,13 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     head = argv[:argv.index(_command(argv))] if _command(argv) else argv
     verbose = "-v" in head or "--verbose" in head
+    quiet_environment(verbose)  # TF_CPP_MIN_LOG_LEVEL, before anything imports TensorFlow
+    configure_quiet(verbose)    # filter native log lines (TFLite conversion, interpreters)
     if needs_stage_parsers(argv):
         quiet_tensorflow_startup(verbose)
     args = build_parser(argv).parse_args(argv)
+    if args.command == "weights":  # builds Keras models: TensorFlow starts here, quietly
+        quiet_tensorflow_startup(verbose)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     # --verbose shows kmedtl's DEBUG records too (e.g. pydicom's tracebacks, which are

@@ -79,6 +79,11 @@ def test_audit_finds_planted_duplicates_in_the_right_keys(planted, tmp_path):
     text = format_summary(report)
     assert "read 13 = used 12 + skipped 1" in text
     assert "across splits: 2" in text
+    # per-class counts on the console, not only in --json: overall and per split
+    lines = text.splitlines()
+    assert "by class: glioma_tumor 5, no_tumor 7" in lines
+    assert "by class in test: glioma_tumor 3, no_tumor 2" in lines
+    assert "by class in train: glioma_tumor 2, no_tumor 5" in lines
 
 
 def test_audit_without_cache_and_with_given_splits(planted):
@@ -88,6 +93,9 @@ def test_audit_without_cache_and_with_given_splits(planted):
     report = audit(index, OPTS, splits=splits, workers=1, progress=False)
     assert report["summary"]["duplicate_groups"] == 3
     assert report["cross_split_duplicate_groups"] == []
+    text = format_summary(report)  # one split: the class counts once, no per-split lines
+    assert "by class: glioma_tumor 5, no_tumor 7" in text.splitlines()
+    assert "by class in " not in text
     assert report["cross_split_near_duplicate_groups"] == []
     # A stricter near-duplicate threshold (-1 disables it) finds none.
     none = audit(index, OPTS, workers=1, near_threshold=-1, progress=False)

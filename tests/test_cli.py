@@ -141,3 +141,57 @@ def test_data_commands_use_the_config_loader_they_are_given(tree, tmp_path, caps
                               "--workers", "1"])
     assert args.func(args) == 0
     assert seen == [str(cfg)]
+
+
+def test_audit_console_lists_classes_overall_and_per_split(tree, capsys):
+    """Before: the per-class counts were only in --json."""
+    assert main(["data", "audit", str(tree), "--no-cache", "--size", "32",
+                 "--workers", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    # 17 used: Testing 4 + 4 + dup.png, Training 4 + 4 (+ empty.png, skipped)
+    assert "by class: glioma_tumor 9, no_tumor 8" in lines
+    assert "by class in test: glioma_tumor 5, no_tumor 4" in lines
+    assert "by class in train: glioma_tumor 4, no_tumor 4" in lines
+
+
+def test_data_commands_take_a_pipeline_yaml(tree, tmp_path, capsys, monkeypatch):
+    """Before: ``pipeline: unknown field``.  The pipeline section is dropped; paths stay
+    relative to the pipeline file's folder, as in ``kmedtl run``."""
+    folder = tmp_path / "project"
+    folder.mkdir()
+    (folder / "tree").symlink_to(tree)
+    pipe = folder / "p.yaml"
+    pipe.write_text("name: p\ndata: {root: tree, image: {size: 32}}\n"
+                    "split: {method: source, val: 0.25}\n"
+                    "pipeline: {stages: [audit, split, train]}\n")
+    monkeypatch.chdir(tmp_path)  # not the file's folder
+    assert main(["data", "audit", str(pipe), "--no-cache", "--workers", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "read 18 = used 17 + skipped 1" in out and "by class: glioma_tumor 9" in out
+    splits = tmp_path / "s.json"
+    assert main(["data", "split", str(pipe), "--out", str(splits), "--workers", "1"]) == 0
+    assert "Testing/glioma_tumor/dup.png" in json.loads(splits.read_text())["folds"][0]["test"]
+    # a mistake outside the pipeline section still names the file and the field
+    pipe.write_text("data: {root: tree, image: {size: 32}, colour: red}\n"
+                    "pipeline: {stages: [audit]}\n")
+    assert main(["data", "audit", str(pipe), "--no-cache", "--workers", "1"]) == 2
+    err = capsys.readouterr().err
+    assert f"kmedtl: error: {pipe}" in err and "colour" in err
+
+
+@pytest.mark.integration
+def test_split_of_the_shipped_pipeline(datasets_dir, tmp_path, monkeypatch, capsys):
+    """``kmedtl data split pipelines/brain_tumor_hierarchical.yaml --out s.json``, as the
+    README's main job reads it (Training/, its hierarchy file, dedupe: similar)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    monkeypatch.chdir(root)  # the shipped cache_dir (.kmedtl_cache) is the main job's
+    out = tmp_path / "s.json"
+    assert main(["data", "split", "pipelines/brain_tumor_hierarchical.yaml", "--out",
+                 str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"wrote {out}" in printed
+    data = json.loads(out.read_text())
+    fold = data["folds"][0]
+    n = len(fold["train"]) + len(fold["val"]) + len(fold["test"]) + len(data["dropped"])
+    assert n == 2870  # Training/ only: Testing/ is the pipeline's external set
+    assert 0.12 < len(fold["test"]) / n < 0.18  # split: {test: 0.15}

@@ -64,7 +64,7 @@ def test_full_parser_still_lists_every_command():
             "weights"} <= set(sub.choices)
     light = build_parser(["data", "audit", "x"])
     light_sub = next(a for a in light._actions if a.dest == "command")
-    assert set(light_sub.choices) == {"data", "weights"}
+    assert set(light_sub.choices) == {"data", "weights", "init"}
 
 
 # ---------------------------------------------------------------------------- predict

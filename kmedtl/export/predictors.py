@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
+from kmedtl._quiet import native_output_filtered
 from kmedtl.data.options import ImageOptions
 from kmedtl.export.errors import ExportError
 from kmedtl.export.model import postprocess, raw_outputs
@@ -269,7 +270,11 @@ class TFLitePredictor(Predictor):
         super().__init__(path, info)
         from ai_edge_litert.interpreter import Interpreter  # lazy: LiteRT, an optional extra
 
-        self.interpreter = Interpreter(model_path=str(path), num_threads=num_threads)
+        # LiteRT prints "INFO: Created TensorFlow Lite XNNPACK delegate" from C++ when it
+        # first allocates: done here, with that line filtered (kmedtl._quiet)
+        with native_output_filtered():
+            self.interpreter = Interpreter(model_path=str(path), num_threads=num_threads)
+            self.interpreter.allocate_tensors()
         sigs = self.interpreter.get_signature_list()
         self.signature = "serving_default" if "serving_default" in sigs else next(iter(sigs))
         self.runner = self.interpreter.get_signature_runner(self.signature)

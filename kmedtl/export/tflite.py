@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
+from kmedtl._quiet import native_output_filtered
 from kmedtl.export.errors import ExportError
 from kmedtl.export.savedmodel import write_core_savedmodel
 
@@ -68,9 +69,12 @@ def _converter(saved_model_dir, variant: str, representative=None):
 
 
 def convert(saved_model_dir, variant: str, out_path, representative=None) -> Path:
-    """Convert the core SavedModel (pixels -> raw outputs) to one TFLite variant."""
+    """Convert the core SavedModel (pixels -> raw outputs) to one TFLite variant.  The
+    converter's native log lines (``fully_quantize: ...``) are filtered
+    (:func:`kmedtl._quiet.native_output_filtered`); its errors arrive as the exception."""
     try:
-        blob = _converter(saved_model_dir, variant, representative).convert()
+        with native_output_filtered():
+            blob = _converter(saved_model_dir, variant, representative).convert()
     except ExportError:
         raise
     except Exception as exc:  # noqa: BLE001 - converter errors are many and deep
