@@ -217,7 +217,7 @@ def test_moonshot_and_costs_are_checked_when_the_study_loads(tmp_path):
     assert s.moonshot.arm == "a" and s.topic == "x"
 
 
-def _fake_run(tmp_path, name, shift, costs=None):
+def _fake_run(tmp_path, name, shift, costs=None, topic="cmp", papers=None):
     """A planned runner over a fake split whose cells are written from synthetic
     probabilities: arm ``b`` is ``shift`` better than ``a`` in every seed."""
     from kmedtl.study.runner import StudyRunner, _write_json
@@ -225,7 +225,7 @@ def _fake_run(tmp_path, name, shift, costs=None):
 
     root = tmp_path / name
     root.mkdir()
-    spec = {"name": f"{name}_cmp", "topic": "cmp",
+    spec = {"name": f"{name}_cmp", "topic": topic,
             "data": {"root": str(root), "hierarchy": {"a": None, "b": None, "c": None}},
             "grid": {"sizes": [3, "all"], "seeds": [0, 1, 2]},
             "train": {"backbone": "efficientnet_lite0", "epochs": 1},
@@ -233,6 +233,8 @@ def _fake_run(tmp_path, name, shift, costs=None):
             "moonshot": {"small": 3, "large": "all"}}
     if costs:
         spec["costs"] = str(costs)
+    if papers:
+        spec["papers"] = papers
     (root / "s.yaml").write_text(yaml.safe_dump(spec))
     runner = StudyRunner(load_study(root / "s.yaml"), tmp_path / f"{name}_out")
     runner.split = _fake_split()
@@ -285,3 +287,44 @@ def test_the_cost_table_joins_the_benchmark_rows(tmp_path):
     rows = [ln for ln in lines if ln.startswith("| a ") or ln.startswith("| b ")]
     assert rows[0].startswith("| a | 3.41 | 1.00 | 0.39 | 1.00 | 194 | 1.00 |")
     assert rows[1].startswith("| b | 0.26 | 0.08 | 0.16 | 0.41 | 301 | 1.55 |")
+
+
+def _report_text(rep):  # the report's verdict parts (the fake cells lack timings)
+    s = rep.r.studies[0]
+    return "\n".join(rep.inference_lines() + rep.summary() + rep.study_section(s, 1))
+
+
+def test_the_report_says_seed_is_the_unit_and_holm_decides(tmp_path):
+    """The paired table carries the seed-level CI, raw and Holm-adjusted p, verdict, seeds
+    and wins; the top paragraph names Holm, the family size and what survives; the
+    image-level CI is labelled as test-set noise only."""
+    from kmedtl.study.report import Report
+
+    text = _report_text(Report(_fake_run(tmp_path, "h", 0.4)))
+    assert "Holm" in text and "unit of inference is the training seed" in text
+    assert "m = 1 comparisons" in text
+    head = next(ln for ln in text.splitlines() if ln.startswith("| arm | N | mean diff"))
+    cols = [c.strip() for c in head.strip("|").split("|")]
+    for col in ("seed-level 95% CI", "raw p", "Holm p", "verdict", "seeds", "wins k/n"):
+        assert col in cols, col
+    assert any(c.startswith("image-level 95% CI (one trained model per seed; test-set noise "
+                            "only)") for c in cols)
+    row = next(ln for ln in text.splitlines() if ln.startswith("| b | 3 |"))
+    cells = dict(zip(cols, (c.strip() for c in row.strip("|").split("|"))))
+    assert cells["verdict"] == "better" and cells["seeds"] == "3" and cells["wins k/n"] == "3/3"
+    assert float(cells["Holm p"]) < 0.05
+    assert "1 of 1 comparisons survives Holm's correction" in text
+    assert "No comparison here is marked as the recommended recipe" in text
+
+
+def test_the_report_says_which_data_chose_the_recommended_recipe(tmp_path):
+    from kmedtl.study.report import Report
+
+    text = _report_text(Report(_fake_run(tmp_path, "r", 0.0, topic="recipe",
+                                         papers="the winners of the other comparisons")))
+    para = next(ln for ln in text.splitlines() if ln.startswith("**Who chose what.**"))
+    assert "chosen on this study's own test sets" in para
+    assert "selection-biased on these test sets" in para
+    assert "the winners of the other comparisons" in para
+    assert "None of the 1 comparisons survives Holm's correction" in text
+

@@ -64,6 +64,10 @@ def _tables(text):  # every table row, minus lines with a generation time stamp
             and not re.search(r"\d{4}-\d\d-\d\d", ln)]
 
 
+def _verdict_text(text):  # the verdict paragraphs and "found" lines, which tables miss
+    return [ln for ln in text.splitlines() if ln.startswith(("**", "- **"))]
+
+
 STUDIES = {"oct": "pipelines/study_imagenet_oct.yaml",
            "brain": "pipelines/study_imagenet_brain.yaml"}
 
@@ -82,6 +86,8 @@ def test_committed_cells_regenerate_each_dataset_report(ds, datasets_dir, tmp_pa
     assert proc.returncode == 0, proc.stderr[-2000:]
     committed = open(f"pipelines/RESULTS_imagenet_{ds}.md").read()
     assert _tables(out.read_text()) == _tables(committed)
+    assert _verdict_text(out.read_text()) == _verdict_text(committed)
+    assert "Holm" in committed and "| Holm p |" in committed
 
 
 def test_committed_cells_regenerate_the_cross_dataset_summary(datasets_dir, tmp_path):
@@ -92,4 +98,6 @@ def test_committed_cells_regenerate_the_cross_dataset_summary(datasets_dir, tmp_
                                        for d, y in sorted(STUDIES.items(), reverse=True)]) == 0
     committed = open("pipelines/RESULTS.md").read()
     assert _tables(out.read_text()) == _tables(committed)
+    assert _verdict_text(out.read_text()) == _verdict_text(committed)
+    assert "Holm" in committed and "Holm p" in committed
     assert "| kermany-oct2017-test |" in committed and "| brain-tumor-mri |" in committed

@@ -12,7 +12,17 @@ from kmedtl.errors import ConfigError
 from kmedtl.evaluation import auroc_per_class
 from kmedtl.study.config import load_study
 from kmedtl.study.data import StudySplit
-from kmedtl.study.stats import metric, metric_values, paired
+from kmedtl.study.stats import (
+    bootstrap_p,
+    distinct_seed_resamples,
+    holm,
+    holm_family,
+    metric,
+    metric_values,
+    paired,
+    seed_bootstrap,
+    seed_t_test,
+)
 from kmedtl.study.training import epochs_for, recalibrate_batchnorm
 
 
@@ -47,8 +57,121 @@ def test_paired_detects_a_better_model_and_summarises_seeds():
     assert r["seeds"] == [0, 1, 2] and r["wins"] == 3
     md = r["mean_difference"]
     assert 0 < md["ci_low"] <= md["value"] <= md["ci_high"]
+    il = r["image_level"]
+    assert 0 < il["ci_low"] <= il["value"] <= il["ci_high"]
+    assert il["value"] == pytest.approx(md["value"])
+    assert r["t_test"]["df"] == 2
+    assert r["p_value"] == max(md["p_value"], r["t_test"]["p_value"])
     assert r["mcnemar_p_max"] < 0.001
     assert paired(y, good, {}, n_boot=10) is None
+    one = paired(y, {0: good[0]}, {0: bad[0]}, n_boot=50)  # one seed: no seed-level test
+    assert np.isnan(one["p_value"])
+    holm_family([one])
+    assert one["verdict"] == "undetermined"
+
+
+# ------------------------------------------------------------------ seed-level inference
+def test_holm_matches_a_hand_computed_case():
+    # sorted: 0.005 x 4 = 0.02, 0.01 x 3 = 0.03, 0.03 x 2 = 0.06, 0.04 x 1 = 0.04 -> 0.06
+    # (step-down: an adjusted p never falls below the one before it)
+    assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert holm([0.5, 0.6]) == [1.0, 1.0]  # capped at 1
+    got = holm([0.01, float("nan"), 0.04])  # nan: no test, not counted in m
+    assert got[0] == pytest.approx(0.02) and np.isnan(got[1]) and got[2] == pytest.approx(0.04)
+    assert holm([0.02, 0.02]) == [0.04, 0.04]  # ties
+    assert holm([]) == []
+
+
+def test_holm_family_sets_verdicts_from_the_adjusted_p():
+    def comp(p, diff):
+        return {"p_value": p, "mean_difference": {"value": diff}}
+
+    comps = [comp(0.001, 0.05), comp(0.01, -0.04), comp(0.02, 0.03), comp(float("nan"), 0.1)]
+    assert holm_family(comps) == 3
+    assert [c["p_holm"] for c in comps[:3]] == pytest.approx([0.003, 0.02, 0.02])
+    assert [c["verdict"] for c in comps] == ["better", "worse", "better", "undetermined"]
+    assert all(c["family_size"] == 3 for c in comps)
+    # the same raw p = 0.02 in a family of 5 no longer passes
+    five = [comp(0.02, 0.03)] + [comp(0.5, 0.0) for _ in range(4)]
+    holm_family(five)
+    assert five[0]["p_holm"] == pytest.approx(0.1) and five[0]["verdict"] == "no clear difference"
+
+
+def _seeded(y, acc, rng):
+    """One-hot predictions right on a fraction ``acc`` of the cases of each class."""
+    right = np.zeros(len(y), bool)
+    for c in np.unique(y):
+        idx = np.flatnonzero(y == c)
+        right[rng.choice(idx, int(round(acc * len(idx))), replace=False)] = True
+    return np.eye(3)[np.where(right, y, (y + 1) % 3)]
+
+
+def test_seed_bootstrap_separates_agreeing_from_disagreeing_seeds():
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(3), 100)
+    ref = [_seeded(y, 0.75, rng) for _ in range(3)]
+    # A beats B by 10-12 points on every seed
+    agree = [_seeded(y, 0.85 + 0.01 * s, rng) for s in range(3)]
+    # A is far ahead on one seed, far behind on another, even on the third
+    disagree = [_seeded(y, acc, rng) for acc in (0.90, 0.60, 0.75)]
+    good = seed_bootstrap(y, agree, ref, n_boot=1000)
+    mixed = seed_bootstrap(y, disagree, ref, n_boot=1000)
+    assert good["value"] > 0.09 and 0 < good["ci_low"] < good["value"] < good["ci_high"]
+    assert good["p_value"] < 0.01
+    assert mixed["ci_low"] < 0 < mixed["ci_high"] and mixed["p_value"] > 0.3
+    assert good["distinct_seed_resamples"] == 10 and good["n_seeds"] == 3
+    # paired() combines it with the t-test: small for the agreeing seeds, large otherwise
+    pa = paired(y, dict(enumerate(agree)), dict(enumerate(ref)), n_boot=200)
+    pm = paired(y, dict(enumerate(disagree)), dict(enumerate(ref)), n_boot=200)
+    assert pa["t_test"]["p_value"] < 0.01 and pa["p_value"] < 0.05
+    assert pm["t_test"]["p_value"] > 0.3 and pm["p_value"] > 0.3
+    # the same inputs give the same numbers (the report must regenerate exactly)
+    assert seed_bootstrap(y, agree, ref, n_boot=1000) == good
+
+
+def test_seed_bootstrap_is_wider_than_the_image_level_ci_when_seeds_spread():
+    """Seeds that disagree widen the seed-level CI; the image-level CI (test-set noise
+    only) does not see them."""
+    rng = np.random.default_rng(3)
+    y = np.repeat(np.arange(3), 150)
+    ref = [_seeded(y, 0.75, rng) for _ in range(3)]
+    spread = [_seeded(y, acc, rng) for acc in (0.95, 0.75, 0.70)]
+    r = paired(y, dict(enumerate(spread)), dict(enumerate(ref)), n_boot=500)
+    seed_w = r["mean_difference"]["ci_high"] - r["mean_difference"]["ci_low"]
+    image_w = r["image_level"]["ci_high"] - r["image_level"]["ci_low"]
+    assert seed_w > 1.5 * image_w
+
+
+@pytest.mark.parametrize("name", ["balanced_accuracy", "kappa", "f1_macro", "auroc_macro"])
+def test_seed_bootstrap_replicates_equal_the_metric_on_each_resample(name):
+    """The vectorised replicates (one matrix product per seed) are the metric of the
+    resampled cases, as a loop would compute it."""
+    from kmedtl.study.stats import _per_seed_replicates, _stratified_counts
+
+    rng = np.random.default_rng(5)
+    y = rng.integers(0, 4, 120)
+    probs = [rng.dirichlet(np.ones(4), 120) for _ in range(2)]
+    counts = _stratified_counts(y, 25, np.random.default_rng(0))
+    assert (counts.sum(1) == 120).all()
+    for c in range(4):  # stratified: every resample keeps the class counts
+        assert (counts[:, y == c].sum(1) == (y == c).sum()).all()
+    got = _per_seed_replicates(y, probs, name, counts)
+    for b in range(25):
+        idx = np.repeat(np.arange(120), counts[b].astype(int))
+        for s in range(2):
+            assert got[b, s] == pytest.approx(metric(name, y[idx], probs[s][idx]), abs=1e-12)
+
+
+def test_bootstrap_p_and_t_test_edges():
+    assert bootstrap_p(np.ones(999)) == pytest.approx(2 / 1000)  # never exactly 0
+    assert bootstrap_p(np.r_[-np.ones(500), np.ones(500)]) == 1.0
+    assert np.isnan(bootstrap_p([np.nan]))
+    assert distinct_seed_resamples(3) == 10 and distinct_seed_resamples(5) == 126
+    t = seed_t_test([0.03, 0.02, 0.04])
+    assert t["df"] == 2 and t["p_value"] == pytest.approx(0.0351, abs=1e-4)  # t = 5.196, df 2
+    assert np.isnan(seed_t_test([0.05])["p_value"])
+    assert seed_t_test([0.0, 0.0, 0.0])["p_value"] == 1.0
+    assert seed_t_test([0.02, 0.02, 0.02])["p_value"] == 0.0
 
 
 def _write(tmp_path, text):

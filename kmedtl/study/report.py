@@ -3,10 +3,15 @@
 Per comparison: the arms, a table per metric (mean +- sd over seeds for each arm x N),
 paired tests of every arm against the reference arm at each N (see
 :mod:`kmedtl.study.stats`), and "Expected from the papers vs found": the expectation
-paragraph from the study YAML followed by sentences computed from the numbers.  Cells that
-did not run are listed with the reason; the document says how long the finished cells
-took and on what hardware.  Learning-curve PNGs go next to the cells (``runs/``), not into
-the document.
+paragraph from the study YAML followed by sentences computed from the numbers.
+
+Inference (:meth:`Report.all_comparisons`): the seed is the unit; every comparison the
+report makes at every N is one family, Holm-corrected, and a verdict is "better" or
+"worse" only when the Holm-adjusted seed-level p is below the study's alpha.  The top of
+the document says so, with the family size, and says which data chose the recommended
+recipe (a ``topic: recipe`` comparison).  Cells that did not run are listed with the
+reason; the document says how long the finished cells took and on what hardware.
+Learning-curve PNGs go next to the cells (``runs/``), not into the document.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from matplotlib.figure import Figure
 
 from kmedtl.evaluation import mean_sd
 from kmedtl.study.config import METRICS
-from kmedtl.study.stats import paired, ratio
+from kmedtl.study.stats import holm_family, paired, ratio, verdict
 
 NAMES = {"balanced_accuracy": "balanced accuracy", "kappa": "Cohen's kappa",
          "auroc_macro": "macro AUROC", "f1_macro": "leaf macro F1"}
@@ -39,7 +44,8 @@ def _f(v, d=3) -> str:
 
 
 def _p(p) -> str:
-    return "n/a" if p is None else ("<0.001" if p < 0.001 else f"{p:.3f}")
+    return "n/a" if p is None or not math.isfinite(p) else (
+        "<0.001" if p < 0.001 else f"{p:.3f}")
 
 
 def _recipe_text(recipe: dict, init: str, n_folds: int) -> str:
@@ -61,33 +67,48 @@ def _recipe_text(recipe: dict, init: str, n_folds: int) -> str:
     return ", ".join(str(b) for b in bits)
 
 
-def _verdict(summary) -> str:
-    """"better" / "worse" only when the 95% CI of the seed-mean difference excludes 0 *and*
-    every seed's difference has that sign (the CI covers test-set sampling only, not the
-    seed-to-seed spread); "no clear difference, seeds disagree" when the CI excludes 0 but
-    some seed goes the other way; else "no clear difference"."""
-    ci = summary["mean_difference"]
-    lo, hi = ci.get("ci_low"), ci.get("ci_high")
-    n = len(summary["seeds"])
-    if lo is None or hi is None:
-        return "undetermined"
-    if lo > 0:
-        return "better" if summary["wins"] == n else "no clear difference, seeds disagree"
-    if hi < 0:
-        return "worse" if summary["losses"] == n else "no clear difference, seeds disagree"
-    return "no clear difference"
+def _verdict(c) -> str:
+    """The comparison's verdict: set by :func:`kmedtl.study.stats.holm_family` over the
+    report's family ("better" / "worse": Holm-adjusted seed-level p < alpha; else "no
+    clear difference"; "undetermined" with fewer than 2 seeds)."""
+    return c.get("verdict") or verdict(c)
 
 
-def _agree(c, alpha: float = 0.05) -> str:
-    """Flag a verdict that McNemar (per-case correctness, i.e. accuracy) does not back."""
-    v = _verdict(c)
-    sig = c["mcnemar_significant_seeds"]
-    n = len(c["seeds"])
-    if v in ("better", "worse") and sig < (n + 1) // 2:
-        return f" (McNemar p < {alpha} in only {sig} of {n} seeds)"
-    if v.startswith("no clear difference") and sig > n // 2:
-        return f" (but McNemar p < {alpha} in {sig} of {n} seeds)"
-    return ""
+def _holm_text(c) -> str:
+    return f"Holm p {_p(c.get('p_holm'))}"
+
+
+def _seed_ci(c) -> str:
+    md = c["mean_difference"]
+    return f"{_pt(md['ci_low'])} to {_pt(md['ci_high'])}"
+
+
+def _image_ci(c) -> str:
+    il = c.get("image_level") or {}
+    return f"{_pt(il.get('ci_low'))} to {_pt(il.get('ci_high'))}"
+
+
+def _t_text(c) -> str:
+    t = c.get("t_test") or {}
+    return f"{_p(t.get('p_value'))} (df {t.get('df', '?')})"
+
+
+def _chosen_paragraph(arms: list[str], where: str, papers: list[str]) -> str:
+    return (f"**Who chose what.** The recommended recipe ({_sentence_list(arms)}; {where}) "
+            "was chosen on this study's own test sets"
+            + ("; the study file says it is " + _sentence_list([f'\"{p}\"' for p in papers])
+               if papers else "")
+            + ". The study has no validation split, so the data that picked it are the data "
+            "that test it: its comparison with the default recipe is **selection-biased on "
+            "these test sets**, in its favour. The seed-level test and Holm's correction do "
+            "not remove that bias; only new data (another test set or dataset) can measure its "
+            "gain without it.")
+
+
+def _sentence_list(items: list[str]) -> str:
+    if len(items) <= 1:
+        return "".join(items)
+    return ", ".join(items[:-1]) + " and " + items[-1]
 
 
 class Report:
@@ -110,6 +131,8 @@ class Report:
                     "not run: the run's time budget (--max-minutes) ended first; --resume "
                     "trains it"))
         self.cells = by
+        self._comps = None  # {study: {(arm, N): paired result}}, see all_comparisons
+        self.family_size = 0
 
     # ------------------------------------------------------------------ pieces
     def values(self, study, arm, n, metric):
@@ -155,6 +178,89 @@ class Report:
                     out[(arm.name, str(n))] = res
         return out
 
+    def all_comparisons(self) -> dict:
+        """``{study name: {(arm, N): paired result}}`` for every comparison of the report,
+        Holm-corrected as **one family** (every arm against its reference at every N, over
+        all the report's studies): each result gets ``"p_holm"``, ``"family_size"`` and
+        ``"verdict"`` (Holm p below the study's alpha).  Computed once."""
+        if self._comps is not None:
+            return self._comps
+        comps = {s.name: self.comparisons(s) for s in self.r.studies}
+        family = [c for s in self.r.studies for c in comps[s.name].values()]
+        self.family_size = holm_family(family)
+        for s in self.r.studies:
+            for c in comps[s.name].values():
+                c["verdict"] = verdict(c, s.evaluation.alpha)
+        self._comps = comps
+        return comps
+
+    def survivors(self) -> list[str]:
+        """"<arm> at N=<n> (<verdict>)" for each comparison whose Holm-adjusted p is below
+        alpha, in document order."""
+        out = []
+        for s in self.r.studies:
+            for (arm, n), c in self.all_comparisons()[s.name].items():
+                if _verdict(c) in ("better", "worse"):
+                    out.append(f"{s.arm(arm).label or arm} vs "
+                               f"{s.arm(s.reference).label or s.reference} at N={n} "
+                               f"({_verdict(c)}, {_pt(c['mean_difference']['value'])} points, "
+                               f"{_holm_text(c)})")
+        return out
+
+    def inference_lines(self) -> list[str]:
+        """The paragraphs at the top of the document: unit of inference, the Holm family,
+        which comparisons survive, and which data chose the recommended recipe."""
+        self.all_comparisons()
+        s0 = self.r.studies[0]
+        ev = s0.evaluation
+        m = self.family_size
+        kept = self.survivors()
+        L = ["## How to read the verdicts", "",
+             "**The unit of inference is the training seed** (a seed fixes the training "
+             "subset and the initialisation; a method helps when the effect holds across "
+             f"seeds). For each comparison and N, the per-seed differences A - B of "
+             f"{NAMES[ev.primary]} (both arms trained with the same seed, tested on the same "
+             "images) are tested two ways: a two-level bootstrap (resample the seeds with "
+             "replacement, then the test images within each class, the same image resample "
+             f"for every seed and both arms; {ev.n_boot} resamples) gives the seed-level 95% "
+             "CI and a two-sided p = 2 x min(P(d <= 0), P(d >= 0)), and a one-sample t-test "
+             "of the per-seed differences against 0 is the cross-check. The raw p is the "
+             "larger of the two (the t-test holds the test set fixed; the bootstrap "
+             "understates the seed spread). With 3 seeds both are coarse: a bootstrap of 3 "
+             "seeds has only 10 distinct seed resamples, and the t-test has 2 degrees of "
+             f"freedom. **This report makes m = {m} comparisons** (every comparison at every "
+             "N) and treats them as one family: the p-values are corrected with **Holm's** "
+             f"step-down method (family-wise error rate {ev.alpha}). \"better\" / \"worse\" "
+             f"= Holm-adjusted p < {ev.alpha}; anything else is \"no clear difference\". The "
+             "image-level CI (one trained model per seed; describes test-set noise only) and "
+             "the McNemar p-values per seed are shown for reference and decide nothing.", "",
+             (f"**{len(kept)} of {m} comparisons {'survives' if len(kept) == 1 else 'survive'}"
+              " Holm's correction**: "
+              + _sentence_list(kept) + "." if kept else
+              f"**None of the {m} comparisons survives Holm's correction.**")
+             + " Every other difference below, however large its seed mean, is \"no clear "
+             "difference\" at this number of seeds.", ""]
+        L += self.chosen_lines() + [""]
+        return L
+
+    def chosen_lines(self) -> list[str]:
+        """Which data chose the recommended recipe: a ``topic: recipe`` comparison's arm
+        was chosen from this study's own results, i.e. on these test sets."""
+        recipe = [(k, s) for k, s in enumerate(self.r.studies, start=1) if s.topic == "recipe"]
+        if not recipe:
+            return ["**Who chose what.** No comparison here is marked as the recommended "
+                    "recipe (`topic: recipe`); each arm's recipe is what its study file says, "
+                    "and the study files say which data, if any, chose it."]
+        arms, papers = [], []
+        for _, s in recipe:
+            arms += [a.label or a.name for a in s.arms if a.name != s.reference
+                     and (a.label or a.name) not in arms]
+            why = " ".join((s.papers or "").split())
+            if why and why not in papers:
+                papers.append(why)
+        where = _sentence_list([f"comparison {k}, \"{s.title or s.name}\"" for k, s in recipe])
+        return [_chosen_paragraph(arms, where, papers)]
+
     # ------------------------------------------------------------------ document
     def study_section(self, s, k: int) -> list[str]:
         ev = s.evaluation
@@ -173,25 +279,34 @@ class Report:
             L += [f"**{NAMES[metric]}** on the test set, mean ± sd over seeds (number of seeds)",
                   "", *self.table(s, metric), ""]
         L += self.costs(s) + self.moonshot_lines(s)
-        comps = getattr(self, "_comps", {}).get(s.name) or self.comparisons(s)
+        comps = self.all_comparisons()[s.name]
         L += [f"**Paired tests** against {ref.label or ref.name} ({NAMES[ev.primary]}, "
-              "points = percentage points). Per seed: the same training subset and the same "
-              "test cases; mean difference over seeds with a paired bootstrap 95% CI over test "
-              "cases (the same resample for every seed); sd of the difference over seeds; "
-              "McNemar p-value per seed (per-case correctness, i.e. accuracy, not balanced "
-              "accuracy). Verdict \"better\"/\"worse\" needs the CI to exclude 0 *and* "
-              "every seed to agree in sign; otherwise \"no clear difference\".", "",
-              "| arm | N | mean diff (points) | 95% CI | sd over seeds | seeds better/worse "
-              "| McNemar p per seed | verdict |", "|---|---|---|---|---|---|---|---|"]
+              "points = percentage points; the seed is the unit, see \"How to read the "
+              "verdicts\"). Mean diff: mean over seeds of A - B (same seed = same training "
+              "subset, same test images). Seed-level 95% CI and p (bootstrap): the two-level "
+              "bootstrap over seeds, then test images. p (t-test): one-sample t-test of the "
+              "per-seed differences. Raw p: the larger of the two. Holm p: adjusted over the "
+              f"report's family of m = {self.family_size} comparisons; the verdict is "
+              f"\"better\"/\"worse\" when Holm p < {ev.alpha}. Wins: seeds where the arm "
+              "beat the reference. Image-level 95% CI: one trained model per seed; describes "
+              "test-set noise only (test images resampled, the models held fixed). McNemar p "
+              "per seed: per-case correctness, i.e. accuracy, not balanced accuracy.", "",
+              "| arm | N | mean diff (points) | seed-level 95% CI | p (bootstrap) | p (t-test) "
+              "| raw p | Holm p | verdict | seeds | wins k/n | image-level 95% CI (one trained "
+              "model per seed; test-set noise only) | sd over seeds | McNemar p per seed |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for (arm, n), c in comps.items():
             md = c["mean_difference"]
             label = s.arm(arm).label or arm
-            L.append(f"| {label} | {n} | {_pt(md['value'])} | {_pt(md['ci_low'])} to "
-                     f"{_pt(md['ci_high'])} | {100 * (c['difference_over_seeds']['sd'] or 0):.1f}"
-                     f" | {c['wins']}/{c['losses']} of {len(c['seeds'])} | "
-                     f"{', '.join(_p(p) for p in c['mcnemar_p'])} | {_verdict(c)}{_agree(c)} |")
+            k = len(c["seeds"])
+            L.append(f"| {label} | {n} | {_pt(md['value'])} | {_seed_ci(c)} | "
+                     f"{_p(md.get('p_value'))} | {_t_text(c)} | {_p(c.get('p_value'))} | "
+                     f"{_p(c.get('p_holm'))} | {_verdict(c)} | {k} | {c['wins']}/{k} | "
+                     f"{_image_ci(c)} | "
+                     f"{100 * (c['difference_over_seeds']['sd'] or 0):.1f} | "
+                     f"{', '.join(_p(p) for p in c['mcnemar_p'])} |")
         if not comps:
-            L.append("| (no finished pair yet) | | | | | | | |")
+            L.append("| (no finished pair yet) | | | | | | | | | | | | | |")
         L += ["", "### Expected from the papers vs found", ""]
         if s.expectation:
             L += ["*Expected* (written before the run): " + " ".join(s.expectation.split()), ""]
@@ -267,7 +382,7 @@ class Report:
             if arm.name == s.reference:
                 continue
             name = arm.label or arm.name
-            parts, verdicts = [], []
+            parts, verdicts, holm_ps = [], [], []
             for n in s.grid.sizes:
                 c = comps.get((arm.name, str(n)))
                 if c is None:
@@ -275,22 +390,25 @@ class Report:
                 md = c["mean_difference"]
                 v = _verdict(c)
                 verdicts.append(v)
+                holm_ps.append(c.get("p_holm"))
                 word = {"better": "beat", "worse": "was worse than",
                         "no clear difference": "did not clearly differ from",
-                        "no clear difference, seeds disagree":
-                            "did not clearly differ (seeds disagree) from",
-                        "undetermined": "could not be compared with"}[v]
+                        "undetermined": "could not be compared (fewer than 2 seeds) with"}[v]
                 parts.append(f"at N={n} {name} {word} {rname}: {_pt(md['value'])} points "
-                             f"of {metric} (95% CI {_pt(md['ci_low'])} to {_pt(md['ci_high'])}; "
-                             f"better in {c['wins']} of {len(c['seeds'])} seeds; McNemar p "
-                             f"{', '.join(_p(p) for p in c['mcnemar_p'])}{_agree(c)})")
+                             f"of {metric} (seed-level 95% CI {_seed_ci(c)}; raw p "
+                             f"{_p(c.get('p_value'))}, {_holm_text(c)}; better in "
+                             f"{c['wins']} of {len(c['seeds'])} seeds; image-level CI "
+                             f"{_image_ci(c)}, test-set noise only)")
             if not parts:
                 out.append(f"- {name}: no finished cells to compare yet.")
                 continue
-            if all(v.startswith("no clear difference") for v in verdicts):
-                summary = f"{name} did not help: no N showed a difference whose CI excludes 0"
+            finite = [p for p in holm_ps if p is not None and math.isfinite(p)]
+            if all(v == "no clear difference" for v in verdicts):
+                summary = (f"{name} did not clearly differ from {rname} at any N: no "
+                           "difference survived Holm's correction"
+                           + (f" (smallest Holm p {_p(min(finite))})" if finite else ""))
             elif all(v == "better" for v in verdicts):
-                summary = f"{name} helped at every N that ran"
+                summary = f"{name} helped at every N that ran (Holm p < {s.evaluation.alpha})"
             else:
                 by = defaultdict(list)
                 for n, v in zip([str(n) for n in s.grid.sizes
@@ -303,19 +421,21 @@ class Report:
 
     def summary(self) -> list[str]:
         """One line per (comparison, arm): the seed-mean difference to the reference arm in
-        points of the primary metric at each N, with the verdict."""
+        points of the primary metric at each N, with the verdict and its Holm p.  Fills
+        ``self._comps`` (:meth:`all_comparisons`), which
+        :mod:`kmedtl.study.summary` reads."""
         sizes = []
         for s in self.r.studies:
             sizes += [str(n) for n in s.grid.sizes if str(n) not in sizes]
+        self.all_comparisons()
         L = ["## Summary", "",
              "Seed-mean difference to each comparison's reference arm, in points of the "
-             "primary metric, with the verdict of the paired test (details in each section).",
+             "primary metric, with the verdict and its Holm-adjusted seed-level p (family of "
+             f"m = {self.family_size} comparisons; details in each section).",
              "", "| comparison | arm vs reference | " + " | ".join(f"N={n}" for n in sizes)
              + " |", "|---|---|" + "---|" * len(sizes)]
-        self._comps = {}
         for k, s in enumerate(self.r.studies, start=1):
-            comps = self.comparisons(s)
-            self._comps[s.name] = comps
+            comps = self._comps[s.name]
             ref = s.arm(s.reference)
             for arm in s.arms:
                 if arm.name == s.reference:
@@ -324,7 +444,8 @@ class Report:
                 for n in sizes:
                     c = comps.get((arm.name, n))
                     cells.append("-" if c is None else
-                                 f"{_pt(c['mean_difference']['value'])} ({_verdict(c)})")
+                                 f"{_pt(c['mean_difference']['value'])} ({_verdict(c)}; "
+                                 f"{_holm_text(c)})")
                 L.append(f"| {k}. {s.name} | {arm.label or arm.name} vs "
                          f"{ref.label or ref.name} | " + " | ".join(cells) + " |")
         return L + [""]
@@ -381,6 +502,7 @@ class Report:
              f"Generated by `{command or 'python -m kmedtl.study'}` on {now} from "
              f"`{r.out}/cells/*.json`. Do not edit by hand: rerun the command (add `--resume` to "
              "train only the cells still missing).", ""]
+        L += self.inference_lines()
         L += ["## Set-up", "",
               f"- **Hardware**: {hw.get('cpu_count', '?')} CPU cores shared with other jobs, "
               f"no GPU ({hw.get('gpus', 0)} visible); TensorFlow {hw.get('tensorflow', '?')}, "
@@ -419,7 +541,9 @@ class Report:
                  "with Keras' momentum 0.99 a few hundred steps leave them far from the "
                  "data and the model predicts one class)."),
               f"- **Statistics**: {s0.evaluation.n_boot} bootstrap resamples (stratified by "
-              "class) per CI; paired tests per seed (see each comparison).", ""]
+              "class) per CI; paired comparisons with the seed as the unit and Holm's "
+              f"correction over the report's m = {self.family_size} comparisons (see \"How "
+              "to read the verdicts\").", ""]
         notes = [x.notes for x in r.studies if x.notes]
         if notes:
             L += ["**Design notes** (hand-written in the study files, not recomputed):", ""]
@@ -443,6 +567,48 @@ class Report:
                "those." if missing else "Every planned cell ran (cells marked not applicable "
                "excepted)."), "", *cov, ""]
         return "\n".join(L)
+
+
+def across_inference_lines(reports: list[tuple[str, Report]]) -> list[str]:
+    """The top paragraphs of the cross-dataset page (:mod:`kmedtl.study.summary`):
+    ``reports`` = ``(dataset name, Report)``.  Each dataset's report is one Holm family
+    (the page repeats its verdicts); the paragraphs say so, with the family sizes, list
+    what survives and say which data chose the recommended recipe."""
+    sizes, kept, arms, papers, where = [], [], [], [], []
+    for name, rep in reports:
+        rep.all_comparisons()
+        sizes.append(f"m = {rep.family_size} on {name}")
+        kept += [f"{name}: {x}" for x in rep.survivors()]
+        for s in rep.r.studies:
+            if s.topic != "recipe":
+                continue
+            where.append(name)
+            arms += [a.label or a.name for a in s.arms if a.name != s.reference
+                     and (a.label or a.name) not in arms]
+            why = " ".join((s.papers or "").split())
+            if why and why not in papers:
+                papers.append(why)
+    chosen = [_chosen_paragraph(arms, "the recipe comparison on "
+                                + _sentence_list(where), papers)] if where else []
+    total = sum(rep.family_size for _, rep in reports)
+    alpha = reports[0][1].r.studies[0].evaluation.alpha
+    L = ["## How to read the verdicts", "",
+         "**The unit of inference is the training seed.** Each dataset's report tests every "
+         "comparison at every N on the per-seed differences (a two-level bootstrap over "
+         "seeds, then test images, and a one-sample t-test of the per-seed differences as a "
+         "cross-check; 3 seeds, so both are coarse: 10 distinct seed resamples, 2 degrees "
+         "of freedom) and corrects the p-values with **Holm's** method over that report's "
+         f"comparisons as one family ({_sentence_list(sizes)}; {total} in all). This page "
+         f"repeats those verdicts: \"better\" / \"worse\" = Holm-adjusted p < {alpha}. "
+         "Counted over the whole page the family-wise error rate is at most the sum of the "
+         "datasets' rates; treating all comparisons as one family would only be stricter "
+         "(Holm's thresholds shrink as m grows), so no \"no clear difference\" here would "
+         "turn into \"better\" or \"worse\".", "",
+         (f"**{len(kept)} of {total} comparisons "
+          f"{'survives' if len(kept) == 1 else 'survive'} Holm's correction**: "
+          + _sentence_list(kept) + "." if kept else
+          f"**None of the {total} comparisons survives Holm's correction.**"), ""]
+    return L + chosen + [""]
 
 
 def write_report(runner, path, title: str = "Study results", command: str = "") -> Path:

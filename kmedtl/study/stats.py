@@ -1,26 +1,38 @@
-"""Per-cell metrics with bootstrap CIs, and paired comparisons between arms.
+"""Per-cell metrics with bootstrap CIs, paired comparisons between arms with the **seed** as
+the unit of inference, and Holm's correction over a report's family of comparisons.
 
 Per cell (one arm, one N, one seed): balanced accuracy, Cohen's kappa, macro AUROC
 (one-vs-rest) and macro F1 over the leaves, each with a 95% percentile-bootstrap CI over
-the test cases (:func:`kmedtl.evaluation.bootstrap`, strata = true class).
+the test cases (:func:`kmedtl.evaluation.bootstrap`, strata = true class).  Such a CI
+describes one trained model: it says how much the number would move on another test set,
+not how much it would move with another training seed.
 
-Paired comparison of arm A against the reference arm B at one N, **per seed** (both arms
-trained with the same seed, hence the same training subset, and tested on the same test
-cases), summarised over seeds:
+Paired comparison of arm A against the reference arm B at one N (:func:`paired`): both arms
+are trained with the same seeds, a seed fixes the training subset, and every model is
+tested on the same test cases.  The difference A - B of the primary metric is taken per
+seed, and the inference treats **the seed as the unit** (a method "helps" when the effect
+holds across training seeds, ``DESIGN.md``, "Honest numbers"):
 
-- per seed: :func:`kmedtl.evaluation.compare_models` -- the difference A - B of the primary
-  metric with its paired bootstrap CI, and McNemar's test on per-case correctness;
-- summary: the mean difference over seeds with a paired bootstrap CI that resamples test
-  cases (the same resample for every seed) and averages the per-seed differences, the sd
-  of the difference over seeds, the number of seeds where A beat B, and the per-seed
-  McNemar p-values (their maximum is reported as a conservative summary: "every seed
-  significant" means max p < 0.05).
+- :func:`seed_bootstrap` -- a two-level (hierarchical) bootstrap: resample the seeds with
+  replacement, then the test cases (stratified by class); the mean difference over the
+  resampled seeds gives the seed-level 95% percentile CI and a two-sided bootstrap p-value;
+- :func:`seed_t_test` -- a one-sample t-test of the per-seed differences against 0
+  (``df = seeds - 1``), the cross-check;
+- the p-value a verdict uses is the larger of the two (see :func:`paired`), and a report
+  corrects it with :func:`holm` over all the comparisons it makes.
+
+With 3 seeds either test is weak, and says so in its docstring.  The older per-seed pieces
+are kept beside them, labelled as what they are: the image-level paired bootstrap CI of the
+seed-mean difference (one trained model per seed; it describes test-set noise only) and
+McNemar's test per seed (per-case correctness).
 """
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
-from scipy.stats import rankdata
+from scipy.stats import rankdata, ttest_1samp
 
 from kmedtl.evaluation import bootstrap, compare_models, mean_sd
 from kmedtl.study.config import METRICS
@@ -86,6 +98,31 @@ def _recalls(y, probs):
         return np.where(support > 0, np.diag(cm) / np.maximum(support, 1), np.nan)
 
 
+
+def _from_confusion(cm, name: str):
+    """``name`` (balanced accuracy, kappa or macro F1) of confusion matrices ``cm`` of
+    shape ``(..., k, k)`` (rows = true class), vectorised over the leading axes; the same
+    definitions as :func:`metric_values`."""
+    cm = np.asarray(cm, dtype=float)
+    support, predicted = cm.sum(-1), cm.sum(-2)
+    tp = np.diagonal(cm, axis1=-2, axis2=-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        recall = np.where(support > 0, tp / np.maximum(support, 1), np.nan)
+        if name == "balanced_accuracy":
+            return np.nanmean(recall, axis=-1)
+        if name == "kappa":
+            n = cm.sum((-2, -1))
+            po = tp.sum(-1) / n
+            pe = (support * predicted).sum(-1) / n ** 2
+            return np.where(pe < 1, (po - pe) / (1 - pe), np.nan)
+        if name == "f1_macro":
+            r = np.nan_to_num(recall)
+            prec = np.where(predicted > 0, tp / np.maximum(predicted, 1), 0.0)
+            f1 = np.where(prec + r > 0, 2 * prec * r / (prec + r), 0.0)
+            return f1.mean(-1)
+    raise ValueError(f"{name}: not a confusion-matrix metric")
+
+
 def cell_metrics(y, probs, n_boot: int = 1000, alpha: float = 0.05, seed: int = 0) -> dict:
     """``{metric: {"value", "ci_low", "ci_high"}}`` for :data:`~kmedtl.study.config.METRICS`."""
     y = np.asarray(y)
@@ -98,9 +135,204 @@ def _metric_fn(name):
     return lambda y, p: metric(name, y, p)
 
 
+# ------------------------------------------------------------------ seed-level inference
+def distinct_seed_resamples(n_seeds: int) -> int:
+    """How many different multisets a bootstrap of ``n_seeds`` seeds can draw:
+    ``C(2n - 1, n)`` -- 10 for 3 seeds, 35 for 4, 126 for 5."""
+    return math.comb(2 * n_seeds - 1, n_seeds) if n_seeds > 0 else 0
+
+
+def bootstrap_p(draws, null: float = 0.0) -> float:
+    """Two-sided bootstrap p-value of ``draws`` (bootstrap replicates of a difference)
+    against ``null``: ``p = min(1, 2 * min(P(d <= null), P(d >= null)))`` with each
+    probability counted as ``(1 + #) / (1 + B)`` over the ``B`` finite replicates (the
+    Monte Carlo p-value of Davison & Hinkley 1997, never exactly 0: the smallest p that
+    ``B = 1000`` replicates can give is 2/1001).  ``nan`` without finite replicates."""
+    d = np.asarray(draws, dtype=float)
+    d = d[np.isfinite(d)]
+    if not d.size:
+        return float("nan")
+    lo = (1 + np.count_nonzero(d <= null)) / (1 + d.size)
+    hi = (1 + np.count_nonzero(d >= null)) / (1 + d.size)
+    return float(min(1.0, 2 * min(lo, hi)))
+
+
+def _stratified_counts(y, n_boot: int, rng) -> np.ndarray:
+    """``(n_boot, n)`` counts: how often each test case is drawn in each resample, drawn
+    with replacement within each class (every resample keeps the class counts)."""
+    n = len(y)
+    flat = np.zeros(n_boot * n)
+    for c in np.unique(y):
+        members = np.flatnonzero(y == c)
+        pick = members[rng.integers(0, len(members), (n_boot, len(members)))]
+        flat += np.bincount((pick + n * np.arange(n_boot)[:, None]).ravel(),
+                            minlength=n_boot * n)
+    return flat.reshape(n_boot, n)
+
+
+def _per_seed_replicates(y, probs: list, name: str, counts: np.ndarray) -> np.ndarray:
+    """``(n_boot, seeds)``: ``name`` of every seed's model on every test-case resample
+    (``counts``: :func:`_stratified_counts`).  Confusion-matrix metrics are one matrix
+    product per seed; the AUROC falls back to one evaluation per resample."""
+    k = np.asarray(probs[0]).shape[1]
+    if name != "auroc_macro":
+        out = []
+        for p in probs:
+            onehot = np.zeros((len(y), k * k))
+            onehot[np.arange(len(y)), y * k + np.asarray(p).argmax(1)] = 1.0
+            cm = (counts @ onehot).reshape(-1, k, k)
+            out.append(_from_confusion(cm, name))
+        return np.stack(out, axis=1)
+    idx = [np.repeat(np.arange(len(y)), c.astype(int)) for c in counts]
+    return np.array([[_auroc_macro(y[i], np.asarray(p)[i]) for p in probs] for i in idx])
+
+
+def seed_bootstrap(y, probs_a: list, probs_b: list, metric: str = "balanced_accuracy",
+                   n_boot: int = 1000, alpha: float = 0.05, seed: int = 0) -> dict:
+    """Two-level (hierarchical) paired bootstrap of the seed-mean difference A - B.
+
+    ``probs_a[i]`` and ``probs_b[i]`` are the test-set probabilities of the two arms trained
+    with the same seed (hence the same training subset).  Each of ``n_boot`` replicates
+
+    1. draws ``S`` seeds with replacement from the ``S`` seed pairs (the seed is the unit:
+       the per-seed differences are what varies from one training run to the next), and
+    2. draws the test cases with replacement within each class; the same resample scores
+       both arms of a seed *and* every seed of the replicate, because every model was
+       tested on the same test set (seeds and test cases are crossed, so test-set noise is
+       shared by the seeds, not averaged away),
+
+    and takes the mean over the drawn seeds of ``metric(A) - metric(B)``.  Returns
+    ``{"value"`` (the mean of the per-seed differences on the whole test set),
+    ``"ci_low", "ci_high"`` (the percentile interval), ``"p_value"`` (two-sided,
+    :func:`bootstrap_p`), ``"n_boot", "n_seeds", "distinct_seed_resamples"}``.
+
+    **Coarse with few seeds.**  ``S`` seeds have only :func:`distinct_seed_resamples`
+    (``C(2S-1, S)``) seed multisets -- 10 for 3 seeds -- and its variance of a mean over
+    seeds is ``(S-1)/S`` of the usual ``sd**2 / S`` (2/3 for 3 seeds), so the CI is coarse
+    and too narrow, and when all 3 seeds agree in sign the p-value mostly reflects
+    test-set noise (it cannot go below ``2 / (n_boot + 1)``, see :func:`bootstrap_p`).
+    That is why :func:`paired` also runs :func:`seed_t_test` and a verdict needs both.
+
+    Vectorised: one ``(n_boot, n) @ (n, k*k)`` product per seed and arm gives every
+    replicate's confusion matrix (the AUROC loops over replicates).  Deterministic for a
+    given ``seed``.
+    """
+    y = np.asarray(y).astype(int)
+    if len(probs_a) != len(probs_b) or not probs_a:
+        raise ValueError("seed_bootstrap: give one pair of probabilities per seed")
+    rng = np.random.default_rng(seed)
+    s = len(probs_a)
+    counts = _stratified_counts(y, n_boot, rng)
+    diffs = (_per_seed_replicates(y, probs_a, metric, counts)
+             - _per_seed_replicates(y, probs_b, metric, counts))  # (n_boot, S)
+    weights = rng.multinomial(s, np.full(s, 1.0 / s), size=n_boot) / s  # seeds drawn
+    draws = np.where(weights > 0, weights * diffs, 0.0).sum(1)
+    draws[(np.isnan(diffs) & (weights > 0)).any(1)] = np.nan  # a drawn seed undefined
+    fn = _metric_fn(metric)
+    full = [fn(y, a) - fn(y, b) for a, b in zip(probs_a, probs_b)]
+    finite = draws[np.isfinite(draws)]
+    lo, hi = (np.quantile(finite, [alpha / 2, 1 - alpha / 2]) if finite.size
+              else (np.nan, np.nan))
+    return {"value": float(np.mean(full)), "ci_low": float(lo), "ci_high": float(hi),
+            "p_value": bootstrap_p(draws), "n_boot": int(n_boot), "n_seeds": s,
+            "distinct_seed_resamples": distinct_seed_resamples(s)}
+
+
+def seed_t_test(differences) -> dict:
+    """One-sample t-test of per-seed differences against 0 (``scipy.stats.ttest_1samp``,
+    two-sided): ``{"t", "df", "p_value", "mean", "sd"}``.
+
+    It treats each seed's difference on the whole test set as one observation, so it sees
+    the seed-to-seed spread but not test-set noise (the test set is held fixed).  With 3
+    seeds ``df = 2``: the 97.5% t quantile is 4.30, and a difference must be large against
+    its spread to reach p < 0.05.  Fewer than 2 seeds: ``p = nan``.  All seeds equal: ``p =
+    1`` when they are all 0, else 0 (no spread at all)."""
+    d = np.asarray(differences, dtype=float)
+    d = d[np.isfinite(d)]
+    n = int(d.size)
+    mean = float(d.mean()) if n else float("nan")
+    sd = float(d.std(ddof=1)) if n > 1 else float("nan")
+    if n < 2:
+        return {"t": float("nan"), "df": max(n - 1, 0), "p_value": float("nan"),
+                "mean": mean, "sd": sd}
+    if sd == 0:
+        return {"t": float("nan") if mean == 0 else math.copysign(math.inf, mean),
+                "df": n - 1, "p_value": 1.0 if mean == 0 else 0.0, "mean": mean, "sd": sd}
+    r = ttest_1samp(d, 0.0)
+    return {"t": float(r.statistic), "df": n - 1, "p_value": float(r.pvalue), "mean": mean,
+            "sd": sd}
+
+
+def holm(p_values) -> list[float]:
+    """Holm's step-down adjusted p-values (Holm 1979), in the order given.
+
+    Sort the ``m`` p-values ascending, ``p(1) <= ... <= p(m)``; the adjusted ``p(i)`` is
+    ``max over j <= i of min(1, (m - j + 1) * p(j))``.  Rejecting where the adjusted p is
+    below alpha controls the family-wise error rate at alpha under any dependence between
+    the tests.  ``nan`` (no test) stays ``nan`` and does not count towards ``m``.
+
+    Written here rather than imported: statsmodels (``multipletests(method="holm")``) is
+    not a kmedtl dependency, and scipy only has Benjamini-Hochberg / -Yekutieli
+    (``scipy.stats.false_discovery_control``), which control the false discovery rate, not
+    the family-wise error rate.
+    """
+    p = np.asarray(list(p_values), dtype=float)
+    out = np.full(p.shape, np.nan)
+    ok = np.flatnonzero(np.isfinite(p))
+    m = ok.size
+    if not m:
+        return out.tolist()
+    order = ok[np.argsort(p[ok], kind="stable")]
+    scaled = np.minimum(1.0, (m - np.arange(m)) * p[order])
+    out[order] = np.maximum.accumulate(scaled)
+    return out.tolist()
+
+
+def verdict(c: dict, alpha: float = 0.05) -> str:
+    """"better" / "worse" when the Holm-adjusted seed-level p (``c["p_holm"]``, set by
+    :func:`holm_family`) is below ``alpha``, by the sign of the seed-mean difference; else
+    "no clear difference"; "undetermined" without a p-value (fewer than 2 seeds)."""
+    p = c.get("p_holm")
+    if p is None or not math.isfinite(p):
+        return "undetermined"
+    if p < alpha:
+        return "better" if c["mean_difference"]["value"] > 0 else "worse"
+    return "no clear difference"
+
+
+def holm_family(comparisons, alpha: float = 0.05) -> int:
+    """Holm-correct a family of :func:`paired` results in place: sets ``"p_holm"``,
+    ``"family_size"`` and ``"verdict"`` on each from its ``"p_value"``.  Returns ``m``,
+    the number of comparisons with a p-value."""
+    comps = list(comparisons)
+    adjusted = holm([c["p_value"] for c in comps])
+    m = int(sum(math.isfinite(c["p_value"]) for c in comps))
+    for c, p in zip(comps, adjusted):
+        c["p_holm"] = p
+        c["family_size"] = m
+        c["verdict"] = verdict(c, alpha)
+    return m
+
+
 def paired(y, probs_a: dict, probs_b: dict, metric: str = "balanced_accuracy",
            n_boot: int = 1000, alpha: float = 0.05) -> dict | None:
-    """Compare A with B over the seeds both have (``probs_*``: ``{seed: probs}``)."""
+    """Compare A with B over the seeds both have (``probs_*``: ``{seed: probs}``).
+
+    Seed level (the unit of inference): ``"mean_difference"`` (:func:`seed_bootstrap`: the
+    seed-mean difference, its two-level bootstrap CI and p), ``"t_test"``
+    (:func:`seed_t_test` of the per-seed differences), ``"p_value"`` = the larger of the
+    two p-values, which a verdict uses after :func:`holm_family`.  The larger one because
+    each test misses one source of noise: the t-test holds the test set fixed, and the
+    bootstrap over 3 seeds has 10 seed multisets and understates the seed spread; a
+    difference counts only when it stands out against both.
+
+    Also: per seed :func:`kmedtl.evaluation.compare_models` (the difference with its paired
+    bootstrap CI, McNemar's test), ``"difference_over_seeds"`` (mean, sd), ``"wins"`` /
+    ``"losses"`` (seeds where A beat / trailed B), and ``"image_level"``: the seed-mean
+    difference with a paired bootstrap CI that resamples test cases only (the same
+    resample for every seed) -- one trained model per seed, so it describes test-set noise
+    only, not what another training seed would do.
+    """
     seeds = sorted(set(probs_a) & set(probs_b))
     if not seeds:
         return None
@@ -118,11 +350,17 @@ def paired(y, probs_a: dict, probs_b: dict, metric: str = "balanced_accuracy",
     def mean_diff(idx):
         return float(np.mean([fn(y[idx], a[idx]) - fn(y[idx], b[idx]) for a, b in zip(pa, pb)]))
 
-    pooled = bootstrap(mean_diff, len(y), n_boot=n_boot, alpha=alpha, seed=0)
+    image_level = bootstrap(mean_diff, len(y), n_boot=n_boot, alpha=alpha, seed=0)
+    seed_level = seed_bootstrap(y, pa, pb, metric, n_boot=n_boot, alpha=alpha, seed=0)
     diffs = [r["difference"]["value"] for r in per_seed]
+    t = seed_t_test(diffs)
+    p_use = (max(seed_level["p_value"], t["p_value"])
+             if math.isfinite(seed_level["p_value"]) and math.isfinite(t["p_value"])
+             else float("nan"))  # fewer than 2 seeds: no seed-level test
     ps = [r["mcnemar"]["p_value"] for r in per_seed]
     return {"metric": metric, "seeds": seeds, "per_seed": per_seed,
-            "mean_difference": pooled, "difference_over_seeds": mean_sd(diffs),
+            "mean_difference": seed_level, "t_test": t, "p_value": float(p_use),
+            "image_level": image_level, "difference_over_seeds": mean_sd(diffs),
             "wins": int(sum(d > 0 for d in diffs)), "losses": int(sum(d < 0 for d in diffs)),
             "mcnemar_p": ps, "mcnemar_p_max": float(max(ps)),
             "mcnemar_significant_seeds": int(sum(p < alpha for p in ps))}
@@ -155,4 +393,6 @@ def ratio(y, probs_small: dict, probs_large: dict, metric: str = "balanced_accur
     return out
 
 
-__all__ = ["METRICS", "cell_metrics", "metric", "metric_values", "paired", "ratio"]
+__all__ = ["METRICS", "bootstrap_p", "cell_metrics", "distinct_seed_resamples", "holm",
+           "holm_family", "metric", "metric_values", "paired", "ratio", "seed_bootstrap",
+           "seed_t_test", "verdict"]

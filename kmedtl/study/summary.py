@@ -24,7 +24,7 @@ from pathlib import Path
 
 from kmedtl.errors import ConfigError, KmedtlError
 from kmedtl.study.config import load_study
-from kmedtl.study.report import Report, _pt, _verdict
+from kmedtl.study.report import Report, _holm_text, _pt, _verdict, across_inference_lines
 from kmedtl.study.runner import StudyRunner
 
 
@@ -76,6 +76,7 @@ def render_runners(runners, results: dict[str, str] | None = None, command: str 
          "committed cells of each dataset's run. Do not edit by hand. Each dataset's own "
          "report has the set-up, every table, the paired tests per N and the expectations "
          "written before the run.", ""]
+    L += across_inference_lines([(n, rep) for (_, _, rep), n in zip(runs, names)])
     L += ["## Datasets", "", "| dataset | study file | report | test images | cells done |",
           "|---|---|---|---|---|"]
     for (yaml_path, studies, rep), name in zip(runs, names):
@@ -112,8 +113,9 @@ def render_runners(runners, results: dict[str, str] | None = None, command: str 
             topics.setdefault(s.topic, []).append((name, s, rep))
     L += ["## Each comparison on every dataset", "",
           "Seed-mean difference to the comparison's reference arm in points of the primary "
-          "metric (paired bootstrap 95% CI), with the verdict of the paired test: \"better\" "
-          "or \"worse\" needs the CI to exclude 0 and every seed to agree in sign.", ""]
+          "metric (seed-level 95% CI: two-level bootstrap over seeds, then test images), "
+          "with the verdict and its Holm-adjusted p within the dataset's report: \"better\" "
+          f"or \"worse\" needs Holm p < {runs[0][1][0].evaluation.alpha}.", ""]
     for topic, entries in topics.items():
         first = entries[0][1]
         ref = first.arm(first.reference)
@@ -140,7 +142,7 @@ def render_runners(runners, results: dict[str, str] | None = None, command: str 
                     v = _verdict(c)
                     verdicts.append(v)
                     cells.append(f"{_pt(md['value'])} ({_pt(md['ci_low'])} to "
-                                 f"{_pt(md['ci_high'])}) {v}")
+                                 f"{_pt(md['ci_high'])}) {v}; {_holm_text(c)}")
                 if all(x == "-" for x in cells):
                     continue
                 L.append(f"| {label} | {n} | " + " | ".join(cells) + " | "
