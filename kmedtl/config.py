@@ -101,6 +101,11 @@ class SplitSection(Strict):
     # making one, e.g. to compare two models on the same test cases.  Relative to the
     # config file's folder.  Checked against this run's data and leakage groups.
     file: str | None = None
+    # Folders or manifests whose images must stay out of train, val and test: every image
+    # of the data that is an exact, near or similar-content copy of one of theirs is
+    # dropped from the split (listed in the split file's ``dropped``), so an external test
+    # set (``pipeline.evaluate.external``) can be evaluated whole.  Relative to the YAML.
+    exclude_copies_of: list[str] = Field(default_factory=list)
 
 
 class AugmentSection(Strict):
@@ -355,7 +360,8 @@ def parse_set(items) -> dict:
 #: value is typed on the command line: relative to the working directory.
 READ_PATHS = ("data.root", "data.manifest", "data.hierarchy", "data.dicomweb.store",
               "data.dicomweb.labels", "data.dicomweb.ca_bundle", "data.dicomweb.client_cert",
-              "data.dicomweb.client_key", "split.file", "train.weights")
+              "data.dicomweb.client_key", "split.file", "split.exclude_copies_of",
+              "train.weights")
 WRITE_PATHS = ("output_dir", "data.cache_dir", "train.tune.cache_dir")
 #: Values of path fields that name something other than a file.
 _NOT_PATHS = {"train.weights": ("imagenet",)}
@@ -391,6 +397,10 @@ def resolve_paths(raw: dict, base_dir=None, *, read=READ_PATHS, write=WRITE_PATH
             if (isinstance(value, str) and value.strip()
                     and value.strip() not in _NOT_PATHS.get(key, ())):
                 node[last] = resolve_path(value, base, key)
+            elif isinstance(value, list):  # a list of paths (split.exclude_copies_of)
+                node[last] = [resolve_path(v, base, f"{key}[{i}]")
+                              if isinstance(v, str) and v.strip() else v
+                              for i, v in enumerate(value)]
     return out
 
 

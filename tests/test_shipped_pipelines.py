@@ -83,6 +83,14 @@ def test_shipped_pipeline_runs_as_shipped(name, datasets_dir, tmp_path):
     assert [s["stage"] for s in summary["stages"]] == list(stages)
     assert summary["status"] == "complete", summary["status"]
     assert (run / "model.keras").is_file()
+    external = ((raw.get("pipeline") or {}).get("evaluate") or {}).get("external") or []
+    if external:  # each declared external set is evaluated beside the internal test
+        metrics = json.loads((run / "metrics.json").read_text())
+        assert sorted(metrics["external"]) == sorted(e["name"] for e in external)
+        assert [r["set"] for r in metrics["internal_vs_external"]] == \
+            ["internal test"] + [f"external: {e['name']}" for e in external]
+        for e in external:
+            assert (run / "external" / e["name"] / "metrics.json").is_file()
     if "export" in stages:
         doc = json.loads((run / "export" / "export.json").read_text())
         shipped = (raw.get("pipeline") or {}).get("export") or {}

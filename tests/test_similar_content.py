@@ -304,3 +304,33 @@ def test_a_split_that_chains_most_images_into_one_group_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="one similar-content group holds") as err:
         prepare(cfg, workers=1, progress=False)
     assert "split.similar_threshold" in str(err.value)
+
+
+def test_exclude_copies_of_keeps_an_external_set_whole(slices, tmp_path):
+    """``split.exclude_copies_of``: images of the data that copy an external set's images
+    are left out of train, val and test (and listed as dropped), so the external set can
+    be evaluated whole."""
+    from kmedtl.config import load_config
+    from kmedtl.data.prepare import prepare
+
+    ext = tmp_path / "site_b" / "glioma_tumor"
+    ext.mkdir(parents=True)
+    (ext / "same.png").write_bytes((slices / "glioma_tumor" / "scan11_0.png").read_bytes())
+    Image.fromarray(_blob(0.0, seed=4242)).save(ext / "unrelated.png")
+    raw = {"data": {"source": "folder", "root": str(slices), "cache_dir": None,
+                    "hierarchy": {"normal": ["no_tumor"], "tumor": ["glioma_tumor"]},
+                    "image": {"size": 32, "channels": 1}},
+           "split": {"dedupe": "similar", "val": 0.2, "test": 0.2,
+                     "exclude_copies_of": ["site_b"]}}
+    cfg = load_config(raw, base_dir=tmp_path)
+    assert cfg.split.exclude_copies_of == [str(tmp_path / "site_b")]  # resolved once
+    prep = prepare(cfg, workers=1, progress=False)
+    fold = prep.splits.folds[0]
+    used = set(fold.train) | set(fold.val) | set(fold.test)
+    dropped = {Path(d["id"]).name: d["reason"] for d in prep.splits.dropped}
+    assert "scan11_0.png" in dropped and "exact copy of glioma_tumor/same.png" in \
+        dropped["scan11_0.png"]
+    assert not any(Path(i).name == "scan11_0.png" for i in used)
+    # the rest of that scan (near or similar look-alikes of the copy) stays grouped
+    assert len(used) + len(dropped) == len(prep.index.samples)
+    assert prep.splits.params["exclude_copies_of"] == ["site_b"]

@@ -216,7 +216,8 @@ def audit(index: DatasetIndex, options: ImageOptions | None = None, *, splits=No
     }
     # Kept for callers that build leakage-free splits from the same pass (not serialised).
     report["_internal"] = {"digests": digests, "near_pairs": near_pairs,
-                           "similar_pairs": similar_links, "index": used}
+                           "similar_pairs": similar_links, "index": used,
+                           "hashes": (digests, phashes, thumbs)}
     return report
 
 
@@ -489,16 +490,21 @@ def similarity_montage(report: dict, path, options: ImageOptions, tile: int = 96
 def training_lookalikes(samples, reference, options: ImageOptions, *,
                         near_threshold: int = DEFAULT_NEAR_THRESHOLD,
                         similar_threshold: float = DEFAULT_SIMILAR_THRESHOLD,
-                        workers=None) -> dict[str, dict]:
+                        workers=None, known=None) -> dict[str, dict]:
     """Which of ``samples`` (an external test set) copy an image of ``reference`` (the
     training and validation images): sample id -> ``{"reason": "exact" | "near" |
     "similar", "match": reference path, "r": correlation}``, by the audit's three
     measures at :data:`HASH_SIZE` (first that holds, in that order).  An external set is
-    only external without them.  Unreadable images are left to the caller's own pass."""
+    only external without them.  Unreadable images are left to the caller's own pass.
+    ``known``: ``(digests, phashes, thumbs)`` of ``samples`` already taken at
+    :data:`HASH_SIZE` (an audit's ``_internal["hashes"]``), so they are not decoded again."""
     opts = hash_options(options)
     ext = DatasetIndex(list(samples))
     ref = DatasetIndex(list(reference))
-    d_ext, p_ext, t_ext, _ = scan_index(ext, opts, None, workers, False)
+    if known is not None:
+        d_ext, p_ext, t_ext = known
+    else:
+        d_ext, p_ext, t_ext, _ = scan_index(ext, opts, None, workers, False)
     d_ref, p_ref, t_ref, _ = scan_index(ref, opts, None, workers, False)
     ref_ids = [s.id for s in ref.samples if s.id in d_ref]
     ext_ids = [s.id for s in ext.samples if s.id in d_ext]

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from kmedtl.data import splits as splitlib
-from kmedtl.data.audit import audit, dicom_patients
+from kmedtl.data.audit import audit, dicom_patients, training_lookalikes
 from kmedtl.data.cache import CacheResult, build_cache
 from kmedtl.data.dicomweb import DicomWebSpec, pull
 from kmedtl.data.labels import check_labels
@@ -238,6 +238,13 @@ def make_splits(cfg: PrepareConfig, index: DatasetIndex, hierarchy: Hierarchy, r
     if s.dedupe == "similar":
         near += [(a, b) for a, b, _ in report["_internal"]["similar_pairs"]]
     groups = splitlib.leakage_groups(ids, patients, digests, near)
+    excluded = _copies_of_excluded(cfg, index, report)
+    if excluded:  # kept out of every part, listed in the split file's "dropped"
+        keep = [k for k, i in enumerate(ids) if i not in excluded]
+        index = DatasetIndex([index.samples[k] for k in keep], index.skipped, index.read,
+                             index.root)
+        ids, labels = [ids[k] for k in keep], [labels[k] for k in keep]
+        groups = groups[keep]
     if s.dedupe == "similar" and len(ids) >= CHAIN_MIN_IMAGES:
         largest = int(np.bincount(groups).max())
         if largest > CHAIN_ERROR_SHARE * len(ids):
@@ -276,7 +283,36 @@ def make_splits(cfg: PrepareConfig, index: DatasetIndex, hierarchy: Hierarchy, r
     if problems:  # a bug, never a data problem: refuse to hand out a leaking split
         raise AssertionError("leaking split: " + "; ".join(problems[:5]))
     out.params["dedupe"] = s.dedupe
+    if s.exclude_copies_of:
+        out.params["exclude_copies_of"] = [os.path.basename(p) for p in s.exclude_copies_of]
+        out.dropped += [{"id": i, "reason": f"{v['reason']} copy of "
+                         f"{os.path.basename(os.path.dirname(v['match']))}/"
+                         f"{os.path.basename(v['match'])} in split.exclude_copies_of"}
+                        for i, v in sorted(excluded.items())]
     return out
+
+
+def _copies_of_excluded(cfg: PrepareConfig, index: DatasetIndex, report: dict) -> dict:
+    """Sample id -> match for every image that copies an image of ``split.exclude_copies_of``
+    (exact, pHash or similar content, at the split's thresholds)."""
+    s = cfg.split
+    if not s.exclude_copies_of:
+        return {}
+    options = cfg.image_options()
+    reference = []
+    for src in s.exclude_copies_of:
+        if os.path.isdir(src):
+            reference += index_folder(src, None, options).samples
+        elif os.path.isfile(src) and src.endswith(".csv"):
+            reference += read_manifest(src, None, options).samples
+        else:
+            raise ConfigError(f"split.exclude_copies_of: {src}: not a folder or a CSV "
+                              "manifest; name the external set's folder or manifest")
+    digests, phashes, thumbs = report["_internal"]["hashes"]
+    return training_lookalikes(index.samples, reference, options,
+                               near_threshold=s.near_threshold,
+                               similar_threshold=s.similar_threshold,
+                               known=(digests, phashes, thumbs))
 
 
 def _split_from_file(path, index: DatasetIndex, ids: list[str]):
