@@ -67,7 +67,6 @@ Example::
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -82,6 +81,7 @@ import yaml
 
 from kmedtl import __version__
 from kmedtl.config import RECOMMENDED_RECIPE, load_config
+from kmedtl.data.cli import positive_int
 from kmedtl.data.fingerprint import COLOUR_SAMPLE, COLOUR_THRESHOLD, fingerprint
 from kmedtl.data.sources import SPLIT_NAMES
 from kmedtl.errors import ConfigError, DataError
@@ -674,16 +674,6 @@ def cmd_init(args) -> int:
     return 0
 
 
-def _positive(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
-
-
 def add_parsers(subparsers) -> None:
     """Register ``init`` on an ``add_subparsers()`` object."""
     p = subparsers.add_parser(
@@ -705,8 +695,8 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--no-cache", action="store_true",
                    help="do not keep the decoded images for the first run (default: a "
                         ".kmedtl_cache folder beside --out)")
-    p.add_argument("--workers", type=_positive, help="decoding processes")
-    p.add_argument("--sample", type=_positive, default=COLOUR_SAMPLE,
+    p.add_argument("--workers", type=positive_int, help="decoding processes")
+    p.add_argument("--sample", type=positive_int, default=COLOUR_SAMPLE,
                    help=f"images decoded to judge colour (default {COLOUR_SAMPLE})")
     p.set_defaults(func=cmd_init)
 
