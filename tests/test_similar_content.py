@@ -334,3 +334,28 @@ def test_exclude_copies_of_keeps_an_external_set_whole(slices, tmp_path):
     # the rest of that scan (near or similar look-alikes of the copy) stays grouped
     assert len(used) + len(dropped) == len(prep.index.samples)
     assert prep.splits.params["exclude_copies_of"] == ["site_b"]
+
+
+def test_committed_main_job_results_hold_internal_and_external():
+    """The committed main-job results: the internal-vs-external table, and each balanced
+    accuracy re-derived from its per-case predictions."""
+    import csv
+
+    from sklearn.metrics import balanced_accuracy_score
+
+    base = REPO / "pipelines" / "results" / "brain_tumor_main_job" / "training_only"
+    doc = json.loads((base / "metrics.json").read_text())
+    rows = {r["set"]: r for r in doc["internal_vs_external"]}
+    assert set(rows) == {"internal test", "external: testing"}
+    ext = doc["external"]["testing"]
+    assert ext["n"] == 394 and ext["removed_as_training_lookalikes"]["count"] == 0
+    for folder, row in ((base, rows["internal test"]),
+                        (base / "external" / "testing", rows["external: testing"])):
+        with open(folder / "predictions.csv", newline="") as fh:
+            pred = list(csv.DictReader(fh))
+        assert len(pred) == row["n"]
+        bacc = balanced_accuracy_score([p["true"] for p in pred], [p["pred"] for p in pred])
+        assert bacc == pytest.approx(row["metrics"]["balanced_accuracy"]["value"], abs=1e-9)
+    # the gap the README states
+    assert rows["internal test"]["metrics"]["balanced_accuracy"]["value"] - \
+        rows["external: testing"]["metrics"]["balanced_accuracy"]["value"] > 0.25

@@ -490,22 +490,24 @@ def similarity_montage(report: dict, path, options: ImageOptions, tile: int = 96
 def training_lookalikes(samples, reference, options: ImageOptions, *,
                         near_threshold: int = DEFAULT_NEAR_THRESHOLD,
                         similar_threshold: float = DEFAULT_SIMILAR_THRESHOLD,
-                        workers=None, known=None) -> dict[str, dict]:
+                        workers=None, known=None, cache_dir=None) -> dict[str, dict]:
     """Which of ``samples`` (an external test set) copy an image of ``reference`` (the
     training and validation images): sample id -> ``{"reason": "exact" | "near" |
     "similar", "match": reference path, "r": correlation}``, by the audit's three
     measures at :data:`HASH_SIZE` (first that holds, in that order).  An external set is
     only external without them.  Unreadable images are left to the caller's own pass.
     ``known``: ``(digests, phashes, thumbs)`` of ``samples`` already taken at
-    :data:`HASH_SIZE` (an audit's ``_internal["hashes"]``), so they are not decoded again."""
+    :data:`HASH_SIZE` (an audit's ``_internal["hashes"]``), so they are not decoded again;
+    ``cache_dir``: the run's image cache, whose audit entries (hashes and thumbnails at
+    :data:`HASH_SIZE`) are reused instead of decoding every reference image again."""
     opts = hash_options(options)
     ext = DatasetIndex(list(samples))
     ref = DatasetIndex(list(reference))
     if known is not None:
         d_ext, p_ext, t_ext = known
     else:
-        d_ext, p_ext, t_ext, _ = scan_index(ext, opts, None, workers, False)
-    d_ref, p_ref, t_ref, _ = scan_index(ref, opts, None, workers, False)
+        d_ext, p_ext, t_ext, _ = scan_index(ext, opts, cache_dir, workers, False)
+    d_ref, p_ref, t_ref, _ = scan_index(ref, opts, cache_dir, workers, False)
     ref_ids = [s.id for s in ref.samples if s.id in d_ref]
     ext_ids = [s.id for s in ext.samples if s.id in d_ext]
     path_of = {s.id: s.path for s in ref.samples}

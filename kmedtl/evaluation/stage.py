@@ -271,7 +271,8 @@ def evaluate_run(run_dir, *, test: str | None = None, out=None, fold: int | None
                                   f"the run's training images are not available ({run})")
             found = training_lookalikes(test_samples, reference, options,
                                         near_threshold=cfg.split.near_threshold,
-                                        similar_threshold=cfg.split.similar_threshold)
+                                        similar_threshold=cfg.split.similar_threshold,
+                                        cache_dir=cfg.data.cache_dir)
             test_samples = [x for x in test_samples if x.id not in found]
             removed = {"count": len(found),
                        "by_reason": dict(Counter(v["reason"] for v in found.values())),

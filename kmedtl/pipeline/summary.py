@@ -213,6 +213,7 @@ def render(doc: dict) -> str:
                           *(" ".join(_interval(r["metrics"].get(k))) for k in keys),
                           " ".join(_interval(r.get("ece"))) if r.get("ece") else "n/a",
                           r.get("removed", "")] for r in rows])
+            L.append("")
         bi = e.get("binary")
         if bi and bi.get("at_threshold"):
             a = bi["at_threshold"]
