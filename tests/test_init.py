@@ -95,8 +95,14 @@ def test_colour_tree_init_then_run_unedited(tmp_path):
             "train.tensorboard": "false", "pipeline.evaluate.n_boot": "50",
             "pipeline.evaluate.n_gradcam": "1", "pipeline.export.representative_samples": "8"}
     argv = ["run", out] + [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
-    res = _kmedtl(argv, elsewhere, env)
+    # the default console: no TF_CPP_MIN_LOG_LEVEL of the user's, no --verbose
+    quiet_env = {k: v for k, v in env.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    res = _kmedtl(argv, elsewhere, quiet_env)
     assert res.returncode == 0, (res.stdout[-3000:], res.stderr[-3000:])
+    noise = [line for line in (res.stdout + res.stderr).splitlines()
+             if line.startswith(("E0000", "I0000", "W0000", "INFO: Created TensorFlow Lite"))
+             or "fully_quantize" in line]
+    assert not noise, noise[:5]
     run = Path(raw["output_dir"]) / raw["name"]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "complete", summary["status"]
