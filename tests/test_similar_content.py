@@ -191,6 +191,10 @@ def test_external_sources_resolve_against_the_pipeline_file(tmp_path, monkeypatc
     path.write_text(yaml.safe_dump(cfg))
     with pytest.raises(ConfigError, match="names must differ"):
         load_pipeline(path)
+    cfg["pipeline"]["evaluate"]["external"][1]["name"] = ".."  # would write into the run
+    path.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ConfigError, match="not a folder name"):
+        load_pipeline(path)
 
 
 def test_external_set_is_evaluated_beside_the_internal_test(tmp_path):
@@ -328,8 +332,9 @@ def test_exclude_copies_of_keeps_an_external_set_whole(slices, tmp_path):
     fold = prep.splits.folds[0]
     used = set(fold.train) | set(fold.val) | set(fold.test)
     dropped = {Path(d["id"]).name: d["reason"] for d in prep.splits.dropped}
-    assert "scan11_0.png" in dropped and "exact copy of glioma_tumor/same.png" in \
-        dropped["scan11_0.png"]
+    assert dropped["scan11_0.png"] == "exact copy of an image in split.exclude_copies_of"
+    match = {Path(d["id"]).name: d["match"] for d in prep.splits.dropped}
+    assert match["scan11_0.png"] == os.path.join("glioma_tumor", "same.png")
     assert not any(Path(i).name == "scan11_0.png" for i in used)
     # the rest of that scan (near or similar look-alikes of the copy) stays grouped
     assert len(used) + len(dropped) == len(prep.index.samples)
@@ -359,3 +364,23 @@ def test_committed_main_job_results_hold_internal_and_external():
     # the gap the README states
     assert rows["internal test"]["metrics"]["balanced_accuracy"]["value"] - \
         rows["external: testing"]["metrics"]["balanced_accuracy"]["value"] > 0.25
+
+
+def test_pretrain_pool_leaves_out_similar_and_excluded_images():
+    """The pretrain stage's pool: never an image the split dropped (a copy of an external
+    set) nor one linked by similar content to a val/test image."""
+    from types import SimpleNamespace
+
+    from kmedtl.data.sources import DatasetIndex, Sample
+    from kmedtl.data.splits import Fold, Splits
+    from kmedtl.pipeline.stages import pretrain_pool
+
+    samples = [Sample(f"/d/{n}.png", "x") for n in ("tr", "va", "te", "free", "look", "ext")]
+    ids = [x.id for x in samples]
+    report = {"_internal": {"digests": {i: i for i in ids}, "near_pairs": [],
+                            "similar_pairs": [(ids[4], ids[2], 0.96)]}}
+    fold = Fold([ids[0]], [ids[1]], [ids[2]])
+    splits = Splits("holdout", 0, [fold], {}, [{"id": ids[5], "reason": "exact copy"}])
+    prep = SimpleNamespace(index=DatasetIndex(samples), report=report, splits=splits)
+    assert [x.id for x in pretrain_pool(prep, fold)] == [ids[3]]
+    assert [x.id for x in pretrain_pool(prep, fold, similar=False)] == [ids[3], ids[4]]

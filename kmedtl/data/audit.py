@@ -533,5 +533,8 @@ def training_lookalikes(samples, reference, options: ImageOptions, *,
                 m, reason = ref_ids[j], "similar"
             else:
                 continue
-            out[sid] = {"reason": reason, "match": path_of[m], "r": r}
+            # r: the thumbnail correlation with the match (exact/near: with that image)
+            out[sid] = {"reason": reason, "match": path_of[m],
+                        "r": r if reason == "similar"
+                        else round(float(sim[k, ref_ids.index(m)]), 4)}
     return out

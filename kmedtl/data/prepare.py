@@ -11,7 +11,7 @@ import os
 import re
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -241,8 +241,10 @@ def make_splits(cfg: PrepareConfig, index: DatasetIndex, hierarchy: Hierarchy, r
     excluded = _copies_of_excluded(cfg, index, report)
     if excluded:  # kept out of every part, listed in the split file's "dropped"
         keep = [k for k, i in enumerate(ids) if i not in excluded]
-        index = DatasetIndex([index.samples[k] for k in keep], index.skipped, index.read,
-                             index.root)
+        if not keep:
+            raise ConfigError(f"split.exclude_copies_of: all {len(ids)} images copy an image "
+                              f"of {', '.join(s.exclude_copies_of)}; nothing is left to split")
+        index = replace(index, samples=[index.samples[k] for k in keep])
         ids, labels = [ids[k] for k in keep], [labels[k] for k in keep]
         groups = groups[keep]
     if s.dedupe == "similar" and len(ids) >= CHAIN_MIN_IMAGES:
@@ -285,9 +287,10 @@ def make_splits(cfg: PrepareConfig, index: DatasetIndex, hierarchy: Hierarchy, r
     out.params["dedupe"] = s.dedupe
     if s.exclude_copies_of:
         out.params["exclude_copies_of"] = [os.path.basename(p) for p in s.exclude_copies_of]
-        out.dropped += [{"id": i, "reason": f"{v['reason']} copy of "
-                         f"{os.path.basename(os.path.dirname(v['match']))}/"
-                         f"{os.path.basename(v['match'])} in split.exclude_copies_of"}
+        out.dropped += [{"id": i, "reason": f"{v['reason']} copy of an image in "
+                         "split.exclude_copies_of",
+                         "match": os.path.join(os.path.basename(os.path.dirname(v["match"])),
+                                               os.path.basename(v["match"]))}
                         for i, v in sorted(excluded.items())]
     return out
 

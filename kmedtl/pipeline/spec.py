@@ -81,9 +81,16 @@ class ExternalSet(Strict):
     ``dedupe`` (default true) leaves out images that are exact, near or similar-content
     copies of training or validation images, and counts them."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")  # a folder name under external/
     source: str
     dedupe: bool = True
+
+    @field_validator("name")
+    @classmethod
+    def _folder_name(cls, v):
+        if v in (".", ".."):
+            raise ValueError(f"{v!r} is not a folder name (external/<name>/ holds its results)")
+        return v
 
 
 class EvaluateSection(Strict):

@@ -171,11 +171,15 @@ def stage_audit(ctx: Context) -> StageOutput:
 NEIGHBOUR_REPORT_R = 0.95
 
 
-def similar_neighbours(links, fold, r_min: float = NEIGHBOUR_REPORT_R) -> dict:
+def similar_neighbours(links, fold, r_min: float = NEIGHBOUR_REPORT_R,
+                       linked_from: float = 0.0) -> dict:
     """How many test images have a train or validation image whose thumbnail correlates
     ``>= r_min`` with theirs (the audit's similarity links; reported whatever
     ``split.dedupe`` is, so a split grouped only by exact or pHash duplicates shows what
-    it leaves across)."""
+    it leaves across).  The audit keeps links from ``linked_from`` (the similarity
+    threshold) up, so the count is complete only when ``r_min >= linked_from``; otherwise
+    ``r_min`` is raised to it and the record says so."""
+    r_min = max(r_min, linked_from)
     test = set(fold.test)
     seen = set(fold.train) | set(fold.val)
     hit = set()
@@ -237,30 +241,39 @@ def stage_split(ctx: Context) -> StageOutput:
     dropped = Counter(d.get("reason") for d in splits.dropped)
     result = {"method": splits.method, "seed": splits.seed, "fold": ctx.spec.fold,
               "n_folds": len(splits.folds), "dedupe": dedupe,
-              "test_with_similar_neighbour": similar_neighbours(internal["similar_pairs"],
-                                                                fold),
+              "test_with_similar_neighbour": similar_neighbours(
+                  internal["similar_pairs"], fold,
+                  linked_from=ctx.cfg.split.similar_threshold),
               "sizes": {p: sum(v.values()) for p, v in sizes.items()}, "by_class": sizes,
               "dropped": len(splits.dropped), "dropped_by_reason": dict(dropped),
               "unused": unused, "patients": len(parts_of),
               "cross_split": {"exact_duplicate_groups": exact_cross,
-                              "near_duplicate_pairs": near_cross, "patients": patient_cross}}
+                              "near_duplicate_pairs": near_cross,
+                              "similar_content_pairs": similar_cross,
+                              "patients": patient_cross}}
     return StageOutput(result, [out], token=file_sha256(out))
 
 
 # ------------------------------------------------------------------------------ pretrain
-def pretrain_pool(prep, fold) -> list:
-    """Samples in none of the fold's parts that share no leakage group (patient, exact or
-    near duplicate) with a val or test sample."""
+def pretrain_pool(prep, fold, similar: bool = True) -> list:
+    """Samples in none of the fold's parts that share no leakage group (patient, exact,
+    near or -- with ``similar`` -- similar-content duplicate) with a val or test sample,
+    and that the split did not drop (e.g. copies of an external set,
+    ``split.exclude_copies_of``: pretraining on them would leak the external test)."""
     ids = [s.id for s in prep.index.samples]
     patients = {s.id: s.patient_id for s in prep.index.samples if s.patient_id}
     patients.update(dicom_patients(prep.index))
     internal = prep.report["_internal"]
-    groups = splitlib.leakage_groups(ids, patients, internal["digests"], internal["near_pairs"])
+    links = list(internal["near_pairs"])
+    if similar:
+        links += [(a, b) for a, b, _ in internal.get("similar_pairs", ())]
+    groups = splitlib.leakage_groups(ids, patients, internal["digests"], links)
     group_of = dict(zip(ids, groups.tolist()))
     held_out = {group_of[i] for i in fold.val + fold.test if i in group_of}
     used = set(fold.train) | set(fold.val) | set(fold.test)
+    dropped = {d["id"] for d in prep.splits.dropped}
     return [s for s in prep.index.samples
-            if s.id not in used and group_of[s.id] not in held_out]
+            if s.id not in used and s.id not in dropped and group_of[s.id] not in held_out]
 
 
 def stage_pretrain(ctx: Context) -> StageOutput:
@@ -271,7 +284,7 @@ def stage_pretrain(ctx: Context) -> StageOutput:
     fold = ctx.fold(prep.splits)
     tc = ctx.pipe.train  # the train section, validated once by load_pipeline
     seed = tc.seed if p.seed is None else p.seed
-    pool = pretrain_pool(prep, fold)
+    pool = pretrain_pool(prep, fold, similar=ctx.cfg.split.dedupe == "similar")
     if p.max_images is not None and len(pool) > p.max_images:
         rng = np.random.default_rng(seed)
         pool = [pool[i] for i in sorted(rng.choice(len(pool), p.max_images, replace=False))]
