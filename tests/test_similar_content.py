@@ -384,3 +384,19 @@ def test_pretrain_pool_leaves_out_similar_and_excluded_images():
     prep = SimpleNamespace(index=DatasetIndex(samples), report=report, splits=splits)
     assert [x.id for x in pretrain_pool(prep, fold)] == [ids[3]]
     assert [x.id for x in pretrain_pool(prep, fold, similar=False)] == [ids[3], ids[4]]
+
+
+def test_evaluate_cli_takes_external_sets_and_says_what_is_wrong(tmp_path):
+    from test_evaluation_run import _parse
+
+    from kmedtl.errors import ConfigError
+
+    args = _parse(["evaluate", str(tmp_path), "--external", "site_b=elsewhere",
+                   "--external", "site_c=other"])
+    assert args.external == ["site_b=elsewhere", "site_c=other"]
+    with pytest.raises(ConfigError, match="use NAME=SOURCE"):
+        args.func(_parse(["evaluate", str(tmp_path), "--external", "site_b"]))
+    with pytest.raises(ConfigError, match="names must differ"):
+        args.func(_parse(["evaluate", str(tmp_path), "--external", "a=x", "--external", "a=y"]))
+    with pytest.raises(ConfigError, match="--exclude-training goes with --test"):
+        args.func(_parse(["evaluate", str(tmp_path), "--exclude-training"]))

@@ -12,6 +12,7 @@ kmedtl errors propagate to ``kmedtl.cli.main``, which prints them and exits 2.
 from __future__ import annotations
 
 import argparse
+import os
 
 from kmedtl.config import tta_options
 from kmedtl.errors import ConfigError
@@ -31,6 +32,13 @@ def add_parsers(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--test", metavar="SOURCE",
                    help="evaluate on every image of this folder-per-class tree, CSV manifest "
                         "or YAML config instead of the run's test split")
+    p.add_argument("--exclude-training", action="store_true",
+                   help="with --test: leave out (and count) images that copy a training or "
+                        "validation image (exact, pHash or similar content)")
+    p.add_argument("--external", action="append", default=[], metavar="NAME=SOURCE",
+                   help="an external test set evaluated beside the test split into "
+                        "external/NAME/, copies of training images removed (repeatable; as "
+                        "pipeline.evaluate.external)")
     p.add_argument("--out", help="write the artefacts here (default: the run folder)")
     p.add_argument("--fold", type=int,
                    help="fold of the split file (default: train_metrics.json's 'fold' or 0)")
@@ -94,15 +102,33 @@ def tta_from_args(args):
         raise ConfigError(msg) from None
 
 
+def _external_sets(values) -> list[dict]:
+    out = []
+    for v in values:
+        name, sep, source = v.partition("=")
+        if not sep or not name or not source:
+            raise ConfigError(f"--external {v!r}: use NAME=SOURCE, e.g. "
+                              "--external site_b=data/site_b")
+        out.append({"name": name, "source": os.path.abspath(source), "dedupe": True})
+    if len({e["name"] for e in out}) != len(out):
+        raise ConfigError(f"--external: names must differ, got {[e['name'] for e in out]}")
+    return out
+
+
 def cmd_evaluate(args) -> int:
     tta = tta_from_args(args)
+    external = _external_sets(args.external)
+    if args.exclude_training and not args.test:
+        raise ConfigError("--exclude-training goes with --test SOURCE (the run's own test "
+                          "split never holds copies of training images)")
 
     doc = evaluate_run(args.run_dir, test=args.test, out=args.out, fold=args.fold,
                        n_boot=args.n_boot, alpha=args.alpha, seed=args.seed,
                        batch_size=args.batch_size, threshold=args.threshold,
                        target_sensitivity=args.target_sensitivity, negative=args.negative,
                        ordered=args.ordered, n_bins=args.bins, n_gradcam=args.gradcam,
-                       n_examples=args.examples, tta=tta)
+                       n_examples=args.examples, tta=tta,
+                       exclude_training=args.exclude_training, external=external)
     print(f"evaluated {doc['test']['n']} test images ({doc['test']['source']}); "
           f"{len(doc['test']['skipped'])} skipped")
     if doc.get("tta"):
@@ -110,6 +136,8 @@ def cmd_evaluate(args) -> int:
               f"(flips {doc['tta']['flips']}, {doc['tta']['random_views']} random)")
     for name, ci in doc["headline"].items():
         print(f"  {name:<18} {format_interval(ci)}")
+    for row in doc.get("internal_vs_external", [])[1:]:
+        print(f"{row['set']} ({row['n']} images): {row['text']}")
     out = args.out or args.run_dir
     print(f"wrote metrics.json, report.html, model_card.md/.json and "
           f"{len(doc['artefacts']['plots'])} plot(s) to {out}")
