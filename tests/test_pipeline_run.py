@@ -76,7 +76,8 @@ def test_rerun_skips_everything_and_a_changed_field_reruns_only_downstream(tmp_p
     assert sizes["train"] + sizes["val"] + sizes["test"] + s["split"]["dropped"] \
         + s["split"]["unused"] == 30
     assert s["split"]["cross_split"] == {"exact_duplicate_groups": 0,
-                                         "near_duplicate_pairs": 0, "patients": 0}
+                                         "near_duplicate_pairs": 0,
+                                         "similar_content_pairs": 0, "patients": 0}
     head = s["test"]["headline"]["balanced_accuracy"]
     assert head["ci_low"] <= head["value"] <= head["ci_high"]
     md = (run / "summary.md").read_text()

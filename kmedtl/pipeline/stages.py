@@ -237,7 +237,10 @@ def stage_split(ctx: Context) -> StageOutput:
     label_of = {s.id: prep.hierarchy.leaf_of(s.label) for s in prep.index.samples}
     sizes = {p: dict(sorted(Counter(label_of[i] for i in getattr(fold, p)).items()))
              for p in ("train", "val", "test")}
-    unused = len(prep.index.samples) - len(assign)
+    # in no part and not dropped (e.g. outside an n_per_class subset): dropped images are
+    # counted once, under "dropped"
+    dropped_ids = {d["id"] for d in splits.dropped}
+    unused = sum(1 for x in prep.index.samples if x.id not in assign and x.id not in dropped_ids)
     dropped = Counter(d.get("reason") for d in splits.dropped)
     result = {"method": splits.method, "seed": splits.seed, "fold": ctx.spec.fold,
               "n_folds": len(splits.folds), "dedupe": dedupe,
