@@ -363,6 +363,8 @@ READ_PATHS = ("data.root", "data.manifest", "data.hierarchy", "data.dicomweb.sto
               "data.dicomweb.client_key", "split.file", "split.exclude_copies_of",
               "train.weights")
 WRITE_PATHS = ("output_dir", "data.cache_dir", "train.tune.cache_dir")
+#: READ_PATHS fields that hold a list of paths.
+LIST_PATHS = ("split.exclude_copies_of",)
 #: Values of path fields that name something other than a file.
 _NOT_PATHS = {"train.weights": ("imagenet",)}
 
@@ -397,7 +399,8 @@ def resolve_paths(raw: dict, base_dir=None, *, read=READ_PATHS, write=WRITE_PATH
             if (isinstance(value, str) and value.strip()
                     and value.strip() not in _NOT_PATHS.get(key, ())):
                 node[last] = resolve_path(value, base, key)
-            elif isinstance(value, list):  # a list of paths (split.exclude_copies_of)
+            elif isinstance(value, list) and key in LIST_PATHS:  # e.g. exclude_copies_of
+                # (a list elsewhere -- data.hierarchy: [a, b] -- is not paths)
                 node[last] = [resolve_path(v, base, f"{key}[{i}]")
                               if isinstance(v, str) and v.strip() else v
                               for i, v in enumerate(value)]
