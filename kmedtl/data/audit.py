@@ -515,6 +515,7 @@ def training_lookalikes(samples, reference, options: ImageOptions, *,
     if not ref_ids or not ext_ids:
         return out
     by_digest = {d_ref[i]: i for i in ref_ids}
+    ref_pos = {i: j for j, i in enumerate(ref_ids)}
     ph_ref = np.array([p_ref[i] for i in ref_ids], dtype=np.uint64)
     th_ref = thumbnail_matrix([t_ref[i] for i in ref_ids])
     for start in range(0, len(ext_ids), 512):
@@ -536,5 +537,5 @@ def training_lookalikes(samples, reference, options: ImageOptions, *,
             # r: the thumbnail correlation with the match (exact/near: with that image)
             out[sid] = {"reason": reason, "match": path_of[m],
                         "r": r if reason == "similar"
-                        else round(float(sim[k, ref_ids.index(m)]), 4)}
+                        else round(float(sim[k, ref_pos[m]]), 4)}
     return out

@@ -315,7 +315,8 @@ def _copies_of_excluded(cfg: PrepareConfig, index: DatasetIndex, report: dict) -
     return training_lookalikes(index.samples, reference, options,
                                near_threshold=s.near_threshold,
                                similar_threshold=s.similar_threshold,
-                               known=(digests, phashes, thumbs))
+                               known=(digests, phashes, thumbs),
+                               cache_dir=cfg.data.cache_dir, workers=cfg.data.workers)
 
 
 def _split_from_file(path, index: DatasetIndex, ids: list[str]):
