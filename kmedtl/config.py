@@ -122,13 +122,20 @@ class AugmentSection(Strict):
     # a factor in [1 - s, 1 + s]; hue turned by up to +-h of the colour circle
     saturation: float = Field(default=0.0, ge=0, lt=1)
     hue: float = Field(default=0.0, ge=0, le=0.5)
+    # acquisition shift (another scanner, sequence or protocol): gamma exp(U(-g, g)),
+    # foreground inversion with this probability (T1-like <-> T2-like contrast), Gaussian
+    # blur up to this sigma (px), Gaussian noise up to this standard deviation
+    gamma: float = Field(default=0.0, ge=0, le=2)
+    invert: float = Field(default=0.0, ge=0, le=1)
+    blur: float = Field(default=0.0, ge=0, le=10)
+    noise: float = Field(default=0.0, ge=0, le=0.5)
 
     @model_serializer(mode="wrap")
     def _colour_only_when_set(self, handler):
         # left out at 0, so configs, and the train-stage fingerprints of runs made before
         # these fields existed, stay as they were
         out = handler(self)
-        for name in ("saturation", "hue"):
+        for name in ("saturation", "hue", "gamma", "invert", "blur", "noise"):
             if not out.get(name):
                 out.pop(name, None)
         return out

@@ -45,6 +45,10 @@ class Augmentation:
     cutmix: float = 0.0
     saturation: float = 0.0
     hue: float = 0.0
+    gamma: float = 0.0
+    invert: float = 0.0
+    blur: float = 0.0
+    noise: float = 0.0
     seed: int | None = None
 
     def __post_init__(self):
@@ -52,9 +56,12 @@ class Augmentation:
             raise ConfigError(f"augment.flip: {self.flip!r} is not one of {list(FLIP_MODES)} "
                               "or null")
         for name in ("rotation", "zoom", "contrast", "brightness", "mixup", "cutmix",
-                     "randaugment_factor", "saturation", "hue"):
+                     "randaugment_factor", "saturation", "hue", "gamma", "invert", "blur",
+                     "noise"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"augment.{name}: must be >= 0, got {getattr(self, name)}")
+        if self.invert > 1:
+            raise ConfigError(f"augment.invert: a probability in [0, 1], got {self.invert}")
         if self.saturation >= 1:
             raise ConfigError(f"augment.saturation: the factor range is [1 - s, 1 + s], so s "
                               f"must be < 1, got {self.saturation}")
@@ -101,6 +108,10 @@ class Augmentation:
                 ((1 - sat) / (2 - sat), (1 + sat) / (2 + sat)), value_range=(0, 1), seed=s))
         if self.hue:  # Keras turns the hue by up to +-factor / 2 of the circle
             out.append(keras.layers.RandomHue((0.0, 2 * self.hue), value_range=(0, 1), seed=s))
+        if self.blur:  # a 5x5 kernel at sigma up to ``blur`` px, on every image
+            out.append(keras.layers.RandomGaussianBlur(
+                factor=1.0, kernel_size=5, sigma=(0.0, self.blur), value_range=(0, 1),
+                seed=s))
         if self.randaugment:
             out.append(keras.layers.RandAugment(value_range=(0, 1), num_ops=self.randaugment,
                                                 factor=self.randaugment_factor, seed=s))
@@ -115,10 +126,40 @@ class Augmentation:
         for layer in layers if layers is not None else self.layers():
             images = layer(images, training=True)
         images = tf.clip_by_value(tf.cast(images, tf.float32), 0.0, 1.0)
+        images = self.acquisition(images)
         for mixer in mixers if mixers is not None else self.mixers():
             out = mixer({"images": images, "labels": labels}, training=True)
             images, labels = out["images"], out["labels"]
         return images, labels
+
+    def acquisition(self, images):
+        """Per-image gamma, foreground inversion and Gaussian noise (``gamma``,
+        ``invert``, ``noise``) on a [0, 1] batch; the identity when all three are 0.
+
+        Keras 3 has no layer for these (``RandomInvert`` inverts the black background
+        too, which no scanner does), so they are three lines of TensorFlow here.  The
+        inversion keeps the background: pixels at or below 0.05 stay as they are, the
+        rest become ``1.05 - x``, which turns T1-like contrast (dark CSF) into T2-like
+        (bright CSF) and back.
+        """
+        if not (self.gamma or self.invert or self.noise):
+            return images
+        # lazy: keeps `kmedtl data` free of TensorFlow (absent under KERAS_BACKEND=jax)
+        import tensorflow as tf
+
+        n = tf.shape(images)[0]
+        one = tf.ones(tf.stack([n, 1, 1, 1]), tf.float32)
+        if self.gamma:
+            g = tf.exp(tf.random.uniform(tf.shape(one), -self.gamma, self.gamma))
+            images = tf.where(images > 0, tf.pow(tf.maximum(images, 1e-6), g), images)
+        if self.invert:
+            flip = tf.cast(tf.random.uniform(tf.shape(one)) < self.invert, tf.float32)
+            inverted = tf.where(images > 0.05, 1.05 - images, images)
+            images = flip * inverted + (1.0 - flip) * images
+        if self.noise:
+            std = tf.random.uniform(tf.shape(one), 0.0, self.noise)
+            images = images + std * tf.random.normal(tf.shape(images))
+        return tf.clip_by_value(images, 0.0, 1.0)
 
     def mixers(self) -> list:
         import keras  # lazy: keeps `kmedtl data` (configs name an Augmentation) Keras-free
