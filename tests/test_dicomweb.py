@@ -147,10 +147,9 @@ def store_text(folder) -> bytes:
 
 
 def by_sop(result):
-    out = {}
-    for s in result.index.samples:
-        out[pydicom.dcmread(s.path, stop_before_pixels=True).SOPInstanceUID] = s
-    return out
+    """Samples by the server's SOP Instance UID (the stored files carry replaced UIDs; the
+    sample's entry names the instance as the server knows it)."""
+    return {s.entry.rsplit("/", 1)[1]: s for s in result.index.samples}
 
 
 def reconcile(result):
@@ -177,16 +176,24 @@ def test_pull_labels_patients_pixels_and_nothing_identifying_on_disk(creds, demo
     (skip,) = result.index.skipped
     assert skip.kind == "not_found" and missing in skip.reason and "study" in skip.reason
     got = by_sop(result)
+    pseudonyms, new_study = {}, {}
     for f in demo:
         s = got[f["sop"]]
-        assert s.label == f["label"] and s.patient_id == f["patient"]  # in memory only
+        assert s.label == f["label"]
+        # patients and studies group as on the server, under keyed pseudonyms / UIDs
+        assert pseudonyms.setdefault(f["patient"], s.patient_id) == s.patient_id
         original = pydicom.dcmread(f["path"])
         stored = pydicom.dcmread(s.path)
         np.testing.assert_array_equal(stored.pixel_array, original.pixel_array)
         assert Path(s.path).name == hashlib.sha256(Path(s.path).read_bytes()).hexdigest() + ".dcm"
-        for kw in ("PatientID", "PatientName", "AccessionNumber"):
+        for kw in ("PatientName", "AccessionNumber"):
             assert str(stored.get(kw, "")) == "", kw
-        assert stored.StudyInstanceUID == f["study"]
+        assert stored.PatientID == s.patient_id and stored.PatientIdentityRemoved == "YES"
+        assert stored.StudyInstanceUID != f["study"]
+        assert new_study.setdefault(f["study"], stored.StudyInstanceUID) == \
+            stored.StudyInstanceUID
+    assert len(set(pseudonyms.values())) == len(pseudonyms) == 16
+    assert len(set(new_study.values())) == len(new_study) == 16
 
     secrets_ = identifiers(f["path"] for f in demo) | {creds.password}
     assert {"DEMO-0001", "ACC0001", "Demo^DEMO-0001"} <= secrets_
@@ -195,6 +202,9 @@ def test_pull_labels_patients_pixels_and_nothing_identifying_on_disk(creds, demo
     for value in secrets_:
         assert value.encode() not in blob, f"{value!r} written to the store"
         assert value not in logs, f"{value!r} logged"
+    for f in demo:  # UIDs are replaced (PS3.15 Basic Profile), in files and journal alike
+        for uid in (f["study"], f["series"], f["sop"]):
+            assert uid.encode() not in blob, f"{uid} written to the store"
 
 
 def test_rerun_fetches_only_new_instances(creds, demo, tmp_path):
@@ -263,9 +273,7 @@ def test_filters_study_uids_and_a_study_the_server_lacks(creds, demo, tmp_path):
     ct = pydicom.dcmread(dicom_file("CT_small.dcm"), stop_before_pixels=True)
     spec = make_spec(creds.dicomweb_url, tmp_path, filters={"ModalitiesInStudy": "CT"})
     result = pull(spec)
-    ids = {pydicom.dcmread(s.path, stop_before_pixels=True).SOPInstanceUID
-           for s in result.index.samples}
-    assert ct.SOPInstanceUID in ids
+    assert ct.SOPInstanceUID in by_sop(result)
     assert all(pydicom.dcmread(s.path, stop_before_pixels=True).Modality == "CT"
                for s in result.index.samples)
     assert not result.index.labelled  # no labels CSV: unlabelled samples

@@ -4,19 +4,38 @@
 studies matching ``spec.filters`` (QIDO-RS, study level) and, within them, the instances
 matching ``spec.instance_filters`` (e.g. ``Modality: MR``); labels come from a CSV keyed by
 ``StudyInstanceUID``, ``SeriesInstanceUID`` or ``AccessionNumber``.  Each instance is
-retrieved once (WADO-RS, as stored: ``transfer-syntax=*``), stripped of patient identity
-(:data:`IDENTITY_KEYWORDS` are emptied) and written to a content-addressed store::
+retrieved once (WADO-RS, as stored: ``transfer-syntax=*``), de-identified (see below) and
+written to a content-addressed store::
 
     <store>/objects/<sha256[:2]>/<sha256>.dcm     the instance, named by its own SHA-256
     <store>/journal.jsonl                         instance key -> object (or why skipped)
+    <store>/deid.key                              this store's secret pseudonymisation key
 
 so a re-run fetches only instances it has not stored, a pull that stopped half-way
 (server down, network cut, Ctrl-C) resumes where it stopped, and the decoded-image cache
 (``kmedtl.data.cache``, keyed by the same SHA-256) picks the files up like any others.
-The journal keys are SHA-256 digests of the instance UIDs; nothing in the store names a
-patient.  ``pull`` returns a :class:`~kmedtl.data.sources.DatasetIndex` over the stored
-files; each sample's ``patient_id`` (from the QIDO study record) stays in memory, for
-patient-level splits only.
+Every file of the store is created with mode 0600 and every folder with 0700.
+``pull`` returns a :class:`~kmedtl.data.sources.DatasetIndex` over the stored files.
+
+De-identification: the DICOM PS3.15 Annex E *Basic Application Level Confidentiality
+Profile* (Table E.1-1, no options), applied at every nesting level (:class:`Deidentifier`):
+private elements are removed, identifying attributes removed or emptied (names, dates,
+descriptions, institution, device...), and instance UIDs replaced by keyed hashes
+(``2.25.<int>``, HMAC-SHA256 under ``deid.key``), so one UID always maps to the same new
+UID within a store and studies, series and references still group.  PatientID becomes a
+keyed pseudonym (``anon-<20 hex>``) used both in the file and as each sample's
+``patient_id`` for patient-level splits.  What the image pipeline needs (pixels,
+photometric interpretation, rescale, window, modality, pixel spacing, frames) is not in the
+profile's table and stays.  Pixel data is not cleaned: text burned into the pixels (the
+profile's Clean Pixel Data option) stays.  Journal keys are keyed hashes of the instance
+UIDs and journalled skip reasons do not name them.
+
+Limits against a hostile or broken server (each configurable, each skip names it):
+``max_response_bytes`` caps every response *after* decompression, counted while it
+streams in (a gzip bomb or an endless chunked reply stops at the cap), and
+``read_deadline`` bounds each request from sending to the last byte (a server dripping
+one byte per socket timeout, in the body or in the headers, is cut off then).  Such a
+reply is not retried.
 
 Credentials are never part of the spec: it names the *environment variables* that hold
 them (``username_env``/``password_env`` for HTTP basic auth, ``token_env`` for a bearer
@@ -31,10 +50,14 @@ Faults, each named by server, study and instance, with counts that reconcile
 - the server dies or the network drops mid-pull: ``DicomWebConnectionError`` once the
   retries are spent, saying how many instances are stored; run again to resume;
 - a study asked for that the server does not have, an instance deleted since it was
-  listed (HTTP 404), a transfer that stays truncated after the retries, a part that is
-  not DICOM, an instance without pixel data: a skip (``kind`` ``not_found``,
-  ``truncated_transfer``, ``invalid_dicom``, ``no_pixel_data``...), recorded in the
-  index like an undecodable file; ``strict=True`` turns skips into an error.
+  listed (HTTP 404), any other HTTP error for one study listing or one instance, a
+  transfer that stays truncated after the retries, a part that is not DICOM (or that
+  cannot be de-identified and written), an instance without pixel data, a UID that is not
+  a DICOM UID, a reply over ``max_response_bytes`` or past ``read_deadline``: a skip
+  (``kind`` ``not_found``, ``server_error``, ``truncated_transfer``, ``invalid_dicom``,
+  ``no_pixel_data``, ``bad_uid``, ``response_too_large``, ``response_too_slow``...),
+  recorded in the index like an undecodable file, and the pull goes on; the summary
+  counts skips by kind; ``strict=True`` turns skips into an error.
 
 Example::
 
@@ -51,13 +74,19 @@ Example::
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
+import hmac
 import io
 import json
 import logging
 import os
 import re
+import secrets
+import socket
 import threading
+import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, fields
@@ -65,7 +94,10 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 from pydicom.datadict import tag_for_keyword
+from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.sequence import Sequence
+from pydicom.tag import Tag
 
 from kmedtl.data import dicom
 from kmedtl.data.options import ImageOptions
@@ -90,8 +122,9 @@ _STUDY, _SERIES, _SOP = "0020000D", "0020000E", "00080018"
 _PATIENT_ID, _ACCESSION, _INSTANCE_NUMBER = "00100020", "00080050", "00200013"
 _N_INSTANCES = "00201208"  # NumberOfStudyRelatedInstances
 
-#: Emptied (sequences: removed) at every nesting level before an instance is written, so
-#: no file in the store names the patient.  UIDs, dates of the study and the image stay.
+#: Removed at every nesting level whatever the profile table says (all of them are in
+#: PS3.15 Table E.1-1 too; kept as a floor should a table version drop one).  PatientID
+#: itself is replaced by a keyed pseudonym.
 IDENTITY_KEYWORDS = (
     "PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientBirthTime",
     "OtherPatientIDs", "OtherPatientNames", "OtherPatientIDsSequence", "PatientBirthName",
@@ -103,6 +136,14 @@ IDENTITY_KEYWORDS = (
 _SECRET_FIELDS = ("username", "user", "password", "token", "bearer_token", "api_key")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _UID_CHUNK = 50  # StudyInstanceUIDs per QIDO request (UID list matching)
+#: A DICOM UID as it may appear in a URL path: digits and dots, at most 64 characters
+#: (PS3.5 9.1).  Leading zeros are tolerated: some archives write them.
+_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+#: Defaults of the response limits (``data.dicomweb.max_response_bytes``/``read_deadline``).
+DEFAULT_MAX_RESPONSE_BYTES = 256 * 1024 * 1024
+DEFAULT_READ_DEADLINE = 300.0
+_READ_CHUNK = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -127,7 +168,14 @@ class DicomWebSpec:
       ``workers`` (concurrent retrievals), ``transfer_syntax`` (``*``: as stored).
     - ``http_compression``: let the server gzip responses (off by default: pixel data is
       often compressed already, and on a LAN the server's compression costs more than it
-      saves: Orthanc answers a 250 kB instance in 1.3 ms plain, 8.7 ms gzipped).
+      saves: Orthanc answers a 250 kB instance in 1.3 ms plain, 8.7 ms gzipped).  A reply
+      compressed anyway is decoded, within ``max_response_bytes``.
+    - ``max_response_bytes``: the most bytes one response may hold *after* decompression
+      (default 256 MiB); a larger instance is a ``response_too_large`` skip, a larger
+      search answer an error.  Each worker holds up to a few copies of one response.
+    - ``read_deadline`` (s): the most time one request may take from sending to its last
+      byte (default 300), on top of ``timeout``, which bounds each wait for the next byte
+      only; a reply past it is a ``response_too_slow`` skip.
     """
 
     url: str
@@ -153,6 +201,8 @@ class DicomWebSpec:
     http_compression: bool = False
     qido_prefix: str | None = None
     wado_prefix: str | None = None
+    max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES
+    read_deadline: float = DEFAULT_READ_DEADLINE
 
     def __post_init__(self):
         where = "data.dicomweb"
@@ -181,6 +231,17 @@ class DicomWebSpec:
             raise ConfigError(f"{where}.client_key: needs client_cert")
         if int(self.workers) < 1 or int(self.retries) < 0 or float(self.timeout) <= 0:
             raise ConfigError(f"{where}: need workers >= 1, retries >= 0 and timeout > 0")
+        try:
+            max_bytes, deadline = int(self.max_response_bytes), float(self.read_deadline)
+        except (TypeError, ValueError):
+            max_bytes, deadline = 0, 0.0
+        if max_bytes < 1 or not deadline > 0:
+            raise ConfigError(f"{where}: need max_response_bytes >= 1 (default "
+                              f"{DEFAULT_MAX_RESPONSE_BYTES:,}) and read_deadline > 0 seconds "
+                              f"(default {DEFAULT_READ_DEADLINE:g}), got "
+                              f"{self.max_response_bytes!r} and {self.read_deadline!r}")
+        object.__setattr__(self, "max_response_bytes", max_bytes)
+        object.__setattr__(self, "read_deadline", deadline)
         for name in ("filters", "instance_filters"):
             value = getattr(self, name)
             if not isinstance(value, Mapping):
@@ -237,10 +298,18 @@ class PullResult:
     skipped_instances: int = 0
 
     def summary(self) -> dict:
-        """Counts only: no patient identifiers, no credentials."""
+        """Counts only: no patient identifiers, no credentials.  ``skipped_kinds``
+        counts the skipped entries by reason kind (``index.skipped`` has the reasons)."""
+        kinds: dict[str, str] = {}
+        for s in self.index.skipped:
+            kinds.setdefault(s.entry_key, s.kind)
+        by_kind: dict[str, int] = {}
+        for kind in kinds.values():
+            by_kind[kind] = by_kind.get(kind, 0) + 1
         return {"server": self.url, "store": self.store, "studies": self.studies,
                 "instances": self.listed, "fetched": self.fetched, "reused": self.reused,
-                "skipped_instances": self.skipped_instances, **self.index.counts()}
+                "skipped_instances": self.skipped_instances, **self.index.counts(),
+                "skipped_kinds": dict(sorted(by_kind.items()))}
 
 
 @dataclass(frozen=True)
@@ -251,11 +320,8 @@ class _Instance:
     number: int
     label: str | None
     split: str | None
-    patient: str | None
-
-    @property
-    def key(self) -> str:
-        return hashlib.sha256(f"{self.study}/{self.series}/{self.sop}".encode()).hexdigest()
+    patient: str | None  # the store's pseudonym of the PatientID
+    key: str  # the store's keyed hash of the three UIDs (journal key)
 
     @property
     def name(self) -> str:
@@ -323,11 +389,230 @@ def _session_class():
     return Session
 
 
+# ---------------------------------------------------------------------------------------
+# Response limits
+
+
+_local = threading.local()  # the deadline guard of the request this thread is sending
+
+
+class _Guard:
+    """Ends one request at its deadline: shuts its socket down, whatever the request is
+    waiting for (the status line, a header, the next byte of the body)."""
+
+    def __init__(self, seconds: float):
+        self.expired = False
+        self.conn = None
+        self._done = False
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self.expire)
+        self._timer.daemon = True
+
+    def start(self):
+        self._timer.start()
+
+    def finish(self) -> bool:
+        """Disarm; True when the deadline had passed (the reply is not to be trusted)."""
+        with self._lock:
+            self._done = True
+            self.conn = None
+        self._timer.cancel()
+        return self.expired
+
+    def attach(self, conn):
+        with self._lock:
+            if self._done:
+                return
+            self.conn = conn
+            expired = self.expired
+        if expired:
+            _shutdown(conn)
+
+    def expire(self):
+        with self._lock:
+            if self._done:
+                return
+            self.expired = True
+            conn = self.conn
+        if conn is not None:
+            _shutdown(conn)
+
+
+def _shutdown(conn):
+    sock = getattr(conn, "sock", None)
+    if sock is not None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
+@functools.lru_cache(maxsize=1)
+def _limit_classes():
+    """The limit errors and the ``requests`` adapter enforcing them (built on first use:
+    requests/urllib3 come with the dicomweb extra)."""
+    # lazy: requests comes with the dicomweb extra (pip install 'kmedtl[dicomweb]')
+    import requests
+    from requests.adapters import HTTPAdapter  # lazy: the dicomweb extra, as above
+
+    class ResponseLimitError(requests.exceptions.RequestException):
+        """A reply over a limit: not a connection problem (whole-server errors are), so a
+        skip of the item asked for.  ``limit_kind`` is the skip kind."""
+
+        limit_kind = "response_limit"
+
+    class ResponseTooLarge(ResponseLimitError):
+        limit_kind = "response_too_large"
+
+    class ResponseTooSlow(ResponseLimitError):
+        limit_kind = "response_too_slow"
+
+    class Watched:
+        """Tells the calling thread's deadline guard which connection carries the
+        request (a keep-alive connection carries many)."""
+
+        def request(self, *args, **kwargs):
+            guard = getattr(_local, "guard", None)
+            if guard is not None:
+                guard.attach(self)
+            return super().request(*args, **kwargs)
+
+    watched: dict = {}
+
+    def watched_pools(base: dict) -> dict:
+        """urllib3's pool classes (as the pool manager holds them), each with a
+        connection class that reports to the guard."""
+        out = {}
+        for scheme, pool in base.items():
+            if issubclass(pool.ConnectionCls, Watched):
+                out[scheme] = pool
+                continue
+            if pool not in watched:
+                conn = type("Watched" + pool.ConnectionCls.__name__,
+                            (Watched, pool.ConnectionCls), {})
+                watched[pool] = type("Watched" + pool.__name__, (pool,),
+                                     {"ConnectionCls": conn})
+            out[scheme] = watched[pool]
+        return out
+
+    class LimitedAdapter(HTTPAdapter):
+        """Reads every body itself, streaming: decoded bytes are counted as they arrive
+        (``max_bytes``), and a timer ends the request at ``deadline`` seconds.
+
+        ``requests`` decodes any Content-Encoding the server sends, asked for or not, and
+        its ``timeout`` bounds each wait for the next byte only: neither bounds a reply.
+        A reply refused here is refused again at once when the same thread asks for the
+        same URL (dicomweb-client retries every exception; fetching it again would cost
+        the cap or the deadline once more)."""
+
+        def __init__(self, max_bytes: int, deadline: float, **kwargs):
+            self.max_bytes, self.deadline = int(max_bytes), float(deadline)
+            self._refused: OrderedDict = OrderedDict()
+            self._refused_lock = threading.Lock()
+            super().__init__(**kwargs)
+
+        def init_poolmanager(self, *args, **kwargs):
+            super().init_poolmanager(*args, **kwargs)
+            manager = self.poolmanager
+            manager.pool_classes_by_scheme = watched_pools(manager.pool_classes_by_scheme)
+
+        def proxy_manager_for(self, proxy, **kwargs):
+            manager = super().proxy_manager_for(proxy, **kwargs)
+            if isinstance(getattr(manager, "pool_classes_by_scheme", None), dict):
+                manager.pool_classes_by_scheme = watched_pools(manager.pool_classes_by_scheme)
+            return manager
+
+        def send(self, request, stream=False, timeout=None, verify=True, cert=None,
+                 proxies=None):
+            key = (threading.get_ident(), request.method, request.url)
+            with self._refused_lock:
+                refused = self._refused.get(key)
+            if refused is not None:
+                raise type(refused)(*refused.args)
+            guard = _Guard(self.deadline)
+            _local.guard = guard
+            guard.start()
+            resp = None
+            t0 = time.monotonic()
+            try:
+                resp = super().send(request, stream=True, timeout=timeout, verify=verify,
+                                    cert=cert, proxies=proxies)
+                got = self._read(resp, guard)
+                if guard.finish():
+                    raise self._too_slow(got, t0)
+            except Exception as exc:
+                if resp is not None:
+                    resp.close()
+                err = exc
+                if guard.expired and not isinstance(exc, ResponseTooSlow):
+                    err = self._too_slow(getattr(exc, "got", None), t0)
+                if isinstance(err, ResponseLimitError):
+                    with self._refused_lock:
+                        self._refused[key] = err
+                        while len(self._refused) > 256:
+                            self._refused.popitem(last=False)
+                    if err is exc:
+                        raise
+                    raise err from None
+                raise
+            finally:
+                guard.finish()
+                _local.guard = None
+            return resp
+
+        def _too_slow(self, got, t0):
+            part = f" ({got:,} bytes had come)" if got else ""
+            return ResponseTooSlow(
+                f"the reply was not complete {time.monotonic() - t0:.0f} s after the "
+                f"request{part}: over data.dicomweb.read_deadline = {self.deadline:g} s "
+                "(the whole reply; data.dicomweb.timeout bounds each wait for a byte); "
+                "raise read_deadline if the link is this slow")
+
+        def _read(self, resp, guard) -> int:
+            cap = self.max_bytes
+            encoding = (resp.headers.get("Content-Encoding") or "identity").strip().lower()
+            coded = "" if encoding == "identity" else f", Content-Encoding {_show(encoding)}"
+            length = (resp.headers.get("Content-Length") or "").strip()
+            if not coded and length.isdigit() and int(length) > cap:
+                raise ResponseTooLarge(
+                    f"the reply announces {int(length):,} bytes: over "
+                    f"data.dicomweb.max_response_bytes = {cap:,}; raise it if the server "
+                    "really holds instances this large")
+            chunks, n = [], 0
+            try:
+                for chunk in resp.iter_content(_READ_CHUNK):
+                    n += len(chunk)
+                    if n > cap:
+                        raise ResponseTooLarge(
+                            f"the reply grew past data.dicomweb.max_response_bytes = {cap:,} "
+                            f"bytes (counted after decompression{coded}) and was cut off "
+                            "there; raise it if the server really holds instances this large")
+                    if guard.expired:
+                        break
+                    chunks.append(chunk)
+            except Exception as exc:
+                exc.got = n
+                raise
+            resp._content = b"".join(chunks)
+            resp._content_consumed = True
+            return n
+
+    return ResponseLimitError, LimitedAdapter
+
+
+def _mount_limits(session, spec: DicomWebSpec):
+    """Mount the limits adapter (:func:`_limit_classes`) on ``session``."""
+    adapter = _limit_classes()[1](spec.max_response_bytes, spec.read_deadline,
+                                  pool_connections=2,
+                                  pool_maxsize=max(10, int(spec.workers) + 2))
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+
+
 def make_session(spec: DicomWebSpec):
     """A ``requests.Session`` with the spec's credentials (from the environment) and TLS."""
     # lazy: requests comes with the dicomweb extra (pip install 'kmedtl[dicomweb]')
     import requests
-    from requests.adapters import HTTPAdapter  # lazy: the dicomweb extra, as above
 
     session = _session_class()()
     if spec.username_env:
@@ -351,9 +636,7 @@ def make_session(spec: DicomWebSpec):
             spec.client_cert
     if not spec.http_compression:
         session.headers["Accept-Encoding"] = "identity"
-    adapter = HTTPAdapter(pool_connections=2, pool_maxsize=max(10, int(spec.workers) + 2))
-    session.mount("http://", adapter)
-    session.mount("https://", adapter)
+    _mount_limits(session, spec)
     host = urlsplit(spec.url).hostname or ""
     if session.auth is not None and spec.url.startswith("http://") and \
             host not in ("localhost", "127.0.0.1", "::1"):
@@ -374,7 +657,10 @@ def make_client(spec: DicomWebSpec, session=None):
     except ImportError:
         raise BackendUnavailableError("the DICOMweb source needs dicomweb-client: "
                                       "pip install kmedtl[dicomweb]") from None
-    session = session if session is not None else make_session(spec)
+    if session is None:
+        session = make_session(spec)
+    else:
+        _mount_limits(session, spec)  # the limits hold on a caller's session too
     client = DICOMwebClient(spec.url, session=session, qido_url_prefix=spec.qido_prefix,
                             wado_url_prefix=spec.wado_prefix, timeout=float(spec.timeout))
     client.set_http_retry_params(retry=True, max_attempts=int(spec.retries) + 1,
@@ -458,6 +744,9 @@ def _skip_reason(exc, what: str) -> tuple[str, str]:
     # lazy: requests comes with the dicomweb extra (pip install 'kmedtl[dicomweb]')
     import requests
 
+    limit = getattr(exc, "limit_kind", None)
+    if limit:
+        return limit, f"{what}: {exc}"
     status = _status(exc)
     if status == 404:
         return "not_found", (f"{what}: not on the server (HTTP 404 Not Found); it was deleted "
@@ -522,21 +811,59 @@ def read_labels(path, key: str, column: str = "label") -> dict[str, _Label]:
 
 
 class Store:
-    """``objects/<sha[:2]>/<sha>.dcm`` plus an append-only journal (JSON lines).
+    """``objects/<sha[:2]>/<sha>.dcm`` plus an append-only journal (JSON lines) and the
+    store's pseudonymisation key (``deid.key``); files 0600, folders 0700.
 
-    Each journal line records one instance key (SHA-256 of its UIDs) and either the object
-    holding it (``sha``, ``size``, ``frames``) or why it cannot be used (``skip``,
-    ``reason``) for faults that a retry would not cure.  A line torn by a crash is
-    ignored; the last line for a key wins.
+    Each journal line records one instance key (a keyed hash of its UIDs) and either the
+    object holding it (``sha``, ``size``, ``frames``) or why it cannot be used (``skip``,
+    ``reason``, with the instance written ``<instance>``) for faults that a retry would
+    not cure.  A line torn by a crash is ignored; the last line for a key wins.
     """
+
+    KEY_FILE = "deid.key"
 
     def __init__(self, folder):
         self.folder = os.fspath(folder)
         self.objects = os.path.join(self.folder, "objects")
         self.journal_path = os.path.join(self.folder, "journal.jsonl")
-        os.makedirs(self.objects, exist_ok=True)
+        legacy = os.path.exists(self.journal_path) and \
+            not os.path.exists(os.path.join(self.folder, self.KEY_FILE))
+        for d in (self.folder, self.objects):
+            _private_dir(d)
+        if os.path.exists(self.journal_path):
+            os.chmod(self.journal_path, 0o600)
+        if legacy:
+            log.warning("the DICOMweb store %s was written by an older kmedtl that did not "
+                        "de-identify (DICOM PS3.15 Basic Profile) nor restrict file modes; "
+                        "its objects are not reused and may name patients: delete the "
+                        "folder and pull again", self.folder)
+        self.deid = Deidentifier(self._key())
         self._lock = threading.Lock()
         self.entries = self._load()
+
+    def _key(self) -> bytes:
+        """This store's secret key, made on first use (created 0600, never replaced)."""
+        path = os.path.join(self.folder, self.KEY_FILE)
+        for _ in range(50):
+            try:
+                with open(path, encoding="ascii") as fh:
+                    text = fh.read().strip()
+            except FileNotFoundError:
+                try:  # O_EXCL: two first pulls agree on one key
+                    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                except FileExistsError:
+                    continue
+                try:
+                    os.write(fd, (secrets.token_hex(32) + "\n").encode())
+                finally:
+                    os.close(fd)
+                continue
+            if re.fullmatch(r"[0-9a-f]{64}", text):
+                return bytes.fromhex(text)
+            time.sleep(0.01)
+        raise ConfigError(f"{path}: not a kmedtl store key (64 hex digits); it pseudonymises "
+                          "this store's UIDs and patients: restore it, or delete the store "
+                          "and pull again")
 
     def _load(self) -> dict[str, dict]:
         out: dict[str, dict] = {}
@@ -552,6 +879,9 @@ class Store:
         except FileNotFoundError:
             pass
         return out
+
+    def instance_key(self, study: str, series: str, sop: str) -> str:
+        return self.deid.digest(f"instance:{study}/{series}/{sop}").hex()
 
     def object_path(self, digest: str) -> str:
         return os.path.join(self.objects, digest[:2], digest + ".dcm")
@@ -577,17 +907,16 @@ class Store:
         digest = hashlib.sha256(data).hexdigest()
         path = self.object_path(digest)
         if not (os.path.exists(path) and os.path.getsize(path) == len(data)):
-            os.makedirs(os.path.dirname(path), exist_ok=True)
+            _private_dir(os.path.dirname(path))
             tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
-            with open(tmp, "wb") as fh:
-                fh.write(data)
+            _write_private(tmp, data)
             os.replace(tmp, path)  # atomic: a reader never sees half an instance
         return digest
 
     def record(self, rec: dict):
         line = (json.dumps(rec, separators=(",", ":")) + "\n").encode()
         with self._lock:
-            fd = os.open(self.journal_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            fd = os.open(self.journal_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
             try:
                 os.write(fd, line)  # one write per line: concurrent pulls do not interleave
             finally:
@@ -595,27 +924,194 @@ class Store:
             self.entries[rec["k"]] = rec
 
 
+def _private_dir(path: str):
+    """``path`` (and missing parents) as a folder only its owner can enter (0700)."""
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    if (os.stat(path).st_mode & 0o777) != 0o700:
+        try:
+            os.chmod(path, 0o700)
+        except OSError as exc:  # not ours: the files inside are 0600 all the same
+            log.warning("cannot make %s private (mode 0700): %s", path, exc)
+
+
+def _write_private(path: str, data: bytes):
+    """Create ``path`` with mode 0600 (never wider, whatever the umask) and write it."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------------------------------
+# De-identification
+
+#: The action table: DICOM PS3.15 (2026c) Annex E, Table E.1-1, column "Basic Profile", as
+#: transcribed by dicom-anonymizer (KitwareMedical, BSD-3-Clause;
+#: ``dicomanonymizer/dicom_anonymization_databases/dicomfields_2026c.py``).  Only its table
+#: is used: its engine treats top-level attributes only, draws new UIDs at random per
+#: process (they must be stable within a store) and raises on some VRs.
+PROFILE_TABLE = "dicomfields_2026c"
+PROFILE_NAME = "DICOM PS3.15 Annex E Basic Application Level Confidentiality Profile"
+
+#: Table E.1-1 action codes -> what is done here.  Where the table allows a choice the
+#: first (most removing) action is taken: X/Z, X/D, X/Z/D -> X, Z/D -> Z, except X/Z/U*
+#: (Referenced/Source Image Sequence), which is kept with the UIDs inside it replaced so
+#: references still resolve.  D on a sequence empties it (SR content trees, graphic
+#: annotations: nothing the image pipeline reads).
+_CATEGORY_ACTIONS = {"D_TAGS": "D", "Z_TAGS": "Z", "X_TAGS": "X", "U_TAGS": "U",
+                     "Z_D_TAGS": "Z", "X_Z_TAGS": "X", "X_D_TAGS": "X", "X_Z_D_TAGS": "X",
+                     "X_Z_U_STAR_TAGS": "U*"}
+
+#: Never touched, whatever a table version says: what decoding and the pipeline read.
+KEEP_KEYWORDS = (
+    "SOPClassUID", "Modality", "Rows", "Columns", "SamplesPerPixel",
+    "PhotometricInterpretation", "PlanarConfiguration", "BitsAllocated", "BitsStored",
+    "HighBit", "PixelRepresentation", "NumberOfFrames", "PixelSpacing", "SliceThickness",
+    "RescaleSlope", "RescaleIntercept", "RescaleType", "WindowCenter", "WindowWidth",
+    "VOILUTFunction", "VOILUTSequence", "ModalityLUTSequence", "PixelData",
+    "FloatPixelData", "DoubleFloatPixelData", "ImageType", "LossyImageCompression",
+    "PerFrameFunctionalGroupsSequence", "SharedFunctionalGroupsSequence",
+)
+
+_DUMMY_TEXT = "ANONYMIZED"
+_DUMMY_BY_VR = {"DA": "19000101", "TM": "000000", "DT": "19000101000000", "AS": "000Y",
+                "PN": _DUMMY_TEXT, "IS": "0", "DS": "0"}
+_MAX_DEPTH = 32  # sequence nesting; deeper is refused (invalid_dicom)
+#: File meta elements that may name a site (not in Table E.1-1, which has only (0002,0003)):
+#: Source/Sending/Receiving Application Entity Title, Private Information (Creator UID).
+_META_REMOVED = {Tag(0x0002, e) for e in (0x0016, 0x0017, 0x0018, 0x0100, 0x0102)}
+
+
+@functools.lru_cache(maxsize=1)
+def _profile_table() -> tuple[dict, list]:
+    """``({Tag: action}, [((group, element, group_mask, element_mask), action)])``."""
+    try:
+        # lazy: an optional extra (pip install 'kmedtl[dicomweb]'); refused below without it
+        from dicomanonymizer.dicomfields_selector import dicom_anonymization_database_selector
+    except ImportError:
+        raise BackendUnavailableError(
+            "de-identifying the DICOMweb store needs dicom-anonymizer (the PS3.15 Annex E "
+            "table): pip install 'kmedtl[dicomweb]'") from None
+    categories = dicom_anonymization_database_selector(PROFILE_TABLE)
+    exact: dict = {}
+    masked: list = []
+    for category, action in _CATEGORY_ACTIONS.items():
+        for t in categories[category]:
+            if len(t) == 2:
+                exact[Tag(t[0], t[1])] = action
+            else:
+                masked.append((tuple(t), action))
+    for kw in IDENTITY_KEYWORDS:
+        exact.setdefault(Tag(tag_for_keyword(kw)), "X")
+    for kw in KEEP_KEYWORDS:
+        exact.pop(Tag(tag_for_keyword(kw)), None)
+    exact[Tag(tag_for_keyword("PatientID"))] = "P"
+    return exact, masked
+
+
+class Deidentifier:
+    """The store's de-identification (:data:`PROFILE_NAME`, action table
+    :data:`PROFILE_TABLE`), keyed by the store's secret: :meth:`uid` and :meth:`patient`
+    map one input to one output within a store, and to unrelated ones elsewhere."""
+
+    def __init__(self, key: bytes):
+        self._key = bytes(key)
+        _profile_table()  # a missing table stops here, before anything is fetched
+
+    def digest(self, text: str) -> bytes:
+        return hmac.new(self._key, text.encode("utf-8", "surrogatepass"),
+                        hashlib.sha256).digest()
+
+    def uid(self, value) -> str:
+        value = str(value or "").strip().rstrip("\0")
+        if not value:
+            return ""
+        # 2.25.<128-bit integer>: a UUID-derived UID (PS3.5 B.2), 44 characters at most
+        return "2.25." + str(int.from_bytes(self.digest(f"uid:{value}")[:16], "big"))
+
+    def patient(self, value) -> str | None:
+        value = str(value or "").strip()
+        if not value:
+            return None
+        return "anon-" + self.digest(f"patient:{value}").hex()[:20]
+
+    def __call__(self, ds) -> None:
+        """De-identify ``ds`` in place (file meta included)."""
+        exact, masked = _profile_table()
+        pseudonym = self.patient(ds.get("PatientID", None))
+        meta = getattr(ds, "file_meta", None)
+        if meta is not None:
+            if "MediaStorageSOPInstanceUID" in meta:
+                meta.MediaStorageSOPInstanceUID = self.uid(meta.MediaStorageSOPInstanceUID)
+            for tag in list(meta.keys()):  # the sender's and receiver's AE titles (sites)
+                if Tag(tag) in _META_REMOVED:
+                    del meta[tag]
+        self._scrub(ds, exact, masked, 0)
+        if pseudonym:
+            ds.PatientID = pseudonym
+        ds.PatientIdentityRemoved = "YES"
+        ds.DeidentificationMethod = "PS3.15 E.1 Basic Profile (kmedtl, keyed UIDs)"
+        code = Dataset()
+        code.CodeValue, code.CodingSchemeDesignator = "113100", "DCM"
+        code.CodeMeaning = "Basic Application Confidentiality Profile"
+        ds.DeidentificationMethodCodeSequence = Sequence([code])
+        ds.LongitudinalTemporalInformationModified = "REMOVED"
+
+    def _scrub(self, ds, exact: dict, masked: list, depth: int):
+        if depth > _MAX_DEPTH:
+            raise DataError("dataset", f"sequences nested deeper than {_MAX_DEPTH} levels",
+                            kind="invalid_dicom")
+        for tag in list(ds.keys()):
+            tag = Tag(tag)
+            if tag.is_private:
+                del ds[tag]
+                continue
+            action = exact.get(tag)
+            if action is None and tag.group >> 8 in (0x50, 0x60):
+                action = next((a for (g, e, gm, em), a in masked
+                               if tag.group & gm == g & gm and tag.element & em == e & em),
+                              None)
+            elem = ds[tag]
+            if action is None or action == "U*":
+                if elem.VR == "SQ" and elem.value:
+                    for item in elem.value:
+                        self._scrub(item, exact, masked, depth + 1)
+                continue
+            if action == "X" or action == "P":
+                del ds[tag]  # PatientID: set to the pseudonym afterwards (top level only)
+            elif elem.VR == "SQ":
+                elem.value = Sequence()  # Z, D (see _CATEGORY_ACTIONS), U
+            elif action == "U" or (action == "D" and elem.VR == "UI"):
+                if elem.VR != "UI":
+                    elem.value = None
+                elif elem.VM > 1:
+                    elem.value = [self.uid(v) for v in elem.value]
+                else:
+                    elem.value = self.uid(elem.value)
+            elif action == "Z":
+                elem.value = None
+            else:  # D: a dummy value of the element's VR
+                if elem.VR in _DUMMY_BY_VR:
+                    elem.value = _DUMMY_BY_VR[elem.VR]
+                elif elem.VR in ("AE", "CS", "LO", "LT", "SH", "ST", "UC", "UT"):
+                    elem.value = _DUMMY_TEXT
+                elif elem.VR in ("US", "SS", "UL", "SL", "FL", "FD", "UV", "SV"):
+                    elem.value = 0
+                else:
+                    elem.value = None  # bytes, AT, UR: zero length
+
+
+def deidentify(ds, deid: Deidentifier) -> None:
+    """De-identify ``ds`` in place with ``deid`` (:class:`Deidentifier`)."""
+    deid(ds)
+
+
 # ---------------------------------------------------------------------------------------
 # One instance
-
-
-def deidentify(ds) -> None:
-    """Empty :data:`IDENTITY_KEYWORDS` at every nesting level (sequences are removed)."""
-    tags = {tag_for_keyword(k) for k in IDENTITY_KEYWORDS} - {None}
-
-    def scrub(dataset):
-        for tag in list(dataset.keys()):
-            elem = dataset[tag]
-            if elem.tag in tags:
-                if elem.VR == "SQ":
-                    del dataset[tag]
-                else:
-                    elem.value = ""
-            elif elem.VR == "SQ" and elem.value is not None:
-                for item in elem.value:
-                    scrub(item)
-
-    scrub(ds)
 
 
 def _check_pixels(ds, name: str):
@@ -662,16 +1158,28 @@ def _fetch(client, store: Store, spec: DicomWebSpec, inst: _Instance) -> dict:
         if fatal is not None:
             raise fatal from None
         kind, reason = _skip_reason(exc, inst.name)
-        return {**rec, "skip": kind, "reason": reason, "retry": kind != "invalid_dicom"}
+        out = {**rec, "skip": kind, "reason": reason, "retry": kind != "invalid_dicom"}
+        if kind == "invalid_dicom":  # journalled: without the parser's text (file values)
+            out["journal"] = (f"{inst.name}: the server sent a part that cannot be read as "
+                              f"DICOM ({type(exc).__name__})")
+        return out
     try:
         _check_pixels(ds, inst.name)
+        frames = dicom.n_frames(ds)
+        store.deid(ds)
+        data = _serialise(ds)
     except DataError as err:
         # a non-image or truncated stored instance: fetching it again would not help
         return {**rec, "skip": err.kind, "reason": f"{inst.name}: {err.reason}",
                 "retry": False}
-    frames = dicom.n_frames(ds)
-    deidentify(ds)
-    digest = store.put(_serialise(ds))
+    except (OSError, MemoryError, BackendUnavailableError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - a hostile part: this instance only
+        what = f"{inst.name}: cannot be de-identified and written ({type(exc).__name__}"
+        return {**rec, "skip": "invalid_dicom", "retry": False,
+                "reason": f"{what}: {_first_line(exc)})", "journal": f"{what})"}
+    del ds
+    digest = store.put(data)
     return {**rec, "sha": digest, "size": os.path.getsize(store.object_path(digest)),
             "frames": frames}
 
@@ -680,9 +1188,27 @@ def _fetch(client, store: Store, spec: DicomWebSpec, inst: _Instance) -> dict:
 # Queries
 
 
-def _value(record: dict, tag: str):
-    value = (record.get(tag) or {}).get("Value") or [None]
-    return value[0]
+def _value(record, tag: str) -> str | None:
+    """The first value of ``tag`` in a DICOM JSON record, as text; None when absent or
+    of a shape no DICOM JSON has (a server's records are not trusted to be well formed)."""
+    elem = record.get(tag) if isinstance(record, dict) else None
+    values = elem.get("Value") if isinstance(elem, dict) else None
+    if not isinstance(values, list) or not values:
+        return None
+    value = values[0]
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        return None
+    return str(value)
+
+
+def _bad_uid(value) -> bool:
+    return not (isinstance(value, str) and len(value) <= 64 and _UID_RE.match(value))
+
+
+def _show(value) -> str:
+    """A server-given value for a message: escaped, at most 80 characters."""
+    text = ascii(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _count(record: dict, tag: str) -> int | None:
@@ -737,12 +1263,18 @@ def _query_studies(client, spec: DicomWebSpec, uids):
         fatal = _fatal(exc, spec, "searching for studies (QIDO-RS)")
         if fatal is not None:
             raise fatal from None
+        if getattr(exc, "limit_kind", None):
+            raise DicomWebError(f"the DICOMweb server {spec.redacted_url}: the study search "
+                                f"(QIDO-RS) failed: {exc}", url=spec.redacted_url) from None
         raise DicomWebError(f"the DICOMweb server {spec.redacted_url} failed the study search "
                             f"({_short(exc)}); check data.dicomweb.filters",
                             url=spec.redacted_url) from None
 
 
-def _query_instances(client, spec: DicomWebSpec, study: str, expected: int | None = None):
+def _query_instances(client, spec: DicomWebSpec, study: str,
+                     expected: int | None = None) -> list | tuple[str, str]:
+    """The instance records of ``study``, or ``(kind, reason)`` when this study cannot be
+    listed (a whole-server problem raises)."""
     try:
         return _search_all(client.search_for_instances, (_SERIES, _SOP),
                            expected=None if spec.instance_filters else expected,
@@ -753,11 +1285,14 @@ def _query_instances(client, spec: DicomWebSpec, study: str, expected: int | Non
         fatal = _fatal(exc, spec, f"listing the instances of study {study}", study=study)
         if fatal is not None:
             raise fatal from None
+        what = f"study {study}"
         if _status(exc) == 404:
-            return None
-        raise DicomWebError(f"the DICOMweb server {spec.redacted_url} failed to list the "
-                            f"instances of study {study} ({_short(exc)})",
-                            url=spec.redacted_url, study=study) from None
+            return "not_found", (f"{what}: not found on the DICOMweb server "
+                                 f"{spec.redacted_url} (HTTP 404) when listing its instances")
+        kind, reason = _skip_reason(exc, what)
+        if kind == "invalid_dicom":
+            kind, reason = "server_error", f"{what}: cannot be listed ({_short(exc)})"
+        return kind, f"{reason} (QIDO-RS instance listing)"
 
 
 # ---------------------------------------------------------------------------------------
@@ -807,10 +1342,15 @@ def pull(spec: DicomWebSpec, hierarchy=None, options: ImageOptions | None = None
         uids = list(labels)
     studies = _query_studies(client, spec, uids)
     by_uid: dict[str, dict] = {}
-    for rec in studies:
+    for i, rec in enumerate(studies):
         uid = _value(rec, _STUDY)
-        if uid:
-            by_uid.setdefault(uid, rec)
+        if _bad_uid(uid):
+            skip_entry(f"studies/(record {i + 1}: {_show(uid)})",
+                       f"study record {i + 1} of the DICOMweb server {url}: its "
+                       f"StudyInstanceUID {_show(uid)} is not a DICOM UID (digits and dots, "
+                       "at most 64 characters); it is not asked for", "bad_uid")
+            continue
+        by_uid.setdefault(uid, rec)
     if uids is not None:
         for uid in uids:
             if uid not in by_uid:
@@ -839,10 +1379,9 @@ def pull(spec: DicomWebSpec, hierarchy=None, options: ImageOptions | None = None
         listings = list(pool.map(lambda w: _query_instances(
             client, spec, w[0], _count(by_uid[w[0]], _N_INSTANCES)), wanted))
     for (study, study_label), instances in zip(wanted, listings):
-        patient = _value(by_uid[study], _PATIENT_ID)
-        if instances is None:
-            skip_entry(f"studies/{study}", f"study {study}: not found on the DICOMweb server "
-                       f"{url} (HTTP 404) when listing its instances", "not_found")
+        patient = store.deid.patient(_value(by_uid[study], _PATIENT_ID))
+        if isinstance(instances, tuple):
+            skip_entry(f"studies/{study}", instances[1], instances[0])
             continue
         expected = _count(by_uid[study], _N_INSTANCES)
         if not spec.instance_filters and expected is not None and len(instances) < expected:
@@ -855,7 +1394,14 @@ def pull(spec: DicomWebSpec, hierarchy=None, options: ImageOptions | None = None
         series_problem: dict[str, tuple[str, str] | None] = {}
         for irec in instances:
             series, sop = _value(irec, _SERIES), _value(irec, _SOP)
-            if not series or not sop:
+            bad = [(k, v) for k, v in (("SeriesInstanceUID", series), ("SOPInstanceUID", sop))
+                   if _bad_uid(v)]
+            if bad:
+                names = [v if not _bad_uid(v) else f"(bad UID {_show(v)})" for v in (series, sop)]
+                skip_entry(f"studies/{study}/series/{names[0]}/instances/{names[1]}",
+                           f"study {study}: the server listed an instance whose {bad[0][0]} "
+                           f"{_show(bad[0][1])} is not a DICOM UID (digits and dots, at most 64 "
+                           "characters); it is not asked for", "bad_uid")
                 continue
             label = study_label
             if spec.label_key == "SeriesInstanceUID" and labels is not None:
@@ -875,7 +1421,8 @@ def pull(spec: DicomWebSpec, hierarchy=None, options: ImageOptions | None = None
                 number = 0
             plan.append(_Instance(study, series, sop, number,
                                   label.label if label else None,
-                                  label.split if label else None, patient))
+                                  label.split if label else None, patient,
+                                  store.instance_key(study, series, sop)))
     plan.sort(key=lambda i: (i.study, i.series, i.number, i.sop))
     plan = list({i.key: i for i in plan}.values())  # a server listing one twice
 
@@ -902,7 +1449,8 @@ def pull(spec: DicomWebSpec, hierarchy=None, options: ImageOptions | None = None
                              "instances", inst.sop)
         if "skip" in rec:
             n_skipped_instances += 1
-            skipped.append(Skipped(entry, rec["reason"], rec["skip"], "dicomweb", entry=entry))
+            reason = str(rec.get("reason", "")).replace("<instance>", inst.name)
+            skipped.append(Skipped(entry, reason, rec["skip"], "dicomweb", entry=entry))
             continue
         path = store.object_path(rec["sha"])
         n = int(rec.get("frames", 1) or 1)
@@ -916,6 +1464,20 @@ def pull(spec: DicomWebSpec, hierarchy=None, options: ImageOptions | None = None
              url, len(plan), fetched, reused, n_skipped_instances)
     index.check_strict(strict)
     return result
+
+
+def _journal_record(rec: dict, inst: _Instance) -> dict:
+    """``rec`` as journalled: its reason names no UID (``<instance>``, ``<uid>``) and
+    holds no parser message (``journal``: the reason without it), which may quote values
+    of the file."""
+    rec = dict(rec)
+    safe = rec.pop("journal", None)
+    if "reason" not in rec:
+        return rec
+    reason = str(safe or rec["reason"]).replace(inst.name, "<instance>")
+    for uid in sorted({inst.study, inst.series, inst.sop}, key=len, reverse=True):
+        reason = reason.replace(uid, "<uid>")
+    return {**rec, "reason": reason}
 
 
 def _retrieve_all(client, store: Store, spec: DicomWebSpec, todo: list[_Instance],
@@ -953,7 +1515,8 @@ def _retrieve_all(client, store: Store, spec: DicomWebSpec, todo: list[_Instance
                     records[inst.key] = rec  # this run only: the next pull tries again
                 else:
                     rec.pop("retry", None)
-                    store.record(rec)
+                    store.record(_journal_record(rec, inst))
+                    rec.pop("journal", None)
                     records[inst.key] = rec
                 fetched += "sha" in rec
                 done += 1
