@@ -10,9 +10,22 @@ Each package registers its own subcommands through ``add_parsers(sub)``.  ``kmed
 sits below ``kmedtl.config`` and never imports it, so this module hands the data commands
 the YAML -> config resolution: ``add_data_parsers(sub, load_config=load_run_config)`` (a
 YAML path -- a run config or a pipeline YAML -- or a config mapping -> the validated run
-config), used for a YAML SOURCE and for ``data split CONFIG``.  Exit codes: 0 ok, 1 data
-problems in --strict mode, 2 bad arguments or config (a ``KmedtlError``), or data with
-nothing usable.
+config), used for a YAML SOURCE and for ``data split CONFIG``.
+
+Exit codes (every command):
+
+- ``0``: everything asked for was done;
+- ``1``: some inputs were unreadable and skipped (``kmedtl predict`` files that could not
+  be read, data problems in ``--strict`` mode), each named on its own ``kmedtl: error:``
+  line; an export whose parity check failed, or a push that was not blessed;
+- ``2``: a config or argument error (a ``KmedtlError``: the message names the field), data
+  with nothing usable, or a refused model: an untrusted SavedModel/TFLite/ONNX file whose
+  ops are not all pure compute (``WriteFile``, ``PyFunc``, a Flex or custom op ...), or a
+  ``.keras`` file Keras' ``safe_mode`` refuses (``UntrustedModelError``; ``kmedtl predict
+  --trust-model`` overrides it for a model you trust: :mod:`kmedtl.export.trust`);
+- ``3``: a broken or mismatched model (``ModelFileError``): a model file that cannot be
+  parsed or loaded, or metadata (``kmedtl.json``/``export.json``) that does not belong to
+  it (digest, leaf count or leaf order).
 
 The data commands (and ``weights``) import neither TensorFlow nor Keras to parse their
 arguments: the stage subcommands (train, evaluate, export, predict, run ...) are registered
@@ -30,19 +43,20 @@ import os
 import sys
 from pathlib import Path
 
-import yaml
-
 from kmedtl import __version__
 from kmedtl._quiet import configure as configure_quiet
 from kmedtl._quiet import native_output_filtered, quiet_environment
-from kmedtl.config import load_config
+from kmedtl._text import EscapingFormatter, printable
+from kmedtl.config import load_config, load_yaml
 from kmedtl.data.cli import add_parsers as add_data_parsers
-from kmedtl.errors import ConfigError, KmedtlError
+from kmedtl.errors import ConfigError, DataError, KmedtlError, ModelFileError
 from kmedtl.init import add_parsers as add_init_parsers
 from kmedtl.pretrained.cli import add_parsers as add_weights_parsers
 
 log = logging.getLogger("kmedtl")
 
+#: Exit codes (see the module docstring): 1 is returned by the commands themselves.
+EXIT_OK, EXIT_SKIPPED, EXIT_USAGE, EXIT_MODEL = 0, 1, 2, 3
 #: Subcommands that need neither TensorFlow nor Keras.
 LIGHT_COMMANDS = ("data", "weights", "init")
 #: Modules whose ``add_parsers(sub)`` register the stage subcommands.  Importing their
@@ -76,10 +90,7 @@ def load_run_config(source):
     path = Path(source) if isinstance(source, (str, os.PathLike)) else None
     if path is None or not path.is_file():
         return load_config(source)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError:
-        raw = None  # load_config reports it, naming the file
+    raw = load_yaml(path.read_text(), str(path))  # limits: kmedtl.safe_yaml
     if not isinstance(raw, dict) or "pipeline" not in raw:
         return load_config(source)
     raw.pop("pipeline")
@@ -134,8 +145,12 @@ def main(argv=None) -> int:
     args = build_parser(argv).parse_args(argv)
     if args.command == "weights":  # builds Keras models: TensorFlow starts here, quietly
         quiet_tensorflow_startup(verbose)
+    log_format = "%(levelname)s %(name)s: %(message)s"
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+                        format=log_format)
+    for handler in logging.getLogger().handlers:  # file names in log lines print escaped
+        if type(handler.formatter) is logging.Formatter:
+            handler.setFormatter(EscapingFormatter(log_format))
     # --verbose shows kmedtl's DEBUG records too (e.g. pydicom's tracebacks, which are
     # kept off the console otherwise); reset for the next call in the same process
     logging.getLogger("kmedtl").setLevel(logging.DEBUG if args.verbose else logging.NOTSET)
@@ -146,8 +161,11 @@ def main(argv=None) -> int:
     try:
         return int(args.func(args) or 0)
     except KmedtlError as exc:
-        print(f"kmedtl: error: {exc}", file=sys.stderr)
-        return 2
+        # a DataError is one line (a file name with a newline must not forge a second one);
+        # other messages keep their line breaks, with every other control escaped
+        msg = printable(exc, keep_newlines=not isinstance(exc, DataError))
+        print(f"kmedtl: error: {msg}", file=sys.stderr)
+        return EXIT_MODEL if isinstance(exc, ModelFileError) else EXIT_USAGE
 
 
 if __name__ == "__main__":

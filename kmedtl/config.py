@@ -9,8 +9,12 @@ is allowed, e.g.::
       data.dicom.window: Input should be 'header', 'percentile', ... or 'liver', or Input
       should be a valid tuple (got 'lungs')
 
-Strings may reference environment variables as ``${NAME}``; a missing variable is an
-error that names it (``KMEDTL_DATASETS`` is how shared datasets are found).  Every path is
+Path fields may reference environment variables as ``${NAME}`` (:data:`ENV_FIELDS`); a
+missing variable is an error that names it (``KMEDTL_DATASETS`` is how shared datasets
+are found).  ``${NAME}`` anywhere else, or a name that looks like a secret
+(``PACS_PASSWORD``), is refused: credentials come only through the ``*_env`` fields of
+``data.dicomweb``.  The YAML itself is read by :func:`kmedtl.safe_yaml.load_yaml`
+(nesting, alias and size limits).  Every path is
 resolved once, when the config is loaded, and kept absolute (:data:`READ_PATHS`: relative
 to the YAML file's folder; :data:`WRITE_PATHS`: relative to the working directory).
 """
@@ -23,14 +27,21 @@ import re
 from pathlib import Path
 from typing import Any, Literal, Union
 
-import yaml
 from pydantic import Field, field_validator, model_serializer, model_validator
 
 from kmedtl.data.augment import Augmentation
 from kmedtl.data.dicomweb import DicomWebSpec
-from kmedtl.data.options import WINDOW_MODES, ImageOptions
+from kmedtl.data.options import (
+    DEFAULT_MAX_FILE_BYTES,
+    DEFAULT_MAX_FRAMES,
+    DEFAULT_MAX_IMAGE_BYTES,
+    DEFAULT_MAX_PIXELS,
+    WINDOW_MODES,
+    ImageOptions,
+)
 from kmedtl.errors import ConfigError, DatasetNotFoundError
 from kmedtl.hierarchy import Hierarchy
+from kmedtl.safe_yaml import limit, load_yaml, self_reference, too_deep, too_many_nodes
 from kmedtl.schema import Strict, validate
 
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -70,7 +81,13 @@ class DataSection(Strict):
     cache_dir: str | None = ".kmedtl_cache"
     workers: int | None = Field(default=None, ge=1)
     strict: bool = False
-    max_pixels: int = Field(default=500_000_000, ge=1)
+    # resource limits for untrusted files (kmedtl.data.options): pixels per frame a header
+    # may announce, decoded float32 bytes of a PNG/JPEG/TIFF/BMP, bytes of a file, frames
+    # of one DICOM under frames: all; over a limit the file is skipped with a kind naming it
+    max_pixels: int = Field(default=DEFAULT_MAX_PIXELS, ge=1)
+    max_image_bytes: int = Field(default=DEFAULT_MAX_IMAGE_BYTES, ge=1)
+    max_file_bytes: int = Field(default=DEFAULT_MAX_FILE_BYTES, ge=1)
+    max_frames: int = Field(default=DEFAULT_MAX_FRAMES, ge=1)
     #: labels found in the data but not in the hierarchy: an error (default) or, only
     #: when set explicitly, left out with their per-label counts printed
     unknown_labels: Literal["error", "skip"] = "error"
@@ -292,7 +309,9 @@ class Config(Strict):
         d = self.data
         return ImageOptions(size=d.image.size, channels=d.image.channels, resize=d.image.resize,
                             window=d.dicom.window, percentiles=d.dicom.percentiles,
-                            frames=d.dicom.frames, max_pixels=d.max_pixels)
+                            frames=d.dicom.frames, max_pixels=d.max_pixels,
+                            max_image_bytes=d.max_image_bytes,
+                            max_file_bytes=d.max_file_bytes, max_frames=d.max_frames)
 
     def hierarchy(self) -> Hierarchy | None:
         h = self.data.hierarchy
@@ -306,24 +325,110 @@ class Config(Strict):
         return Augmentation(**self.augment.model_dump(), seed=seed)
 
 
-def expand_env(value: Any, where: str = "") -> Any:
-    """Replace ``${VAR}`` in every string; a missing variable raises ConfigError."""
-    if isinstance(value, dict):
-        return {k: expand_env(v, f"{where}.{k}" if where else str(k)) for k, v in value.items()}
-    if isinstance(value, list):
-        return [expand_env(v, f"{where}[{i}]") for i, v in enumerate(value)]
-    if isinstance(value, str):
-        def sub(m):
-            name = m.group(1)
-            if name not in os.environ:
-                hint = (" (the folder that holds the shared datasets, e.g. "
-                        "export KMEDTL_DATASETS=../shared/datasets)" if name == "KMEDTL_DATASETS"
-                        else "")
-                raise ConfigError(f"{where}: environment variable {name} is not set{hint}")
-            return os.environ[name]
+#: Parts of a variable name that mark it as a secret: refused even in a path field (its
+#: value would be stored in the run folder).  Long words match anywhere in the name,
+#: short ones as a ``_``-separated part; a name ending in _DIR/_FILE/_PATH/_ROOT/_HOME/
+#: _FOLDER names a place (``TLS_KEY_FILE``), not a secret.
+_SECRET_WORDS = ("PASSWORD", "PASSWD", "PASSPHRASE", "SECRET", "TOKEN", "CREDENTIAL",
+                 "APIKEY", "ACCESSKEY", "PRIVATE")
+_SECRET_PARTS = {"KEY", "PASS", "PWD", "AUTH", "CREDS", "COOKIE", "SESSION", "PAT", "SIG",
+                 "SAS"}
+_PLACE_PARTS = {"DIR", "FILE", "PATH", "ROOT", "HOME", "FOLDER"}
+_INDEX_RE = re.compile(r"\[\d+\]")
 
-        return _ENV_RE.sub(sub, value)
-    return value
+
+def secret_like(name: str) -> str | None:
+    """The part of the variable ``name`` that marks it as a secret, or None.
+
+    >>> secret_like("PACS_PASSWORD"), secret_like("KMEDTL_DATASETS"), secret_like("PWD")
+    ('PASSWORD', None, None)
+    """
+    upper = name.upper()
+    parts = [p for p in upper.split("_") if p]
+    if name in ("PWD", "OLDPWD") or (parts and parts[-1] in _PLACE_PARTS):
+        return None
+    for word in _SECRET_WORDS:
+        if word in upper:
+            return word
+    return next((p for p in parts if p in _SECRET_PARTS), None)
+
+
+def is_env_field(where: str) -> bool:
+    """True for a field where ``${VAR}`` is expanded (:data:`ENV_FIELDS`)."""
+    field = _INDEX_RE.sub("", where)
+    return any(field == f or field.endswith("." + f) for f in ENV_FIELDS)
+
+
+def _expand_str(value: str, where: str) -> str:
+    def sub(m):
+        name = m.group(1)
+        word = secret_like(name)
+        if word:
+            raise ConfigError(
+                f"{where}: ${{{name}}} looks like a secret ({word} in its name) and is not "
+                "expanded: a config's values are printed and stored in the run folder. "
+                "DICOMweb credentials go only in data.dicomweb.username_env/password_env "
+                "or token_env, which name the variable; for a folder, name the variable "
+                "*_DIR or *_PATH")
+        if name not in os.environ:
+            hint = (" (the folder that holds the shared datasets, e.g. "
+                    "export KMEDTL_DATASETS=../shared/datasets)" if name == "KMEDTL_DATASETS"
+                    else "")
+            raise ConfigError(f"{where}: environment variable {name} is not set{hint}")
+        return os.environ[name]
+
+    return _ENV_RE.sub(sub, value)
+
+
+def expand_env(value: Any, where: str = "", label: str | None = None) -> Any:
+    """A copy of ``value`` with ``${VAR}`` replaced in the strings of path fields
+    (:data:`ENV_FIELDS`); a missing variable, a secret-looking one (:func:`secret_like`)
+    or ``${VAR}`` in any other field raises a ConfigError naming the field and the
+    variable, never its value.
+
+    A structure that contains itself, nests deeper than ``KMEDTL_YAML_MAX_DEPTH`` or holds
+    more than ``KMEDTL_YAML_MAX_NODES`` values once shared parts are counted each time they
+    appear (a YAML alias bomb passed in as a mapping) is refused before it is copied out.
+    ``label`` (a file name) starts those messages; default ``where`` or ``config``.
+    """
+    max_depth, max_nodes = limit("KMEDTL_YAML_MAX_DEPTH"), limit("KMEDTL_YAML_MAX_NODES")
+    label = label or where or "config"
+    count = 0
+    on_path: set[int] = set()
+
+    def walk(v, at, depth):
+        nonlocal count
+        count += 1
+        if count > max_nodes:
+            raise too_many_nodes(label, max_nodes)
+        if isinstance(v, (dict, list)):
+            if depth > max_depth:
+                raise too_deep(label, max_depth, f" (at {at})")
+            if id(v) in on_path:
+                raise self_reference(label, f" (at {at})")
+            on_path.add(id(v))
+            try:
+                if isinstance(v, dict):
+                    return {k: walk(x, f"{at}.{k}" if at else str(k), depth + 1)
+                            for k, x in v.items()}
+                return [walk(x, f"{at}[{i}]", depth + 1) for i, x in enumerate(v)]
+            finally:
+                on_path.discard(id(v))
+        if isinstance(v, str) and "${" in v:
+            if is_env_field(at):
+                return _expand_str(v, at)
+            m = _ENV_RE.search(v)
+            if m:
+                raise ConfigError(
+                    f"{at}: ${{{m.group(1)}}} is not expanded here: kmedtl expands ${{VAR}} "
+                    "only in path fields (data.root, data.manifest, data.hierarchy, "
+                    "output_dir, ... : kmedtl.config.ENV_FIELDS), because other values are "
+                    "printed and stored in the run folder. Write the value itself; "
+                    "DICOMweb credentials go in data.dicomweb.username_env/password_env or "
+                    "token_env, which name the variable")
+        return v
+
+    return walk(value, where, 1)
 
 
 def merge_overrides(base: dict, over: dict) -> dict:
@@ -350,7 +455,7 @@ def parse_set(items) -> dict:
         node = out
         for p in parts[:-1]:
             node = node.setdefault(p, {})
-        node[parts[-1]] = yaml.safe_load(value)
+        node[parts[-1]] = load_yaml(value, f"--set {key.strip()}")
     return out
 
 
@@ -375,13 +480,24 @@ LIST_PATHS = ("split.exclude_copies_of",)
 #: Values of path fields that name something other than a file.
 _NOT_PATHS = {"train.weights": ("imagenet",)}
 
+#: Where ``${VAR}`` is expanded: the path fields (:data:`READ_PATHS`, :data:`WRITE_PATHS`,
+#: the pipeline section's, a study's ``results``/``costs``), matched on the last segments
+#: of the field's dotted name (list indices dropped: ``comparisons[0].data.root`` is a
+#: ``data.root``).  Anywhere else ``${VAR}`` is refused: every other value is printed or
+#: stored in the run folder (``config.yaml``, ``pipeline.yaml``), and a variable there is
+#: how a secret would end up in them.  Credentials reach kmedtl only through the
+#: ``data.dicomweb`` fields ``username_env``/``password_env``/``token_env``, which *name*
+#: the variables.
+ENV_FIELDS = (*READ_PATHS, *WRITE_PATHS, "pipeline.evaluate.external.source",
+              "pipeline.push.root", "pipeline.export.out_dir", "results", "costs")
+
 
 def resolve_path(value: str, base_dir=None, where: str = "") -> str:
     """``value`` with ``${VAR}`` and ``~`` expanded, as an absolute normalised path: a
     relative one joined to ``base_dir`` (default: the working directory), unless it
     starts with a variable (then the working directory).  No symlink is resolved."""
     from_env = value.lstrip().startswith("${")
-    value = os.path.expanduser(expand_env(value, where).strip())
+    value = os.path.expanduser(_expand_str(value, where).strip())
     if not os.path.isabs(value) and base_dir is not None and not from_env:
         value = os.path.join(os.fspath(base_dir), value)
     return os.path.abspath(value)
@@ -433,17 +549,18 @@ def load_config(source: str | Path | dict, base_dir: str | Path | None = None,
         path = Path(source)
         if not path.is_file():
             raise ConfigError(f"{path}: config file not found")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        raw = load_yaml(path.read_text(), str(path)) or {}
         base_dir = base_dir or path.parent
     if not isinstance(raw, dict):
         raise ConfigError(f"{label}: the top level must be a mapping of sections")
-    if overrides:
-        raw = merge_overrides(raw, resolve_paths(overrides))
-        label += " (with --set)"
-    raw = expand_env(resolve_paths(raw, base_dir))
+    try:
+        if overrides:
+            raw = merge_overrides(raw, resolve_paths(overrides))
+            label += " (with --set)"
+        raw = expand_env(resolve_paths(raw, base_dir), label=label)
+    except ConfigError as exc:  # name the file (a limit's message names it already)
+        msg = str(exc)
+        raise ConfigError(msg if msg.startswith(label) else f"{label}: {msg}") from None
     cfg = validate(Config, raw, label)
     for section, field in ((cfg, "output_dir"), (cfg.data, "cache_dir")):  # the defaults
         value = getattr(section, field)

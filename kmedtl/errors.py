@@ -12,6 +12,8 @@ counts (read = used + skipped).  Messages never contain patient identifiers.
 
 from __future__ import annotations
 
+from kmedtl._text import printable
+
 
 class KmedtlError(Exception):
     """Base class of every kmedtl error."""
@@ -86,7 +88,8 @@ class StrictModeError(KmedtlError):
 
     def __init__(self, skipped):
         self.skipped = list(skipped)
-        lines = [f"  {s.path}: {s.reason}" for s in self.skipped[:20]]
+        # names from the data: escaped, so each skip stays one line
+        lines = [f"  {printable(s.path)}: {printable(s.reason)}" for s in self.skipped[:20]]
         more = len(self.skipped) - len(lines)
         tail = f"\n  ... and {more} more" if more > 0 else ""
         super().__init__(
@@ -106,6 +109,19 @@ class WeightsError(ModelError):
     The message names the file (or the file Keras wanted), where kmedtl looks for it, and
     the command that fixes it (``kmedtl weights import FILE --for BACKBONE``).
     """
+
+
+class UntrustedModelError(KmedtlError):
+    """A model file would run code kmedtl does not trust (a file, process, network or
+    Python op in a SavedModel, a custom or Flex op in a TFLite file, a custom ONNX domain,
+    a Keras ``Lambda`` with bytecode).  Refused before anything is loaded (exit 2); the
+    message names the op and the file, and ``--trust-model`` overrides it."""
+
+
+class ModelFileError(KmedtlError):
+    """A model file is broken (cannot be parsed or loaded) or does not match its metadata
+    (``kmedtl.json``/``export.json`` from another export: digest, leaf count or leaf order).
+    ``kmedtl`` exits 3.  Not :class:`ModelError`, which is an argument error (exit 2)."""
 
 
 class DicomWebError(KmedtlError):

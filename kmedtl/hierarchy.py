@@ -39,9 +39,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
-from kmedtl.errors import HierarchyError
+from kmedtl.errors import ConfigError, HierarchyError
+from kmedtl.safe_yaml import load_yaml  # nesting, alias and size limits (issue 21)
 
 ROOT = "root"
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]+$")
@@ -133,18 +133,18 @@ class Hierarchy:
     @classmethod
     def from_yaml(cls, source: str | Path) -> Hierarchy:
         """Build from a YAML file path or a YAML string."""
-        text = source
+        text, label = source, "hierarchy"
         if isinstance(source, Path) or (
             isinstance(source, str) and "\n" not in source and source.endswith((".yaml", ".yml"))
         ):
             path = Path(source)
             if not path.is_file():
                 raise HierarchyError(f"{path}: hierarchy file not found")
-            text = path.read_text()
+            text, label = path.read_text(), f"hierarchy {path}"
         try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise HierarchyError(f"hierarchy: not valid YAML: {exc}") from None
+            data = load_yaml(text, label)
+        except ConfigError as exc:
+            raise HierarchyError(str(exc)) from None
         return cls(data)
 
     @classmethod

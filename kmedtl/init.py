@@ -80,7 +80,7 @@ from typing import Any
 import yaml
 
 from kmedtl import __version__
-from kmedtl.config import RECOMMENDED_RECIPE, load_config
+from kmedtl.config import RECOMMENDED_RECIPE, load_config, load_yaml
 from kmedtl.data.cli import positive_int
 from kmedtl.data.fingerprint import COLOUR_SAMPLE, COLOUR_THRESHOLD, fingerprint
 from kmedtl.data.sources import SPLIT_NAMES
@@ -654,7 +654,7 @@ def init(source, out="pipeline.yaml", *, hierarchy: str | None = None, name: str
     choices = plan(fp)
     text = render_yaml(fp, choices, out_dir=out_dir, name=name or run_name(fp["source"]),
                        hierarchy_file=hierarchy_file, out_name=out.name)
-    raw = yaml.safe_load(text)
+    raw = load_yaml(text, str(out))  # what `kmedtl run` will parse (kmedtl.safe_yaml)
     raw.pop("pipeline")
     load_config(raw, base_dir=out_dir)  # what `kmedtl run` will read, checked now
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -21,6 +21,8 @@ evaluation, export, push and predict read::
       tuning/              (kmedtl tune: best_config.yaml, results, search/, features/)
       lr_find.png, lr_find.json  (kmedtl lr-find)
       data/, stages/, tuning/, pretrain/, backup/  (kmedtl run: the pipeline's own files)
+      .kmedtl-lock         the one-writer lock: the PID, host and command of the process
+                           writing the folder (kmedtl.ownership; RunFolder.lock)
 
 :class:`RunFolder` gives the path of each artefact (class constants name the files) and
 is what training writes through (:meth:`RunFolder.training_paths`,
@@ -65,6 +67,7 @@ import logging
 import os
 import re
 import shutil
+import zipfile
 from pathlib import Path
 
 import keras
@@ -72,11 +75,12 @@ import yaml
 
 import kmedtl.models  # noqa: F401  (registers kmedtl's serializable classes)
 from kmedtl import jsonio
-from kmedtl.config import READ_PATHS, load_config
+from kmedtl.config import READ_PATHS, load_config, load_yaml
 from kmedtl.data.prepare import check_model_inputs, input_names, load_index, primary_input
 from kmedtl.data.splits import Splits
-from kmedtl.errors import ConfigError, KmedtlError
+from kmedtl.errors import ConfigError, KmedtlError, ModelFileError, UntrustedModelError
 from kmedtl.hierarchy import Hierarchy
+from kmedtl.ownership import LOCK_FILE, run_lock
 
 log = logging.getLogger("kmedtl")
 
@@ -103,13 +107,29 @@ def write_rows(path, rows) -> str:
     return jsonio.atomic_write(path, write, newline="")
 
 
-def load_model(path, error: type[Exception] = ConfigError):
-    """``keras.saving.load_model`` with kmedtl's layers registered."""
+def load_model(path, error: type[Exception] = ConfigError, *, safe_mode: bool = True):
+    """``keras.saving.load_model`` with kmedtl's layers registered, in Keras' ``safe_mode``
+    (a ``Lambda`` layer's Python bytecode is refused: UntrustedModelError, exit 2; only
+    ``kmedtl predict --trust-model`` passes ``safe_mode=False``); a file Keras cannot load
+    raises ModelFileError (exit 3), not a traceback (issue 21)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise error(f"{path}: model file not found (the training stage writes "
                     "model.keras into the run folder)")
-    return keras.saving.load_model(path)
+    if path.endswith(".keras") and not zipfile.is_zipfile(path):
+        raise ModelFileError(f"{path}: not a .keras file (a zip archive); the file is damaged "
+                             "or not a Keras 3 model")
+    try:
+        return keras.saving.load_model(path, safe_mode=safe_mode)
+    except Exception as exc:  # noqa: BLE001 - Keras raises many kinds for a bad file
+        text = " ".join(str(exc).split())[:300] or type(exc).__name__
+        if "safe_mode" in text:
+            raise UntrustedModelError(
+                f"{path}: refused to load this model: Keras safe_mode refuses it ({text}); "
+                "if you trust whoever made it, kmedtl predict --trust-model loads it with "
+                "safe_mode=False, and its code then runs with your rights") from None
+        raise ModelFileError(f"{path}: Keras cannot load this model ({type(exc).__name__}: "
+                             f"{text}); the file is damaged or not a Keras 3 model") from None
 
 
 def leaf_output(output, error: type[Exception] = ConfigError, *, first: bool = False):
@@ -242,6 +262,8 @@ class RunFolder:
     TUNING_BEST_CONFIG = "best_config.yaml"  # tuning/
     TUNING_FEATURES_DIR = "features"  # tuning/: the default on-disk feature cache
     LR_FIND_PNG = "lr_find.png"  # lr_find.json beside it
+    #: the one-writer lock (kmedtl.ownership.run_lock): held while a command writes here
+    LOCK = LOCK_FILE
 
     def __init__(self, path, *, error: type[Exception] = ConfigError, model=None,
                  loaded_model=None):
@@ -413,6 +435,13 @@ class RunFolder:
                                                                       else ""))
         return self
 
+    def lock(self, command: str = "kmedtl", *, create: bool = True):
+        """``with rf.lock("kmedtl train"):`` hold the folder's one-writer lock
+        (:func:`kmedtl.ownership.run_lock`): another process that tries to write the folder
+        meanwhile stops at once with :class:`~kmedtl.ownership.RunFolderBusyError`, naming
+        this process's PID; released however this process ends (``kill -9`` included)."""
+        return run_lock(self.path, command, create=create)
+
     def ensure_files(self, *names: str, hint: str = "rerun the stage that writes it"):
         """Raise ``error`` naming the first of ``names`` the folder lacks."""
         for name in names:
@@ -530,8 +559,8 @@ class RunFolder:
 
     def _warn_relative_paths(self, cfg) -> None:
         try:
-            raw = yaml.safe_load(self.config_path.read_text()) or {}
-        except (OSError, yaml.YAMLError):
+            raw = load_yaml(self.config_path.read_text(), str(self.config_path)) or {}
+        except (OSError, ConfigError):
             return
         loaded = cfg.model_dump(mode="json")
         for key in READ_PATHS:

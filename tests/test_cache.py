@@ -60,7 +60,7 @@ def test_first_build_decodes_everything_and_matches_load_image(dataset, tmp_path
         assert os.path.getsize(result.files[s.id]) == 32 * 32 * 1
     assert set(result.phashes) == set(result.files)
     assert result.summary() == {"folder": result.folder, "cached": 17, "decoded": 17,
-                                "reused": 0, "skipped": 0}
+                                "reused": 0, "rebuilt": 0, "skipped": 0}
 
 
 def test_second_build_reuses_everything(dataset, tmp_path):

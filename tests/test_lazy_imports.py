@@ -50,6 +50,7 @@ HEAVY: dict[str, frozenset[str]] = {
     "tensorboard": frozenset({"tensorboard"}),
     "tf2onnx": frozenset({"tf2onnx", "tensorflow"}),
     "onnxruntime": frozenset({"onnxruntime"}),
+    "onnx": frozenset({"onnx"}),  # with tf2onnx (kmedtl[export]): kmedtl.export.trust
     "ai_edge_litert": frozenset({"ai_edge_litert"}),
     "tensorflow_serving": frozenset({"tensorflow_serving", "tensorflow"}),
     "grpc": frozenset({"grpc"}),
@@ -57,14 +58,15 @@ HEAVY: dict[str, frozenset[str]] = {
     "apache_beam": frozenset({"apache_beam"}),
     "dicomweb_client": frozenset({"dicomweb_client", "requests"}),
     "requests": frozenset({"requests"}),
+    "dicomanonymizer": frozenset({"dicomanonymizer"}),  # the DICOMweb store's PS3.15 table
     "torch": frozenset({"torch"}),
     "jax": frozenset({"jax"}),
 }
 
 #: Extras that any module may import lazily (not in ``install_requires``).
-OPTIONAL = frozenset({"tf2onnx", "onnxruntime", "ai_edge_litert", "tensorflow_serving",
+OPTIONAL = frozenset({"tf2onnx", "onnx", "onnxruntime", "ai_edge_litert", "tensorflow_serving",
                       "grpc", "tensorflow_io", "apache_beam", "dicomweb_client", "requests",
-                      "torch", "jax"})
+                      "dicomanonymizer", "torch", "jax"})
 #: Modules (and packages, with everything in them) that load neither Keras nor TensorFlow.
 LIGHT = ("kmedtl", "kmedtl.cli", "kmedtl.config", "kmedtl.schema", "kmedtl.errors",
          "kmedtl.jsonio", "kmedtl.hierarchy", "kmedtl.data.", "kmedtl.pretrained.")

@@ -5,9 +5,10 @@
 - An empty Modality LUT Sequence item (as in pylibjpeg-data's
   ``JPEGLosslessP14SV1_1s_1f_u_16_16.dcm``) and malformed VOI LUT items fall back with a
   reason instead of crashing ``kmedtl data show``.
-- A lossless JPEG stream with damaged entropy-coded data (as pylibjpeg-data's
-  ``JPEGLossless_1s_1f_i_16_16_bad.dcm``) decodes to garbage without any codec error; it
-  is detected and skipped as ``corrupt_pixel_data``.
+- A lossless JPEG stream with damaged entropy-coded data decodes to garbage without any
+  codec error; it is detected and skipped as ``corrupt_pixel_data``.  (pylibjpeg-data's
+  real ``JPEGLossless_1s_1f_i_16_16_bad.dcm`` turned out to be another defect, an intact
+  stream whose encoder overflowed in predictor 6: ``tests/test_hostile_dicom.py``.)
 - pydicom's own tracebacks stay off the console (DEBUG with ``--verbose``).
 
 The pylibjpeg-data files are not on PyPI, so equivalent files are built here with pydicom
@@ -183,8 +184,7 @@ def test_malformed_modality_lut_items_fall_back_to_rescale(tmp_path):
 # ---------------------------------------------------------------------------- corrupt data
 def damaged_lossless_jpeg(tmp_path, name="JPEG-LL.dcm", offset=0.5, run=16):
     """A real JPEG Lossless SV1 file with a run of its entropy-coded bytes damaged (XOR
-    0x5A), like pylibjpeg-data's JPEGLossless_1s_1f_i_16_16_bad.dcm (16 bits, signed):
-    libjpeg decodes it without an error to an image of garbage."""
+    0x5A): libjpeg decodes it without an error to an image of garbage."""
     ds = pydicom.dcmread(dicom_file(name))
     frame = bytearray(next(generate_frames(ds.PixelData, number_of_frames=1)))
     sos = frame.find(b"\xff\xda")
@@ -254,7 +254,9 @@ def test_lossless_check_accepts_every_real_lossless_jpeg(pydicom_files):
 def corrupt_jpeg2000(tmp_path):
     ds = pydicom.dcmread(dicom_file("MR_small_jp2klossless.dcm"))
     frame = bytearray(next(generate_frames(ds.PixelData, number_of_frames=1)))
-    frame[20:60] = bytes(40)  # destroys the codestream header
+    # destroys the codestream's COD/QCD segments (not SIZ: a forged SIZ is refused before
+    # decoding, as codec_size_mismatch, and this case is about the decoder's own error)
+    frame[50:90] = bytes(40)
     ds.PixelData = encapsulate([bytes(frame)])
     path = tmp_path / "bad_j2k.dcm"
     ds.save_as(path)

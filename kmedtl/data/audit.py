@@ -41,6 +41,7 @@ from dataclasses import replace
 import numpy as np
 from PIL import Image, ImageDraw
 
+from kmedtl._text import printable
 from kmedtl.data import decode, dicom, scan
 from kmedtl.data.cache import build_cache
 from kmedtl.data.decode import looks_like_dicom
@@ -69,11 +70,14 @@ DEFAULT_SIMILAR_THRESHOLD = 0.935
 
 
 def scan_index(index: DatasetIndex, options: ImageOptions, cache_dir=None, workers=None,
-               progress=None):
+               progress=None, warnings_out: dict | None = None):
     """Decode every sample once; returns (digests, phashes, thumbs, skipped), the first
-    three keyed by sample id."""
+    three keyed by sample id.  ``warnings_out`` (a dict) receives sample id -> decode
+    warning (e.g. a DICOM window covering none of the pixels)."""
+    warnings_out = {} if warnings_out is None else warnings_out
     if cache_dir is not None:
         res = build_cache(index, options, cache_dir, workers, progress, phash=True)
+        warnings_out.update(res.warnings)
         return res.digests, res.phashes, res.thumbs, res.skipped
     tasks = [scan.Task(s.path, s.frame, options, None, True) for s in index.samples]
     # further images of multi-input samples are decoded too (not hashed: duplicates and
@@ -86,6 +90,8 @@ def scan_index(index: DatasetIndex, options: ImageOptions, cache_dir=None, worke
     for s, r in zip(index.samples, results):
         if r.ok:
             digests[s.id], phashes[s.id], thumbs[s.id] = r.digest, r.phash, r.thumb
+            if (r.meta or {}).get("warning"):
+                warnings_out[s.id] = r.meta["warning"]
         else:
             skipped.append(Skipped(r.path, r.error_reason, r.error_kind, "decode"))
     for r in results[len(index.samples):]:
@@ -123,6 +129,7 @@ def audit(index: DatasetIndex, options: ImageOptions | None = None, *, splits=No
     options = options or ImageOptions()
     if runner not in ("process", "beam"):
         raise ValueError(f"runner={runner!r}: use 'process' or 'beam'")
+    image_warnings: dict = {}  # sample id -> decode warning
     if runner == "beam":
         # lazy: Apache Beam, an optional extra (pip install 'kmedtl[beam]'), runner="beam" only
         from kmedtl.data import beam
@@ -131,7 +138,8 @@ def audit(index: DatasetIndex, options: ImageOptions | None = None, *, splits=No
             index, hash_options(options), cache_dir, beam_options, workers=workers)
     else:
         digests, phashes, thumbs, skipped = scan_index(index, hash_options(options),
-                                                       cache_dir, workers, progress)
+                                                       cache_dir, workers, progress,
+                                                       warnings_out=image_warnings)
     used = index.drop(skipped)
     split_of = dict(splits) if splits else {s.id: (s.split or "all") for s in used.samples}
     label_of = {s.id: s.label for s in used.samples}
@@ -189,7 +197,10 @@ def audit(index: DatasetIndex, options: ImageOptions | None = None, *, splits=No
         "similarity": evidence,
         "label_conflicts": sorted(conflicts),
         "patient_overlap": _patient_overlap(used, split_of, patients),
-        "warnings": list(index.warnings),
+        "warnings": list(index.warnings) + _image_warning_lines(image_warnings, used, rel),
+        "image_warnings": [{"path": rel(s.path) + (f"#{s.frame}" if s.frame is not None
+                                                   else ""), "warning": image_warnings[s.id]}
+                           for s in used.samples if s.id in image_warnings],
         # does a non-content property (size, format, scanner...) predict the label?
         "shortcuts": shortcut_audit(used.samples, label_of={s.id: cls(s) for s in used.samples})
         if labelled else {"skipped": "unlabelled"},
@@ -219,6 +230,18 @@ def audit(index: DatasetIndex, options: ImageOptions | None = None, *, splits=No
                            "similar_pairs": similar_links, "index": used,
                            "hashes": (digests, phashes, thumbs)}
     return report
+
+
+def _image_warning_lines(image_warnings: dict, used: DatasetIndex, rel,
+                         shown: int = 5) -> list[str]:
+    """The report's warning lines for images used despite a decode warning: the first
+    ``shown`` in full, then a count (all are in ``image_warnings``)."""
+    lines = [f"{rel(s.path)}{f'#{s.frame}' if s.frame is not None else ''}: "
+             f"{image_warnings[s.id]}" for s in used.samples if s.id in image_warnings]
+    if len(lines) > shown:
+        lines = lines[:shown] + [f"... and {len(lines) - shown} more images used with a "
+                                 "decode warning (image_warnings in the JSON report)"]
+    return lines
 
 
 def patients_of(index: DatasetIndex, patients: dict | None) -> dict:
@@ -257,8 +280,7 @@ def dicom_patients(index: DatasetIndex) -> dict:
         if s.patient_id:
             continue
         try:
-            with open(s.path, "rb") as fh:
-                head = fh.read(132)
+            head = decode.read_head(s.path)  # regular files only: never blocks on a FIFO
             if not looks_like_dicom(s.path, head):
                 continue
             ds = dicom.read_dataset(s.path, s.path, stop_before_pixels=True)
@@ -323,7 +345,8 @@ def format_summary(report: dict) -> str:
         lines.append("skipped, not data (metadata, hidden files, documentation): " + ", ".join(
             f"{k} {v}" for k, v in ignored.items()))
     lines += ["warning: " + w for w in report.get("warnings") or ()]
-    return "\n".join(lines)
+    # names from the data (classes, folders) may hold ESC or newlines: escaped line by line
+    return "\n".join(printable(line) for line in lines)
 
 
 def _duplicate_groups(digests, phashes, path_of, near_threshold):

@@ -32,6 +32,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from kmedtl._text import printable
 from kmedtl.data.audit import (
     audit,
     dicom_patients,
@@ -147,7 +148,7 @@ def cmd_audit(args, load_config: LoadConfig) -> int:
             for note in check_labels(used, hierarchy, cfg.data.unknown_labels):
                 print(note)
         except LabelMismatchError as exc:
-            print(f"kmedtl: error: {exc}", file=sys.stderr)
+            print(f"kmedtl: error: {printable(exc, keep_newlines=True)}", file=sys.stderr)
             code = 2
     problems = used.problems()
     if cfg.data.strict and problems:
@@ -171,10 +172,10 @@ def cmd_cache(args, load_config: LoadConfig) -> int:
         res = build_cache(index, cfg.image_options(), cfg.data.cache_dir, cfg.data.workers)
     counts = index.drop(res.skipped).counts()
     print(f"cache {res.folder}: {len(res.files)} images ({res.decoded} decoded, {res.reused} "
-          f"reused), skipped {len(res.skipped)}")
+          f"reused, {res.rebuilt} rebuilt), skipped {len(res.skipped)}")
     print(f"read {counts['read']} = used {counts['used']} + skipped {counts['skipped']}")
     for s in index.skipped + res.skipped:
-        print(f"  skipped {s.path}: {s.reason}")
+        print(f"  skipped {printable(s.path)}: {printable(s.reason)}")
     problems = index.drop(res.skipped).problems()
     return 1 if cfg.data.strict and problems else 0
 

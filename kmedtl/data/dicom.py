@@ -6,6 +6,15 @@ with Pillow as a fallback pydicom chooses itself.  The result is a float32 image
 [0, 1], shaped (H, W, 1) for MONOCHROME data and (H, W, 3) for colour, exactly what a
 radiologist sees on screen with the chosen window.
 
+Resource limits are checked before anything large is allocated: Rows x Columns against
+``data.max_pixels``, the codestream's own frame header (JPEG SOFn / JPEG-LS SOF55 /
+JPEG 2000 SIZ, :func:`check_codec_frame`) against that limit and against the DICOM
+header, and a Deflated Explicit VR Little Endian dataset's inflated size against a cap
+(:func:`check_deflated`).  Segmentation objects are refused (their frames are label
+masks) and transfer syntaxes pydicom cannot decode are reported as
+``unsupported_transfer_syntax``.  A fixed window that covers under 1% of the pixel values
+is kept but warned about in the meta (``warning``), which the audit reports.
+
 Enhanced (multi-frame) objects keep rescale, window and pixel spacing in the Shared and
 Per-frame Functional Groups; :func:`apply_functional_groups` brings the decoded frame's
 values to the top level so that pydicom's modality/VOI LUT functions (which read only
@@ -32,6 +41,7 @@ import logging
 import os
 import threading
 import warnings
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +50,8 @@ import pydicom
 from pydicom.dataset import FileMetaDataset
 from pydicom.encaps import get_frame
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import _read_file_meta_info, read_preamble
+from pydicom.filereader import read_dataset as _pydicom_read_dataset
 from pydicom.pixels import (
     apply_color_lut,
     apply_modality_lut,
@@ -48,14 +60,20 @@ from pydicom.pixels import (
     pixel_array,
 )
 from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     RLELossless,
 )
 
-from kmedtl.data.jpeg_lossless import LOSSLESS_JPEG_SYNTAXES, check_frame
-from kmedtl.data.options import WINDOW_PRESETS, ImageOptions
+from kmedtl.data.jpeg_lossless import LOSSLESS_JPEG_SYNTAXES, check_frame, predictor6_overflow
+from kmedtl.data.options import (
+    DEFAULT_MAX_FILE_BYTES,
+    DEFAULT_MAX_PIXELS,
+    WINDOW_PRESETS,
+    ImageOptions,
+)
 from kmedtl.errors import DataError, DicomDecodeError, ImageTooLargeError
 
 #: pip package that provides a decoder, by transfer syntax family (for error messages).
@@ -166,20 +184,31 @@ def is_dicom_bytes(head: bytes) -> bool:
     return len(head) >= 132 and head[128:132] == b"DICM"
 
 
-def read_dataset(source, path_for_errors, *, stop_before_pixels=False):
+def read_dataset(source, path_for_errors, *, stop_before_pixels=False,
+                 max_pixels: int | None = None, max_file_bytes: int | None = None):
     """Parse a DICOM file (path, bytes or file object) into a pydicom ``Dataset``.
 
     Files without the DICOM preamble (old ACR-NEMA style, or written by tools that skip
-    the file meta) are accepted when they parse into a plausible image dataset.
+    the file meta) are accepted when they parse into a plausible image dataset.  A
+    Deflated Explicit VR Little Endian file is first inflated within a byte cap
+    (:func:`check_deflated`, with ``max_pixels`` / ``max_file_bytes``, by default
+    ``data.max_pixels`` / ``data.max_file_bytes``'s defaults), because pydicom inflates
+    the whole dataset in memory even with ``stop_before_pixels``.
     """
     name = path_for_errors
     if isinstance(source, (bytes, bytearray)):
         if len(source) == 0:
             raise DicomDecodeError(name, "file is empty (0 bytes)", kind="zero_byte")
         fp = io.BytesIO(source)
+        check_deflated(fp, name, max_pixels, max_file_bytes)
     else:
-        if os.path.getsize(source) == 0:
+        if hasattr(source, "read"):
+            check_deflated(source, name, max_pixels, max_file_bytes)
+        elif os.path.getsize(source) == 0:
             raise DicomDecodeError(name, "file is empty (0 bytes)", kind="zero_byte")
+        else:
+            with open(source, "rb") as fh:
+                check_deflated(fh, name, max_pixels, max_file_bytes)
         fp = source
     with warnings.catch_warnings(record=True) as caught, pydicom_logs_to_debug():
         warnings.simplefilter("always")
@@ -221,6 +250,127 @@ def read_dataset(source, path_for_errors, *, stop_before_pixels=False):
     ds.kmedtl_truncated = any("end of file" in str(w.message).lower() or
                               "truncat" in str(w.message).lower() for w in caught)
     return ds
+
+
+#: A deflated dataset may inflate to its header's pixel data (Rows x Columns x Samples
+#: per Pixel x bytes per sample x Number of Frames) plus this much for every other element
+#: (text, sequences, overlays, icons, private data).  Beyond it (and in any case beyond
+#: ``data.max_file_bytes``) the file is refused while it is being inflated.
+DEFLATE_HEADROOM = 64 << 20
+
+#: How much of the inflated dataset is parsed for the image header (group 0028) first.
+_DEFLATE_HEAD = 256 << 10
+
+
+def check_deflated(fp, name, max_pixels: int | None = None,
+                   max_file_bytes: int | None = None) -> int | None:
+    """Inflate a Deflated Explicit VR Little Endian dataset (1.2.840.10008.1.2.1.99)
+    chunk by chunk, keeping none of it, and refuse it before pydicom inflates it whole.
+
+    pydicom's ``dcmread`` inflates the entire dataset into memory in one call (even with
+    ``stop_before_pixels``), so a few hundred kB of deflated zeros became gigabytes.
+    Here ``zlib.decompressobj`` inflates at most 1 MiB at a time (``max_length``) and
+    counts.  The first 256 kB inflated are parsed for the image header: Rows x Columns
+    over ``max_pixels`` is refused at once (``too_large``, naming ``data.max_pixels``);
+    otherwise the cap is the pixel data that header announces plus
+    :data:`DEFLATE_HEADROOM` (64 MiB), and never more than ``max_file_bytes`` (the byte
+    budget of any file, ``data.max_file_bytes``).  Over the cap: ``too_large``.
+
+    Returns the inflated size (None when the file is not deflated or its file meta cannot
+    be read: then pydicom's own reading reports the problem).  ``fp`` is left where it was.
+    """
+    max_pixels = DEFAULT_MAX_PIXELS if max_pixels is None else int(max_pixels)
+    max_file_bytes = DEFAULT_MAX_FILE_BYTES if max_file_bytes is None else int(max_file_bytes)
+    start = fp.tell()
+    try:
+        try:
+            with warnings.catch_warnings(), pydicom_logs_to_debug():
+                warnings.simplefilter("ignore")
+                read_preamble(fp, False)
+                meta = _read_file_meta_info(fp)
+                deflated = meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian
+        except Exception:  # noqa: BLE001 - no preamble or a damaged file meta: not ours
+            return None
+        if not deflated:
+            return None
+        return _inflate_within(fp, name, max_pixels, max_file_bytes)
+    finally:
+        fp.seek(start)
+
+
+def _inflate_within(fp, name, max_pixels: int, max_file_bytes: int) -> int:
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)  # raw deflate (PS3.5 A.5), as pydicom
+    head = bytearray()
+    total, cap, why = 0, None, ""
+    while not inflater.eof:
+        data = fp.read(1 << 20)
+        if not data:
+            break
+        while data and not inflater.eof:
+            try:
+                out = inflater.decompress(data, 1 << 20)
+            except zlib.error as exc:
+                raise DicomDecodeError(
+                    name, f"the deflated dataset is corrupt (zlib: {exc}); re-export the "
+                    "file", kind="corrupt_header") from None
+            total += len(out)
+            if cap is None:
+                head += out[:_DEFLATE_HEAD - len(head)]
+                if len(head) >= _DEFLATE_HEAD:
+                    cap, why = _deflate_cap(bytes(head), name, max_pixels, max_file_bytes)
+            if cap is not None and total > cap:
+                raise ImageTooLargeError(
+                    name, f"the deflated dataset inflates to more than {cap:,} bytes "
+                    f"({why}); refused while inflating, before it is read (a "
+                    "decompression bomb, or a header that does not match its data)")
+            data = inflater.unconsumed_tail
+    if cap is None:
+        cap, why = _deflate_cap(bytes(head), name, max_pixels, max_file_bytes)
+        if total > cap:
+            raise ImageTooLargeError(
+                name, f"the deflated dataset inflates to {total:,} bytes, more than "
+                f"{cap:,} ({why}); refused before it is read")
+    return total
+
+
+def _deflate_cap(head: bytes, name, max_pixels: int, max_file_bytes: int) -> tuple[int, str]:
+    """The inflated-size cap for a deflated dataset whose first bytes are ``head``, and
+    why; raises ``too_large`` when its header announces more than ``max_pixels``."""
+    budget = (max_file_bytes, f"data.max_file_bytes = {max_file_bytes:,}; raise it if this "
+              "file is a real image")
+
+    def stop(tag, vr, length):
+        return tag > 0x0028FFFF  # the image header is group 0028
+
+    try:
+        with warnings.catch_warnings(), pydicom_logs_to_debug():
+            warnings.simplefilter("ignore")
+            ds = _pydicom_read_dataset(io.BytesIO(head), False, True, stop_when=stop)
+            rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+            spp = int(ds.get("SamplesPerPixel", 1) or 1)
+            bits = int(ds.get("BitsAllocated", 16) or 16)
+            frames = int(ds.get("NumberOfFrames", 1) or 1)
+    except Exception:  # noqa: BLE001 - no readable image header: the headroom alone
+        rows = cols = 0
+    if rows <= 0 or cols <= 0:
+        cap = min(max_file_bytes, DEFLATE_HEADROOM)
+        return cap, (budget[1] if cap == max_file_bytes else
+                     f"its header announces no image size, and {DEFLATE_HEADROOM:,} bytes "
+                     "are allowed for the other elements; the cap never exceeds "
+                     f"data.max_file_bytes = {max_file_bytes:,}")
+    if rows * cols > max_pixels:
+        raise ImageTooLargeError(
+            name, f"header announces {rows}x{cols} = {rows * cols:,} pixels per frame, over "
+            f"the limit of {max_pixels:,} (data.max_pixels); refused before inflating the "
+            "deflated dataset")
+    pixel_bytes = (rows * cols * max(1, spp) * max(1, frames) * max(1, bits) + 7) // 8
+    cap = pixel_bytes + DEFLATE_HEADROOM
+    if cap >= max_file_bytes:
+        return budget
+    return cap, (f"its header announces {pixel_bytes:,} bytes of pixel data ({rows}x{cols}"
+                 f"x{spp} samples of {bits} bits x {frames} frame(s)) and {DEFLATE_HEADROOM:,} "
+                 "more are allowed for the other elements; the cap never exceeds "
+                 f"data.max_file_bytes = {max_file_bytes:,}")
 
 
 def _plausible(ds) -> bool:
@@ -321,17 +471,43 @@ def check_dimensions(ds, name, max_pixels):
         )
 
 
+#: Transfer syntaxes newer than pydicom 3.0's UID dictionary, by UID (for messages).
+_NEWER_SYNTAXES = {
+    "1.2.840.10008.1.2.8.1": "Deflated Image Frame Compression",
+    "1.2.840.10008.1.2.4.110": "JPEG XL Lossless",
+    "1.2.840.10008.1.2.4.111": "JPEG XL JPEG Recompression",
+    "1.2.840.10008.1.2.4.112": "JPEG XL",
+}
+
+
+def _unsupported_syntax(ds, name, tsyntax, why: str) -> DicomDecodeError:
+    label = _NEWER_SYNTAXES.get(str(tsyntax)) or (
+        tsyntax.name if tsyntax.name != str(tsyntax) else "not a transfer syntax pydicom knows")
+    extra = ""
+    if _is_segmentation(ds):
+        extra = " (it is also a Segmentation object, which kmedtl skips in any case)"
+    return DicomDecodeError(
+        name, f"transfer syntax {tsyntax} ({label}) is not supported: {why}{extra}; convert "
+        "the file to a supported syntax (e.g. Explicit VR Little Endian) or remove it",
+        kind="unsupported_transfer_syntax")
+
+
 def _check_codec(ds, name):
     tsyntax = ds.file_meta.TransferSyntaxUID
+    if not tsyntax.is_transfer_syntax:
+        # e.g. 1.2.840.10008.1.2.8.1 (Deflated Image Frame Compression, DICOM 2024): the
+        # UID is not in pydicom's dictionary, which then cannot even say whether it is
+        # compressed (it raised "UID is not a transfer syntax", reported as corrupt_header)
+        raise _unsupported_syntax(
+            ds, name, tsyntax, f"pydicom {pydicom.__version__} has no decoder for it")
     if not tsyntax.is_compressed:
         return
     try:
         decoder = get_decoder(tsyntax)
     except NotImplementedError:
-        raise DicomDecodeError(
-            name, f"transfer syntax {tsyntax.name} ({tsyntax}) has no decoder in pydicom",
-            kind="codec_missing",
-        ) from None
+        raise _unsupported_syntax(
+            ds, name, tsyntax, f"pydicom {pydicom.__version__} has no decoder for it "
+            "(video and other syntaxes without a pixel-data plugin)") from None
     if not decoder.is_available:
         package = next(
             (pkg for key, pkg in _CODEC_PACKAGES.items() if tsyntax.name.startswith(key)),
@@ -345,6 +521,159 @@ def _check_codec(ds, name):
         )
 
 
+#: SOP Classes whose pixel data are segment masks (labels), not an image: Segmentation
+#: Storage (1-bit BINARY or 8-bit FRACTIONAL frames, one per segment and slice), Label
+#: Map Segmentation Storage and Height Map Segmentation Storage (DICOM 2024).
+SEGMENTATION_SOP_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.66.4": "Segmentation Storage",
+    "1.2.840.10008.5.1.4.1.1.66.7": "Label Map Segmentation Storage",
+    "1.2.840.10008.5.1.4.1.1.66.8": "Height Map Segmentation Storage",
+}
+
+
+def _is_segmentation(ds) -> bool:
+    """By SOP Class UID, or (a SOP Class lost in an export) Modality SEG with a Segment
+    Sequence."""
+    try:
+        return str(ds.get("SOPClassUID", "")) in SEGMENTATION_SOP_CLASSES or (
+            str(ds.get("Modality", "")).upper() == "SEG" and "SegmentSequence" in ds)
+    except Exception:  # noqa: BLE001 - an unreadable SOP Class is not a segmentation
+        return False
+
+
+def check_not_segmentation(ds, name):
+    """Refuse segmentation objects: their frames are masks of labelled regions (often
+    1-bit, one frame per segment), which would otherwise be decoded as images or fail as
+    "corrupt RLE" (pydicom cannot decode 1-bit RLE)."""
+    if not _is_segmentation(ds):
+        return
+    sop = str(ds.get("SOPClassUID", ""))
+    what = SEGMENTATION_SOP_CLASSES.get(sop, f"Modality SEG, SOP Class {sop or 'absent'}")
+    kind_of = str(ds.get("SegmentationType", "") or "").upper()
+    try:
+        segments = len(ds.get("SegmentSequence") or ())
+    except Exception:  # noqa: BLE001
+        segments = 0
+    detail = ", ".join(x for x in (kind_of and f"{kind_of} masks",
+                                   segments and f"{segments} segment(s)") if x)
+    raise DicomDecodeError(
+        name, f"a segmentation object ({what}{', ' + detail if detail else ''}): its frames "
+        "are label masks, not an image; remove it from the image dataset (use it as labels)",
+        kind="segmentation_object")
+
+
+#: JPEG start-of-frame markers, T.81 B.1.1.3 (SOF0-3, 5-7, 9-11, 13-15: baseline,
+#: extended, progressive, lossless, hierarchical, arithmetic) and JPEG-LS SOF55 (T.87).
+_JPEG_SOF = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD,
+                       0xCE, 0xCF, 0xF7})
+
+
+def codec_frame_header(frame: bytes) -> dict | None:
+    """What a compressed frame's own header announces: ``{"codec", "height", "width",
+    "components", "precision"}``, or None when it is not a JPEG, JPEG-LS or JPEG 2000
+    codestream (RLE has no such header: pydicom sizes it from Rows/Columns) or the
+    header cannot be read (the decoder then reports the damage).
+
+    The codec allocates what *this* header says, not what Rows/Columns say, so a 64x64
+    DICOM whose JPEG SOF claims 65500x65500 made the decoder allocate gigabytes.
+    Written here because pydicom has no public parser for it: ``get_j2k_parameters``
+    returns only the precision, and the JPEG one is private.  JPEG / JPEG-LS: the SOFn or
+    SOF55 segment (P, Y, X, Nf; T.81 B.2.2); JPEG 2000 / HTJ2K: the SIZ segment that must
+    follow SOC (Xsiz - XOsiz, Ysiz - YOsiz, Csiz, Ssiz; T.800 A.5.1), inside a JP2
+    ``jp2c`` box when wrapped.
+    """
+    data = memoryview(frame)
+    n = len(data)
+    try:
+        if n >= 4 and data[0] == 0xFF and data[1] == 0xD8:
+            i = 2
+            while i + 4 <= n:
+                if data[i] != 0xFF:
+                    return None
+                marker = data[i + 1]
+                if marker == 0xFF:  # fill byte
+                    i += 1
+                    continue
+                if 0xD0 <= marker <= 0xD7 or marker == 0x01:  # no length field
+                    i += 2
+                    continue
+                if marker in (0xDA, 0xD9):  # a scan or the end before any frame header
+                    return None
+                length = int.from_bytes(data[i + 2:i + 4], "big")
+                if marker in _JPEG_SOF:
+                    if i + 10 > n:
+                        return None
+                    return {"codec": "JPEG-LS" if marker == 0xF7 else "JPEG",
+                            "precision": data[i + 4],
+                            "height": int.from_bytes(data[i + 5:i + 7], "big"),
+                            "width": int.from_bytes(data[i + 7:i + 9], "big"),
+                            "components": data[i + 9]}
+                i += 2 + length
+            return None
+        off = 0
+        if bytes(data[:8]) == b"\x00\x00\x00\x0cjP  ":  # JP2 file format: find jp2c
+            off = 12
+            while off + 8 <= n:
+                length = int.from_bytes(data[off:off + 4], "big")
+                box = bytes(data[off + 4:off + 8])
+                header = 8
+                if length == 1:  # XLBox: a 64-bit length follows
+                    length, header = int.from_bytes(data[off + 8:off + 16], "big"), 16
+                if box == b"jp2c":
+                    off += header
+                    break
+                if length < header:
+                    return None
+                off += length
+            else:
+                return None
+        if off + 43 <= n and data[off] == 0xFF and data[off + 1] == 0x4F and \
+                data[off + 2] == 0xFF and data[off + 3] == 0x51:
+            def u32(k):
+                return int.from_bytes(data[off + k:off + k + 4], "big")
+            xsiz, ysiz, xosiz, yosiz = u32(8), u32(12), u32(16), u32(20)
+            return {"codec": "JPEG 2000", "precision": (data[off + 42] & 0x7F) + 1,
+                    "height": max(0, ysiz - yosiz), "width": max(0, xsiz - xosiz),
+                    "components": int.from_bytes(data[off + 40:off + 42], "big")}
+    except (IndexError, ValueError):
+        return None
+    return None
+
+
+def check_codec_frame(ds, index: int, total: int, name, max_pixels: int):
+    """Refuse frame ``index`` before decoding it when its codestream header announces
+    more than ``max_pixels`` pixels (``too_large``), or a size or component count other
+    than Rows x Columns x Samples per Pixel (``codec_size_mismatch``): the codec
+    allocates the codestream's size whatever the DICOM header says."""
+    tsyntax = ds.file_meta.TransferSyntaxUID
+    if not tsyntax.is_encapsulated or "PixelData" not in ds:
+        return
+    try:
+        stream = get_frame(ds.PixelData, index, number_of_frames=total)
+    except Exception:  # noqa: BLE001 - the decoder reports unreadable encapsulation
+        return
+    head = codec_frame_header(stream)
+    if head is None:
+        return
+    h, w, comps, codec = head["height"], head["width"], head["components"], head["codec"]
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    spp = int(ds.get("SamplesPerPixel", 1) or 1)
+    where = f"its {codec} codestream{f' (frame {index})' if total > 1 else ''}"
+    size = f"{h if h else '(height from DNL)'}x{w}"
+    if max(h, 1) * w > max_pixels or h * w * max(comps, 1) > max_pixels * max(spp, 1):
+        raise ImageTooLargeError(
+            name, f"{where} announces {size} = {h * w:,} pixels x {comps} component(s) "
+            f"({head['precision']}-bit), over the limit of {max_pixels:,} pixels "
+            f"(data.max_pixels), while the DICOM header says {rows}x{cols}; refused before "
+            "decoding")
+    if (h and h != rows) or w != cols or comps != spp:
+        raise DicomDecodeError(
+            name, f"{where} announces {size} pixels x {comps} component(s), but the DICOM "
+            f"header says Rows x Columns x Samples per Pixel = {rows}x{cols}x{spp}: the "
+            "file is corrupt or forged; refused before decoding (the codec would allocate "
+            "the codestream's size)", kind="codec_size_mismatch")
+
+
 def decode_dicom(source, options: ImageOptions, *, frame: int | None = None,
                  name: str | None = None, summary: bool = True) -> DicomImage:
     """Decode one frame of a DICOM file into a float32 [0, 1] image.
@@ -355,7 +684,8 @@ def decode_dicom(source, options: ImageOptions, *, frame: int | None = None,
     """
     name = name or (str(source) if isinstance(source, (str, Path)) else "<bytes>")
     with pydicom_logs_to_debug():
-        ds = read_dataset(source, name)
+        ds = read_dataset(source, name, max_pixels=options.max_pixels,
+                          max_file_bytes=options.max_file_bytes)
         try:
             with quiet_pydicom():
                 return _decode_dataset(ds, options, frame, name, summary)
@@ -374,14 +704,16 @@ def decode_dicom(source, options: ImageOptions, *, frame: int | None = None,
 
 def _decode_dataset(ds, options: ImageOptions, frame, name, summary) -> DicomImage:
     check_pixels_present(ds, name)
-    check_dimensions(ds, name, options.max_pixels)
     _ensure_transfer_syntax(ds)
     _check_codec(ds, name)
+    check_not_segmentation(ds, name)
+    check_dimensions(ds, name, options.max_pixels)
     total = n_frames(ds)
     index = frame if frame is not None else frame_indices(ds, options.frames)[0]
     if not 0 <= index < total:
         raise DicomDecodeError(name, f"frame {index} requested but the file has {total}",
                                kind="bad_frame")
+    check_codec_frame(ds, index, total, name, options.max_pixels)
     plugin = {}
     if ds.file_meta.TransferSyntaxUID == RLELossless and \
             "pydicom" in get_decoder(RLELossless).available_plugins:
@@ -444,6 +776,13 @@ def _check_lossless_jpeg(ds, arr, index, total, name):
             name, f"JPEG Lossless pixel data is damaged: {problem}; the codec returned an "
             "image of garbage without an error; re-export or re-transfer the file",
             kind="corrupt_pixel_data")
+    problem = predictor6_overflow(stream, arr)
+    if problem:
+        raise DicomDecodeError(
+            name, f"JPEG Lossless pixel data was written by a non-conforming encoder, "
+            f"{problem}; the codec returned an image of garbage without an error; "
+            "decompress it with dcmtk's workaround (dcmdjpeg +w6 in.dcm out.dcm) or "
+            "re-export it from the original", kind="corrupt_pixel_data")
 
 
 def apply_functional_groups(ds, index: int) -> list[str]:
@@ -617,11 +956,48 @@ def _fix_big_endian_palette(ds):
             ds[key].value = raw.astype("<u2").tobytes()
 
 
+#: A fixed window (header, preset or explicit) covering less than this fraction of the
+#: decoded values' range (min..max) gets a warning: the image renders nearly flat.
+MIN_WINDOW_COVERAGE = 0.01
+
+
+def window_coverage_warning(values: np.ndarray, c: float, w: float, source: str):
+    """A warning when the window ``c``/``w`` covers less than
+    :data:`MIN_WINDOW_COVERAGE` of the range of ``values``, else None.
+
+    A header window that misses the pixels (e.g. a DX whose Window Center/Width 2725/5310
+    was written for other stored values than its 32744..65535) renders an all-white or
+    all-black image that is still used; the warning reaches the image's meta and the
+    audit report."""
+    vmin, vmax = float(np.min(values)), float(np.max(values))
+    if not (np.isfinite(vmin) and np.isfinite(vmax)) or vmax <= vmin:
+        return None
+    lo, hi = c - w / 2.0, c + w / 2.0
+    covered = max(0.0, min(hi, vmax) - max(lo, vmin)) / (vmax - vmin)
+    if covered >= MIN_WINDOW_COVERAGE:
+        return None
+    side = ("every value is above it, so the image is white" if vmin >= hi else
+            "every value is below it, so the image is black" if vmax <= lo else
+            "nearly every value is outside it, so the image is nearly flat")
+    return (f"the {source} window (center {c:g}, width {w:g}: {lo:g}..{hi:g}) covers "
+            f"{covered:.1%} of the pixel values' range {vmin:g}..{vmax:g} (under "
+            f"{MIN_WINDOW_COVERAGE:.0%}): {side} (before any MONOCHROME1 inversion); use "
+            "window: percentile or minmax, or fix the file's window")
+
+
+def _add_warning(info: dict, warning: str | None) -> dict:
+    if warning:
+        info["warning"] = f"{info['warning']}; {warning}" if info.get("warning") else warning
+    return info
+
+
 def _window(values: np.ndarray, ds, options: ImageOptions):
     window = options.window
     if isinstance(window, tuple):
         c, w = window
-        return _linear(values, c, w), {"window": [c, w], "window_source": "explicit"}
+        return _linear(values, c, w), _add_warning(
+            {"window": [c, w], "window_source": "explicit"},
+            window_coverage_warning(values, c, w, "explicit"))
     if window in WINDOW_PRESETS:
         c, w = WINDOW_PRESETS[window]
         info = {"window": [c, w], "window_source": f"preset {window}"}
@@ -630,6 +1006,7 @@ def _window(values: np.ndarray, ds, options: ImageOptions):
                 f"window preset {window!r} is in Hounsfield units but Modality is "
                 f"{ds.get('Modality')}; use window: header or percentile"
             )
+        _add_warning(info, window_coverage_warning(values, c, w, f"preset {window!r}"))
         return _linear(values, c, w), info
     if window == "header":
         header = _header_window(ds)
@@ -637,7 +1014,9 @@ def _window(values: np.ndarray, ds, options: ImageOptions):
             c, w, func = header
             fn = _sigmoid if func == "SIGMOID" else (
                 _linear_exact if func == "LINEAR_EXACT" else _linear)
-            return fn(values, c, w), {"window": [c, w], "window_source": f"header {func}"}
+            return fn(values, c, w), _add_warning(
+                {"window": [c, w], "window_source": f"header {func}"},
+                window_coverage_warning(values, c, w, "header"))
         reason = "no window in header"
         if "VOILUTSequence" in ds:
             seq = ds.get("VOILUTSequence")

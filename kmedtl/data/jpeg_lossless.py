@@ -15,6 +15,11 @@ frame header (precision, size) but not the Huffman tables, restart interval or p
 The check is vectorised numpy (a few milliseconds for a 512x512 frame).  Streams it does
 not cover (hierarchical, several scans, subsampled components, restart intervals that do
 not span whole lines) return ``None``: "not checked", never "corrupt".
+
+An intact stream can still decode to garbage: :func:`predictor6_overflow` recognises
+the streams of encoders that computed selection value 6 with a 16-bit overflow (such as
+pylibjpeg-data's ``JPEGLossless_1s_1f_i_16_16_bad.dcm``), which the byte count cannot
+catch because every code in them is valid.
 """
 
 from __future__ import annotations
@@ -32,9 +37,10 @@ class _NotChecked(Exception):
     """The stream uses a feature this check does not model."""
 
 
-def _markers(frame: bytes) -> dict:
-    """Frame header, Huffman tables, restart interval, scan header and the entropy-coded
-    segments (byte-unstuffed, split at restart markers) of a single-scan lossless JPEG."""
+def _markers(frame: bytes, segments: bool = True) -> dict:
+    """Frame header, Huffman tables, restart interval, scan header and (with
+    ``segments``) the entropy-coded segments (byte-unstuffed, split at restart markers) of
+    a single-scan lossless JPEG."""
     data = memoryview(frame)
     n = len(data)
     if n < 4 or data[0] != 0xFF or data[1] != 0xD8:
@@ -86,7 +92,8 @@ def _markers(frame: bytes) -> dict:
             info["scan_components"] = [body[1 + 2 * k] for k in range(ns)]
             info["predictor"] = body[1 + 2 * ns]
             info["point_transform"] = body[3 + 2 * ns] & 0x0F
-            info["segments"] = _entropy_segments(bytes(data[i:]))
+            if segments:
+                info["segments"] = _entropy_segments(bytes(data[i:]))
             return info
     raise _NotChecked("no scan")
 
@@ -218,3 +225,124 @@ def check_frame(frame: bytes, samples: np.ndarray) -> str | None:
         return None
     except ValueError as exc:
         return str(exc)
+
+
+# ---------------------------------------------------------------------------- predictor 6
+#: A decode that T.81 says is right is refused as an encoder's predictor-6 overflow only
+#: when at least this fraction of neighbouring sample pairs jump by half the sample range
+#: or more (an image of garbage), ...
+OVERFLOW_MIN_JUMPS = 0.001
+#: ... and the decode with the encoder's 16-bit arithmetic is this many times smoother
+#: (mean absolute difference of neighbouring samples).
+OVERFLOW_SMOOTHER = 4.0
+
+
+def _wrap16(v: np.ndarray) -> np.ndarray:
+    """Two's-complement 16-bit value of each int64 (what a C ``short`` holds)."""
+    return ((v + 0x8000) & 0xFFFF) - 0x8000
+
+
+def _predictor6_overflow_decode(x: np.ndarray) -> np.ndarray:
+    """Re-decode one component block (rows x cols, unsigned 16-bit samples as T.81
+    decodes them) as an encoder with the predictor-6 overflow bug meant it.
+
+    Such an encoder computes ``Rb + ((Ra - Rc) >> 1)`` with ``Ra - Rc`` in 16-bit
+    arithmetic, so where the difference overflows its prediction is off by 32768 from the
+    standard's.  The difference values in the stream are the same for both readings
+    (recovered from ``x`` with the standard predictor); only the prediction changes.  The
+    first line and column are predicted by copying a neighbour, identical in both, so only
+    the interior is re-decoded, one anti-diagonal at a time (each sample depends on its
+    left, upper and upper-left neighbours: a diagonal's samples are independent).
+    """
+    rows, cols = x.shape
+    diff = ((x - _predict(x, 6, 1 << 15)) & 0xFFFF).ravel()
+    y = x.copy().ravel()
+    for k in range(2, rows + cols - 1):
+        r = np.arange(max(1, k - cols + 1), min(rows - 1, k - 1) + 1)
+        idx = r * cols + (k - r)
+        ra, rb, rc = y[idx - 1], y[idx - cols], y[idx - cols - 1]
+        y[idx] = (rb + (_wrap16(ra - rc) >> 1) + diff[idx]) & 0xFFFF
+    return y.reshape(rows, cols)
+
+
+def _roughness(v: np.ndarray) -> tuple[float, float]:
+    """(fraction of neighbouring pairs that differ by 32768 or more, mean absolute
+    difference of neighbours), over rows and columns of a 2-D int64 array."""
+    dx = np.abs(np.diff(v, axis=1))
+    dy = np.abs(np.diff(v, axis=0))
+    n = dx.size + dy.size
+    if not n:
+        return 0.0, 0.0
+    jumps = int(np.count_nonzero(dx >= 0x8000)) + int(np.count_nonzero(dy >= 0x8000))
+    return jumps / n, (float(dx.sum()) + float(dy.sum())) / n
+
+
+def predictor6_overflow(frame: bytes, samples: np.ndarray) -> str | None:
+    """A short reason when the lossless JPEG ``frame`` was written by an encoder with the
+    *predictor-6 overflow* bug and ``samples`` (its standard decode) are therefore
+    garbage; ``None`` when not (or not checked).
+
+    Such a stream is intact: every Huffman code is valid and the entropy-coded data has
+    exactly the length :func:`check_frame` expects, so the codec and the byte-count check
+    both accept it.  Its encoder (16-bit samples, selection value 6) computed the
+    prediction ``Rb + ((Ra - Rc) >> 1)`` with ``Ra - Rc`` overflowing 16 bits, against
+    T.81 H.1.2.1; each overflow shifts a sample by half the range, and the error spreads
+    through the later predictions.  pydicom-data's ``JPEGLossless_1s_1f_i_16_16_bad.dcm``
+    is such a file (dcmtk reads it only with ``dcmdjpeg +w6``, its workaround for this
+    bug, and our re-decode equals that output sample for sample).
+
+    The check re-decodes the frame with the encoder's arithmetic and calls the stream
+    non-conforming only when the standard decode is garbage (at least
+    :data:`OVERFLOW_MIN_JUMPS` of neighbouring pairs jump by half the range) *and* the
+    re-decode is :data:`OVERFLOW_SMOOTHER` times smoother: an image encoded correctly
+    decodes smoothly the standard way, and its re-decode is the garbage one.  Smoothness
+    is measured on the values as DICOM reads them (signed when ``samples`` is a signed
+    array).  Only 16-bit, single-scan, selection-value-6 streams without point transform
+    are checked (a 16-bit difference cannot overflow for fewer bits).
+    """
+    try:
+        info = _markers(frame, segments=False)
+        if info.get("predictor") != 6 or info.get("precision") != 16 or \
+                info.get("point_transform") or info.get("scan_components") != \
+                info.get("components"):
+            return None
+        rows, cols = info["rows"], info["cols"]
+        arr = np.asarray(samples)
+        if arr.ndim == 2:
+            arr = arr[..., None]
+        if arr.shape != (rows, cols, len(info["components"])) or arr.dtype.kind not in "iu":
+            return None
+        raw = arr.astype(np.int64) & 0xFFFF
+        signed = arr.dtype.kind == "i"
+        restart = info["restart"]
+        if restart and restart % cols:
+            return None
+        lines = restart // cols if restart else rows
+
+        def as_read(v):
+            return _wrap16(v) if signed else v
+
+        std_jumps, std_rough = _roughness(as_read(raw[..., 0]))
+        for c in range(1, raw.shape[-1]):
+            j, m = _roughness(as_read(raw[..., c]))
+            std_jumps, std_rough = max(std_jumps, j), max(std_rough, m)
+        if std_jumps < OVERFLOW_MIN_JUMPS:
+            return None  # the standard decode is not garbage: nothing to explain
+        alt = np.empty_like(raw)
+        for c in range(raw.shape[-1]):
+            for r0 in range(0, rows, lines):  # prediction restarts with each interval
+                alt[r0:r0 + lines, :, c] = _predictor6_overflow_decode(
+                    raw[r0:r0 + lines, :, c])
+        alt_jumps, alt_rough = 0.0, 0.0
+        for c in range(alt.shape[-1]):
+            j, m = _roughness(as_read(alt[..., c]))
+            alt_jumps, alt_rough = max(alt_jumps, j), max(alt_rough, m)
+        if alt_rough * OVERFLOW_SMOOTHER > std_rough or alt_jumps * 10 > std_jumps:
+            return None
+        return (f"its selection value 6 prediction (Rb + ((Ra - Rc) >> 1)) was computed "
+                f"with a 16-bit overflow, against the JPEG standard (T.81 H.1.2.1): decoded "
+                f"as the standard requires, {std_jumps:.1%} of neighbouring samples jump by "
+                f"half the range (mean step {std_rough:,.0f}); decoded with the encoder's "
+                f"overflow, {alt_jumps:.1%} (mean step {alt_rough:,.0f})")
+    except (_NotChecked, ValueError, IndexError, KeyError):
+        return None

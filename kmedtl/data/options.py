@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import operator
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
@@ -33,8 +34,26 @@ FRAME_MODES = ("first", "middle", "all")
 RESIZE_MODES = ("pad", "crop", "stretch")
 
 #: Refuse images whose header announces more than this many pixels per frame (before
-#: allocating anything).  500 megapixels is far beyond any radiograph or slide thumbnail.
-DEFAULT_MAX_PIXELS = 500_000_000
+#: allocating anything).  100 megapixels is far beyond any radiograph, mammogram (about
+#: 30 MP) or camera photo, and keeps one gray image's decode near 1 GB at most.
+DEFAULT_MAX_PIXELS = 100_000_000
+
+#: Refuse raster images (PNG/JPEG/TIFF/BMP) whose header announces a decoded size
+#: (width x height x channels x 4 bytes, the float32 working copy) over this: 512 MiB is
+#: 134 MP gray or 44 MP RGB, and bounds one file's decode to roughly 1 GB peak RSS.
+DEFAULT_MAX_IMAGE_BYTES = 512 << 20
+
+#: Files larger than this are not read (checked with ``stat`` before opening, and the read
+#: itself never goes past it): 1 GiB holds any single image and most multi-frame DICOMs.
+DEFAULT_MAX_FILE_BYTES = 1 << 30
+
+#: With ``frames: all``, a DICOM announcing more frames than this is skipped (one sample
+#: per frame would otherwise be made for a 10^9-frame header of a few hundred bytes).
+DEFAULT_MAX_FRAMES = 10_000
+
+#: The resource limits: they decide which files are refused, never the pixels of the
+#: others, so they are not part of :meth:`ImageOptions.key` (the cache key).
+LIMIT_FIELDS = ("max_pixels", "max_image_bytes", "max_file_bytes", "max_frames")
 
 
 @dataclass(frozen=True)
@@ -51,7 +70,11 @@ class ImageOptions:
       explicit ``(center, width)`` pair.
     - ``frames``: which frame(s) of a multi-frame DICOM: ``first``, ``middle`` or ``all``
       (every frame becomes its own sample).
-    - ``max_pixels``: refuse larger images before decoding them.
+    - ``max_pixels``: refuse images announcing more pixels (per frame) before decoding.
+    - ``max_image_bytes``: refuse raster images whose decoded float32 size (width x
+      height x channels x 4) would be larger, before decoding.
+    - ``max_file_bytes``: do not read files larger than this.
+    - ``max_frames``: with ``frames: all``, skip DICOMs announcing more frames.
     """
 
     size: tuple[int, int] = (224, 224)
@@ -61,6 +84,9 @@ class ImageOptions:
     percentiles: tuple[float, float] = (0.5, 99.5)
     frames: Literal["first", "middle", "all"] = "middle"
     max_pixels: int = DEFAULT_MAX_PIXELS
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
+    max_frames: int = DEFAULT_MAX_FRAMES
     extra: dict = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self):
@@ -101,12 +127,22 @@ class ImageOptions:
                 f"data.dicom.percentiles: need 0 <= lower < upper <= 100, got {self.percentiles!r}"
             )
         object.__setattr__(self, "percentiles", (lo, hi))
+        for name in LIMIT_FIELDS:
+            value = getattr(self, name)
+            try:
+                n = operator.index(value) if not isinstance(value, bool) else 0
+            except TypeError:
+                n = 0
+            if n < 1:
+                raise ConfigError(f"data.{name}: must be a positive integer, got {value!r}")
+            object.__setattr__(self, name, int(n))
 
     def key(self) -> str:
         """Stable digest of every parameter that changes the decoded pixels."""
         d = asdict(self)
         d.pop("extra")
-        d.pop("max_pixels")
+        for name in LIMIT_FIELDS:
+            d.pop(name)
         d["version"] = PREPROCESSING_VERSION
         blob = json.dumps(d, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]

@@ -16,7 +16,10 @@ import contextlib
 import ctypes
 import multiprocessing as mp
 import os
+import signal
 import sys
+import threading
+import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -71,15 +74,18 @@ def process(task: Task) -> Result:
     if _CRASH_MARKER and _CRASH_MARKER in task.path:  # fault injection for tests only
         os.abort()
     try:
-        data = decode.read_bytes(task.path)
+        data = decode.read_bytes(task.path, task.options.max_file_bytes)
         digest = hashing.content_digest(data)
         target = None
         if task.cache_folder is not None:
             target = cache_file_for(task.cache_folder, digest, task.frame)
-            if os.path.exists(target) and not task.phash:
+            # an entry of the wrong size is decoded again (kmedtl.data.cache checks the rest)
+            fits = os.path.isfile(target) and \
+                os.path.getsize(target) == int(np.prod(task.options.shape))
+            if fits and not task.phash:
                 return Result(task.path, task.frame, True, digest, cache_file=target,
                               from_cache=True)
-            if os.path.exists(target):
+            if fits:
                 img = np.fromfile(target, dtype=np.uint8).reshape(task.options.shape)
                 return Result(task.path, task.frame, True, digest, hashing.perceptual_hash(img),
                               target, True, thumb=hashing.thumbnail(img))
@@ -94,8 +100,8 @@ def process(task: Task) -> Result:
             tmp = f"{target}.{os.getpid()}.tmp"
             img.tofile(tmp)
             os.replace(tmp, target)  # atomic: readers never see a partial entry
-        small = {k: meta[k] for k in ("source", "window_source", "Modality", "n_frames")
-                 if k in meta}
+        small = {k: meta[k] for k in ("source", "window_source", "Modality", "n_frames",
+                                      "warning") if k in meta}
         small["native_shape"] = list(raw.shape)
         return Result(task.path, task.frame, True, digest, ph, target, False, small,
                       thumb=thumb)
@@ -146,7 +152,44 @@ def tune_allocator() -> bool:
         return False
 
 
-def _worker_init():
+#: ``prctl`` option (linux/prctl.h): the signal a process gets when its parent dies.
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(parent_pid: int) -> str:
+    """Make this worker process end when ``parent_pid`` (the pool's owner) is gone.
+
+    A pool worker blocks on its task pipe, which it holds both ends of, so a parent
+    killed with ``kill -9`` would leave it waiting for ever.  On Linux the kernel sends
+    SIGKILL when the parent dies (``PR_SET_PDEATHSIG``); elsewhere a daemon thread polls
+    ``getppid`` every half second.  A parent that died before this ran is noticed at once.
+    (The kernel ties the signal to the parent *thread* that started the worker: the pool
+    lives and ends inside one :func:`run` call of that thread, so that is the same.)
+    Returns how (``"pdeathsig"``, ``"poll"``).
+    """
+    how = "poll"
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0:
+                how = "pdeathsig"
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent_pid:  # died before the death signal was armed
+        os._exit(1)
+    if how == "poll":
+        def watch():
+            while os.getppid() == parent_pid:
+                time.sleep(0.5)
+            os._exit(1)
+
+        threading.Thread(target=watch, name="kmedtl-parent-watch", daemon=True).start()
+    return how
+
+
+def _worker_init(parent_pid: int | None = None):
+    if parent_pid is not None:
+        die_with_parent(parent_pid)
     tune_allocator()
 
 
@@ -200,7 +243,7 @@ def _pool_map(tasks, workers, chunk):
     """Yield ``process`` results from a fresh spawned pool (workers start without __main__)."""
     with detached_main():
         pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"),
-                                   initializer=_worker_init)
+                                   initializer=_worker_init, initargs=(os.getpid(),))
         try:
             results = pool.map(process, tasks, chunksize=chunk)  # submits (and spawns) now
         except BaseException:

@@ -44,8 +44,8 @@ from PIL import Image
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 from sklearn.tree import DecisionTreeClassifier
 
-from kmedtl.data import dicom
-from kmedtl.data.decode import looks_like_dicom
+from kmedtl.data import dicom, raster
+from kmedtl.data.decode import check_file, looks_like_dicom
 from kmedtl.data.sources import Sample
 from kmedtl.errors import DataError
 
@@ -251,6 +251,7 @@ def read_properties(path) -> dict:
     """
     path = str(path)
     try:
+        check_file(path)  # never opens a FIFO or a device
         with open(path, "rb") as fh:
             size = os.fstat(fh.fileno()).st_size
             head = fh.read(132)
@@ -274,7 +275,7 @@ def _raster_properties(fh, path: str, size: int) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # DecompressionBombWarning: nothing is decoded here
         try:
-            img = Image.open(fh)
+            img = raster.open_image(fh)  # PNG/JPEG/TIFF/BMP only
         except Image.DecompressionBombError as exc:
             raise DataError(path, f"{exc}; refused", kind="too_large") from None
         except Exception as exc:  # noqa: BLE001 - any header failure is one unreadable file

@@ -31,8 +31,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kmedtl._text import printable
 from kmedtl.data import dicom
-from kmedtl.data.decode import looks_like_dicom
+from kmedtl.data.decode import check_file, looks_like_dicom, read_head
 from kmedtl.data.options import ImageOptions
 from kmedtl.errors import ConfigError, DataError, ManifestError, StrictModeError
 
@@ -246,17 +247,35 @@ def _walk_files(folder: Path, skipped: list[Skipped]) -> list[Path]:
 
     Metadata files and everything inside metadata folders (``junk_kind``) are appended to
     ``skipped`` with their kind instead of being returned, so that each one is counted.
+    A symlinked sub-folder is followed once: one that leads back into a folder this walk
+    has already entered (a loop, or a second link to the same folder) is recorded as a
+    ``symlink_loop`` skip instead, so nothing is lost without a trace.
     """
     out = []
-    for dirpath, dirnames, filenames in os.walk(folder, onerror=_record_unreadable(skipped)):
+    seen: set[tuple[int, int]] = set()
+    for dirpath, dirnames, filenames in os.walk(folder, onerror=_record_unreadable(skipped),
+                                                followlinks=True):
+        here = _folder_key(dirpath)
+        if here is not None:
+            seen.add(here)
         dirnames.sort()
         keep = []
         for d in dirnames:
             kind = junk_kind(d)
-            if kind is None:
-                keep.append(d)
-            else:  # count its files under the folder's kind
-                _skip_junk_folder(Path(dirpath) / d, kind, skipped)
+            full = Path(dirpath) / d
+            if kind is not None:  # count its files under the folder's kind
+                _skip_junk_folder(full, kind, skipped)
+                continue
+            key = _folder_key(full) if os.path.islink(full) else None
+            if key is not None and key in seen:  # every folder above was entered first
+                skipped.append(Skipped(
+                    str(full), f"symbolic link to a folder already read ({os.path.realpath(full)}"
+                    "): followed once only, so its files are counted where they were first "
+                    "found", "symlink_loop"))
+                continue
+            if key is not None:
+                seen.add(key)
+            keep.append(d)
         dirnames[:] = keep
         for f in sorted(filenames):
             kind = junk_kind(f)
@@ -265,6 +284,14 @@ def _walk_files(folder: Path, skipped: list[Skipped]) -> list[Path]:
             else:
                 skipped.append(Skipped(str(Path(dirpath) / f), _junk_reason(kind, f), kind))
     return out
+
+
+def _folder_key(path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
 
 
 def _walk_all(folder: Path, skipped: list[Skipped]) -> list[Path]:
@@ -399,7 +426,7 @@ def merged_folder_warnings(hierarchy, folder_labels, root) -> list[str]:
         out.append(msg)
         if msg not in _WARNED:
             _WARNED.add(msg)
-            log.warning("%s", msg)
+            log.warning("%s", printable(msg))
     return out
 
 
@@ -599,14 +626,22 @@ def _column_mapping(columns: dict | None, header: list[str], mpath) -> dict[str,
 
 
 def _expand_frames(index: DatasetIndex, options: ImageOptions | None) -> DatasetIndex:
-    """Series folders become their slices; with ``frames: all`` every frame is a sample."""
-    mode = options.frames if options is not None else "middle"
+    """Series folders become their slices; with ``frames: all`` every frame is a sample.
+
+    First every file is checked with ``stat`` (nothing is opened): FIFOs, sockets and
+    devices (``not_regular_file``) and files over ``data.max_file_bytes``
+    (``file_too_large``) are skipped here, before any later pass could open or read them.
+    A DICOM announcing more than ``data.max_frames`` frames is skipped under ``frames:
+    all`` (``too_many_frames``), not expanded nor truncated.
+    """
+    options = options if options is not None else ImageOptions()
+    mode = options.frames
     out: list[Sample] = []
     skipped = list(index.skipped)
     for s in index.samples:
         if os.path.isdir(s.path):
             try:
-                slices = series_slices(s.path)
+                slices = series_slices(s.path, options.max_file_bytes)
             except DataError as err:
                 skipped.append(Skipped(err.path, err.reason, err.kind, "index", s.entry))
                 continue
@@ -615,12 +650,23 @@ def _expand_frames(index: DatasetIndex, options: ImageOptions | None) -> Dataset
             out.extend(Sample(f, s.label, s.patient_id, s.split, None, s.extra, s.entry_key)
                        for f in chosen)
             continue
-        if mode == "all" and s.frame is None and _maybe_dicom(s.path):
+        bad = _screen(s, options.max_file_bytes)
+        if bad is not None:
+            skipped.append(bad)
+            continue
+        if mode == "all" and s.frame is None and _maybe_dicom(s.path, options.max_file_bytes):
             try:
                 ds = dicom.read_dataset(s.path, s.path, stop_before_pixels=True)
                 n = dicom.n_frames(ds)
             except DataError:
                 n = 1  # the decode pass reports the real problem
+            if n > options.max_frames:
+                skipped.append(Skipped(
+                    s.path, f"header announces {n:,} frames, over data.max_frames = "
+                    f"{options.max_frames:,} (frames: all makes one sample per frame); raise "
+                    "data.max_frames if the file really has that many, or use frames: "
+                    "middle", "too_many_frames", "index", s.entry))
+                continue
             if n > 1:
                 out.extend(Sample(s.path, s.label, s.patient_id, s.split, i, s.extra, s.entry)
                            for i in range(n))
@@ -630,22 +676,40 @@ def _expand_frames(index: DatasetIndex, options: ImageOptions | None) -> Dataset
                         index.source)
 
 
-def _maybe_dicom(path: str) -> bool:
+def _screen(s: Sample, max_bytes: int) -> Skipped | None:
+    """A skip for a sample whose file (or an extra image's) must not be read, else None."""
+    for col, path in ((None, s.path), *s.extra):
+        try:
+            check_file(path, max_bytes)
+        except DataError as err:
+            if err.kind not in ("not_regular_file", "file_too_large"):
+                continue  # missing, unreadable ...: the decode pass reports it as before
+            reason = err.reason if col is None else (
+                f"{s.entry_key}: image column {col!r} (input {col!r}): {err.reason}; the "
+                "whole case is left out (every input of a multi-input sample is needed)")
+            return Skipped(path, reason, err.kind, "index", s.entry)
+    return None
+
+
+def _maybe_dicom(path: str, max_bytes: int | None = None) -> bool:
     try:
-        with open(path, "rb") as fh:
-            head = fh.read(132)
-    except OSError:
+        head = read_head(path, 132, max_bytes)
+    except DataError:
         return False
     return looks_like_dicom(path, head)
 
 
-def series_slices(folder) -> list[str]:
-    """DICOM files of a series folder ordered by InstanceNumber (then file name)."""
+def series_slices(folder, max_bytes: int | None = None) -> list[str]:
+    """DICOM files of a series folder ordered by InstanceNumber (then file name).
+
+    Only regular files within ``max_bytes`` (``data.max_file_bytes``) are looked at.
+    """
     files = [str(p) for p in sorted(Path(folder).iterdir()) if p.is_file()
              and not p.name.startswith(".")]
     keyed = []
     for f in files:
         try:
+            check_file(f, max_bytes)
             ds = dicom.read_dataset(f, f, stop_before_pixels=True)
         except DataError:
             continue

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import argparse
 import os
+from contextlib import nullcontext
 
 from kmedtl.config import tta_options
 from kmedtl.errors import ConfigError
 from kmedtl.evaluation.compare import add_parsers as add_compare_parsers
 from kmedtl.evaluation.stage import evaluate_run
 from kmedtl.evaluation.uncertainty import format_interval
+from kmedtl.ownership import run_lock
 
 
 def add_parsers(subparsers) -> argparse.ArgumentParser:
@@ -122,13 +124,18 @@ def cmd_evaluate(args) -> int:
         raise ConfigError("--exclude-training goes with --test SOURCE (the run's own test "
                           "split never holds copies of training images)")
 
-    doc = evaluate_run(args.run_dir, test=args.test, out=args.out, fold=args.fold,
-                       n_boot=args.n_boot, alpha=args.alpha, seed=args.seed,
-                       batch_size=args.batch_size, threshold=args.threshold,
-                       target_sensitivity=args.target_sensitivity, negative=args.negative,
-                       ordered=args.ordered, n_bins=args.bins, n_gradcam=args.gradcam,
-                       n_examples=args.examples, tta=tta,
-                       exclude_training=args.exclude_training, external=external)
+    # writing into the run folder (no --out elsewhere): one writer at a time (issue 21)
+    writes_run = not args.out or os.path.realpath(args.out) == os.path.realpath(args.run_dir)
+    lock = run_lock(args.run_dir, "kmedtl evaluate", create=False) if writes_run else \
+        nullcontext()
+    with lock:
+        doc = evaluate_run(args.run_dir, test=args.test, out=args.out, fold=args.fold,
+                           n_boot=args.n_boot, alpha=args.alpha, seed=args.seed,
+                           batch_size=args.batch_size, threshold=args.threshold,
+                           target_sensitivity=args.target_sensitivity,
+                           negative=args.negative, ordered=args.ordered, n_bins=args.bins,
+                           n_gradcam=args.gradcam, n_examples=args.examples, tta=tta,
+                           exclude_training=args.exclude_training, external=external)
     print(f"evaluated {doc['test']['n']} test images ({doc['test']['source']}); "
           f"{len(doc['test']['skipped'])} skipped")
     if doc.get("tta"):

@@ -16,7 +16,18 @@ quantised TFLite variant (dynamic_int8, int8) below its agreement bound is a
 Serving (``http://HOST:8501/v1/models/NAME`` or ``grpc://HOST:8500/NAME``).  Files are
 read and predicted in batches of ``--batch-size``; a file that cannot be read gets one
 ``kmedtl: error: FILE: reason`` line on stderr and the others still run.  Exit code 0 when
-every file was predicted, 1 when some could not be, 2 for a bad model or arguments.
+every file was predicted, 1 when some could not be, 2 for bad arguments or a refused
+(untrusted) model, 3 for a broken model or metadata that does not match it.
+
+Untrusted models (issue 21): a SavedModel, TFLite or ONNX file is checked before it is
+loaded (:mod:`kmedtl.export.trust`): an op outside the allowlist of pure compute ops
+(``WriteFile``, ``ReadFile``, ``PyFunc``, a Flex or custom op, a custom ONNX domain ...)
+stops ``kmedtl predict`` with one line naming the op and the file, exit 2.
+``--trust-model`` skips that check (and loads ``.keras`` files outside Keras'
+``safe_mode``): the model then runs with your rights and can read and write your files,
+so give it only for a model from someone you trust.  The digest and label tree of the
+model's ``kmedtl.json``/``export.json`` (or ``--metadata``) are checked whatever the
+trust: a mismatch is exit 3.
 A multi-input model (``train.model: multi_input``) takes one argument per case naming a
 file for each of its inputs: ``kmedtl predict MODEL t1=a_t1.png,t2=a_t2.png
 t1=b_t1.png,t2=b_t2.png``.  ``--server`` sends one image per request, so multi-input
@@ -33,13 +44,21 @@ from pathlib import Path
 
 import numpy as np
 
+from kmedtl._text import printable
 from kmedtl.data import decode
 from kmedtl.data.options import ImageOptions
-from kmedtl.errors import KmedtlError
+from kmedtl.errors import KmedtlError, ModelFileError
 from kmedtl.export.errors import ServingError
-from kmedtl.export.predictors import EXPORT_FILE, ModelInfo, find_metadata, load_predictor
+from kmedtl.export.predictors import (
+    EXPORT_FILE,
+    METADATA_FILE,
+    find_metadata,
+    load_predictor,
+    read_metadata,
+)
 from kmedtl.export.push import push_run
 from kmedtl.export.stage import QUANTIZED_GATES, export_run
+from kmedtl.export.trust import short_error
 from kmedtl.run_folder import RunFolder
 from kmedtl.serving.client import ServingClient, is_raster
 
@@ -106,6 +125,10 @@ def add_parsers(subparsers) -> None:
     q.add_argument("--json", action="store_true", help="print JSON instead of text")
     q.add_argument("--batch-size", type=int, default=32,
                    help="files decoded and predicted together (32)")
+    q.add_argument("--trust-model", action="store_true",
+                   help="load the model without checking its ops (and .keras outside Keras' "
+                        "safe_mode): a model is a program that then runs with your rights "
+                        "and can read and write your files; only for a model you trust")
     q.set_defaults(func=cmd_predict)
 
 
@@ -141,14 +164,25 @@ def cmd_export(args) -> int:
 
 
 def _metadata(path):
+    return _metadata_doc(path)[0]
+
+
+def _metadata_doc(path):
+    """``(ModelInfo, JSON document or None, its file or None)`` from ``--metadata``."""
     p = Path(path)
     if p.is_file() and p.suffix == ".json":
-        d = json.loads(p.read_text())
-        return ModelInfo.from_dict(d.get("model", d))
+        info, doc = read_metadata(p)
+        return info, doc, p
     if p.is_dir() and (p / EXPORT_FILE).is_file():
-        return _metadata(p / EXPORT_FILE)
+        return _metadata_doc(p / EXPORT_FILE)
+    if p.is_dir() and (p / "assets.extra" / METADATA_FILE).is_file():  # a SavedModel
+        return _metadata_doc(p / "assets.extra" / METADATA_FILE)
     if p.is_dir() and (RunFolder(p).export_dir / EXPORT_FILE).is_file():
-        return _metadata(RunFolder(p).export_dir / EXPORT_FILE)
+        return _metadata_doc(RunFolder(p).export_dir / EXPORT_FILE)
+    return _metadata_legacy(p), None, None
+
+
+def _metadata_legacy(p):
     if p.is_dir() and RunFolder(p).has_model:  # a run folder (RunFolder's label tree)
         return find_metadata(RunFolder(p).model_path)
     return find_metadata(p)
@@ -172,8 +206,10 @@ def cmd_predict(args) -> int:
             raise ServingError("kmedtl predict MODEL FILES...: give a model and at least one "
                                "file (or --server URL FILES...)")
         model, files = args.inputs[0], args.inputs[1:]
-        info = _metadata(args.metadata) if args.metadata else None
-        predictor = load_predictor(model, info)
+        info, doc, source = _metadata_doc(args.metadata) if args.metadata else \
+            (None, None, None)
+        predictor = load_predictor(model, info, trust_model=args.trust_model, metadata=doc,
+                                   metadata_file=source)
         info = predictor.info
         check, run = (lambda f: predictor.load_pixels([f])), None
         if predictor.inputs:  # one NAME=FILE,NAME=FILE argument per case
@@ -199,9 +235,9 @@ def cmd_predict(args) -> int:
             if run is not None:
                 out = run([batch[i] for i in good])
             else:
-                out = predictor.predict_pixels(
-                    {n: np.concatenate([p[n] for p in pixels]) for n in pixels[0]}
-                    if isinstance(pixels[0], dict) else np.concatenate(pixels))
+                out = _run_model(predictor, {n: np.concatenate([p[n] for p in pixels])
+                                             for n in pixels[0]}
+                                 if isinstance(pixels[0], dict) else np.concatenate(pixels))
             for j, i in enumerate(good):
                 batch_rows[i] = {"file": str(batch[i]), **{
                     k: (v[j].tolist() if hasattr(v[j], "tolist") else v[j])
@@ -218,6 +254,19 @@ def cmd_predict(args) -> int:
               "could not be read (see the error lines above)", file=sys.stderr)
         return 1
     return 0
+
+
+def _run_model(predictor, pixels):
+    """The model on one batch; a model that loads but fails to run is a broken model
+    (:class:`~kmedtl.errors.ModelFileError`, exit 3), not a traceback."""
+    try:
+        return predictor.predict_pixels(pixels)
+    except KmedtlError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - TensorFlow/LiteRT/ORT raise many kinds
+        raise ModelFileError(f"{predictor.path}: the model failed to run ({short_error(exc)}); "
+                             "it is damaged or does not fit its metadata: re-export the "
+                             "run") from None
 
 
 def parse_case(arg: str, names) -> dict[str, str]:
@@ -246,7 +295,8 @@ def parse_case(arg: str, names) -> dict[str, str]:
 
 def _one_line(exc, path) -> str:
     text = " ".join(str(exc).split())
-    return text if str(path) in text else f"{path}: {text}"
+    # names print escaped (an ESC/OSC sequence in a file name must not reach the terminal)
+    return printable(text if str(path) in text else f"{path}: {text}")
 
 
 def _check_for_server(path, info):

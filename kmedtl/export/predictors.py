@@ -14,6 +14,15 @@ A multi-input model (``train.model: multi_input``; ``ModelInfo.inputs``, e.g.
 "t2": x2})``, ``predict_files({"t1": files1, "t2": files2})`` (the i-th files of every input
 are one case) and, for a SavedModel, ``predict_bytes({"t1": blobs1, "t2": blobs2})``.
 
+Untrusted models (issue 21): :func:`load_predictor` checks a SavedModel, TFLite or ONNX
+file's ops before it loads it (:mod:`kmedtl.export.trust`; refused:
+:class:`~kmedtl.errors.UntrustedModelError`, unless ``trust_model=True``), loads ``.keras``
+files in Keras' ``safe_mode``, and checks that the metadata belongs to the model: the
+digest it records (``model_sha256``/``formats.*.sha256``), the leaf count against the
+model's ``leaf`` output and, for a SavedModel, the leaf order against the names baked into
+its graph.  A broken model or mismatched metadata raises
+:class:`~kmedtl.errors.ModelFileError` (``kmedtl`` exit 3).
+
 Example::
 
     >>> p = load_predictor("runs/demo/export/tflite/model_int8.tflite")  # doctest: +SKIP
@@ -31,10 +40,12 @@ import tensorflow as tf
 
 from kmedtl._quiet import native_output_filtered
 from kmedtl.data.options import ImageOptions
+from kmedtl.errors import KmedtlError, ModelFileError
+from kmedtl.export import trust
 from kmedtl.export.errors import ExportError
 from kmedtl.export.model import postprocess, raw_outputs
 from kmedtl.hierarchy import Hierarchy
-from kmedtl.run_folder import RunFolder, load_model
+from kmedtl.run_folder import RunFolder, leaf_output, load_model
 from kmedtl.serving.client import load_pixels
 
 METADATA_FILE = "kmedtl.json"
@@ -83,9 +94,29 @@ def find_metadata(path) -> ModelInfo:
     return _find_metadata(path)[0]
 
 
-def _find_metadata(path):
-    """``(ModelInfo, RunFolder or None)``: the run folder when the metadata came from the
-    ``.keras`` file's run folder (its model is then loaded at most once)."""
+def read_metadata(path) -> tuple[ModelInfo, dict]:
+    """``(ModelInfo, the JSON document)`` of a ``kmedtl.json`` or ``export.json`` file;
+    unreadable or malformed metadata is a :class:`~kmedtl.errors.ModelFileError`."""
+    try:
+        d = json.loads(Path(path).read_text())
+        return ModelInfo.from_dict(d.get("model", d)), d
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, KmedtlError) as exc:
+        raise ModelFileError(f"{path}: not readable kmedtl model metadata "
+                             f"({trust.short_error(exc)}); restore the file written by "
+                             "kmedtl export, or re-export the run") from None
+
+
+def savedmodel_metadata(info: ModelInfo, savedmodel) -> dict:
+    """The ``kmedtl.json`` written into a SavedModel's ``assets.extra/``: ``info`` and
+    ``model_sha256``, the digest of the SavedModel's files (:func:`trust.model_digest`)
+    that :func:`load_predictor` checks."""
+    return {**info.to_dict(), "model_sha256": trust.model_digest(savedmodel)}
+
+
+def _find_metadata(path, trust_model: bool = False):
+    """``(ModelInfo, RunFolder or None, JSON document or None, its file or None)``: the
+    run folder when the metadata came from the ``.keras`` file's run folder (its model is
+    then loaded at most once)."""
     path = Path(path)
     candidates = []
     if path.is_dir():
@@ -94,23 +125,29 @@ def _find_metadata(path):
         candidates.append(parent / EXPORT_FILE)
     for c in candidates:
         if c.is_file():
-            d = json.loads(c.read_text())
-            return ModelInfo.from_dict(d.get("model", d)), None
-    folder = _keras_run_folder(path)
+            info, d = read_metadata(c)
+            return info, None, d, c
+    folder = _keras_run_folder(path, trust_model)
     if folder is not None:
-        return keras_model_info(folder), folder
+        return keras_model_info(folder), folder, None, None
     raise ExportError(f"{path}: no kmedtl metadata found (looked for "
                       f"{', '.join(str(c) for c in candidates)}); predict on a model written "
                       "by kmedtl export, or on model.keras inside its run folder")
 
 
-def _keras_run_folder(path):
-    """The :class:`~kmedtl.run_folder.RunFolder` a ``.keras`` file sits in (None if not)."""
+def _keras_run_folder(path, trust_model: bool = False):
+    """The :class:`~kmedtl.run_folder.RunFolder` a ``.keras`` file sits in (None if not);
+    ``trust_model`` loads its model outside Keras' ``safe_mode``."""
     path = Path(path)
     if path.suffix != ".keras":
         return None
     folder = RunFolder(path.parent, error=ExportError, model=path)
-    return folder if folder.has_config else None
+    if not folder.has_config:
+        return None
+    if trust_model:
+        folder = RunFolder(path.parent, error=ExportError, model=path,
+                           loaded_model=load_model(path, ExportError, safe_mode=False))
+    return folder
 
 
 def keras_model_info(folder) -> ModelInfo:
@@ -137,6 +174,24 @@ class Predictor:
 
     def raw(self, pixels) -> dict[str, np.ndarray]:
         raise NotImplementedError
+
+    def leaf_count(self) -> int | None:
+        """How many leaf probabilities the model file outputs (None: unknown)."""
+        return None
+
+    def check_metadata(self, source=None) -> None:
+        """:class:`~kmedtl.errors.ModelFileError` when the metadata's label tree does not
+        fit the model file's ``leaf`` output (``source``: the metadata file, for the
+        message)."""
+        leaves = list(self.info.hierarchy.leaves)
+        n = self.leaf_count()
+        if n is not None and n > 0 and n != len(leaves):
+            where = source or "its metadata"
+            raise ModelFileError(
+                f"{self.path}: the model outputs {n} leaf probabilities but {where} names "
+                f"{len(leaves)} leaves ({', '.join(leaves)}): the metadata belongs to another "
+                "export; use the metadata written with this model (--metadata), or "
+                "re-export the run")
 
     @property
     def inputs(self) -> list[str] | None:
@@ -206,12 +261,19 @@ class Predictor:
 class KerasPredictor(Predictor):
     kind = "keras"
 
-    def __init__(self, path, info, model=None):
+    def __init__(self, path, info, model=None, safe_mode: bool = True):
         super().__init__(path, info)
-        self.model = model if model is not None else load_model(path, ExportError)
+        self.model = model if model is not None else load_model(path, ExportError,
+                                                                safe_mode=safe_mode)
 
     def raw(self, pixels):  # Keras' compiled predict step (no eager per-call overhead)
         return raw_outputs(self.model.predict_on_batch(pixels))
+
+    def leaf_count(self):
+        try:
+            return int(leaf_output(self.model.output, ExportError).shape[-1])
+        except Exception:  # noqa: BLE001 - a model that is not kmedtl's: not checked
+            return None
 
 
 class SavedModelPredictor(Predictor):
@@ -221,14 +283,43 @@ class SavedModelPredictor(Predictor):
 
     def __init__(self, path, info):
         super().__init__(path, info)
-        self.module = tf.saved_model.load(str(path))
+        try:
+            self.module = tf.saved_model.load(str(path))
+        except Exception as exc:  # noqa: BLE001 - TensorFlow raises many kinds here
+            raise ModelFileError(f"{path}: TensorFlow cannot load this SavedModel "
+                                 f"({trust.short_error(exc)}); it is damaged or not written "
+                                 "by kmedtl export: re-export the run") from None
         if "predict_pixels" not in self.module.signatures:
-            raise ExportError(f"{path}: the SavedModel has no 'predict_pixels' signature "
-                              f"(has {list(self.module.signatures)}); re-export it")
+            raise ModelFileError(f"{path}: the SavedModel has no 'predict_pixels' signature "
+                                 f"(has {list(self.module.signatures)}); it was not written "
+                                 "by kmedtl export: re-export the run")
+
+    def leaf_count(self):
+        leaf = self.module.signatures["predict_pixels"].structured_outputs.get("leaf")
+        return None if leaf is None or leaf.shape.rank is None else leaf.shape[-1]
+
+    def check_metadata(self, source=None) -> None:
+        super().check_metadata(source)
+        leaves = [str(x) for x in self.info.hierarchy.leaves]
+        baked = trust.savedmodel_leaves(self.path, leaves)
+        if baked is not None and baked != leaves:
+            raise ModelFileError(
+                f"{self.path}: the leaf order in {source or 'its metadata'} "
+                f"({', '.join(leaves)}) is not the model's ({', '.join(baked)}): its labels "
+                "and probabilities would be named wrongly; the metadata belongs to another "
+                "export: restore the kmedtl.json written with this model, or re-export")
 
     def _named(self, out) -> dict[str, np.ndarray]:
         res = {k: v.numpy() for k, v in out.items()}
         res["label"] = np.array([s.decode() for s in res["label"]], dtype=object)
+        leaves = list(self.info.hierarchy.leaves)
+        if "label_index" in res:  # the graph's label must be the metadata's leaf name
+            for label, k in zip(res["label"], res["label_index"]):
+                if not 0 <= int(k) < len(leaves) or leaves[int(k)] != label:
+                    raise ModelFileError(
+                        f"{self.path}: the model labels leaf {int(k)} {label!r} but its "
+                        f"metadata names the leaves {leaves}: the metadata belongs to another "
+                        "export; restore the kmedtl.json written with this model")
         return res
 
     def raw(self, pixels):
@@ -272,15 +363,26 @@ class TFLitePredictor(Predictor):
 
         # LiteRT prints "INFO: Created TensorFlow Lite XNNPACK delegate" from C++ when it
         # first allocates: done here, with that line filtered (kmedtl._quiet)
-        with native_output_filtered():
-            self.interpreter = Interpreter(model_path=str(path), num_threads=num_threads)
-            self.interpreter.allocate_tensors()
-        sigs = self.interpreter.get_signature_list()
-        self.signature = "serving_default" if "serving_default" in sigs else next(iter(sigs))
-        self.runner = self.interpreter.get_signature_runner(self.signature)
+        try:
+            with native_output_filtered():
+                self.interpreter = Interpreter(model_path=str(path), num_threads=num_threads)
+                self.interpreter.allocate_tensors()
+            sigs = self.interpreter.get_signature_list()
+            self.signature = "serving_default" if "serving_default" in sigs else \
+                next(iter(sigs))
+            self.runner = self.interpreter.get_signature_runner(self.signature)
+        except Exception as exc:  # noqa: BLE001 - LiteRT raises ValueError/RuntimeError
+            raise ModelFileError(f"{path}: LiteRT cannot load this TFLite model "
+                                 f"({trust.short_error(exc)}); it is damaged or not written "
+                                 "by kmedtl export: re-export the run") from None
         self.input_names = list(sigs[self.signature]["inputs"])
         self.input_name = self.input_names[0]
         _check_named(self, self.input_names)
+
+    def leaf_count(self):
+        leaf = self.runner.get_output_details().get("leaf")
+        shape = None if leaf is None else leaf.get("shape_signature", leaf.get("shape"))
+        return None if shape is None or len(shape) == 0 else int(shape[-1])
 
     def raw(self, pixels):
         if isinstance(pixels, dict):
@@ -300,12 +402,24 @@ class OnnxPredictor(Predictor):
         opts = ort.SessionOptions()
         if num_threads:
             opts.intra_op_num_threads = num_threads
-        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        try:
+            self.session = ort.InferenceSession(str(path), opts,
+                                                providers=["CPUExecutionProvider"])
+        except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises its own kinds
+            raise ModelFileError(f"{path}: ONNX Runtime cannot load this model "
+                                 f"({trust.short_error(exc)}); it is damaged or not written "
+                                 "by kmedtl export: re-export the run") from None
         self.input_name = self.session.get_inputs()[0].name
         # graph input name -> the model's input name ("t1:0" -> "t1")
         self.feeds = {i.name.split(":")[0]: i.name for i in self.session.get_inputs()}
         self.output_names = [o.name for o in self.session.get_outputs()]
         _check_named(self, list(self.feeds))
+
+    def leaf_count(self):
+        leaf = next((o for o in self.session.get_outputs() if o.name.split(":")[0] == "leaf"),
+                    None)
+        n = None if leaf is None or not leaf.shape else leaf.shape[-1]
+        return n if isinstance(n, int) else None
 
     def raw(self, pixels):
         if isinstance(pixels, dict):
@@ -322,34 +436,54 @@ def _check_named(predictor: Predictor, graph_inputs: list[str]) -> None:
     names = predictor.inputs
     if names is None:
         if len(graph_inputs) != 1:
-            raise ExportError(f"{predictor.path}: the model file has {len(graph_inputs)} "
-                              f"inputs {graph_inputs} but its metadata describes a one-image "
-                              "model; re-export it")
+            raise ModelFileError(f"{predictor.path}: the model file has {len(graph_inputs)} "
+                                 f"inputs {graph_inputs} but its metadata describes a "
+                                 "one-image model; re-export it")
         return
     if set(graph_inputs) != set(names):
-        raise ExportError(f"{predictor.path}: the model file's inputs {graph_inputs} are not "
-                          f"the metadata's image types {names}; re-export it")
+        raise ModelFileError(f"{predictor.path}: the model file's inputs {graph_inputs} are "
+                             f"not the metadata's image types {names}; re-export it")
 
 
-def load_predictor(path, info: ModelInfo | None = None, **kwargs) -> Predictor:
+def load_predictor(path, info: ModelInfo | None = None, *, trust_model: bool = False,
+                   metadata: dict | None = None, metadata_file=None,
+                   **kwargs) -> Predictor:
     """A :class:`Predictor` for ``path`` (SavedModel folder, ``.tflite``, ``.onnx``,
-    ``.keras``); ``info`` defaults to :func:`find_metadata`."""
+    ``.keras``); ``info`` defaults to :func:`find_metadata`.
+
+    Before loading, a SavedModel/TFLite/ONNX file's ops are checked against the allowlist
+    of :mod:`kmedtl.export.trust` (:class:`~kmedtl.errors.UntrustedModelError` when one is
+    not allowed) unless ``trust_model`` -- give it only for a model you trust -- or this
+    process has just written it (:func:`kmedtl.export.trust.mark_written`); ``.keras``
+    files load in Keras' ``safe_mode`` unless ``trust_model``.  The metadata found beside
+    the model (or ``metadata``, the JSON document of ``metadata_file``, when ``info`` is
+    given) must record the model's digest, and its label tree must fit the model's
+    outputs; otherwise, and for a model that cannot be loaded,
+    :class:`~kmedtl.errors.ModelFileError`."""
     path = Path(path)
     if not path.exists():
         raise ExportError(f"{path}: model not found")
+    kind = trust.model_kind(path)
+    if not kind:
+        raise ExportError(f"{path}: unknown model format {path.suffix.lower()!r}; expected a "
+                          "SavedModel folder, .tflite, .onnx or .keras")
+    if kind == "savedmodel" and not (path / "saved_model.pb").is_file():
+        raise ExportError(f"{path}: a folder but not a SavedModel (no saved_model.pb)")
+    if not trust_model and not trust.written_here(path):
+        trust.check_model(path)  # reads the file as data; loads nothing
     folder = None
     if info is None:
-        info, folder = _find_metadata(path)
-    if path.is_dir():
-        if not (path / "saved_model.pb").is_file():
-            raise ExportError(f"{path}: a folder but not a SavedModel (no saved_model.pb)")
-        return SavedModelPredictor(path, info)
-    suffix = path.suffix.lower()
-    if suffix == ".tflite":
-        return TFLitePredictor(path, info, **kwargs)
-    if suffix == ".onnx":
-        return OnnxPredictor(path, info, **kwargs)
-    if suffix == ".keras":  # a run folder's model is loaded once (metadata and predictions)
-        return KerasPredictor(path, info, model=folder.model if folder is not None else None)
-    raise ExportError(f"{path}: unknown model format {suffix!r}; expected a SavedModel folder, "
-                      ".tflite, .onnx or .keras")
+        info, folder, metadata, metadata_file = _find_metadata(path, trust_model)
+    if metadata is not None and kind != "keras":
+        trust.check_digest(path, metadata, metadata_file)
+    if kind == "savedmodel":
+        predictor = SavedModelPredictor(path, info)
+    elif kind == "tflite":
+        predictor = TFLitePredictor(path, info, **kwargs)
+    elif kind == "onnx":
+        predictor = OnnxPredictor(path, info, **kwargs)
+    else:  # a run folder's model is loaded once (metadata and predictions)
+        predictor = KerasPredictor(path, info, model=folder.model if folder is not None
+                                   else None, safe_mode=not trust_model)
+    predictor.check_metadata(metadata_file)
+    return predictor

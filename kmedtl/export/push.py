@@ -13,7 +13,10 @@ when missing) and pushes its SavedModel only when it is *blessed*:
 
 The version folder is written under a hidden temporary name and renamed to the next
 integer, so a polling TF Serving never sees half a model (it ignores non-numeric
-folders).  ``assets.extra/`` holds ``kmedtl.json`` (label tree and preprocessing),
+folders; the temporary name carries the pusher's PID, and the next push into the same
+place removes the ones an interrupted push left: :mod:`kmedtl.ownership`).  Pushing
+holds the run folder's one-writer lock (it writes ``push.json``, and the export when
+missing).  ``assets.extra/`` holds ``kmedtl.json`` (label tree and preprocessing),
 ``export.json``, ``metrics.json``, ``model_card.md``/``.json`` (when the run has them),
 ``blessing.json`` (the gate's record) and ``tf_serving_warmup_requests`` (PredictionLog
 records, one per signature, on a synthetic image: no patient data in the artefact).
@@ -30,7 +33,6 @@ from __future__ import annotations
 import os
 import shutil
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,6 +44,7 @@ from kmedtl.export.model import read_json
 from kmedtl.export.predictors import EXPORT_FILE
 from kmedtl.export.stage import export_run
 from kmedtl.jsonio import write_json
+from kmedtl.ownership import owned_name, remove_stale, run_lock
 from kmedtl.run_folder import RunFolder
 from kmedtl.serving.client import grpc_request
 
@@ -137,6 +140,11 @@ def write_warmup(path, model_name: str, shape, inputs=None) -> Path:
 def push_run(run_dir, *, root="saved_models", name: str | None = None,
              thresholds: dict | None = None, metric: str = "balanced_accuracy") -> PushReport:
     """Bless and push the run's SavedModel (see the module docstring)."""
+    with run_lock(run_dir, "kmedtl push", create=False):
+        return _push_locked(run_dir, root, name, thresholds, metric)
+
+
+def _push_locked(run_dir, root, name, thresholds, metric) -> PushReport:
     rf = RunFolder(run_dir, error=PushError)
     run = rf.path
     if not rf.has_config:
@@ -199,7 +207,8 @@ def push_run(run_dir, *, root="saved_models", name: str | None = None,
         return report
 
     base.mkdir(parents=True, exist_ok=True)
-    tmp = base / f".tmp-{uuid.uuid4().hex[:8]}"
+    remove_stale(base, ".tmp-", what="push temporary folder")
+    tmp = base / owned_name(".tmp-")
     try:
         shutil.copytree(export_dir / "savedmodel", tmp)
         extra = tmp / "assets.extra"

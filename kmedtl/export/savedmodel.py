@@ -29,7 +29,6 @@ Example::
 from __future__ import annotations
 
 import shutil
-import uuid
 from pathlib import Path
 
 import keras
@@ -39,6 +38,7 @@ import tensorflow as tf
 from kmedtl.data.pipeline import normalize
 from kmedtl.export.model import RunContext, postprocess_tf
 from kmedtl.export.preprocess import decode_batch
+from kmedtl.ownership import owned_name, remove_stale
 
 SIGNATURES = ("serving_default", "predict_pixels")
 BYTES_INPUT = "image_bytes"
@@ -172,10 +172,13 @@ def _write_archive(model, endpoints: dict, path: Path):
 
 
 def write_savedmodel(ctx: RunContext, path) -> Path:
-    """Write the serving SavedModel to ``path`` (atomically: temp folder + rename)."""
+    """Write the serving SavedModel to ``path`` (atomically: temp folder + rename; the
+    temporary folder is named after this process, and ones that interrupted writes left
+    beside ``path`` are removed first: :mod:`kmedtl.ownership`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    remove_stale(path.parent, f".{path.name}.tmp-", what="SavedModel temporary folder")
+    tmp = path.with_name(owned_name(f".{path.name}.tmp-"))
     try:
         _write_archive(ctx.model, serving_functions(ctx), tmp)
         if path.exists():

@@ -5,7 +5,8 @@ Layout written (atomically: a temporary sibling folder renamed into place)::
     <run_dir>/export/
       export.json                 metadata + report (this module's ExportReport.to_dict())
       savedmodel/                 serving_default (PNG/JPEG bytes) and predict_pixels
-        assets.extra/kmedtl.json  label tree, image options, normalisation, temperature
+        assets.extra/kmedtl.json  label tree, image options, normalisation, temperature,
+                                  model_sha256 (the SavedModel's digest, checked at load)
       tflite/model_<variant>.tflite
       model.onnx
 
@@ -13,7 +14,8 @@ Layout written (atomically: a temporary sibling folder renamed into place)::
 :class:`~kmedtl.export.predictors.ModelInfo`: ``hierarchy``, ``leaves``, ``image``,
 ``input_shape``, ``normalization``, ``temperature``), ``outputs`` (names),
 ``class_names`` (class order per probability output), ``signatures``, ``formats``
-(per format: ``path``, ``size_bytes``, ``accuracy`` on the run's test split,
+(per format: ``path``, ``size_bytes``, ``sha256`` (checked at load,
+:mod:`kmedtl.export.trust`), ``accuracy`` on the run's test split,
 ``parity`` {``kind``, ``max_abs_diff``, ``agreement``, ``bound``, ``n`` (images
 compared), ``n_independent`` (of them, the run's test images), ``status`` (``passed`` /
 ``warned`` / ``failed``), ``passed`` (the bound is met); quantised variants also ``ci``
@@ -61,9 +63,10 @@ Example::
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import time
-import uuid
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -87,9 +90,13 @@ from kmedtl.export.predictors import (
     KerasPredictor,
     ModelInfo,
     load_predictor,
+    savedmodel_metadata,
 )
 from kmedtl.export.savedmodel import BYTES_INPUT, PIXELS_INPUT, pixel_range, write_savedmodel
+from kmedtl.export.trust import mark_written, model_digest
 from kmedtl.jsonio import json_safe, write_json
+from kmedtl.ownership import owned_name, remove_stale, run_lock
+from kmedtl.run_folder import RunFolder
 from kmedtl.serving.client import is_raster
 
 log = logging.getLogger("kmedtl.export")
@@ -399,7 +406,7 @@ def _swap_in(tmp: Path, final: Path):
     """Replace ``final`` by ``tmp`` with two renames (never a half-written folder)."""
     old = None
     if final.exists():
-        old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
+        old = final.with_name(owned_name(f".{final.name}.old-"))
         final.rename(old)
     tmp.rename(final)
     if old is not None:
@@ -417,6 +424,12 @@ def export_run(run_dir, *, formats=FORMATS, out_dir=None, verify: bool = True,
     still recorded but ``verified`` stays False.  Quantised variants below their bound
     are listed in ``report.warnings`` (``quantized_gate="warn"``, the default) or, with
     ``"fail"``, in ``report.failures`` when clearly below it (the CI's upper end).
+
+    The export is written into a temporary sibling of the export folder named after this
+    process (``.export.tmp-p<PID>-h<host>-<random>``) and renamed into place; temporary
+    folders that interrupted exports (``kill -9``) left there are removed first
+    (:func:`kmedtl.ownership.remove_stale`).  Exporting into the run folder (the default)
+    holds the run folder's one-writer lock (:func:`kmedtl.ownership.run_lock`).
     """
     t0 = time.perf_counter()
     formats = tuple(formats)
@@ -426,11 +439,21 @@ def export_run(run_dir, *, formats=FORMATS, out_dir=None, verify: bool = True,
     unknown = [f for f in formats if f not in FORMATS]
     if unknown or not formats:
         raise ExportError(f"formats: {unknown or '(none)'} not in {list(FORMATS)}")
+    out = Path(out_dir) if out_dir else RunFolder(run_dir).export_dir
+    inside = os.path.realpath(out).startswith(os.path.realpath(run_dir) + os.sep)
+    with run_lock(run_dir, "kmedtl export", create=False) if inside else nullcontext():
+        remove_stale(out.parent, (f".{out.name}.tmp-", f".{out.name}.old-"),
+                     what="export temporary folder")
+        return _export_locked(run_dir, out, formats, verify, tflite_variants, opset,
+                              representative_samples, quantized_gate, t0)
+
+
+def _export_locked(run_dir, out: Path, formats, verify, tflite_variants, opset,
+                   representative_samples, quantized_gate, t0) -> ExportReport:
     ctx = load_run(run_dir)
     run = ctx.run_dir
-    out = Path(out_dir) if out_dir else ctx.folder.export_dir
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp = out.with_name(owned_name(f".{out.name}.tmp-"))
     tmp.mkdir()
     inputs = ctx.input_names  # a multi-input model: one named input per image type
     info = ModelInfo(ctx.hierarchy, ctx.options, ctx.normalization, ctx.temperature, ctx.name,
@@ -494,6 +517,7 @@ def export_run(run_dir, *, formats=FORMATS, out_dir=None, verify: bool = True,
         def record(name, path, predictor):
             got = predict_batched(predictor, x)
             entry = {"path": str(Path(path).relative_to(tmp)), "size_bytes": file_size(path),
+                     "sha256": model_digest(path),  # checked when the model is loaded
                      "accuracy": None if y is None else
                      float(np.mean(got["label_index"][:n_test] == y[:n_test])),
                      "parity": parity(ref, got, name, y, n_test=n_test, gate=quantized_gate)}
@@ -510,19 +534,19 @@ def export_run(run_dir, *, formats=FORMATS, out_dir=None, verify: bool = True,
         if "savedmodel" in formats:
             sm = write_savedmodel(ctx, tmp / "savedmodel")
             (sm / "assets.extra").mkdir(exist_ok=True)
-            write_json(sm / "assets.extra" / METADATA_FILE, info.to_dict())
-            smp = load_predictor(sm, info)
+            write_json(sm / "assets.extra" / METADATA_FILE, savedmodel_metadata(info, sm))
+            smp = load_predictor(mark_written(sm), info)  # written just now: not checked
             record("savedmodel", sm, smp)
             if paths:
                 report.preprocessing = _bytes_parity(smp, paths[:64], ref, x)
         if "tflite" in formats:
             for v, path in tflite.convert_all(ctx, tmp / "tflite", tflite_variants,
                                               reps).items():
-                record(f"tflite_{v}", path, load_predictor(path, info))
+                record(f"tflite_{v}", path, load_predictor(mark_written(path), info))
         if "onnx" in formats:
             path = onnx_export.write_onnx(ctx, tmp / "model.onnx", opset)
             report.extra["onnx_opset"] = int(opset or onnx_export.DEFAULT_OPSET)
-            record("onnx", path, load_predictor(path, info))
+            record("onnx", path, load_predictor(mark_written(path), info))
         if rep_info is not None:
             report.extra["int8_representative"] = rep_info
         failures, warnings = gate_messages(report.formats, rep_info)

@@ -31,6 +31,7 @@ import tensorflow as tf
 from kmedtl._quiet import native_output_filtered
 from kmedtl.export.errors import ExportError
 from kmedtl.export.savedmodel import write_core_savedmodel
+from kmedtl.ownership import owned_tag, remove_stale
 
 VARIANTS = ("float32", "float16", "dynamic_int8", "int8")
 
@@ -94,7 +95,13 @@ def convert_all(ctx, out_dir, variants=VARIANTS, representative=None) -> dict[st
     if unknown:
         raise ExportError(f"tflite_variants: {unknown} not in {list(VARIANTS)}")
     out = {}
-    with tempfile.TemporaryDirectory(prefix="kmedtl-core-") as tmp:
+    # the converter's input SavedModel, beside out_dir (inside export_run's temporary
+    # folder) and named after this process: a kill -9 leaves nothing in /tmp, and the next
+    # conversion here removes what an interrupted one left (kmedtl.ownership)
+    work = Path(out_dir).parent
+    work.mkdir(parents=True, exist_ok=True)
+    remove_stale(work, ".kmedtl-core-", legacy=None, what="TFLite conversion folder")
+    with tempfile.TemporaryDirectory(prefix=".kmedtl-core-" + owned_tag(), dir=work) as tmp:
         core = write_core_savedmodel(ctx.model, ctx.input_shape, Path(tmp) / "core",
                                      ctx.input_names)
         for v in variants:

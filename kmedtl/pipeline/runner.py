@@ -11,6 +11,11 @@ likewise continues its KerasTuner search (``tuning/search/oracle.json``).
 
 Every call ends by writing ``summary.md`` and ``summary.json`` (also when a stage fails:
 then the summary says which, and the exception propagates).
+
+A call holds the run folder's one-writer lock (:func:`kmedtl.ownership.run_lock`) from
+start to end: a second ``kmedtl run`` (or ``train``, ``evaluate``, ``export``) on the same
+folder stops at once with :class:`~kmedtl.ownership.RunFolderBusyError` (exit code 2)
+naming this process's PID.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from pathlib import Path
 import yaml
 
 from kmedtl.errors import ConfigError
+from kmedtl.ownership import run_lock
 from kmedtl.pipeline import records as R
 from kmedtl.pipeline.spec import STAGES, Pipeline, load_pipeline
 from kmedtl.pipeline.stages import STAGE_FUNCS, Context, SimulatedInterruption
@@ -95,7 +101,13 @@ def run_pipeline(source, *, run_dir=None, force=(), until: str | None = None,
     pipe = load_pipeline(source, overrides)
     stages, forced = _select(pipe, force, until)
     run = run_folder(pipe, run_dir)
-    run.mkdir(parents=True, exist_ok=True)
+    # one writer per run folder: a second `kmedtl run` (or train/evaluate/export) on it
+    # stops here, naming this process (kmedtl.ownership; released however this one ends)
+    with run_lock(run, f"kmedtl run {pipe.label}"):
+        return _run_locked(pipe, stages, forced, run)
+
+
+def _run_locked(pipe: Pipeline, stages, forced, run: Path) -> PipelineResult:
     recs = R.Records(run)
     ctx = Context(pipe, run, recs)
     _write_resolved(run, pipe)

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import Field, field_validator, model_validator
 
 from kmedtl.config import (  # noqa: F401  (parse_set: re-exported for kmedtl.pipeline.cli)
@@ -30,6 +29,7 @@ from kmedtl.config import (  # noqa: F401  (parse_set: re-exported for kmedtl.pi
     TTAOptions,
     dataset_path,
     load_config,
+    load_yaml,
     merge_overrides,
     parse_set,
     resolve_path,
@@ -264,10 +264,7 @@ def load_pipeline(source, overrides: dict | None = None) -> Pipeline:
         label = str(path)
         if not path.is_file():
             raise ConfigError(f"{path}: pipeline file not found")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        raw = load_yaml(path.read_text(), str(path)) or {}  # limits: kmedtl.safe_yaml
         base_dir = path.parent
     if not isinstance(raw, dict):
         raise ConfigError(f"{label}: the top level must be a mapping of sections")

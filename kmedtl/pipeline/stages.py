@@ -162,7 +162,10 @@ def stage_audit(ctx: Context) -> StageOutput:
               "by_class": c.get("by_class"), "by_source_split": c.get("by_split"),
               "skipped_by_kind": dict(reasons), "summary": report.get("summary"),
               "warnings": report.get("warnings") or [],
-              "cache": str(prep.cache.folder) if prep.cache is not None else None}
+              "cache": str(prep.cache.folder) if prep.cache is not None else None,
+              # cached = decoded + reused + rebuilt (damaged entries decoded again)
+              "cache_counts": {k: v for k, v in prep.cache.summary().items() if k != "folder"}
+              if prep.cache is not None else None}
     return StageOutput(result, [out])
 
 

@@ -18,7 +18,12 @@ Three kinds of source, looked up in this order by ``weights: imagenet``:
 
 The cache folder is ``$KMEDTL_HOME/weights`` (``KMEDTL_HOME`` defaults to
 ``~/.cache/kmedtl``).  Writes are atomic (temporary file, then rename), so two processes
-converting at once both end with a whole file.
+converting at once both end with a whole file.  A temporary file is named
+``.kmedtl-tmp-<pid>@<host>-<random>-<name>`` (:func:`staged_name`) and removed when its
+step fails; one left by a process killed with ``kill -9`` is removed by the next import or
+conversion (:func:`clean_stale`): when its PID is gone on this host, or, from another
+host, after a day.  Older versions' ``staged-*`` and ``tmp*.part`` files go when they are
+older than the running process.
 
 This module imports neither TensorFlow nor Keras at import time.
 """
@@ -30,8 +35,9 @@ import importlib
 import json
 import os
 import re
+import secrets
 import shutil
-import tempfile
+import socket
 import time
 import urllib.error
 from collections.abc import Callable
@@ -91,12 +97,99 @@ def sha256_file(path) -> str:
     return h.hexdigest()
 
 
+# ---------------------------------------------------------------------------- temporaries
+_TMP_PREFIX = ".kmedtl-tmp-"
+_HOST = re.sub(r"[^A-Za-z0-9.]", "", socket.gethostname())[:64]
+_TMP_RE = re.compile(r"^\.kmedtl-tmp-(\d+)@([A-Za-z0-9.]*)-[0-9a-f]{8}-")
+#: what kmedtl < issue 21 left: ``staged-<file>`` (weights import), ``tmpXXXXXXXX.part``,
+#: ``.tmp`` and ``.weights.h5`` (tempfile.mkstemp)
+_LEGACY_RE = re.compile(r"^(staged-.+|tmp[a-z0-9_]{8}\.(part|tmp|weights\.h5))$")
+#: a temporary file from another host is stale after this many seconds
+OTHER_HOST_STALE_S = 24 * 3600
+
+
+def _process_start() -> float:
+    """When this process started (Linux: /proc), else when this module was imported."""
+    try:
+        with open("/proc/self/stat") as fh:
+            ticks = int(fh.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/stat") as fh:
+            boot = next(int(line.split()[1]) for line in fh if line.startswith("btime "))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return time.time()
+
+
+_STARTED = _process_start()
+
+
+def staged_name(pid: int, name: str) -> str:
+    """The name of a temporary file process ``pid`` of this host writes for ``name``
+    (its end is kept, suffix included: loaders dispatch on it)."""
+    return f"{_TMP_PREFIX}{pid}@{_HOST}-{secrets.token_hex(4)}-{name[-120:]}"
+
+
+def _new_temp(folder: Path, name: str) -> Path:
+    """Create an empty temporary file (mode 0600) in ``folder`` for ``name``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    while True:
+        path = folder / staged_name(os.getpid(), name)
+        try:
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+            return path
+        except FileExistsError:
+            continue
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return pid > 0  # another user's process (or a PID the OS cannot hold)
+    return True
+
+
+def clean_stale(folder) -> list[Path]:
+    """Remove the temporary files in ``folder`` that no running process will finish (see
+    the module docstring); returns them."""
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    now = time.time()
+    for entry in entries:
+        try:
+            m = _TMP_RE.match(entry.name)
+            if m:
+                if m.group(2) == _HOST:
+                    stale = not _alive(int(m.group(1)))
+                else:
+                    stale = entry.stat(follow_symlinks=False).st_mtime < now - OTHER_HOST_STALE_S
+            elif _LEGACY_RE.match(entry.name):
+                stale = entry.stat(follow_symlinks=False).st_mtime < _STARTED
+            else:
+                continue
+            if stale and not entry.is_dir(follow_symlinks=False):
+                os.unlink(entry.path)
+                removed.append(Path(entry.path))
+        except OSError:
+            continue  # gone meanwhile, or not ours to remove
+    return removed
+
+
 def _atomic_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(obj, fh, indent=1)
-    os.replace(tmp, path)
+    tmp = _new_temp(path.parent, path.name + ".tmp")
+    try:
+        with open(tmp, "w") as fh:
+            json.dump(obj, fh, indent=1)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _read_json(path: Path) -> dict | None:
@@ -154,15 +247,14 @@ def cached_conversion(family: str, convert: Callable[[Path, Path], None]) -> Pat
     record = _read_json(record_path)
     if target.is_file() and record and record.get("source_sha256") == digest:
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".weights.h5")
-    os.close(fd)
+    clean_stale(target.parent)
+    clean_stale(_imported_dir(family))  # what a killed `weights import` left
+    tmp = _new_temp(target.parent, target.name)
     try:
-        convert(source, Path(tmp))
+        convert(source, tmp)
         os.replace(tmp, target)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
     os.chmod(target, 0o644)
     _atomic_json(record_path, {
         "family": family, "source": source.name, "source_sha256": digest,
@@ -196,30 +288,31 @@ def register_import(path, family: str, validate: Callable[[Path], None]) -> dict
     """Copy ``path`` into the cache as the ImageNet weights of ``family``.
 
     ``validate(staged_copy)`` must raise if the file does not fit the family; the copy is
-    only kept when it passes.  Returns the record written.
+    only kept when it passes, and nothing else is left behind whatever happens (an
+    interrupt included; after ``kill -9`` the next import removes the copy:
+    :func:`clean_stale`).  Returns the record written.
     """
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"weights import: {path}: file not found")
-    digest = sha256_file(path)
     folder = _imported_dir(family)
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".part")
-    os.close(fd)
-    shutil.copyfile(path, tmp)
-    staged = folder / f"staged-{path.name}"  # same suffix: loaders dispatch on it
-    os.replace(tmp, staged)
+    clean_stale(folder)
+    clean_stale(weights_dir())
+    staged = _new_temp(folder, path.name)  # same suffix: loaders dispatch on it
     try:
-        validate(staged)
-    except WeightsError:
+        shutil.copyfile(path, staged)
+        digest = sha256_file(staged)  # of the copy that is checked and kept
+        try:
+            validate(staged)
+        except WeightsError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any load failure means "does not fit"
+            first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+            raise WeightsError(f"weights import: {path.name} does not load into {family}: "
+                               f"{first}") from None
+        os.replace(staged, folder / path.name)
+    finally:
         staged.unlink(missing_ok=True)
-        raise
-    except Exception as exc:  # noqa: BLE001 - any load failure means "does not fit"
-        staged.unlink(missing_ok=True)
-        first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
-        raise WeightsError(f"weights import: {path.name} does not load into {family}: "
-                           f"{first}") from None
-    os.replace(staged, folder / path.name)
     record = {"family": family, "file": path.name, "sha256": digest, "imported": _now(),
               "path": str(folder / path.name)}
     _atomic_json(folder / "record.json", record)

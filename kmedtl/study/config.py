@@ -24,10 +24,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal, Union
 
-import yaml
 from pydantic import Field, field_validator, model_validator
 
-from kmedtl.config import expand_env
+from kmedtl.config import expand_env, load_yaml
 from kmedtl.errors import ConfigError
 from kmedtl.schema import Strict, validate
 from kmedtl.study.training import train_section_for
@@ -226,13 +225,14 @@ def load_study(path) -> list[StudyConfig]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: study file not found")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    raw = load_yaml(path.read_text(), str(path)) or {}  # limits: kmedtl.safe_yaml
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
-    raw = expand_env(raw)
+    try:
+        raw = expand_env(raw, label=str(path))
+    except ConfigError as exc:
+        msg = str(exc)
+        raise ConfigError(msg if msg.startswith(str(path)) else f"{path}: {msg}") from None
     entries = raw.pop("comparisons", None)
     if entries is None:
         entries = [raw]

@@ -22,6 +22,7 @@ from kmedtl.data.audit import public
 from kmedtl.data.prepare import Prepared, input_names, prepare, primary_input
 from kmedtl.errors import ConfigError
 from kmedtl.jsonio import write_json
+from kmedtl.ownership import run_lock
 from kmedtl.run_folder import RunFolder
 from kmedtl.training.build import (  # noqa: F401  (build_backbone, targets_for: re-exported)
     build_backbone,
@@ -147,6 +148,14 @@ def run_training(cfg, run_dir=None, *, epochs: int | None = None, overwrite: boo
     check_weight_scaling(tc)
     inputs = model_inputs(cfg, tc)
     run_dir = run_folder(cfg, run_dir)
+    # one writer per run folder (kmedtl.ownership): a second one stops here, naming this
+    with run_lock(run_dir, "kmedtl train"):
+        return _train_locked(cfg, run_dir, tc, inputs, overwrite=overwrite, fold=fold,
+                             prepared=prepared, callbacks=callbacks, t0=t0)
+
+
+def _train_locked(cfg, run_dir: Path, tc: TrainSection, inputs, *, overwrite, fold,
+                  prepared, callbacks, t0):
     prepare_run_dir(run_dir, overwrite)
     keras.utils.set_random_seed(tc.seed)
     if tc.deterministic:
@@ -306,6 +315,14 @@ def run_tuning(cfg, run_dir=None, *, label: str = "config", overwrite: bool | No
     check_tunable(tc)
     preflight()
     rf = RunFolder.for_config(cfg, run_dir)
+    # one writer per run folder (kmedtl.ownership; none for KerasTuner's chief/workers,
+    # which share the folder by design): a second one stops here, naming this one
+    with run_lock(rf.path, "kmedtl tune"):
+        return _tune_locked(cfg, rf, tc, run_search, TransferHyperModel, verbose)
+
+
+def _tune_locked(cfg, rf: RunFolder, tc: TrainSection, run_search, TransferHyperModel,
+                 verbose):
     run_dir, tdir = rf.path, rf.tuning_dir
     tdir.mkdir(parents=True, exist_ok=True)
     keras.utils.set_random_seed(tc.tune.seed)
