@@ -60,6 +60,34 @@ ARMS = {
 }
 EVALS = ("plain", "tta", "adabn", "adabn_tta")
 
+#: Hand-written (not computed): the visual check behind the ``acquisition`` arm, shown in
+#: RESULTS.md as such.
+NOTES = """\
+## Visual check (hand-written, 2026-12-07)
+
+Montages of 160 px thumbnails, looked at by the engineer (not a radiologist):
+
+- **The 24 `Testing/` glioma images the main job called `normal` with the highest
+  confidence** (of 46 it called normal; `pipelines/results/brain_tumor_main_job/
+  training_only/external/testing/predictions.csv`): a lesion (a mass, ring enhancement or
+  oedema) is plainly visible in nearly all of them, so *tumour* is the right label and the
+  *normal* call is the error. At least 9 of the 24 are not post-contrast T1: about 4 T2,
+  3 FLAIR and 2 CT slices; several are sagittal; 3 pairs are the same image twice.
+- **24 sampled `Training/` glioma images**: all post-contrast T1 with one uniform look
+  (the figshare style), axial, coronal and sagittal.
+- **24 sampled `Training/` no_tumor images**: T1, T2, FLAIR, CT, diffusion-like and
+  sagittal slices of varied brightness and contrast.
+
+So in `Training/` the sequence is confounded with the class: anything that does not look
+like a post-contrast T1 is, almost always, `no_tumor`. `Testing/` breaks the confound
+(tumours on T2, FLAIR and CT), and the models call those tumours normal. The `Testing/`
+tumour-versus-normal labels look right; this check cannot judge the glioma / meningioma /
+pituitary subtype labels. The `acquisition` arm was designed after this look at `Testing/`
+images and their predictions (no arm was tuned on its numbers), so the report half is not
+untouched by that design choice; the numbers are still computed once per seed as
+written above.
+"""
+
 
 def _merge(a: dict, b: dict) -> dict:
     out = dict(a)
@@ -366,7 +394,7 @@ def write_report(out: Path) -> Path:
     lines += ["", f"Balanced accuracy if every image some model of the panel gets right "
               f"were right (the panel's oracle ceiling): {ceiling:.3f}."]
     path = out / "RESULTS.md"
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text("\n".join(lines) + "\n\n" + NOTES)
     summary = {"rows": rows, "chosen": {"arm": best[0], "eval": best[1]},
                "panel_oracle_balanced_accuracy": ceiling,
                "selection_rows": len(sel), "report_rows": len(rep)}
