@@ -287,6 +287,8 @@ def check_deflated(fp, name, max_pixels: int | None = None,
             with warnings.catch_warnings(), pydicom_logs_to_debug():
                 warnings.simplefilter("ignore")
                 read_preamble(fp, False)
+                # private pydicom API: the public read_file_meta_info takes a path and
+                # opens the file again; this file object is already open and bounded
                 meta = _read_file_meta_info(fp)
                 deflated = meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian
         except Exception:  # noqa: BLE001 - no preamble or a damaged file meta: not ours
