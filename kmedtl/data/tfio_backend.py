@@ -65,7 +65,9 @@ _USE_PYDICOM = "use decoder: pydicom"
 #: No patient identifiers.
 _TAGS = {
     "TransferSyntaxUID": 0x00020010,
+    "SOPClassUID": 0x00080016,
     "Modality": 0x00080060,
+    "SegmentationType": 0x00620001,
     "SamplesPerPixel": 0x00280002,
     "PhotometricInterpretation": 0x00280004,
     "NumberOfFrames": 0x00280008,
@@ -95,6 +97,7 @@ _UNCOMPRESSED = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.
 _PIXEL_DATA_TAG = (b"\xe0\x7f\x10\x00", b"\x7f\xe0\x00\x10")
 _MODALITY_LUT_SEQ = (b"\x28\x00\x00\x30", b"\x00\x28\x30\x00")
 _VOI_LUT_SEQ = (b"\x28\x00\x10\x30", b"\x00\x28\x30\x10")
+_SEGMENT_SEQ = (b"\x62\x00\x02\x00", b"\x00\x62\x00\x02")
 #: Shared / Per-frame Functional Groups Sequence: Enhanced objects keep rescale and window
 #: there (see ``dicom.apply_functional_groups``), out of the op's reach.
 _FUNCTIONAL_GROUPS_SEQ = (b"\x00\x52\x29\x92", b"\x52\x00\x92\x29",
@@ -273,6 +276,10 @@ def _check_header(header: _Header, data: bytes, options: ImageOptions, name: str
         raise DicomDecodeError(
             name, "tensorflow-io found no image header (Rows/Columns): not an image, or a "
             f"dataset DCMTK cannot parse; {_USE_PYDICOM} to tell which", kind="no_pixel_data")
+    if _has_sequence(data, _SEGMENT_SEQ):
+        header["SegmentSequence"] = ()  # present; its items are not read (segment count 0)
+    # DCMTK would render a segmentation's label masks as an image: refuse it as pydicom does.
+    dicom.check_not_segmentation(header, name)
     dicom.check_dimensions(header, name, options.max_pixels)
     if header.get("TransferSyntaxUID") in _UNCOMPRESSED:
         # DCMTK zero-fills missing pixel bytes; pydicom refuses.  Refuse too.
