@@ -9,7 +9,7 @@ evaluation arms are paired with their training arm, seed by seed:
 
 - ``plain``: the model as trained (BatchNorm statistics as the recipe leaves them);
 - ``tta``: the mean of the image and its horizontal mirror (what
-  :func:`kmedtl.training.predict_tta` with ``n=2`` computes, on the in-memory arrays);
+  :func:`kmedtl.evaluation.predict_tta` with ``n=2`` computes, on the in-memory arrays);
 - ``adabn``: every BatchNorm layer's moving mean/variance re-estimated on the images being
   scored (AdaBN, Li et al. 2016): unlabelled target images only, no label is used;
 - ``adabn_tta``: both.

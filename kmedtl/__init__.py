@@ -1,8 +1,9 @@
 """kmedtl: transfer learning for small medical-image datasets.
 
-Rooms (imports point one way): ``kmedtl.data`` -> ``kmedtl.models`` ->
-``kmedtl.training`` -> ``kmedtl.evaluation`` -> ``kmedtl.export``; ``kmedtl.hierarchy``
-(the label tree) and ``kmedtl.errors`` sit below them all.
+The packages are layered (ARCHITECTURE.md; checked by ``tests/test_layers.py``): ``data``
+and ``pretrained`` at the bottom, then ``models``, ``evaluation`` and ``export``, then
+``training``, then ``pipeline`` and ``study``; ``kmedtl.hierarchy`` (the label tree) and
+``kmedtl.errors`` sit below them all.
 """
 
 from kmedtl.errors import KmedtlError

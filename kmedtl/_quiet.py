@@ -28,6 +28,9 @@ every line at all when filtering is off.  Filtering is off with ``--verbose``
 (``TF_CPP_MIN_LOG_LEVEL=0`` or ``1`` in the environment), or where a descriptor cannot be
 redirected (not POSIX, no ``sys.executable``, a closed descriptor).
 
+The ``kmedtl`` command also ignores the Python warnings listed in :data:`NOISY_WARNINGS`
+(known noise from the libraries, never kmedtl's own), unless ``--verbose``.
+
 Example::
 
     >>> with native_output_filtered():  # doctest: +SKIP
@@ -41,6 +44,7 @@ import os
 import re
 import subprocess
 import sys
+import warnings
 
 #: Native lines that are noise on a console; :func:`native_output_filtered` drops these and
 #: passes on everything else.  Matched against the start of each line (bytes).
@@ -71,6 +75,16 @@ _FILTER = ("import re, sys\n"
            "        out.write(line)\n"
            "        out.flush()\n")
 
+#: Python warnings that are noise on a console, as ``(category, message regex)``: the
+#: ``kmedtl`` command ignores them unless ``--verbose`` (:func:`quiet_environment`).
+#: keras.applications' MobileNets warn that a model built at another input size gets the
+#: 224-pixel ImageNet weights, which is what kmedtl asks for (transfer at any size); the
+#: warning named a line of kmedtl's code and came before every error of such a run,
+#: offline-weights error included.
+NOISY_WARNINGS = (
+    (UserWarning, r"`input_shape` is undefined or non-square, or `rows` is not"),
+)
+
 _verbose = False
 
 
@@ -82,9 +96,12 @@ def configure(verbose: bool) -> None:
 
 def quiet_environment(verbose: bool) -> None:
     """Before TensorFlow is imported: ``TF_CPP_MIN_LOG_LEVEL=2`` unless ``verbose`` or the
-    user set it (their value is kept)."""
+    user set it (their value is kept); and, unless ``verbose``, ignore the Python warnings
+    of :data:`NOISY_WARNINGS` in this process."""
     if not verbose:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        for category, message in NOISY_WARNINGS:
+            warnings.filterwarnings("ignore", message=message, category=category)
 
 
 def filtering() -> bool:
@@ -154,4 +171,5 @@ def native_output_filtered(fds=(1, 2)):
                 proc.wait(timeout=10)
 
 
-__all__ = ["NOISE", "configure", "filtering", "native_output_filtered", "quiet_environment"]
+__all__ = ["NOISE", "NOISY_WARNINGS", "configure", "filtering", "native_output_filtered",
+           "quiet_environment"]

@@ -143,8 +143,7 @@ def main(argv=None) -> int:
     if needs_stage_parsers(argv):
         quiet_tensorflow_startup(verbose)
     args = build_parser(argv).parse_args(argv)
-    if args.command == "weights":  # builds Keras models: TensorFlow starts here, quietly
-        quiet_tensorflow_startup(verbose)
+    # `weights import` starts TensorFlow itself, filtered (kmedtl.pretrained.cli)
     log_format = "%(levelname)s %(name)s: %(message)s"
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format=log_format)

@@ -1,6 +1,8 @@
 """Proof that the shipped ImageNet weights are real: the converted EfficientNet-Lite0
 classifier labels real photos (from the scikit-image wheel) correctly, in Keras and in its
-TFLite float32 and int8 exports (the edge use case).
+TFLite float32 and int8 exports (the edge use case); Lite0, Lite1 and Lite2 each label the
+same photos and matplotlib's portrait of Grace Hopper (class 652, military uniform) at
+their own resolution.
 
 Random, shuffled or mis-mapped weights cannot pass: the three photos need three different,
 specific classes out of 1000.
@@ -13,20 +15,22 @@ import pytest
 
 skimage = pytest.importorskip("skimage", reason="scikit-image (test extra) ships the photos")
 
-from kmedtl.models.efficientnet_lite import EfficientNetLite  # noqa: E402
+from kmedtl.models.efficientnet_lite import VARIANTS, EfficientNetLite  # noqa: E402
 
 PHOTOS = Path(skimage.__file__).parent / "data"
 SIZE = 224
 CATS = set(range(281, 286))  # tabby, tiger cat, Persian, Siamese, Egyptian cat
 ESPRESSO = {967, 968}  # espresso, cup
 MOPED = {665, 670}  # moped, motor scooter
+MILITARY_UNIFORM = 652  # Grace Hopper's portrait (matplotlib's sample data)
 # Calibration photos for full-integer quantisation: none of the three under test.
 CALIBRATION = ("astronaut.png", "rocket.jpg", "hubble_deep_field.jpg", "motorcycle_right.png",
                "ihc.png", "retina.jpg", "coins.png", "camera.png")
 
 
-def photo(name: str, size: int = SIZE) -> np.ndarray:
-    """RGB photo resized to ``size`` and scaled as EfficientNet-Lite expects: (x-127)/128."""
+def photo(name, size: int = SIZE) -> np.ndarray:
+    """RGB photo (a file of scikit-image's, or a path) resized to ``size`` and scaled as
+    EfficientNet-Lite expects: (x-127)/128."""
     from PIL import Image
 
     img = Image.open(PHOTOS / name).convert("RGB").resize((size, size), Image.BILINEAR)
@@ -50,6 +54,7 @@ def check_labels(probs: np.ndarray, where: str):
     assert MOPED & {int(top[2, 0]), int(top[2, 1])}, f"{where}: motorcycle top-5 {top[2, :5]}"
 
 
+@pytest.mark.slow
 def test_keras_classifier_labels_real_photos(classifier, photos):
     probs = classifier.predict(photos, verbose=0)
     np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
@@ -70,6 +75,7 @@ def test_mislabelled_weights_would_fail(classifier, photos):
         check_labels(probe.predict(photos, verbose=0), "shuffled")
 
 
+@pytest.mark.slow
 def test_tflite_float32_and_int8_exports_label_real_photos(classifier, photos, tmp_path):
     from ai_edge_litert.interpreter import Interpreter
 
@@ -95,3 +101,28 @@ def test_tflite_float32_and_int8_exports_label_real_photos(classifier, photos, t
             probs.append(interp.get_tensor(out["index"])[0])
         check_labels(np.asarray(probs), f"tflite {variant}")
     assert sizes["int8"] < 0.4 * sizes["float32"]  # really quantised
+
+
+@pytest.mark.parametrize("variant", [
+    "efficientnet_lite0",
+    pytest.param("efficientnet_lite1", marks=pytest.mark.slow),
+    pytest.param("efficientnet_lite2", marks=pytest.mark.slow),
+])
+def test_every_lite_variant_labels_real_photos_at_its_resolution(variant, request):
+    """Each shipped checkpoint converts into its own graph (Lite1 is deeper, Lite2 also
+    wider) and labels the photos; a checkpoint mapped onto the wrong variant is refused by
+    the conversion, a mis-mapped one fails here."""
+    from matplotlib import cbook
+
+    size = VARIANTS[variant].resolution
+    if variant == "efficientnet_lite0":
+        model = request.getfixturevalue("classifier")
+    else:
+        model = EfficientNetLite(variant, include_top=True, weights="imagenet")
+    hopper = cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)
+    x = np.stack([photo(n, size) for n in (hopper, "chelsea.png", "coffee.png",
+                                           "motorcycle_left.png")])
+    probs = model.predict(x, verbose=0)
+    assert int(np.argmax(probs[0])) == MILITARY_UNIFORM, \
+        f"{variant}: Grace Hopper top-5 {np.argsort(probs[0])[::-1][:5]}"
+    check_labels(probs[1:], variant)

@@ -56,6 +56,7 @@ HEAVY: dict[str, frozenset[str]] = {
     "grpc": frozenset({"grpc"}),
     "tensorflow_io": frozenset({"tensorflow_io", "tensorflow"}),
     "apache_beam": frozenset({"apache_beam"}),
+    "dask": frozenset({"dask"}),  # Beam's DaskRunner (kmedtl[beam] brings apache-beam[dask])
     "dicomweb_client": frozenset({"dicomweb_client", "requests"}),
     "requests": frozenset({"requests"}),
     "dicomanonymizer": frozenset({"dicomanonymizer"}),  # the DICOMweb store's PS3.15 table
@@ -65,7 +66,7 @@ HEAVY: dict[str, frozenset[str]] = {
 
 #: Extras that any module may import lazily (not in ``install_requires``).
 OPTIONAL = frozenset({"tf2onnx", "onnx", "onnxruntime", "ai_edge_litert", "tensorflow_serving",
-                      "grpc", "tensorflow_io", "apache_beam", "dicomweb_client", "requests",
+                      "grpc", "tensorflow_io", "apache_beam", "dask", "dicomweb_client", "requests",
                       "dicomanonymizer", "torch", "jax"})
 #: Modules (and packages, with everything in them) that load neither Keras nor TensorFlow.
 LIGHT = ("kmedtl", "kmedtl.cli", "kmedtl.config", "kmedtl.schema", "kmedtl.errors",
@@ -78,7 +79,6 @@ JAX_PATH = ("kmedtl.models.", "kmedtl.training.", "kmedtl.evaluation.", "kmedtl.
 #: through a ``# lazy:`` import.
 LIGHT_EXCEPTIONS = {
     "kmedtl.data.pipeline": ["tensorflow"],  # the tf.data input pipeline
-    "kmedtl.pretrained.catalog": ["keras"],  # builds the Keras model a checkpoint becomes
 }
 #: JAX_PATH modules that do need TensorFlow: KerasTuner imports it.
 JAX_PATH_EXCEPTIONS = ["kmedtl.training.tuning"]
@@ -127,15 +127,26 @@ def _imports(tree: ast.Module):
     return found
 
 
+#: Third-party submodules that load another (optional) package: counted as that package.
+VIA = {"apache_beam.runners.dask": "dask"}
+
+
+def _third_party(name: str) -> str:
+    for prefix, package in VIA.items():
+        if name == prefix or name.startswith(prefix + "."):
+            return package
+    return name.split(".")[0]
+
+
 def _targets(node, src: str, is_pkg: bool, modules) -> list[str]:
     """Module names an import statement loads: kmedtl modules by full name, anything
-    else by its top-level package name."""
+    else by its top-level package name (or the package it loads, :data:`VIA`)."""
     if isinstance(node, ast.Import):
-        return [a.name if a.name.startswith("kmedtl") else a.name.split(".")[0]
+        return [a.name if a.name.startswith("kmedtl") else _third_party(a.name)
                 for a in node.names]
     module = from_module(node, src, is_pkg)
     if not module.startswith("kmedtl"):
-        return [module.split(".")[0]]
+        return [_third_party(module)]
     out = []
     for alias in node.names:
         sub = f"{module}.{alias.name}"

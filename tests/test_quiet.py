@@ -106,6 +106,27 @@ def test_the_cli_sets_the_log_level_only_when_the_user_did_not(monkeypatch):
     assert os.environ["TF_CPP_MIN_LOG_LEVEL"] == "0"
 
 
+MOBILENET_WARNING = ("`input_shape` is undefined or non-square, or `rows` is not in [96, 128, "
+                     "160, 192, 224]. Weights for input shape (224, 224) will be loaded as "
+                     "the default.")
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_the_cli_drops_known_library_warnings_unless_verbose(verbose, monkeypatch):
+    """keras.applications' MobileNet size note came before the one-line offline-weights
+    error; the kmedtl command drops it (and only it) unless --verbose."""
+    import warnings
+
+    monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "2")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        quiet_environment(verbose=verbose)
+        warnings.warn(MOBILENET_WARNING, UserWarning, stacklevel=1)
+        warnings.warn("another UserWarning", UserWarning, stacklevel=1)
+    messages = [str(w.message) for w in seen]
+    assert ("another UserWarning" in messages) and ((MOBILENET_WARNING in messages) is verbose)
+
+
 def test_output_before_an_abort_is_not_lost(tmp_path):
     """A native ``Check failed`` aborts the process inside the block: the filter is a
     separate process, so the last words still reach the terminal."""
@@ -159,6 +180,7 @@ def _export(run, out, *head):
                           capture_output=True, text=True, timeout=900, env=env)
 
 
+@pytest.mark.slow
 def test_export_prints_no_native_log_lines(small_run, tmp_path):
     res = _export(small_run, tmp_path / "quiet")
     assert res.returncode == 0, res.stderr[-3000:]
@@ -168,6 +190,7 @@ def test_export_prints_no_native_log_lines(small_run, tmp_path):
     assert noise == [], noise
 
 
+@pytest.mark.slow
 def test_export_verbose_keeps_them(small_run, tmp_path):
     res = _export(small_run, tmp_path / "verbose", "--verbose")
     assert res.returncode == 0, res.stderr[-3000:]

@@ -8,7 +8,8 @@ import pytest
 from test_training_helpers import arrays, flat_model, hier_model, write_config
 
 from kmedtl.errors import ConfigError
-from kmedtl.training import lr_find, predict_tta
+from kmedtl.evaluation.tta import predict_tta
+from kmedtl.training import lr_find
 
 
 def test_tta_averages_the_flipped_views_per_output():
@@ -40,6 +41,7 @@ def test_tta_on_a_dataset_with_random_augmentation_views():
         predict_tta(model, x, n=3, flips="horizontal")
 
 
+@pytest.mark.slow
 def test_lr_finder_sweeps_exponentially_suggests_and_restores_weights(tmp_path):
     x, y = arrays(64)
     model = flat_model(2)
@@ -55,6 +57,7 @@ def test_lr_finder_sweeps_exponentially_suggests_and_restores_weights(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
 
 
+@pytest.mark.slow
 def test_lr_finder_stops_when_the_loss_diverges():
     x, y = arrays(32)
     res = lr_find(flat_model(2), (x, y), start_lr=1e-3, end_lr=1e6, steps=100, batch_size=8,
@@ -62,6 +65,7 @@ def test_lr_finder_stops_when_the_loss_diverges():
     assert res.stopped_early and len(res.lrs) < 100
 
 
+@pytest.mark.slow
 def test_lr_find_cli_writes_png_and_json(tmp_path, capsys):
     from kmedtl.training.cli import build_parser
 

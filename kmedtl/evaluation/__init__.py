@@ -10,6 +10,7 @@ Plain functions on arrays (no hidden state), scikit-learn wherever it has the me
 - :mod:`~kmedtl.evaluation.uncertainty`: bootstrap CIs, McNemar, paired comparisons,
   mean +- sd over repeats;
 - :mod:`~kmedtl.evaluation.learning_curves`, :mod:`~kmedtl.evaluation.plots`;
+- :mod:`~kmedtl.evaluation.tta`: test-time augmentation (:func:`predict_tta`);
 - :mod:`~kmedtl.evaluation.evaluate`: everything ``metrics.json`` holds, from predictions;
 - :mod:`~kmedtl.evaluation.gradcam` (Keras), :mod:`~kmedtl.evaluation.report` (HTML),
   :mod:`~kmedtl.evaluation.model_card`, :mod:`~kmedtl.evaluation.stage` (a run folder end to
@@ -80,6 +81,7 @@ from kmedtl.evaluation.model_card import (
 )
 from kmedtl.evaluation.report import render_report, write_report
 from kmedtl.evaluation.stage import evaluate_run, predict
+from kmedtl.evaluation.tta import predict_tta
 from kmedtl.evaluation.uncertainty import (
     bootstrap,
     bootstrap_ci,
@@ -141,6 +143,7 @@ __all__ = [
     "render_model_card",
     "render_report",
     "save_calibration",
+    "predict_tta",
     "save_learning_curve",
     "specificity_per_class",
     "summarise_learning_curve",

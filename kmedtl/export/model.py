@@ -41,8 +41,8 @@ from kmedtl.data.pipeline import PipelineReport, make_dataset
 from kmedtl.errors import HierarchyError, KmedtlError
 from kmedtl.export.errors import ExportError
 from kmedtl.jsonio import read_json as _read_json
+from kmedtl.models.precision import model_precision
 from kmedtl.run_folder import RunFolder, model_input_names, model_input_shape
-from kmedtl.training.precision import model_precision
 
 _EPS = 1e-12
 

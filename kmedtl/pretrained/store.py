@@ -79,6 +79,61 @@ SHIPPED: dict[str, ShippedCheckpoint] = {
 }
 
 
+@dataclass(frozen=True)
+class KerasWeights:
+    """A ``keras.applications`` family whose ImageNet weights Keras downloads."""
+
+    family: str  # kmedtl's name
+    constructor: str  # in keras.applications
+    #: keras.applications builds another graph for its ImageNet weights (EfficientNet v1:
+    #: an extra rescaling); kmedtl transfers them, so an imported file cannot be used
+    graph_changes: bool = False
+
+
+#: The ``keras.applications`` families with ImageNet weights, in registry order, as data:
+#: ``kmedtl weights list`` and the argument checks of ``weights import`` read this table,
+#: so they import neither TensorFlow nor Keras.  The backbone registry
+#: (:data:`kmedtl.models.backbones.BACKBONES`) is the source of truth;
+#: ``tests/test_weights_cli.py`` fails when the two disagree.
+KERAS_APPLICATIONS: dict[str, KerasWeights] = {
+    k.family: k
+    for k in (
+        KerasWeights("resnet50", "ResNet50"),
+        KerasWeights("resnet101", "ResNet101"),
+        KerasWeights("resnet152", "ResNet152"),
+        KerasWeights("resnet50v2", "ResNet50V2"),
+        KerasWeights("resnet101v2", "ResNet101V2"),
+        KerasWeights("resnet152v2", "ResNet152V2"),
+        KerasWeights("densenet121", "DenseNet121"),
+        KerasWeights("densenet169", "DenseNet169"),
+        KerasWeights("densenet201", "DenseNet201"),
+        *[KerasWeights(f"efficientnetb{i}", f"EfficientNetB{i}", graph_changes=True)
+          for i in range(8)],
+        *[KerasWeights(f"efficientnetv2{v.lower()}", f"EfficientNetV2{v}")
+          for v in ("B0", "B1", "B2", "B3", "S", "M", "L")],
+        KerasWeights("mobilenetv2", "MobileNetV2"),
+        KerasWeights("mobilenetv3small", "MobileNetV3Small"),
+        KerasWeights("mobilenetv3large", "MobileNetV3Large"),
+        KerasWeights("vgg16", "VGG16"),
+        KerasWeights("vgg19", "VGG19"),
+        KerasWeights("inceptionv3", "InceptionV3"),
+        KerasWeights("xception", "Xception"),
+        *[KerasWeights(f"convnext_{s.lower()}", f"ConvNeXt{s}")
+          for s in ("Tiny", "Small", "Base", "Large", "XLarge")],
+    )
+}
+
+
+def family_name(name) -> str | None:
+    """The kmedtl name of a family with ImageNet weights (case, ``-``, ``_`` and spaces
+    ignored, as the registry does), or None when neither table knows it."""
+    wanted = re.sub(r"[\s_\-]", "", str(name)).lower()
+    for known in (*SHIPPED, *KERAS_APPLICATIONS):
+        if re.sub(r"[\s_\-]", "", known).lower() == wanted:
+            return known
+    return None
+
+
 # ---------------------------------------------------------------------------- folders
 def kmedtl_home() -> Path:
     """``$KMEDTL_HOME``, else ``~/.cache/kmedtl``."""

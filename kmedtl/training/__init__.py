@@ -17,7 +17,6 @@ Parts, each usable alone
 - schedules: :class:`OneCycle`, :class:`OneCycleMomentum`, :class:`OffsetSchedule`,
   :class:`ExponentialSweep`, :func:`make_schedule` (cosine and step are Keras');
 - :func:`lr_find` -- the LR range test with a loss-vs-LR plot;
-- :func:`predict_tta` -- test-time augmentation;
 - :class:`SparseAUC`, :class:`CohenKappa`, :class:`SmoothedSparseCategoricalCrossentropy`;
 - :class:`FeatureCache`, :func:`split_at_features` -- cached frozen-backbone features;
 - tuning (imported on first use): :class:`TransferHyperModel`, :func:`run_search`,
@@ -89,6 +88,7 @@ project, ``features/`` the on-disk feature cache); ``kmedtl lr-find`` writes
 """
 
 from kmedtl.config import RECOMMENDED_RECIPE
+from kmedtl.models.precision import precision_policy, resolve_precision
 from kmedtl.training.config import (
     MultiInputSection,
     OneCycleSection,
@@ -116,7 +116,6 @@ from kmedtl.training.losses import SmoothedSparseCategoricalCrossentropy
 from kmedtl.training.lr_finder import LRFinderResult, lr_find
 from kmedtl.training.metrics import CohenKappa, SparseAUC
 from kmedtl.training.optimizers import DiscriminativeOptimizer, make_optimizer
-from kmedtl.training.precision import precision_policy, resolve_precision
 from kmedtl.training.schedules import (
     ExponentialSweep,
     OffsetSchedule,
@@ -126,7 +125,6 @@ from kmedtl.training.schedules import (
 )
 from kmedtl.training.stage import build_model, run_lr_find, run_training, run_tuning
 from kmedtl.training.trainer import Trainer, TrainResult, fine_tune, save_inference_model
-from kmedtl.training.tta import predict_tta
 
 _LAZY = {"TransferHyperModel", "run_search", "TuningError", "preflight", "SearchResult"}
 
@@ -177,7 +175,6 @@ __all__ = [
     "make_schedule",
     "plan_phases",
     "precision_policy",
-    "predict_tta",
     "preflight",
     "resolve_precision",
     "resolved_config",

@@ -12,8 +12,8 @@ import logging
 
 from kmedtl import models  # looked up per call, as kmedtl.models.<name> (patchable there)
 from kmedtl.errors import ConfigError, ModelError
+from kmedtl.models.precision import precision_policy
 from kmedtl.training.config import TrainSection
-from kmedtl.training.precision import precision_policy
 
 log = logging.getLogger("kmedtl.training")
 

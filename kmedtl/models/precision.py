@@ -7,6 +7,9 @@ force when a model is *built* (Keras layers take their dtype policy at construct
 heads always compute in float32, so probabilities and losses stay float32.  Under
 ``mixed_float16`` ``Model.compile`` wraps the optimizer in a ``LossScaleOptimizer`` by
 itself.
+
+It lives in :mod:`kmedtl.models` because a model's dtype policy is a property of the model:
+training builds under it and export reads it back (:func:`model_precision`).
 """
 
 from __future__ import annotations
