@@ -5,7 +5,9 @@
 # itself pins TensorFlow 2.21; so this script builds a separate virtual environment
 # (.venv-tfio) with TensorFlow 2.17 + tensorflow-io 0.37.1, installs kmedtl into it
 # *without* its dependencies (which would pull TF 2.21 back in), lists the data-layer
-# dependencies explicitly, and runs the tests marked `tfio`.
+# dependencies explicitly, and runs the tests marked `tfio`: the backend against pydicom
+# (tests/test_tfio.py) and `kmedtl run --set data.decoder=tfio` through the command line
+# (tests/test_tfio_cli.py), so the CLI works here, not only the library.
 #
 # It fails when any test fails, when no test is collected (pytest exit code 5) and when
 # every tfio test was skipped: in this environment they are expected to run.
@@ -29,8 +31,9 @@ fi
 PY="$VENV/bin/python"
 "$PY" -m pip install --quiet --upgrade pip
 
-# TensorFlow 2.17 needs numpy < 2; everything else is what kmedtl.data imports, plus
-# pytest and the real DICOM test files of pydicom-data.  The pylibjpeg plugins are left
+# TensorFlow 2.17 needs numpy < 2; everything else is what kmedtl imports for `kmedtl run`
+# (kmedtl's own requirements less TensorFlow 2.21 and tensorboard >= 2.20: TF 2.17 brings
+# its tensorboard), plus pytest and the real DICOM test files of pydicom-data.  The pylibjpeg plugins are left
 # unpinned: their releases that kmedtl pins for TF 2.21 need numpy >= 2, so pip picks the
 # last ones that work with numpy 1.26 (they decode the JPEG / JPEG-LS / RLE files the
 # pydicom side of these tests reads).
@@ -49,6 +52,8 @@ PY="$VENV/bin/python"
     "scikit-learn>=1.4" \
     "tqdm>=4.66" \
     "imagehash>=4.3" \
+    "matplotlib>=3.8" \
+    "keras-tuner>=1.4.7,<2" \
     "pytest>=8" \
     "pydicom-data>=1.0"
 "$PY" -m pip install --quiet --no-deps -e .
@@ -70,7 +75,7 @@ PY
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 set +e
-"$PY" -m pytest tests/test_tfio.py -m tfio -v -rs "$@" 2>&1 | tee "$log"
+"$PY" -m pytest tests/test_tfio.py tests/test_tfio_cli.py -m tfio -v -rs "$@" 2>&1 | tee "$log"
 rc=${PIPESTATUS[0]}
 set -e
 

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow
+
 CHILD = Path(__file__).with_name("jax_backend_child.py")
 REPO = CHILD.parent.parent
 MARK = "KMEDTL_JAX_RESULT "
@@ -102,7 +104,9 @@ def test_cbr_tiny_trains_with_kmedtl_trainer_on_jax(jax_run):
     assert out["predict_accuracy"] >= 0.8, out["predict_accuracy"]
     assert out["optimizer"] == "DiscriminativeOptimizer"  # train.lr_multipliers
     assert out["jit_compile"] is True  # train.jit_compile "auto" is XLA on JAX
-    assert out["precision"] == "float32"
+    # train.precision "auto": mixed_float16 where JAX sees a GPU, float32 on CPU/TPU
+    gpu = bool({"gpu", "cuda"} & set(jax_run["jax_devices"]))
+    assert out["precision"] == ("mixed_float16" if gpu else "float32")
     assert {"model.keras", "history.csv", "train_metrics.json", "checkpoints"} <= set(
         out["run_files"])
 

@@ -19,8 +19,8 @@ from test_training_helpers import (
 )
 
 from kmedtl.errors import ConfigError
+from kmedtl.models.precision import model_precision, resolve_jit_compile
 from kmedtl.training import Trainer, build_model, resolve_precision, train_section
-from kmedtl.training.precision import model_precision, resolve_jit_compile
 
 FAST = {"batch_size": 8, "jit_compile": False, "verbose": 0, "tensorboard": False}
 
@@ -30,6 +30,7 @@ def _rows(path):
         return list(csv.DictReader(fh))
 
 
+@pytest.mark.slow
 def test_run_folder_and_model_that_loads_in_a_fresh_process(tmp_path):
     x, y = arrays(16, size=32)
     keras.utils.set_random_seed(0)
@@ -66,6 +67,7 @@ def test_run_folder_and_model_that_loads_in_a_fresh_process(tmp_path):
                                atol=1e-5)
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_and_the_epoch_count_continues(tmp_path):
     x, y = arrays(24)
     run = tmp_path / "run"
@@ -88,6 +90,7 @@ def test_killed_run_resumes_and_the_epoch_count_continues(tmp_path):
     assert not (run / "backup" / "state.json").exists()
 
 
+@pytest.mark.slow
 def test_killed_gradual_run_resumes_in_the_right_phase(tmp_path):
     x, y = arrays(24)
     run = tmp_path / "run"
@@ -121,6 +124,7 @@ def test_reduce_lr_on_plateau_lowers_the_logged_learning_rate():
     assert result.history["learning_rate"] == pytest.approx([1e-9, 1e-9, 5e-10], rel=1e-3)
 
 
+@pytest.mark.slow
 def test_deterministic_runs_repeat_exactly_in_a_fresh_process():
     out = run_python("""
         import json, numpy as np
@@ -147,6 +151,7 @@ def test_monitor_that_is_not_logged_is_a_clear_error():
     assert "train.monitor" in str(e.value) and "val_auc" in str(e.value)
 
 
+@pytest.mark.slow
 def test_hierarchical_training_with_smoothing_and_leaf_loss():
     x, leaf = arrays(24, n_classes=3)
     y = hier_targets(leaf)
@@ -159,6 +164,7 @@ def test_hierarchical_training_with_smoothing_and_leaf_loss():
         Trainer(hier_model(), epochs=1, **FAST).fit((x, y), class_weight={0: 1.0})
 
 
+@pytest.mark.slow
 def test_class_weight_for_flat_models_changes_the_loss():
     x, y = arrays(16)
     losses = []
@@ -180,15 +186,25 @@ class _HostOp(keras.layers.Layer):
         return y
 
 
+def gpu_visible() -> bool:
+    """Whether TensorFlow sees a GPU: asked of TensorFlow itself, not of the kmedtl code
+    under test (which asks Keras)."""
+    import tensorflow as tf  # test-only: the oracle for the device-dependent defaults
+
+    return bool(tf.config.list_physical_devices("GPU"))
+
+
+@pytest.mark.slow
 def test_xla_auto_is_off_on_cpu_on_when_asked_and_falls_back_with_a_warning(caplog):
     from tensorflow.python.framework.config import is_op_determinism_enabled
 
     assert not is_op_determinism_enabled(), "an earlier test leaked op determinism"
     x, y = arrays(16)
-    # "auto" (the default): no XLA on a CPU-only TensorFlow (it is slower there)
-    assert resolve_jit_compile("auto") is False
+    # "auto" (the default): no XLA on a CPU-only TensorFlow (it is slower there), XLA on
+    # a GPU
+    assert resolve_jit_compile("auto") is gpu_visible()
     result = Trainer(flat_model(), epochs=1, batch_size=8, verbose=0).fit((x, y))
-    assert result.jit_compile is False
+    assert result.jit_compile is gpu_visible()
     result = Trainer(flat_model(), epochs=1, batch_size=8, verbose=0,
                      jit_compile=True).fit((x, y))
     assert result.jit_compile is True
@@ -202,8 +218,10 @@ def test_xla_auto_is_off_on_cpu_on_when_asked_and_falls_back_with_a_warning(capl
     assert any("XLA compilation failed" in r.message for r in caplog.records)
 
 
+@pytest.mark.slow
 def test_precision_auto_is_float32_on_cpu_and_mixed_bfloat16_builds_and_trains():
-    assert resolve_precision("auto") == "float32"
+    # "auto": float32 on CPU (float16 is emulated there), mixed_float16 on a GPU
+    assert resolve_precision("auto") == ("mixed_float16" if gpu_visible() else "float32")
     from test_training_helpers import TINY, hierarchy
 
     cfg = train_section({"backbone": TINY, "model": "flat", "precision": "mixed_bfloat16"})
@@ -223,6 +241,7 @@ def test_precision_auto_is_float32_on_cpu_and_mixed_bfloat16_builds_and_trains()
     assert result.precision == "mixed_float16" and np.isfinite(result.history["loss"][0])
 
 
+@pytest.mark.slow
 def test_mirrored_strategy_over_two_logical_cpus_matches_one_device():
     # No BatchNorm in this model: per-replica batch statistics would differ by design.
     out = run_python("""

@@ -45,7 +45,7 @@ from kmedtl._text import printable
 from kmedtl.data import decode, dicom, scan
 from kmedtl.data.cache import build_cache
 from kmedtl.data.decode import looks_like_dicom
-from kmedtl.data.hashing import hamming_pairs, similar_pairs, thumbnail_matrix
+from kmedtl.data.hashing import hamming_pairs, popcount, similar_pairs, thumbnail_matrix
 from kmedtl.data.options import ImageOptions
 from kmedtl.data.shortcuts import format_shortcuts, shortcut_audit
 from kmedtl.data.sources import DatasetIndex, Skipped
@@ -160,7 +160,8 @@ def audit(index: DatasetIndex, options: ImageOptions | None = None, *, splits=No
     if runner == "beam":  # the same groups as below, as Beam transforms (banded pHash)
         from kmedtl.data import beam  # lazy: Apache Beam (pip install 'kmedtl[beam]')
 
-        g = beam.duplicate_groups(digests, phashes, path_of, near_threshold, beam_options)
+        g = beam.duplicate_groups(digests, phashes, path_of, near_threshold, beam_options,
+                                  work_dir=cache_dir)  # shared with a cluster's workers
         exact, near, near_pairs = g.exact, g.near, [tuple(p) for p in g.near_pairs]
     else:
         exact, near, near_pairs = _duplicate_groups(digests, phashes, path_of,
@@ -543,8 +544,8 @@ def training_lookalikes(samples, reference, options: ImageOptions, *,
     th_ref = thumbnail_matrix([t_ref[i] for i in ref_ids])
     for start in range(0, len(ext_ids), 512):
         chunk = ext_ids[start:start + 512]
-        bits = np.bitwise_count(np.array([p_ext[i] for i in chunk], dtype=np.uint64)[:, None]
-                                ^ ph_ref[None, :])
+        bits = popcount(np.array([p_ext[i] for i in chunk], dtype=np.uint64)[:, None]
+                        ^ ph_ref[None, :])
         sim = thumbnail_matrix([t_ext[i] for i in chunk]) @ th_ref.T
         for k, sid in enumerate(chunk):
             j = int(np.argmax(sim[k]))

@@ -26,10 +26,27 @@ def perceptual_hash(img: np.ndarray) -> int:
     return int(np.packbits(bits.astype(np.uint8)).view(">u8")[0])
 
 
+#: Set bits of each byte value, for :func:`popcount` on numpy 1.x.
+_BYTE_BITS = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
+
+
+def popcount(x) -> np.ndarray:
+    """Set bits per element of an integer array (of the absolute value, as
+    ``np.bitwise_count``), as uint8: ``np.bitwise_count`` on numpy >= 2, else a byte table
+    (numpy 1.x, which the tensorflow-io environment of ``.ci/tfio.sh`` needs)."""
+    x = np.asarray(x)
+    if hasattr(np, "bitwise_count"):
+        return np.bitwise_count(x)
+    if np.issubdtype(x.dtype, np.signedinteger):
+        x = np.abs(x)  # the minimum wraps to itself: its unsigned view has the one bit
+    b = np.ascontiguousarray(x).view(np.uint8).reshape(*x.shape, x.dtype.itemsize)
+    return _BYTE_BITS[b].sum(axis=-1, dtype=np.uint8)
+
+
 def hamming_pairs(hashes: np.ndarray, max_distance: int, block: int = 2048):
     """Index pairs (i < j) whose 64-bit hashes differ in at most ``max_distance`` bits.
 
-    Blocked all-pairs comparison with ``np.bitwise_count``: memory stays at
+    Blocked all-pairs comparison with :func:`popcount`: memory stays at
     ``block * n`` words however many images there are.
     """
     h = np.asarray(hashes, dtype=np.uint64)
@@ -37,7 +54,7 @@ def hamming_pairs(hashes: np.ndarray, max_distance: int, block: int = 2048):
     out = []
     for start in range(0, n, block):
         stop = min(n, start + block)
-        d = np.bitwise_count(h[start:stop, None] ^ h[None, :])
+        d = popcount(h[start:stop, None] ^ h[None, :])
         ii, jj = np.nonzero(d <= max_distance)
         ii = ii + start
         keep = ii < jj
