@@ -78,10 +78,13 @@ def test_onehot_targets_and_mixup_cutmix_keep_distributions(tree, tmp_path):
         assert float(tf.reduce_min(x)) >= 0.0 and float(tf.reduce_max(x)) <= 1.0
 
 
-def test_mixup_requires_onehot_targets(tree):
+def test_mixup_mixes_leaf_targets_too(tree):  # more in test_mix_hierarchy.py
     index = index_folder(tree, H)
-    with pytest.raises(ConfigError, match="onehot"):
-        make_dataset(index.samples, H, OPTS, training=True, augment=Augmentation(mixup=0.2))
+    ds = make_dataset(index.samples, H, OPTS, training=True, batch_size=6,
+                      augment=Augmentation(mixup=0.2))
+    y = next(iter(ds))[1].numpy()
+    assert y.shape == (6, 3)
+    np.testing.assert_allclose(y.sum(1), 1.0, atol=1e-5)
 
 
 def test_balance_weights_and_sampling(tree, tmp_path):
@@ -177,6 +180,7 @@ def test_encode_targets_rejects_unknown_mode(tree):
         encode_targets(index.samples, H, "sparse")
 
 
+@pytest.mark.slow
 def test_worker_crash_is_reported_and_the_pass_goes_on(tmp_path, monkeypatch):
     """A decoder that kills its worker process (segfault) costs one file, not the pass."""
     from kmedtl.data import scan

@@ -3,8 +3,11 @@ augmentation layers now live in Keras itself).
 
 ``Augmentation`` holds the parameters; :meth:`Augmentation.layers` builds the Keras layers
 and :meth:`Augmentation.apply_batch` runs them on a batch inside ``tf.data``.  Images are
-float32 in [0, 1] at this point.  MixUp and CutMix mix labels too, so they need one-hot
-leaf targets (``targets="onehot"``).  ``saturation`` and ``hue`` (colour jitter, Keras'
+float32 in [0, 1] at this point.  MixUp and CutMix mix the targets too
+(:meth:`Augmentation.mix`): every target tensor of the batch (the leaf target, each
+hierarchy head's, the sample weights) is mixed with the same partner and the same
+lambda/box, see :func:`kmedtl.data.pipeline.soft_targets` for what a mixed hierarchical
+target means.  ``saturation`` and ``hue`` (colour jitter, Keras'
 ``RandomSaturation`` / ``RandomHue``) act on colour input only: asking for them on a
 one-channel image is a :class:`~kmedtl.errors.ConfigError` naming the field.
 """
@@ -131,6 +134,36 @@ class Augmentation:
             out = mixer({"images": images, "labels": labels}, training=True)
             images, labels = out["images"], out["labels"]
         return images, labels
+
+    def mix(self, images: dict, targets: list, mixers=None):
+        """MixUp then CutMix (as set) on one batch, every tensor with the same draw.
+
+        ``images``: ``{input name: (N, H, W, C) float}`` (every image input of a case:
+        mixed with the same partner and box, so a multi-input case stays one case);
+        ``targets``: a list of ``(N, K_i)`` float tensors (soft targets of each output, a
+        ``(N, 1)`` sample-weight column), each mixed as ``lam * t + (1 - lam) * t[perm]``.
+        Returns ``(images, targets)`` of the same structure.
+
+        Keras' ``MixUp``/``CutMix`` layers take one ``images`` and one ``labels`` tensor
+        per call and draw a new lambda/box on every call, so calling them once per target
+        would give each output its own lambda.  Their label maths is linear and per
+        column, so the targets are concatenated along the last axis (and the image inputs
+        along the channels) into one call of the layer and split afterwards: the layers
+        stay Keras', and one draw covers every output.
+        """
+        import tensorflow as tf  # lazy: see apply_batch
+
+        names = list(images)
+        channels = [int(images[n].shape[-1]) for n in names]
+        widths = [int(t.shape[-1]) for t in targets]
+        x = tf.concat([tf.cast(images[n], tf.float32) for n in names], axis=-1)
+        y = tf.concat([tf.cast(t, tf.float32) for t in targets], axis=-1)
+        for mixer in mixers if mixers is not None else self.mixers():
+            out = mixer({"images": x, "labels": y}, training=True)
+            x, y = out["images"], out["labels"]
+        xs = tf.split(x, channels, axis=-1)
+        ys = tf.split(y, widths, axis=-1)
+        return dict(zip(names, xs)), list(ys)
 
     def acquisition(self, images):
         """Per-image gamma, foreground inversion and Gaussian noise (``gamma``,

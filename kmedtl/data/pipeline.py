@@ -11,7 +11,11 @@ Two sources of pixels, same values:
 Then: shuffle (on file names, before decoding), batch, in-graph augmentation (Keras 3
 preprocessing layers), normalisation matched to the backbone, prefetch.  Targets come from
 the :class:`~kmedtl.hierarchy.Hierarchy`: ``leaf`` (int), ``onehot`` (float) or
-``hierarchy`` (a dict keyed by output name, ``-1`` where a head does not apply).
+``hierarchy`` (a dict keyed by output name, ``-1`` where a head does not apply).  With
+MixUp/CutMix (``augment.mixup``/``augment.cutmix``) the training batches carry soft
+targets instead (:func:`soft_targets`): a float distribution per output, mixed with one
+lambda/box for every output, which the losses of :mod:`kmedtl.training.losses` accept
+beside the integer ones.
 
 Example::
 
@@ -104,6 +108,46 @@ def encode_targets(samples: list[Sample], hierarchy, targets: str):
     return out
 
 
+def target_widths(hierarchy, targets: str):
+    """The class count of each target of :func:`encode_targets`, in its structure: an int
+    (``leaf``/``onehot``) or ``{output name: count}`` (``hierarchy``)."""
+    if targets not in TARGETS:
+        raise ConfigError(f"targets: {targets!r} is not one of {list(TARGETS)}")
+    if targets != "hierarchy":
+        return len(hierarchy.leaves)
+    out = {"leaf": len(hierarchy.leaves)}
+    for parent in hierarchy.parents:
+        out[hierarchy.node_output_name(parent)] = len(hierarchy.children(parent))
+    return out
+
+
+def soft_targets(labels, widths):
+    """Targets as float distributions, ready to be mixed (in-graph; same structure).
+
+    Integer class indices become one-hot rows of ``widths`` columns, and ``-1`` (a
+    hierarchy head that does not apply) an all-zero row; float (one-hot) targets pass.
+
+    What a mixed hierarchical target means: MixUp/CutMix mix every head's target with the
+    same lambda, ``t = lam * onehot(a) + (1 - lam) * onehot(b)``, so the *mass* of a
+    conditional head's row (``sum(t)``) is the share of the mix that lies in its subtree:
+    1 when both cases do, ``lam`` or ``1 - lam`` when one does, 0 when neither does (the
+    row is then masked, as ``-1`` is).  The losses keep that mass instead of
+    renormalising it away: the row's cross-entropy is ``sum_k t_k * -log p_k``, i.e.
+    ``mass * CE(t / mass)``, averaged over the applicable mass of the batch (the count of
+    applicable rows when targets are hard).  That is exactly how the leaf cross-entropy
+    of the mixed leaf target splits over the heads (``log p(leaf)`` is the sum of the head
+    log-probabilities along its path), so a "70 % normal, 30 % glioma" image teaches the
+    root head 70/30 and the tumour head "glioma" with weight 0.3, and never a subtype
+    for the normal part.  The leaf target is mixed the same way and always has mass 1.
+    """
+    def one(t, k):
+        if t.dtype.is_floating and t.shape.rank == 2:
+            return t
+        return tf.one_hot(tf.cast(t, tf.int32), k, dtype=tf.float32)  # -1 -> zero row
+
+    return tf.nest.map_structure(one, labels, widths)
+
+
 def class_weights(samples: list[Sample], hierarchy) -> dict[int, float]:
     """Balanced leaf-class weights n / (k * count_c), as Keras ``class_weight`` expects."""
     leaves = Counter(hierarchy.leaf_index(s.label) for s in samples)
@@ -140,9 +184,6 @@ def make_dataset(samples: list[Sample], hierarchy, options: ImageOptions, *,
     if not samples:
         raise ConfigError("make_dataset: no samples (check the source and the hierarchy)")
     augment = augment if training else None
-    if augment is not None and augment.mixes_labels and targets != "onehot":
-        raise ConfigError("augment.mixup/cutmix mix labels and need targets: onehot "
-                          f"(got targets: {targets})")
     shuffle = training if shuffle is None else shuffle
     parallel = num_parallel_calls or tf.data.AUTOTUNE
     report = report if report is not None else PipelineReport()
@@ -191,13 +232,22 @@ def make_dataset(samples: list[Sample], hierarchy, options: ImageOptions, *,
             layers, mixers = aug_layers
             images = {n: augment.apply_batch(v, labels, layers, [])[0] for n, v in images.items()}
             if mixers:
-                main, labels = augment.apply_batch(images[primary], labels, [], mixers)
-                images[primary] = main
+                images, labels, rest = _mix(images, labels, rest, mixers)
         images = {n: normalize(v, normalization) for n, v in images.items()}
         out = images[primary] if single else images
         return (out, labels, *rest)
 
+    def _mix(images, labels, rest, mixers):
+        # one draw for every image input, every output's target and the sample weight
+        soft = tf.nest.flatten(soft_targets(labels, widths))
+        weight = [tf.reshape(tf.cast(rest[0], tf.float32), (-1, 1))] if rest else []
+        images, mixed = augment.mix(images, soft + weight, mixers)
+        labels = tf.nest.pack_sequence_as(labels, mixed[:len(soft)])
+        rest = (tf.reshape(mixed[-1], (-1,)),) if rest else rest
+        return images, labels, rest
+
     aug_layers = (augment.layers(), augment.mixers()) if augment is not None else None
+    widths = target_widths(hierarchy, targets)
     ds = ds.map(finish, num_parallel_calls=parallel)
     return ds.prefetch(tf.data.AUTOTUNE)
 

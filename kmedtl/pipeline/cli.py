@@ -11,13 +11,12 @@ Config problems raise :class:`~kmedtl.errors.KmedtlError` subclasses, which
 
 from __future__ import annotations
 
-from kmedtl.pipeline.runner import run_pipeline
+from kmedtl.errors import ConfigError
+from kmedtl.pipeline.runner import FOLDS_UNTIL, format_folds, run_folds, run_pipeline
 from kmedtl.pipeline.spec import STAGES, parse_set
 
 
-def cmd_run(args) -> int:
-    res = run_pipeline(args.pipeline, run_dir=args.run_dir, force=args.force or (),
-                       until=args.until, overrides=parse_set(args.set))
+def _print_stages(res) -> None:
     s = res.summary
     for row in s.get("stages", []):
         if row["stage"] in res.stages:
@@ -26,6 +25,28 @@ def cmd_run(args) -> int:
                 secs = f"(ran in {secs}, {row.get('finished')})"
             print(f"{row['stage']:<9} {row['this_call']:<8} {secs}")
     print(f"{s.get('status')}: {res.summary_md}")
+
+
+def cmd_folds(args) -> int:
+    if args.until not in (None, FOLDS_UNTIL):
+        raise ConfigError(f"--until {args.until}: with --folds every fold runs until "
+                          f"{FOLDS_UNTIL} (the folds are compared on their metrics.json)")
+    res = run_folds(args.pipeline, args.folds, run_dir=args.run_dir, force=args.force or (),
+                    overrides=parse_set(args.set))
+    for k, r in res.results.items():
+        print(f"--- fold {k}: {r.run_dir}")
+        _print_stages(r)
+    print(f"\nmean \u00b1 sd over folds {res.folds} (all metrics: {res.json_path})")
+    print(format_folds(res.aggregate))
+    return 0
+
+
+def cmd_run(args) -> int:
+    if args.folds is not None:
+        return cmd_folds(args)
+    res = run_pipeline(args.pipeline, run_dir=args.run_dir, force=args.force or (),
+                       until=args.until, overrides=parse_set(args.set))
+    _print_stages(res)
     return 0
 
 
@@ -43,4 +64,9 @@ def add_parsers(subparsers) -> None:
                    help="stop after STAGE")
     r.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.epochs=3 (YAML value)")
+    r.add_argument("--folds", metavar="all|K,K",
+                   help="cross-validation: run every fold ('all') or the listed ones "
+                        "(split.method kfold or repeated), each in <run>/folds/fold_K/ until "
+                        "evaluate, and write <run>/folds/folds.json (mean \u00b1 sd of each "
+                        "metric over the folds, per-fold rows)")
     r.set_defaults(func=cmd_run)

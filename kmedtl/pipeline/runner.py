@@ -16,10 +16,17 @@ A call holds the run folder's one-writer lock (:func:`kmedtl.ownership.run_lock`
 start to end: a second ``kmedtl run`` (or ``train``, ``evaluate``, ``export``) on the same
 folder stops at once with :class:`~kmedtl.ownership.RunFolderBusyError` (exit code 2)
 naming this process's PID.
+
+:func:`run_folds` (``kmedtl run PIPELINE --folds all``, or ``--folds 0,2``) runs the
+pipeline once per cross-validation fold (``split.method: kfold`` or ``repeated``), each in
+its own run folder ``<run>/folds/fold_<k>/`` (resumable as any run), up to the
+``evaluate`` stage, and writes ``<run>/folds/folds.json``: every fold's metrics and the
+mean +- sd of each over the folds (:func:`kmedtl.evaluation.evaluate.summarise_metrics`).
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import time
@@ -29,12 +36,17 @@ from pathlib import Path
 
 import yaml
 
+from kmedtl.data.splits import Splits
 from kmedtl.errors import ConfigError
+from kmedtl.evaluation.evaluate import flat_values, summarise_metrics
+from kmedtl.evaluation.uncertainty import format_mean_sd
+from kmedtl.jsonio import write_json
 from kmedtl.ownership import run_lock
 from kmedtl.pipeline import records as R
 from kmedtl.pipeline.spec import STAGES, Pipeline, load_pipeline
 from kmedtl.pipeline.stages import STAGE_FUNCS, Context, SimulatedInterruption
 from kmedtl.pipeline.summary import write_summary
+from kmedtl.run_folder import RunFolder
 
 log = logging.getLogger("kmedtl.pipeline")
 
@@ -219,3 +231,137 @@ def _write_resolved(run: Path, pipe: Pipeline) -> None:
         fh.write(f"# the resolved pipeline ({pipe.label}) as this run folder last ran it\n")
         yaml.safe_dump(pipe.to_dict(), fh, sort_keys=False)
     tmp.replace(run / "pipeline.yaml")
+
+
+# ---------------------------------------------------------------------------- folds
+#: Where :func:`run_folds` writes, inside the pipeline's run folder.
+FOLDS_DIR = "folds"
+FOLDS_JSON = "folds.json"
+#: The last stage a fold runs: export and push ship one model, which a fold's is not.
+FOLDS_UNTIL = "evaluate"
+
+
+@dataclass
+class FoldsResult:
+    folds_dir: Path  # <run>/folds
+    folds: list  # the fold numbers run, in order
+    results: dict = field(default_factory=dict)  # fold -> PipelineResult
+    aggregate: dict = field(default_factory=dict)  # the body of folds.json
+
+    @property
+    def json_path(self) -> Path:
+        return self.folds_dir / FOLDS_JSON
+
+
+def fold_count(pipe: Pipeline) -> int:
+    """How many folds the pipeline's split has: ``split.k`` (kfold), ``split.repeats``
+    (repeated), the folds of ``split.file``, else 1 (holdout, source)."""
+    s = pipe.config.split
+    if s.file:
+        path = Path(s.file)
+        if not path.is_file():
+            raise ConfigError(f"split.file: {path}: file not found")
+        return len(Splits.load(path).folds)
+    return {"kfold": s.k, "repeated": s.repeats}.get(s.method, 1)
+
+
+def parse_folds(value: str, n: int, label: str = "--folds") -> list[int]:
+    """``"all"`` -> ``[0, ..., n-1]``; ``"0,2"`` -> ``[0, 2]`` (each checked against ``n``)."""
+    text = str(value).strip()
+    if text == "all":
+        return list(range(n))
+    try:
+        folds = [int(p) for p in text.split(",") if p.strip()]
+    except ValueError:
+        raise ConfigError(f"{label} {value}: give 'all' or fold numbers separated by commas, "
+                          "e.g. --folds 0,2") from None
+    bad = [f for f in folds if not 0 <= f < n]
+    if not folds or bad:
+        raise ConfigError(f"{label} {value}: the split has {n} fold(s), numbered 0 to {n - 1}"
+                          + (f"; {bad} are not among them" if bad else ""))
+    if len(set(folds)) != len(folds):
+        raise ConfigError(f"{label} {value}: a fold is listed twice")
+    return folds
+
+
+def run_folds(source, folds: str = "all", *, run_dir=None, force=(),
+              overrides: dict | None = None) -> FoldsResult:
+    """Run the pipeline on each fold in ``folds`` (``"all"`` or ``"0,2"``), each in
+    ``<run>/folds/fold_<k>/`` and up to ``evaluate``, then write ``folds.json`` (see the
+    module docstring and :func:`aggregate_folds`).  ``run_dir``, ``force`` and
+    ``overrides`` are :func:`run_pipeline`'s; finished folds are reused as any run's
+    stages are."""
+    overrides = copy.deepcopy(overrides or {})
+    if not isinstance(overrides.get("pipeline", {}), dict):
+        raise ConfigError("--set pipeline=...: with --folds, set pipeline fields one by one "
+                          "(--set pipeline.evaluate.n_boot=200)")
+    if "fold" in overrides.get("pipeline", {}):
+        raise ConfigError("--set pipeline.fold: --folds chooses the folds; drop one of them")
+    pipe = load_pipeline(source, overrides)
+    n = fold_count(pipe)
+    if n < 2:
+        raise ConfigError(f"--folds: split.method {pipe.config.split.method!r} makes one fold; "
+                          "mean +- sd over folds needs split.method: kfold (split.k) or "
+                          "repeated (split.repeats)")
+    chosen = parse_folds(folds, n)
+    if FOLDS_UNTIL not in pipe.spec.stages:
+        raise ConfigError(f"--folds: pipeline.stages {pipe.spec.stages} has no 'evaluate'; "
+                          "the folds are compared on their metrics.json, so add it")
+    later = [st for st in pipe.spec.stages if STAGES.index(st) > STAGES.index(FOLDS_UNTIL)]
+    if later:
+        log.warning("--folds: every fold stops after %s; %s not run (they ship one model: "
+                    "run without --folds for that)", FOLDS_UNTIL, later)
+    folds_dir = run_folder(pipe, run_dir) / FOLDS_DIR
+    res = FoldsResult(folds_dir, chosen)
+    # one writer of the folds folder (each fold's run folder has its own lock too)
+    with run_lock(folds_dir, f"kmedtl run {pipe.label} --folds {folds}"):
+        for k in chosen:
+            over = copy.deepcopy(overrides)
+            over.setdefault("pipeline", {})["fold"] = k
+            log.info("--folds: fold %d (%d of %d)", k, chosen.index(k) + 1, len(chosen))
+            res.results[k] = run_pipeline(source, run_dir=folds_dir / f"fold_{k}", force=force,
+                                          until=FOLDS_UNTIL, overrides=over)
+        res.aggregate = aggregate_folds({k: folds_dir / f"fold_{k}" for k in chosen},
+                                        label=pipe.label, split=pipe.config.split, n_folds=n)
+        write_json(res.json_path, res.aggregate)
+    return res
+
+
+def aggregate_folds(fold_dirs: dict, *, label: str = "pipeline", split=None,
+                    n_folds: int | None = None) -> dict:
+    """The body of ``folds.json`` from ``{fold: run folder}``: each fold's metrics (every
+    interval value of its ``metrics.json``, :func:`~kmedtl.evaluation.evaluate.flat_values`)
+    and ``summary``: ``{metric: {"mean", "sd" (sample sd, ddof=1), "n", "values"}}``."""
+    rows, docs = [], []
+    for k, path in fold_dirs.items():
+        doc = RunFolder(path).metrics
+        if doc is None:
+            raise ConfigError(f"{path}: fold {k} has no metrics.json; rerun it "
+                              "(kmedtl run ... --folds) or run its evaluate stage")
+        docs.append(doc)
+        rows.append({"fold": k, "run_dir": Path(path).name, "n_test": doc.get("n_test"),
+                     "metrics": flat_values(doc)})
+    out = {"kind": "kmedtl-folds", "version": 1, "pipeline": label,
+           "folds": list(fold_dirs), "n_folds": n_folds, "per_fold": rows,
+           "summary": summarise_metrics(docs)}
+    if split is not None:
+        out["split"] = {"method": split.method, "k": split.k, "repeats": split.repeats,
+                        "seed": split.seed}
+    return out
+
+
+def format_folds(agg: dict, prefix: str = "headline/") -> str:
+    """A plain-text table of the metrics under ``prefix`` (default the headline ones):
+    one column per fold, then mean +- sd."""
+    names = [m for m in agg["summary"] if m.startswith(prefix)] or list(agg["summary"])
+    folds = [r["fold"] for r in agg["per_fold"]]
+    head = ["metric", *[f"fold {k}" for k in folds], "mean \u00b1 sd"]
+    body = []
+    for m in names:
+        vals = [r["metrics"].get(m) for r in agg["per_fold"]]
+        body.append([m.removeprefix(prefix),
+                     *["n/a" if v is None else f"{v:.3f}" for v in vals],
+                     format_mean_sd(agg["summary"][m])])
+    widths = [max(len(str(r[i])) for r in [head, *body]) for i in range(len(head))]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()
+                     for r in [head, *body])

@@ -25,7 +25,26 @@ from keras import ops
 KAPPA_WEIGHTS = (None, "linear", "quadratic")
 
 
+def class_indices(y_true):
+    """Integer targets as they are; soft ``(N, K)`` ones (MixUp/CutMix training batches)
+    as their argmax, ``-1`` where the row is all zero (the head does not apply)."""
+    if len(y_true.shape) >= 2 and y_true.shape[-1] is not None and int(y_true.shape[-1]) > 1:
+        y = ops.cast(ops.argmax(y_true, axis=-1), "int32")
+        return ops.where(ops.sum(y_true, axis=-1) > 0, y, -ops.ones_like(y))
+    return y_true
+
+
+@keras.saving.register_keras_serializable(package="kmedtl")
+class Accuracy(keras.metrics.SparseCategoricalAccuracy):
+    """Keras' sparse accuracy that also takes soft targets (their argmax)."""
+
+    def update_state(self, y_true, y_pred, sample_weight=None):
+        return super().update_state(class_indices(ops.convert_to_tensor(y_true)), y_pred,
+                                    sample_weight=sample_weight)
+
+
 def _valid_rows(y_true, sample_weight, ignore_index):
+    y_true = class_indices(ops.convert_to_tensor(y_true))
     y = ops.reshape(ops.cast(y_true, "int32"), (-1,))
     valid = ops.not_equal(y, ignore_index)
     w = ops.cast(valid, "float32")
@@ -107,7 +126,7 @@ class CohenKappa(keras.metrics.Metric):
 
 def default_metrics(num_classes: int) -> list:
     """Leaf-level metrics every kmedtl training logs: accuracy, macro AUROC, kappa."""
-    return [keras.metrics.SparseCategoricalAccuracy(name="accuracy"),
+    return [Accuracy(name="accuracy"),
             SparseAUC(num_classes, name="auc"), CohenKappa(num_classes, name="kappa")]
 
 
