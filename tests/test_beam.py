@@ -126,6 +126,7 @@ def test_failed_job_is_a_clear_error(tmp_path, tiny_images):
                             beam_options=["--runner=NoSuchRunner"])
 
 
+@pytest.mark.slow
 def test_a_crashing_worker_fails_the_job_with_a_clear_error(tmp_path, tiny_images,
                                                              monkeypatch):
     """A codec that kills its process (``os.abort``, standing in for a segfault) fails the
@@ -170,6 +171,7 @@ def brain_subset(datasets_dir):
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_brain_tumour_subset_beam_equals_pool_and_audit(brain_subset, tmp_path):
     opts = ImageOptions(size=64)
     pool = build_cache(brain_subset, opts, tmp_path / "pool", workers=2, progress=False)
@@ -197,6 +199,7 @@ def test_brain_tumour_subset_beam_equals_pool_and_audit(brain_subset, tmp_path):
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_dicom_corpus_beam_equals_pool(pydicom_files, tmp_path):
     """Every file of the pydicom wheels: compressed, multi-frame, colour, corrupt, not
     DICOM at all.  Same entries, same skip reasons, same hashes."""
@@ -232,6 +235,7 @@ def test_scan_process_is_what_beam_runs(tiny_images):
     assert i == 7 and r.ok and r == scan.process(task)
 
 
+@pytest.mark.slow
 def test_cli_audit_with_the_beam_runner_matches_the_process_pool(tmp_path, capsys):
     """`kmedtl data audit --runner beam` reports what the process pool reports."""
     import json

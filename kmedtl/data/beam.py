@@ -26,8 +26,34 @@ line switches runner::
 (``--runner=SparkRunner``, ``--runner=DataflowRunner --project ... --region ...`` alike.)
 On a cluster the workers must see the dataset files and ``cache_dir`` at the same POSIX
 paths (NFS, a Filestore or GCS FUSE mount) and have kmedtl installed.  Tested here:
-DirectRunner (multi_processing and in_memory); Flink, Spark and Dataflow were not
-available to test.
+DirectRunner (multi_processing and in_memory) and the DaskRunner on a ``dask scheduler``
+with two ``dask worker`` processes (``tests/test_beam_dask.py``); Flink, Spark and
+Dataflow were not available to test.
+
+Dask (``pip install 'apache-beam[dask]'``): :func:`dask_flags` gives
+``--runner=DaskRunner --dask_client_address=tcp://HOST:PORT`` (``kmedtl data cache|audit
+--runner dask --dask-scheduler HOST:PORT``); ``DaskRunner`` is accepted as a short name
+(Beam itself only knows the qualified ``apache_beam.runners.dask.dask_runner.DaskRunner``).
+Without an address the DaskRunner starts a ``LocalCluster`` for each job.  What kmedtl
+does for Beam's DaskRunner (2.77), which translates a pipeline into ``dask.bag``
+operations:
+
+- results come back through :class:`WriteLines` (one JSON-lines file per bundle, written
+  atomically), not ``beam.io.WriteToText``: the DaskRunner evaluates a side input by
+  recomputing its producer, so ``WriteToText``'s initialise / write / finalise steps run
+  in different temporary folders and the job "succeeds" with an empty output file;
+- each job has exactly one sink, the last transform applied (the DaskRunner computes only
+  the graph of the last transform it visits: a second sink would silently never run), so
+  :func:`duplicate_groups` flattens its three outputs into one;
+- near-duplicate components use ``CombineGlobally(...).without_defaults()`` (no side
+  input to recompute);
+- ``Reshuffle`` is a no-op and ``Create`` puts 128 elements in a partition by default, so
+  the per-file job sets ``--dask_partition_size`` itself (about four partitions per worker
+  thread, at most 64 files each) unless ``--dask_partition_size``/``--dask_npartitions``
+  is given;
+- before a job, kmedtl connects to the scheduler once to fail fast, with a clear error,
+  when it is unreachable or has no workers (a job would otherwise wait forever), and it
+  closes the runner's client after each job (the DaskRunner leaves it open).
 
 Duplicates (``duplicate_groups``) are Beam transforms too, and never compare all pairs:
 
@@ -61,9 +87,11 @@ import numpy as np
 
 from kmedtl.data import scan
 from kmedtl.data.cache import CacheResult, finish_build, plan_build
+from kmedtl.data.hashing import popcount
 from kmedtl.data.options import ImageOptions
 from kmedtl.data.sources import DatasetIndex, Sample, Skipped
 from kmedtl.errors import BackendUnavailableError, KmedtlError
+from kmedtl.jsonio import atomic_write
 
 try:
     import apache_beam as beam
@@ -72,6 +100,9 @@ except ImportError:  # pragma: no cover - the error is raised when a pipeline is
     beam = PipelineOptions = StandardOptions = None
 
 HASH_BITS = 64
+#: Beam's DaskRunner by the name Beam accepts (it has no short name in Beam 2.77).
+DASK_RUNNER = "apache_beam.runners.dask.dask_runner.DaskRunner"
+DASK_INSTALL = "pip install 'apache-beam[dask]>=2.77,<2.78' (or pip install 'kmedtl[beam]')"
 _MASK = (1 << HASH_BITS) - 1
 
 
@@ -109,7 +140,139 @@ def beam_flags(beam_options=None, *, workers: int | None = None) -> list[str]:
         flags = [str(f) for f in (beam_options or ())]
     n = int(workers) if workers else scan.default_workers()
     return ["--runner=DirectRunner", "--direct_running_mode=multi_processing",
-            f"--direct_num_workers={n}", "--default_sdk_harness_log_level=WARNING", *flags]
+            f"--direct_num_workers={n}", "--default_sdk_harness_log_level=WARNING",
+            *_qualify_runner(flags)]
+
+
+def _qualify_runner(flags: list[str]) -> list[str]:
+    """``--runner=DaskRunner`` (or ``dask``) -> Beam's qualified DaskRunner name."""
+    out = list(flags)
+    for i, f in enumerate(out):
+        if f.startswith("--runner="):
+            name = f.split("=", 1)[1]
+            if name.lower() in ("daskrunner", "dask"):
+                out[i] = f"--runner={DASK_RUNNER}"
+        elif f == "--runner" and i + 1 < len(out) and \
+                out[i + 1].lower() in ("daskrunner", "dask"):
+            out[i + 1] = DASK_RUNNER
+    return out
+
+
+def dask_address(scheduler: str) -> str:
+    """``HOST:PORT`` -> ``tcp://HOST:PORT`` (an address with a scheme is kept)."""
+    scheduler = str(scheduler).strip()
+    if not scheduler:
+        raise KmedtlError("--dask-scheduler: empty address; give HOST:PORT of a running "
+                          "`dask scheduler` (e.g. tcp://10.0.0.5:8786)")
+    return scheduler if "://" in scheduler else f"tcp://{scheduler}"
+
+
+def dask_flags(scheduler: str | None = None, *,
+               partition_size: int | None = None) -> list[str]:
+    """Beam flags for the DaskRunner: on the ``dask scheduler`` at ``scheduler``
+    (``HOST:PORT`` or ``tcp://HOST:PORT``), or a ``LocalCluster`` per job without one.
+    ``partition_size``: files per Dask partition (default: chosen per job)."""
+    flags = [f"--runner={DASK_RUNNER}"]
+    if scheduler is not None:
+        flags.append(f"--dask_client_address={dask_address(scheduler)}")
+    if partition_size is not None:
+        flags.append(f"--dask_partition_size={int(partition_size)}")
+    return flags
+
+
+def _is_dask(options) -> bool:
+    return "DaskRunner" in str(options.view_as(StandardOptions).runner or "")
+
+
+def _require_dask() -> None:
+    try:
+        import dask.bag  # noqa: F401  # lazy: dask is optional (apache-beam[dask])
+        import dask.distributed  # noqa: F401  # lazy: checks the optional extra is installed
+    except ImportError as exc:
+        raise BackendUnavailableError(
+            f"Beam's DaskRunner needs dask and distributed ({exc}): {DASK_INSTALL}") from None
+
+
+def _dask_settings(options) -> dict:
+    # lazy: the DaskRunner's module imports dask, an optional extra
+    from apache_beam.runners.dask.dask_runner import DaskOptions
+
+    return options.view_as(DaskOptions).get_all_options(drop_default=True,
+                                                        current_only=True)
+
+
+def _dask_threads(options) -> int:
+    """Fail fast on an unreachable scheduler or one without workers (a job would wait
+    forever); the cluster's worker threads (this machine's CPUs for a LocalCluster)."""
+    settings = _dask_settings(options)
+    address, scheduler_file = settings.get("address"), settings.get("scheduler_file")
+    if not address and not scheduler_file:
+        return os.cpu_count() or 1
+    # lazy: dask is optional (apache-beam[dask])
+    from dask.distributed import Client
+
+    timeout = settings.get("timeout") if isinstance(settings.get("timeout"), int) else 30
+    where = address or f"the scheduler file {scheduler_file}"
+    try:
+        client = Client(address=address, scheduler_file=scheduler_file, timeout=timeout,
+                        set_as_default=False)
+    except (OSError, TimeoutError, ValueError) as exc:
+        raise BeamPipelineError(
+            f"cannot reach the Dask scheduler at {where} ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:200] if str(exc) else ''}): start one with "
+            "`dask scheduler` or fix --dask-scheduler HOST:PORT") from exc
+    try:
+        try:
+            client.wait_for_workers(1, timeout=timeout)
+        except (TimeoutError, OSError) as exc:
+            raise BeamPipelineError(
+                f"the Dask scheduler at {where} has no workers after {timeout} s: start "
+                f"some with `dask worker {address or '--scheduler-file ' + scheduler_file}`"
+                " (each needs kmedtl installed and the data at the same paths)") from exc
+        return max(1, sum(client.nthreads().values()))
+    finally:
+        client.close()
+
+
+def _job_options(beam_options, *, workers: int | None = None,
+                 n_files: int | None = None):
+    """Options for one job.  On the DaskRunner: dask must be importable, the scheduler
+    must answer (:func:`_dask_threads`), and a per-file job (``n_files``) gets about four
+    partitions per worker thread, 1..64 files each, unless the caller set
+    ``--dask_partition_size`` or ``--dask_npartitions`` (the DaskRunner's default, 128
+    elements a partition, would leave a few hundred files on one worker).  A ready
+    ``PipelineOptions`` is used as is, after the same checks."""
+    options = pipeline_options(beam_options, workers=workers)
+    if not _is_dask(options):
+        stray = [f for f in ([] if isinstance(beam_options, PipelineOptions) else
+                             beam_flags(beam_options)) if f.startswith("--dask_")]
+        if stray:
+            raise KmedtlError(
+                f"{stray[0].split('=')[0]} is a DaskRunner option but the runner is "
+                f"{options.view_as(StandardOptions).runner}: add --beam-option="
+                "--runner=DaskRunner, or use --runner dask --dask-scheduler HOST:PORT")
+        return options
+    _require_dask()
+    threads = _dask_threads(options)
+    settings = _dask_settings(options)
+    if n_files is None or isinstance(beam_options, PipelineOptions) or \
+            settings.get("npartitions") or settings.get("partition_size"):
+        return options
+    size = max(1, min(64, -(-n_files // (4 * threads))))
+    return PipelineOptions([*beam_flags(beam_options, workers=workers),
+                            f"--dask_partition_size={size}"])
+
+
+def _run(pipeline) -> None:
+    """Run ``pipeline`` to the end; close the DaskRunner's client (it leaves it open, and
+    with it the ``LocalCluster`` it may have started)."""
+    result = pipeline.run()
+    try:
+        result.wait_until_finish()
+    finally:
+        client = getattr(result, "client", None)
+        if client is not None:
+            client.close()
 
 
 def pipeline_options(beam_options=None, *, workers: int | None = None):
@@ -125,7 +288,7 @@ def _small_job_options(beam_options):
     """Options for a job over small in-memory data (the duplicate grouping): the
     caller's runner, but in this process when it is the DirectRunner (starting worker
     processes would cost more than the job)."""
-    options = pipeline_options(beam_options)
+    options = _job_options(beam_options)
     runner = str(options.view_as(StandardOptions).runner or "DirectRunner")
     if isinstance(beam_options, PipelineOptions) or "Direct" not in runner:
         return options
@@ -158,45 +321,61 @@ def _result_from_json(d: dict) -> scan.Result:
                        None if d.get("thumb") is None else bytes.fromhex(d["thumb"]))
 
 
+def read_lines(out_dir) -> list[str]:
+    """The distinct non-empty lines of :class:`WriteLines`' files in ``out_dir``, sorted."""
+    lines = set()
+    for path in glob.glob(os.path.join(out_dir, "part-*.jsonl")):
+        with open(path, encoding="utf-8") as fh:
+            lines.update(line.rstrip("\n") for line in fh if line.strip())
+    return sorted(lines)
+
+
 def run_tasks(tasks: Sequence[scan.Task], beam_options=None, *, work_dir: str,
               workers: int | None = None) -> list[scan.Result]:
     """``scan.process`` over ``tasks`` on Beam; results in task order.
 
     Results travel back as JSON lines under ``work_dir`` (it must be visible to the
     workers and to this process: on a cluster, a shared mount), removed afterwards.
+    ``workers``: the DirectRunner's processes (a Dask cluster has its own).
     """
     _beam()
     if not tasks:
         return []
-    options = pipeline_options(beam_options, workers=workers)
+    options = _job_options(beam_options, workers=workers, n_files=len(tasks))
     out_dir = os.path.join(work_dir, f".beam-{uuid.uuid4().hex[:12]}")
     os.makedirs(out_dir)
     try:
         try:
-            with beam.Pipeline(options=options) as p:
-                (p
-                 | "Tasks" >> beam.Create(list(enumerate(tasks)), reshuffle=False)
-                 | "Process" >> ProcessFiles()
-                 | "ToJson" >> beam.Map(_result_json)
-                 | "Write" >> beam.io.WriteToText(os.path.join(out_dir, "results"),
-                                                  file_name_suffix=".jsonl"))
+            p = beam.Pipeline(options=options)
+            (p
+             | "Tasks" >> beam.Create(list(enumerate(tasks)), reshuffle=False)
+             | "Process" >> ProcessFiles()
+             | "ToJson" >> beam.Map(_result_json)
+             # a stage boundary: a worker that dies while processing then fails the
+             # DirectRunner's job (with the sink fused in, its job waits forever)
+             | "Collect" >> beam.Reshuffle()
+             | "Write" >> beam.ParDo(WriteLines(out_dir)))
+            _run(p)
         except Exception as exc:  # noqa: BLE001 - the runner's error, whatever its type
+            where = ("; the Dask scheduler and workers need the same kmedtl and Beam "
+                     "versions as here, and the workers the dataset and cache folder at "
+                     "the same paths" if _is_dask(options) else "")
             raise BeamPipelineError(
                 f"the Beam cache job failed ({type(exc).__name__}: "
                 f"{str(exc).splitlines()[0][:300] if str(exc) else ''}); a worker may have "
                 "crashed on a corrupt file: run the process-pool build (without --runner "
-                "beam) to find and skip it") from exc
+                f"beam) to find and skip it{where}") from exc
         results: list[scan.Result | None] = [None] * len(tasks)
-        for path in glob.glob(os.path.join(out_dir, "results*.jsonl")):
-            with open(path, encoding="utf-8") as fh:
-                for line in fh:
-                    if line.strip():
-                        d = json.loads(line)
-                        results[d["i"]] = _result_from_json(d)
+        for line in read_lines(out_dir):  # a retried bundle repeats identical lines
+            d = json.loads(line)
+            results[d["i"]] = _result_from_json(d)
         missing = [tasks[i].path for i, r in enumerate(results) if r is None]
         if missing:
-            raise BeamPipelineError(f"the Beam job returned no result for {len(missing)} "
-                                    f"file(s), e.g. {missing[0]}")
+            raise BeamPipelineError(
+                f"the Beam job returned no result for {len(missing)} file(s), e.g. "
+                f"{missing[0]}: the workers write their results under {work_dir}, which "
+                "must be the same folder for them and for this process (on a cluster: a "
+                "cache folder on a shared mount, --cache-dir)")
         return results
     finally:
         shutil.rmtree(out_dir, ignore_errors=True)
@@ -282,7 +461,7 @@ def _verify_bucket(kv, threshold: int, band_list):
         return
     hashes = np.array([m[1] for m in members], dtype=np.int64).view(np.uint64)
     for a in range(len(members) - 1):
-        dist = np.bitwise_count(hashes[a + 1:] ^ hashes[a])
+        dist = popcount(hashes[a + 1:] ^ hashes[a])
         for off in np.nonzero(dist <= threshold)[0].tolist():
             b = a + 1 + off
             if _first_shared_band(members[a][1], members[b][1], band_list) == band:
@@ -318,6 +497,31 @@ if beam is not None:
 
         def process(self, item):
             yield _process_indexed(item)
+
+    class WriteLines(beam.DoFn):
+        """Strings -> one ``part-<uuid>.jsonl`` file per bundle in ``out_dir`` (written
+        to a temporary name, then renamed: a file is whole or absent).  The sink of every
+        kmedtl job, on every runner: ``beam.io.WriteToText`` loses its output on the
+        DaskRunner (see the module docstring).  A retried bundle may leave a second file
+        with the same lines; readers take distinct lines (:func:`read_lines`)."""
+
+        def __init__(self, out_dir: str):
+            super().__init__()
+            self.out_dir = str(out_dir)
+
+        def start_bundle(self):
+            self.lines = []
+
+        def process(self, line):
+            self.lines.append(line)
+
+        def finish_bundle(self):
+            if not self.lines:
+                return
+            name = os.path.join(self.out_dir, f"part-{uuid.uuid4().hex}.jsonl")
+            lines = self.lines
+            atomic_write(name, lambda fh: fh.writelines(f"{line}\n" for line in lines))
+            self.lines = []
 
     class ProcessFiles(beam.PTransform):
         """``(index, scan.Task)`` -> ``(index, scan.Result)`` through ``scan.process``,
@@ -389,7 +593,7 @@ if beam is not None:
 
         def expand(self, pairs):
             return (pairs
-                    | "UnionFind" >> beam.CombineGlobally(UnionFindFn())
+                    | "UnionFind" >> beam.CombineGlobally(UnionFindFn()).without_defaults()
                     | "Groups" >> beam.FlatMap(_identity_list))
 
 
@@ -402,6 +606,10 @@ def _json_tagged(tag):
         return json.dumps([tag, value])
 
     return fmt
+
+
+def _done_line(_):
+    return json.dumps(["D", 1])
 
 
 def _pair_ids(pair):
@@ -437,41 +645,55 @@ class DuplicateGroups:
 
 def duplicate_groups(digests: Mapping[str, str], phashes: Mapping[str, int],
                      path_of: Mapping[str, str], near_threshold: int = 2,
-                     beam_options=None) -> DuplicateGroups:
+                     beam_options=None, *, work_dir=None) -> DuplicateGroups:
     """Exact and near-duplicate groups of the samples in ``path_of`` as one Beam job.
 
     Same inputs and the same groups as ``kmedtl.data.audit.audit`` (which compares all
     pairs): ``digests``/``phashes`` by sample id, ``path_of`` the used samples' files.
     With the DirectRunner the job runs in this process (its input is one small record
-    per sample); any other runner gets the caller's options unchanged.
+    per sample); any other runner gets the caller's options unchanged.  The workers
+    write the groups under ``work_dir`` (default: the system's temporary folder; on a
+    cluster it must be a folder they share with this process, e.g. the cache folder).
     """
     _beam()
     options = _small_job_options(beam_options)
     exact_in = [(sid, d, path_of[sid]) for sid, d in digests.items() if sid in path_of]
     near_in = [(sid, _signed(phashes[sid]), digests[sid]) for sid in phashes
                if sid in path_of and sid in digests]
-    with tempfile.TemporaryDirectory(prefix="kmedtl-beam-") as out_dir:
-        with beam.Pipeline(options=options) as p:
-            exact = (p | "ExactInput" >> beam.Create(exact_in, reshuffle=False)
-                     | "Exact" >> ExactDuplicateGroups())
-            (exact | "ExactJson" >> beam.Map(_json_tagged("E"))
-             | "WriteExact" >> beam.io.WriteToText(os.path.join(out_dir, "exact")))
-            if near_threshold >= 0 and near_in:
-                pairs = (p | "NearInput" >> beam.Create(near_in, reshuffle=False)
-                         | "Pairs" >> NearDuplicatePairs(near_threshold))
-                (pairs | "PairIds" >> beam.Map(_pair_ids)
-                 | "PairJson" >> beam.Map(_json_tagged("P"))
-                 | "WritePairs" >> beam.io.WriteToText(os.path.join(out_dir, "pairs")))
-                (pairs | "Components" >> NearDuplicateComponents()
-                 | "NearJson" >> beam.Map(_json_tagged("N"))
-                 | "WriteNear" >> beam.io.WriteToText(os.path.join(out_dir, "near")))
-        found = {"E": [], "P": [], "N": []}
-        for path in glob.glob(os.path.join(out_dir, "*")):
-            with open(path, encoding="utf-8") as fh:
-                for line in fh:
-                    if line.strip():
-                        kind, value = json.loads(line)
-                        found[kind].append(value)
+    if work_dir is not None:
+        os.makedirs(work_dir, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".beam-groups-", dir=work_dir) as out_dir:
+        p = beam.Pipeline(options=options)
+        tagged = [p | "Done" >> beam.Create([0], reshuffle=False)  # proves the output arrived
+                  | "DoneJson" >> beam.Map(_done_line),
+                  p | "ExactInput" >> beam.Create(exact_in, reshuffle=False)
+                  | "Exact" >> ExactDuplicateGroups()
+                  | "ExactJson" >> beam.Map(_json_tagged("E"))]
+        if near_threshold >= 0 and near_in:
+            pairs = (p | "NearInput" >> beam.Create(near_in, reshuffle=False)
+                     | "Pairs" >> NearDuplicatePairs(near_threshold))
+            tagged.append(pairs | "PairIds" >> beam.Map(_pair_ids)
+                          | "PairJson" >> beam.Map(_json_tagged("P")))
+            tagged.append(pairs | "Components" >> NearDuplicateComponents()
+                          | "NearJson" >> beam.Map(_json_tagged("N")))
+        # one sink, applied last: the DaskRunner runs only the last transform's graph
+        (tuple(tagged) | "All" >> beam.Flatten()
+         | "Write" >> beam.ParDo(WriteLines(out_dir)))
+        try:
+            _run(p)
+        except Exception as exc:  # noqa: BLE001 - the runner's error, whatever its type
+            raise BeamPipelineError(
+                f"the Beam duplicate-grouping job failed ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0][:300] if str(exc) else ''})") from exc
+        found = {"D": [], "E": [], "P": [], "N": []}
+        for line in read_lines(out_dir):  # distinct: a retried bundle repeats its lines
+            kind, value = json.loads(line)
+            found[kind].append(value)
+        if not found["D"]:
+            raise BeamPipelineError(
+                f"the Beam duplicate-grouping job left no output in {out_dir}: its workers "
+                "must write to a folder this process reads (on a cluster: give the audit "
+                "a --cache-dir on a shared mount)")
     return DuplicateGroups(sorted(found["E"]), sorted(found["N"]),
                            sorted(tuple(p) for p in found["P"]))
 

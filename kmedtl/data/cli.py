@@ -2,6 +2,9 @@
 
     kmedtl data audit SOURCE [--json OUT]      counts, bad files, duplicates, patient overlap
     kmedtl data cache SOURCE [--cache-dir D]   decode every image once (process pool)
+    ... cache|audit SOURCE --runner beam       the same work as Apache Beam jobs
+    ... cache|audit SOURCE --runner dask --dask-scheduler HOST:PORT
+                                               Beam's DaskRunner on a Dask cluster
     kmedtl data show FILE --out PNG            what the model will see + header summary
     kmedtl data split CONFIG --out FILE        leakage-free split file
 
@@ -122,15 +125,34 @@ def source_config(args, load_config: LoadConfig):
     return load_config(cfg.model_dump(mode="json"))
 
 
+def beam_runner(args) -> tuple[str, list[str]]:
+    """``(runner, beam_options)`` for ``kmedtl.data.audit``/``build_cache_beam``:
+    ``--runner dask`` (or ``--dask-scheduler`` with ``--runner beam``) is Beam with the
+    DaskRunner, the scheduler's address in front of the caller's ``--beam-option`` flags
+    (which win)."""
+    scheduler = getattr(args, "dask_scheduler", None)
+    if args.runner == "process":
+        if scheduler:
+            raise KmedtlError("--dask-scheduler needs --runner dask (the process pool runs "
+                              "on this machine only)")
+        return "process", list(args.beam_option)
+    if args.runner == "dask" or scheduler:
+        from kmedtl.data.beam import dask_flags  # lazy: Apache Beam is an optional extra
+
+        return "beam", [*dask_flags(scheduler), *args.beam_option]
+    return "beam", list(args.beam_option)
+
+
 def cmd_audit(args, load_config: LoadConfig) -> int:
     cfg = source_config(args, load_config)
+    runner, beam_options = beam_runner(args)
     index, hierarchy = load_index(cfg, allow_unlabelled=True,
                                   unlabelled=True if args.unlabelled else None)
     report = audit(index, cfg.image_options(), cache_dir=cfg.data.cache_dir,
                    workers=cfg.data.workers, near_threshold=cfg.split.near_threshold,
                    similar_threshold=cfg.split.similar_threshold,
                    progress=None, hierarchy=hierarchy, patients=dicom_patients(index),
-                   runner=args.runner, beam_options=args.beam_option)
+                   runner=runner, beam_options=beam_options)
     print(format_summary(report))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -161,13 +183,14 @@ def cmd_cache(args, load_config: LoadConfig) -> int:
     cfg = source_config(args, load_config)
     if not cfg.data.cache_dir:
         raise KmedtlError("data cache: no cache folder (set data.cache_dir or --cache-dir)")
+    runner, beam_options = beam_runner(args)
     index, _ = load_index(cfg)
-    if args.runner == "beam":
+    if runner == "beam":
         # lazy: Apache Beam is an optional extra (pip install 'kmedtl[beam]')
         from kmedtl.data.beam import build_cache_beam
 
         res = build_cache_beam(index, cfg.image_options(), cfg.data.cache_dir,
-                               beam_options=args.beam_option, workers=cfg.data.workers)
+                               beam_options=beam_options, workers=cfg.data.workers)
     else:
         res = build_cache(index, cfg.image_options(), cfg.data.cache_dir, cfg.data.workers)
     counts = index.drop(res.skipped).counts()
@@ -244,12 +267,19 @@ def add_parsers(subparsers, *, load_config: LoadConfig) -> argparse.ArgumentPars
     _common(c)
     c.set_defaults(func=partial(cmd_cache, load_config=load_config))
     for sp_ in (a, c):
-        sp_.add_argument("--runner", choices=("process", "beam"), default="process",
-                         help="process pool (default) or Apache Beam (pip install "
-                              "'kmedtl[beam]'; DirectRunner unless --beam-option says else)")
+        sp_.add_argument("--runner", choices=("process", "beam", "dask"), default="process",
+                         help="process pool (default), Apache Beam (pip install "
+                              "'kmedtl[beam]'; DirectRunner unless --beam-option says else) "
+                              "or dask: Beam's DaskRunner on --dask-scheduler (a "
+                              "LocalCluster without it)")
+        sp_.add_argument("--dask-scheduler", metavar="HOST:PORT",
+                         help="address of a running `dask scheduler` (tcp://HOST:PORT); "
+                              "its workers need kmedtl and the data and --cache-dir at the "
+                              "same paths")
         sp_.add_argument("--beam-option", action="append", default=[], metavar="FLAG",
                          help="a Beam pipeline flag, repeatable, e.g. --beam-option="
-                              "--runner=FlinkRunner --beam-option=--flink_master=HOST:8081")
+                              "--runner=FlinkRunner --beam-option=--flink_master=HOST:8081, "
+                              "--beam-option=--dask_partition_size=16")
     s = dsub.add_parser("show", help="render what the model sees, with a header summary")
     s.add_argument("file")
     s.add_argument("--out", required=True, help="PNG to write")
