@@ -4,6 +4,8 @@
     python benchmarks/training.py --size 64 --batch 8 --steps 3     # small CPU settings
     KERAS_BACKEND=jax python benchmarks/training.py                 # the same on JAX
     python benchmarks/training.py --torch-reference                 # + torchvision ResNet50
+    python benchmarks/training.py --backend jax --devices 1 2       # data-parallel images/s
+                                        # (benchmarks/data_parallel.py; see its --help)
 
 Models: a kmedtl ``FlatClassifier`` over ResNet50 (random weights; speed does not depend
 on their values) and over ResNet50 truncated at ``conv4_block6_out`` (TruncatedTL), RGB
@@ -36,6 +38,20 @@ import sys
 import time
 from pathlib import Path
 
+if __name__ == "__main__" and any(a in sys.argv for a in ("--devices", "--processes")):
+    # `--backend jax --devices N [N ...]` (or --processes): the data-parallel rows, i.e.
+    # benchmarks/data_parallel.py, which starts its own KERAS_BACKEND=jax processes
+    _argv = sys.argv[1:]
+    if "--backend" in _argv:
+        i = _argv.index("--backend")
+        if _argv[i + 1:i + 2] != ["jax"]:
+            raise SystemExit("--devices/--processes: data-parallel training needs --backend jax")
+        del _argv[i:i + 2]
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from data_parallel import main as _data_parallel_main
+
+    raise SystemExit(_data_parallel_main(_argv))
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 logging.getLogger("tensorflow").setLevel(logging.ERROR)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -44,7 +60,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 from kmedtl.models import FlatClassifier, backbone  # noqa: E402
-from kmedtl.training.precision import precision_policy  # noqa: E402
+from kmedtl.models.precision import precision_policy  # noqa: E402
 
 MODELS = {"resnet50": None, "resnet50@conv4_block6_out": "conv4_block6_out"}
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")

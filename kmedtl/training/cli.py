@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 from kmedtl.config import load_config, parse_set
+from kmedtl.training import data_parallel as dp
 from kmedtl.training.learning_curve import METRICS, parse_sizes, run_learning_curve
 from kmedtl.training.stage import run_lr_find, run_training, run_tuning
 
@@ -24,7 +26,18 @@ def _config(path):
     return load_config(path)
 
 
+def _cluster_env(args) -> None:
+    """``--coordinator/--num-processes/--process-id`` -> ``$KMEDTL_*`` (read, validated,
+    by :func:`kmedtl.training.data_parallel.cluster_from` when training starts)."""
+    for value, name in ((getattr(args, "coordinator", None), dp.ENV_COORDINATOR),
+                        (getattr(args, "num_processes", None), dp.ENV_NUM_PROCESSES),
+                        (getattr(args, "process_id", None), dp.ENV_PROCESS_ID)):
+        if value is not None:
+            os.environ[name] = str(value)
+
+
 def cmd_train(args) -> int:
+    _cluster_env(args)
     cfg = _config(args.config)
     result = run_training(cfg, args.run_dir, epochs=args.epochs, overwrite=args.overwrite,
                           label=args.config, fold=args.fold)
@@ -102,6 +115,16 @@ def add_parsers(subparsers) -> None:
                    help="replace a finished run in the run folder")
     t.add_argument("--fold", type=int, default=0,
                    help="fold of a k-fold / repeated split to train on (default 0)")
+    d = t.add_argument_group(
+        "data-parallel (train.distribution: {kind: data_parallel}, KERAS_BACKEND=jax)")
+    d.add_argument("--coordinator", metavar="HOST:PORT",
+                   help="address of process 0, the same on every process "
+                        "(default $KMEDTL_COORDINATOR)")
+    d.add_argument("--num-processes", type=int, metavar="N",
+                   help="processes in all (default $KMEDTL_NUM_PROCESSES, else 1)")
+    d.add_argument("--process-id", type=int, metavar="I",
+                   help="this process, 0..N-1; 0 writes the run folder "
+                        "(default $KMEDTL_PROCESS_ID, else 0)")
     t.set_defaults(func=cmd_train)
 
     u = subparsers.add_parser("tune", help="KerasTuner search over train.tune")

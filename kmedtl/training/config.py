@@ -33,7 +33,7 @@ STRATEGIES = ("full", "linear_probe", "freeze", "gradual", "fine_tune")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16", "auto")
 MODELS = ("flat", "hierarchical", "staged", "multi_input")
 TUNERS = ("random", "hyperband", "bayesian")
-DISTRIBUTE = ("none", "mirrored", "multi_worker")
+DISTRIBUTE = ("none", "mirrored")  # one machine, TensorFlow backend
 WEIGHT_SCALINGS = ("none", "transfusion")
 
 
@@ -71,6 +71,14 @@ class MultiInputSection(Strict):
     fusion: Literal["concat", "average"] = "concat"
     head: Literal["flat", "hierarchical"] = "hierarchical"
     shared_backbone: bool = True  # false: one train.backbone per input
+
+
+class DistributionSection(Strict):
+    """``train.distribution``: training across processes and machines (JAX backend; see
+    :mod:`kmedtl.training.data_parallel`).  Process count, id and coordinator come from
+    ``kmedtl train --num-processes/--process-id/--coordinator`` or ``$KMEDTL_*``."""
+
+    kind: Literal["data_parallel"]
 
 
 class TuneSection(Strict):
@@ -184,6 +192,7 @@ class TrainSection(Strict):
     seed: int = 0
     deterministic: bool = False
     distribute: Literal[DISTRIBUTE] = "none"  # type: ignore[valid-type]
+    distribution: DistributionSection | None = None  # {kind: data_parallel}: JAX, N processes
     backup_every: Union[Literal["epoch"], int] = "epoch"  # or every N batches
     tensorboard: bool = True
     verbose: Union[Literal["auto"], Literal[0, 1, 2]] = "auto"
@@ -199,6 +208,16 @@ class TrainSection(Strict):
             return get_spec(v).name
         except Exception:
             raise ValueError(f"{v!r} is not a known backbone; known: {backbone_names()}") from None
+
+    @field_validator("distribute", mode="before")
+    @classmethod
+    def _no_multi_worker(cls, v):
+        if v == "multi_worker":
+            raise ValueError("'multi_worker' was removed (every worker wrote the run folder, and "
+                             "Keras 3 on TensorFlow cannot run MultiWorkerMirroredStrategy, "
+                             "keras-team/keras#20585); train across processes with "
+                             "train.distribution: {kind: data_parallel} under KERAS_BACKEND=jax")
+        return v
 
     @field_validator("unfreeze_at")
     @classmethod
@@ -237,6 +256,13 @@ class TrainSection(Strict):
         if s != "gradual" and self.unfreeze_at:
             raise ValueError(f"train.unfreeze_at applies to train.strategy 'gradual' only (got "
                              f"strategy {s!r})")
+        if self.distribution is not None and self.distribute != "none":
+            raise ValueError(f"train.distribute {self.distribute!r} (TensorFlow, one machine) and "
+                             "train.distribution (JAX, data_parallel) exclude each other")
+        if self.distribution is not None and self.model == "staged":
+            raise ValueError("train.distribution: the staged workflow trains one small model "
+                             "per node and is not data-parallel; use flat, hierarchical or "
+                             "multi_input")
         if self.reduce_lr and self.schedule != "constant":
             raise ValueError(f"train.reduce_lr needs train.schedule 'constant' (the "
                              f"{self.schedule!r} schedule owns the learning rate)")

@@ -1,8 +1,7 @@
 """The one place in ``kmedtl.training`` that touches TensorFlow directly.
 
 Why TensorFlow here: multi-device data parallelism on the TensorFlow backend *is*
-``tf.distribute`` (``MirroredStrategy`` for the devices of one machine,
-``MultiWorkerMirroredStrategy`` across machines via ``TF_CONFIG``), op-level determinism
+``tf.distribute`` (``MirroredStrategy`` for the devices of one machine), op-level determinism
 is ``tf.config.experimental.enable_op_determinism``, and splitting a CPU into logical
 devices is ``tf.config.set_logical_device_configuration``.  Keras 3 has no
 backend-neutral spelling of these on TensorFlow (``keras.distribution`` covers JAX only),
@@ -10,6 +9,11 @@ so they live here, imported lazily, and every other training module stays on
 ``keras``/``keras.ops``.  On the JAX backend :func:`strategy_scope` is a no-op for
 ``"none"`` and an error otherwise (use ``keras.distribution.DataParallel`` there), and
 determinism is requested through ``XLA_FLAGS``.
+
+Across processes and machines, train with ``train.distribution: {kind: data_parallel}``
+under ``KERAS_BACKEND=jax`` (:mod:`kmedtl.training.data_parallel`):
+``MultiWorkerMirroredStrategy`` does not work with Keras 3 (keras-team/keras#20585), and
+``train.distribute: multi_worker`` was removed.
 """
 
 from __future__ import annotations
@@ -24,11 +28,18 @@ from kmedtl.errors import ConfigError
 
 log = logging.getLogger("kmedtl.training")
 
-KINDS = ("none", "mirrored", "multi_worker")
+KINDS = ("none", "mirrored")
+MULTI_WORKER_REMOVED = (
+    "train.distribute: 'multi_worker' was removed (every worker wrote the run folder, and "
+    "Keras 3 on TensorFlow cannot run MultiWorkerMirroredStrategy, keras-team/keras#20585); "
+    "train across processes with train.distribution: {kind: data_parallel} under "
+    "KERAS_BACKEND=jax")
 
 
 def get_strategy(kind: str = "none", devices=None):
     """A ``tf.distribute`` strategy (``None`` for ``"none"``)."""
+    if kind == "multi_worker":
+        raise ConfigError(MULTI_WORKER_REMOVED)
     if kind not in KINDS:
         raise ConfigError(f"train.distribute: {kind!r} is not one of {list(KINDS)}")
     if kind == "none":
@@ -38,9 +49,7 @@ def get_strategy(kind: str = "none", devices=None):
                           f"{keras.backend.backend()!r}; use keras.distribution there)")
     import tensorflow as tf  # lazy: absent under KERAS_BACKEND=jax (TensorFlow backend only)
 
-    if kind == "mirrored":
-        return tf.distribute.MirroredStrategy(devices)
-    return tf.distribute.MultiWorkerMirroredStrategy()
+    return tf.distribute.MirroredStrategy(devices)
 
 
 @contextlib.contextmanager

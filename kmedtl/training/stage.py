@@ -10,6 +10,7 @@ with the tuner) and are re-exported here.
 from __future__ import annotations
 
 import math
+import tempfile
 import time
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from kmedtl.errors import ConfigError
 from kmedtl.jsonio import write_json
 from kmedtl.ownership import run_lock
 from kmedtl.run_folder import RunFolder
+from kmedtl.training import data_parallel
 from kmedtl.training.build import (  # noqa: F401  (build_backbone, targets_for: re-exported)
     build_backbone,
     build_model,
@@ -148,15 +150,21 @@ def run_training(cfg, run_dir=None, *, epochs: int | None = None, overwrite: boo
     check_weight_scaling(tc)
     inputs = model_inputs(cfg, tc)
     run_dir = run_folder(cfg, run_dir)
+    dp = data_parallel.activate() if tc.distribution is not None else None
+    if dp is not None and not data_parallel.is_chief():  # only process 0 writes the run folder
+        return _train_locked(cfg, run_dir, tc, inputs, overwrite=overwrite, fold=fold,
+                             prepared=prepared, callbacks=callbacks, t0=t0, dp=dp)
     # one writer per run folder (kmedtl.ownership): a second one stops here, naming this
     with run_lock(run_dir, "kmedtl train"):
         return _train_locked(cfg, run_dir, tc, inputs, overwrite=overwrite, fold=fold,
-                             prepared=prepared, callbacks=callbacks, t0=t0)
+                             prepared=prepared, callbacks=callbacks, t0=t0, dp=dp)
 
 
 def _train_locked(cfg, run_dir: Path, tc: TrainSection, inputs, *, overwrite, fold,
-                  prepared, callbacks, t0):
-    prepare_run_dir(run_dir, overwrite)
+                  prepared, callbacks, t0, dp=None):
+    writer = dp is None or data_parallel.is_chief()
+    if writer:
+        prepare_run_dir(run_dir, overwrite)
     keras.utils.set_random_seed(tc.seed)
     if tc.deterministic:
         enable_determinism(tc.seed)
@@ -164,12 +172,19 @@ def _train_locked(cfg, run_dir: Path, tc: TrainSection, inputs, *, overwrite, fo
     if not 0 <= fold < len(prep.splits.folds):
         raise ConfigError(f"--fold {fold}: the split has {len(prep.splits.folds)} fold(s) "
                           f"(split.method: {cfg.split.method})")
-    write_provenance(run_dir, cfg, tc, prep)
+    if writer:
+        write_provenance(run_dir, cfg, tc, prep)
     # the data preparation counts even when the caller did it (kmedtl run's split stage)
     prepare_seconds = time.perf_counter() - t0 + (prep.seconds if prepared is not None else 0)
     if tc.model == "staged":
         return run_staged(cfg, tc, prep, run_dir, prepare_seconds, fold)
     data = datasets(cfg, prep, tc, targets_for(tc), fold)
+    if dp is not None:  # whole global batches, this process keeps its slice of each
+        data_parallel.check_batch(tc.batch_size, dp["devices"])
+        for key, n in (("train", None if data["steps_per_epoch"] else data["n_train"]),
+                       ("train_eval", data["n_train"]), ("val", data["n_val"])):
+            if data[key] is not None:
+                data[key] = data_parallel.fixed_batches(data[key], tc.batch_size, n, what=key)
     strategy = get_strategy(tc.distribute)
     with strategy_scope(strategy):
         model = build_model(tc, prep.hierarchy, prep.options.shape, inputs)
@@ -179,10 +194,22 @@ def _train_locked(cfg, run_dir: Path, tc: TrainSection, inputs, *, overwrite, fo
              "n_train": data["n_train"], "n_val": data["n_val"], "n_test": data["n_test"],
              "prepare_seconds": round(prepare_seconds, 3), "backend": keras.backend.backend(),
              "distribute": tc.distribute,
-             "replicas": getattr(strategy, "num_replicas_in_sync", 1)}
+             "replicas": dp["devices"] if dp else getattr(strategy, "num_replicas_in_sync", 1)}
+    if dp is not None:
+        extra["distribution"] = {"kind": tc.distribution.kind, **dp}
     if tc.model == "multi_input":
         extra["inputs"] = inputs
         extra["multi_input"] = tc.multi_input.model_dump(mode="json")
+    if not writer:  # the same steps and callbacks as process 0 (collectives stay in step),
+        # written to a throwaway folder: only process 0 writes the run folder
+        with tempfile.TemporaryDirectory(prefix="kmedtl_data_parallel_") as scratch:
+            trainer = Trainer(model, tc, run_dir=scratch, distribution=strategy,
+                              callbacks=callbacks)
+            result = trainer.fit(data["train"], data["val"],
+                                 steps_per_epoch=data["steps_per_epoch"],
+                                 eval_train=data["train_eval"], extra_metrics=extra)
+            result.run_dir = None
+            return result
     trainer = Trainer(model, tc, run_dir=run_dir, distribution=strategy, callbacks=callbacks)
     return trainer.fit(data["train"], data["val"], steps_per_epoch=data["steps_per_epoch"],
                        eval_train=data["train_eval"], extra_metrics=extra)

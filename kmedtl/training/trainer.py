@@ -55,6 +55,7 @@ import keras
 import numpy as np
 
 from kmedtl.errors import ConfigError
+from kmedtl.models.precision import model_precision, resolve_jit_compile
 from kmedtl.run_folder import RunFolder, leaf_output
 from kmedtl.training import callbacks as cb
 from kmedtl.training.batchnorm import recalibrate_batchnorm
@@ -71,7 +72,6 @@ from kmedtl.training.freezing import (
 from kmedtl.training.losses import classification_loss
 from kmedtl.training.metrics import default_metrics, infer_mode, resolve_monitor
 from kmedtl.training.optimizers import make_optimizer
-from kmedtl.training.precision import model_precision, resolve_jit_compile
 from kmedtl.training.schedules import OffsetSchedule, make_schedule, momentum_schedule
 
 log = logging.getLogger("kmedtl.training")
@@ -426,7 +426,8 @@ class Trainer:
     def _recalibrate(self, data, steps):
         """train.recalibrate_bn: BatchNorm statistics averaged over the training images
         for the final (best) weights; see :mod:`kmedtl.training.batchnorm`."""
-        if self.distribution is not None:
+        if self.distribution is not None or keras.distribution.distribution() is not None:
+            # (data_parallel: each process sees only its shard of the images)
             log.info("train.recalibrate_bn skipped under a distribution strategy")
             return
         # a dataset: one pass, at most one epoch's worth of batches
