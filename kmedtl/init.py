@@ -12,7 +12,7 @@ value names its rule and the number that chose it::
 The YAML is a normal pipeline file: ``kmedtl run pipeline.yaml`` runs it unedited, from
 any working folder (every path in it is absolute).
 
-The rules (:data:`RULES` holds them as ``(setting, rule, reason)`` rows for the README):
+The rules (:data:`RULES` holds them as ``(setting, rule, reason)`` rows for docs/own-data.md):
 
 ===================  =========================================================================
 setting              rule -- reason
@@ -69,7 +69,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import textwrap
 from dataclasses import dataclass
@@ -86,6 +85,7 @@ from kmedtl.data.fingerprint import COLOUR_SAMPLE, COLOUR_THRESHOLD, fingerprint
 from kmedtl.data.sources import SPLIT_NAMES
 from kmedtl.errors import ConfigError, DataError
 from kmedtl.hierarchy import Hierarchy
+from kmedtl.jsonio import atomic_write
 
 # --------------------------------------------------------------------------- the rules
 #: image.size: the median short side rounded to this grid, then kept within the range
@@ -128,7 +128,7 @@ class Rule:
     reason: str
 
 
-#: The rules :func:`plan` applies, in the order of the YAML (the README quotes them).
+#: The rules :func:`plan` applies, in the order of the YAML (docs/own-data.md quotes them).
 RULES: tuple[Rule, ...] = (
     Rule("data.image.channels",
          f"3 when the sampled pixels are colour: mean |R-G|+|G-B| > {COLOUR_THRESHOLD:g} "
@@ -517,7 +517,8 @@ def render_yaml(fp: dict, choices: dict, *, out_dir: Path, name: str,
     L.comment(f"Written by `kmedtl init` (kmedtl {__version__}, {date.today().isoformat()}) "
               f"from {fp['source']}.")
     L.comment("Each setting marked [rule] follows from the dataset's fingerprint below by a "
-              "rule of kmedtl/init.py (RULES; README, \"Your own data: kmedtl init\"); the "
+              "rule of kmedtl/init.py (RULES; docs/own-data.md, \"What kmedtl init decides, "
+              "and why\"); the "
               "comment names the rule and the value it measured. Edit freely, then run:")
     L.comment(f"  kmedtl run {out_dir / out_name}    (every path below is absolute: any "
               "working folder works)")
@@ -658,9 +659,7 @@ def init(source, out="pipeline.yaml", *, hierarchy: str | None = None, name: str
     raw.pop("pipeline")
     load_config(raw, base_dir=out_dir)  # what `kmedtl run` will read, checked now
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, out)
+    atomic_write(out, lambda fh: fh.write(text))
     if json_out:
         Path(json_out).write_text(json.dumps(fp, indent=1) + "\n")
     return out, fp, choices

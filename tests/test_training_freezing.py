@@ -56,6 +56,7 @@ def test_linear_probe_freezes_backbone_and_keeps_batchnorm_in_inference_mode():
                                atol=1e-6)  # frozen BN uses moving statistics even in training
 
 
+@pytest.mark.slow
 def test_full_fine_tuning_moves_everything():
     model = flat_model()
     before = {n: _weights(model, n) for n in CONVS}
@@ -63,6 +64,7 @@ def test_full_fine_tuning_moves_everything():
     assert not any(_same(before[n], _weights(model, n)) for n in CONVS)
 
 
+@pytest.mark.slow
 def test_freeze_below_a_named_cut():
     model = flat_model()
     before = {n: _weights(model, n) for n in ("block1_conv", "block2_bn", "block3_conv")}
@@ -78,6 +80,7 @@ def test_freeze_below_unknown_cut_names_the_field_and_the_cuts():
     assert "train.freeze_below" in str(e.value) and "block2_pool" in str(e.value)
 
 
+@pytest.mark.slow
 def test_freeze_first_k_layers():
     model = flat_model()
     before = {n: _weights(model, n) for n in ("block1_conv", "block1_bn", "block2_conv")}
@@ -97,6 +100,7 @@ class _Snapshot(keras.callbacks.Callback):
         self.kernels[epoch] = {n: np.array(bb.get_layer(n).kernel) for n in CONVS}
 
 
+@pytest.mark.slow
 def test_gradual_unfreezing_happens_at_the_right_epoch_head_first():
     model = flat_model()
     start = {n: np.array(find_backbone(model).get_layer(n).kernel) for n in CONVS}
@@ -115,6 +119,7 @@ def test_gradual_unfreezing_happens_at_the_right_epoch_head_first():
     assert result.epochs == [0, 1, 2, 3]
 
 
+@pytest.mark.slow
 def test_gradual_with_multipliers_unfreezes_merged_groups():
     model = flat_model()
     rec = RecordTrainable(CONVS)
@@ -123,6 +128,7 @@ def test_gradual_with_multipliers_unfreezes_merged_groups():
     assert rec.by_epoch == {0: set(), 1: {"block3_conv"}, 2: set(CONVS)}
 
 
+@pytest.mark.slow
 def test_fine_tune_trains_the_head_then_everything_with_discriminative_rates():
     model = flat_model()
     rec = RecordTrainable(CONVS)
@@ -158,3 +164,51 @@ def test_set_trainable_propagates_where_keras_short_circuits():
     assert len(model.trainable_weights) > n_frozen
     assert len(model.trainable_weights) == sum(len(g.weights) for g in layer_groups(model)) - \
         2 * sum(1 for la in bb.layers if isinstance(la, keras.layers.BatchNormalization))
+
+
+def test_strategy_registry_matches_the_config_names():
+    """The config validates ``train.strategy`` without Keras, against its own tuple; every
+    name there is a registered phase class and vice versa."""
+    from kmedtl.training.config import STRATEGIES as CONFIG_NAMES
+    from kmedtl.training.freezing import STRATEGIES
+
+    assert sorted(STRATEGIES) == sorted(CONFIG_NAMES)
+
+
+def test_a_new_strategy_is_one_class_and_a_registry_entry():
+    from types import SimpleNamespace
+
+    from kmedtl.models import FlatClassifier, backbone
+    from kmedtl.training.freezing import (
+        STRATEGIES,
+        Phase,
+        Strategy,
+        freeze_backbone,
+        phase_multipliers,
+        register_strategy,
+        unfreeze_all,
+    )
+
+    @register_strategy
+    class HeadThenAll(Strategy):
+        name = "head_then_all_test"
+        default_multipliers = (0.5, 1.0)
+
+        def phases(self, cfg, model, epochs):
+            return [Phase(0, 0, 1, "head", freeze_backbone), Phase(1, 1, epochs, "all",
+                                                                   unfreeze_all)]
+
+    try:
+        with pytest.raises(ValueError, match="new, non-empty name"):
+            register_strategy(HeadThenAll)
+        cfg = SimpleNamespace(strategy="head_then_all_test", lr_multipliers=None)
+        m = FlatClassifier(backbone("cbr_tiny", input_shape=(32, 32, 1)), 2)
+        phases = plan_phases(cfg, m, 3)
+        assert [(p.name, p.start, p.end) for p in phases] == [("head", 0, 1), ("all", 1, 3)]
+        phases[0].apply(m)
+        assert not m.backbone.trainable or not any(w.trainable for w in m.backbone.weights)
+        assert phase_multipliers(cfg) == [0.5, 1.0]
+    finally:
+        STRATEGIES.pop("head_then_all_test", None)
+    with pytest.raises(ConfigError, match="head_then_all_test.*is not one of"):
+        plan_phases(SimpleNamespace(strategy="head_then_all_test"), None, 3)

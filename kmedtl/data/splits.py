@@ -18,6 +18,7 @@ import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold
 
 from kmedtl.errors import ConfigError
+from kmedtl.jsonio import atomic_write
 
 
 class _UnionFind:
@@ -105,10 +106,7 @@ class Splits:
     def save(self, path, root: str | None = None):
         """Write the split file (:meth:`stored`), atomically."""
         data = self.stored(root)
-        tmp = f"{path}.tmp"
-        with open(tmp, "w") as fh:
-            json.dump(data, fh, indent=1)
-        os.replace(tmp, path)
+        atomic_write(path, lambda fh: json.dump(data, fh, indent=1))
 
     @classmethod
     def load(cls, path, root: str | None = None) -> Splits:

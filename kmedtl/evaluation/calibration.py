@@ -41,6 +41,7 @@ from keras import ops
 from scipy.optimize import minimize_scalar
 
 from kmedtl.errors import ConfigError
+from kmedtl.jsonio import atomic_write
 
 DEFAULT_BINS = 15
 _EPS = 1e-12
@@ -155,12 +156,7 @@ def calibrate(y_val, probs_val, *, n_bins: int = DEFAULT_BINS, output: str = "le
 
 def save_calibration(path, result: dict) -> str:
     """Write ``calibration.json`` (atomically)."""
-    path = os.fspath(path)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as fh:
-        json.dump(result, fh, indent=1)
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda fh: json.dump(result, fh, indent=1))
 
 
 def load_calibration(path) -> dict:

@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterable, Mapping
 from kmedtl.errors import ConfigError
 from kmedtl.evaluation import plots
 from kmedtl.evaluation.uncertainty import mean_sd
+from kmedtl.jsonio import atomic_write
 
 log = logging.getLogger("kmedtl.evaluation")
 
@@ -70,11 +71,7 @@ def save_learning_curve(path, results: Mapping, metric: str = "metric") -> str:
             "results": {str(int(n)): [float(v) for v in results[n]]
                         for n in sorted(results, key=int)},
             "summary": {str(n): s for n, s in summarise_learning_curve(results).items()}}
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as fh:
-        json.dump(data, fh, indent=1)
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda fh: json.dump(data, fh, indent=1))
 
 
 def load_learning_curve(path) -> tuple[dict[int, list[float]], str]:

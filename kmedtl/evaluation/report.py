@@ -19,6 +19,7 @@ import os
 from collections.abc import Mapping, Sequence
 
 from kmedtl.evaluation.uncertainty import format_interval
+from kmedtl.jsonio import atomic_write
 
 #: Plain-language meaning of each metric, shown beside it.
 EXPLAIN = {
@@ -277,8 +278,4 @@ def write_report(path, metrics: Mapping, **kwargs) -> str:
     path = os.fspath(path)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     text = render_report(metrics, **kwargs)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda fh: fh.write(text))

@@ -58,15 +58,15 @@ from kmedtl.evaluation.model_card import (
     write_model_card,
 )
 from kmedtl.evaluation.report import write_report
+from kmedtl.evaluation.tta import predict_tta
 from kmedtl.evaluation.uncertainty import format_interval
-from kmedtl.jsonio import json_safe
+from kmedtl.jsonio import atomic_write, json_safe
 from kmedtl.run_folder import (
     RunFolder,
     leaf_output,
     load_model,  # noqa: F401  (re-exported: kmedtl.evaluation.stage.load_model)
     normalization_for,
 )
-from kmedtl.training.tta import predict_tta
 
 log = logging.getLogger("kmedtl.evaluation")
 
@@ -558,14 +558,14 @@ def write_predictions(path, pred: Predictions, hierarchy, root=None) -> Path:
     """Per test case: ``id`` (relative to the data root), ``frame``, ``true``, ``pred`` and
     one ``p_<leaf>`` column per leaf.  What :func:`kmedtl.evaluation.compare.compare_runs`
     pairs two models on."""
-    path = Path(path)
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w", newline="") as fh:
+    def write(fh):
         w = csv.writer(fh)
         w.writerow(["id", "frame", "true", "pred"] + [f"p_{c}" for c in hierarchy.leaves])
         for s, y, p in zip(pred.samples, pred.y, pred.leaf_probs):
             name = os.path.relpath(s.path, root) if root else s.path
             w.writerow([name, "" if s.frame is None else s.frame, hierarchy.leaves[int(y)],
                         hierarchy.leaves[int(np.argmax(p))]] + [f"{v:.6g}" for v in p])
-    os.replace(tmp, path)
+
+    path = Path(path)
+    atomic_write(path, write, newline="")
     return path

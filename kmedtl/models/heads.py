@@ -101,8 +101,38 @@ class SavedCompileMixin:
             self.optimizer.build(self.trainable_variables)
 
 
+class BackboneClassifier(SavedCompileMixin, keras.Model):
+    """Base of the single-backbone classifiers: the backbone (``self.backbone``) is
+    serialised and restored here, once, the way keras-hub's task base classes do; a
+    subclass names its head's own fields in :meth:`head_config` (the ``__init__``
+    arguments besides ``backbone``, ``dropout``, ``pooling`` and ``name``)."""
+
+    @property
+    def preprocessing(self) -> str:
+        return getattr(self.backbone, "preprocessing", "unit")
+
+    def head_config(self) -> dict:
+        raise NotImplementedError(f"{type(self).__name__} must define head_config()")
+
+    def get_config(self):
+        return {
+            "name": self.name,
+            "trainable": self.trainable,
+            "backbone": keras.saving.serialize_keras_object(self.backbone),
+            **self.head_config(),
+            "dropout": self.dropout,
+            "pooling": self.pooling,
+        }
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        config["backbone"] = keras.saving.deserialize_keras_object(config["backbone"])
+        return cls(**config)
+
+
 @keras.saving.register_keras_serializable(package="kmedtl")
-class FlatClassifier(SavedCompileMixin, keras.Model):
+class FlatClassifier(BackboneClassifier):
     """One softmax over the leaves (or ``n`` classes) on top of a backbone.
 
     Args:
@@ -140,9 +170,8 @@ class FlatClassifier(SavedCompileMixin, keras.Model):
         self.dropout = float(dropout)
         self.pooling = pooling
 
-    @property
-    def preprocessing(self) -> str:
-        return getattr(self.backbone, "preprocessing", "unit")
+    def head_config(self) -> dict:
+        return {"classes": self.classes}
 
     def compile(self, optimizer="adam", loss="auto", metrics="auto", **kwargs):
         """Defaults: sparse categorical cross-entropy on integer labels, accuracy."""
@@ -151,19 +180,3 @@ class FlatClassifier(SavedCompileMixin, keras.Model):
         if metrics == "auto":
             metrics = [keras.metrics.SparseCategoricalAccuracy(name="accuracy")]
         super().compile(optimizer=optimizer, loss=loss, metrics=metrics, **kwargs)
-
-    def get_config(self):
-        return {
-            "name": self.name,
-            "trainable": self.trainable,
-            "backbone": keras.saving.serialize_keras_object(self.backbone),
-            "classes": self.classes,
-            "dropout": self.dropout,
-            "pooling": self.pooling,
-        }
-
-    @classmethod
-    def from_config(cls, config, custom_objects=None):
-        config = dict(config)
-        config["backbone"] = keras.saving.deserialize_keras_object(config["backbone"])
-        return cls(**config)

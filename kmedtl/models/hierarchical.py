@@ -38,7 +38,7 @@ from keras import ops
 from kmedtl.errors import ModelError
 from kmedtl.hierarchy import ROOT, Hierarchy
 from kmedtl.models.heads import (
-    SavedCompileMixin,
+    BackboneClassifier,
     as_hierarchy,
     check_pooling,
     classification_head,
@@ -246,7 +246,7 @@ def check_output_names(h: Hierarchy, taken: Sequence[str]):
 
 
 @keras.saving.register_keras_serializable(package="kmedtl")
-class HierarchicalClassifier(SavedCompileMixin, keras.Model):
+class HierarchicalClassifier(BackboneClassifier):
     """Shared backbone + one softmax head per parent node + consistent ``"leaf"`` output.
 
     Args:
@@ -286,9 +286,8 @@ class HierarchicalClassifier(SavedCompileMixin, keras.Model):
         self.dropout = float(dropout)
         self.pooling = pooling
 
-    @property
-    def preprocessing(self) -> str:
-        return getattr(self.backbone, "preprocessing", "unit")
+    def head_config(self) -> dict:
+        return {"hierarchy": self.hierarchy.to_config()}
 
     def targets(self, labels) -> dict[str, np.ndarray]:
         """:func:`hierarchy_targets` for this model's hierarchy."""
@@ -317,19 +316,3 @@ class HierarchicalClassifier(SavedCompileMixin, keras.Model):
         if metrics == "auto":
             metrics = {"leaf": [keras.metrics.SparseCategoricalAccuracy(name="accuracy")]}
         super().compile(optimizer=optimizer, loss=loss, metrics=metrics, **kwargs)
-
-    def get_config(self):
-        return {
-            "name": self.name,
-            "trainable": self.trainable,
-            "backbone": keras.saving.serialize_keras_object(self.backbone),
-            "hierarchy": self.hierarchy.to_config(),
-            "dropout": self.dropout,
-            "pooling": self.pooling,
-        }
-
-    @classmethod
-    def from_config(cls, config, custom_objects=None):
-        config = dict(config)
-        config["backbone"] = keras.saving.deserialize_keras_object(config["backbone"])
-        return cls(**config)

@@ -230,14 +230,11 @@ class StackedMultiInputClassifier(OutOfFoldStacking):
         *,
         dropout: float = 0.0,
         pooling: str = "avg",
-        meta_estimator=None,
-        n_folds: int = 5,
-        seed: int = 0,
-        compile_kwargs: dict | None = None,
-        fit_kwargs: dict | None = None,
-        fit_fn: Callable | None = None,
+        **stacking,
     ):
-        super().__init__(meta_estimator, n_folds, seed, compile_kwargs, fit_kwargs, fit_fn)
+        # meta_estimator, n_folds, seed, compile_kwargs, fit_kwargs, fit_fn: the base's
+        # keyword arguments, declared once there
+        super().__init__(**stacking)
         if not isinstance(backbone_fns, Mapping) or not backbone_fns:
             raise ModelError("backbone_fns must be a non-empty dict {image_type: callable}")
         self.input_names = [_check_input_name(i) for i in backbone_fns]

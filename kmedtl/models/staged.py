@@ -92,14 +92,11 @@ class StagedHierarchicalClassifier(OutOfFoldStacking):
         transfer: str = "hierarchy",
         dropout: float = 0.0,
         pooling: str = "avg",
-        meta_estimator=None,
-        n_folds: int = 5,
-        seed: int = 0,
-        compile_kwargs: dict | None = None,
-        fit_kwargs: dict | None = None,
-        fit_fn: Callable | None = None,
+        **stacking,
     ):
-        super().__init__(meta_estimator, n_folds, seed, compile_kwargs, fit_kwargs, fit_fn)
+        # meta_estimator, n_folds, seed, compile_kwargs, fit_kwargs, fit_fn: the base's
+        # keyword arguments, declared once there
+        super().__init__(**stacking)
         if transfer not in TRANSFERS:
             raise ModelError(f"transfer={transfer!r} is not valid; choose one of {TRANSFERS}")
         self.hierarchy = as_hierarchy(hierarchy)

@@ -34,6 +34,7 @@ import uuid
 from pathlib import Path
 
 from kmedtl import __version__
+from kmedtl.jsonio import atomic_write
 
 RECORD_KIND = "kmedtl-stage"
 RECORD_VERSION = 1
@@ -164,10 +165,8 @@ class Records:
         self.folder.mkdir(parents=True, exist_ok=True)
         record = {"kind": RECORD_KIND, "version": RECORD_VERSION, "stage": stage, **record}
         p = self.path(stage)
-        tmp = p.with_suffix(".json.tmp")
-        with open(tmp, "w") as fh:
-            json.dump(record, fh, indent=1, default=str, allow_nan=False)
-        os.replace(tmp, p)
+        atomic_write(p, lambda fh: json.dump(record, fh, indent=1, default=str,
+                                             allow_nan=False))
 
     # ---------------------------------------------------------------- outputs
     def describe(self, paths) -> dict:

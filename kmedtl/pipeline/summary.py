@@ -19,8 +19,9 @@ differ from the config); ``train.tuned`` says which hyperparameters training too
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
+
+from kmedtl.jsonio import atomic_write
 
 SUMMARY_KIND = "kmedtl-pipeline-summary"
 
@@ -68,14 +69,10 @@ def write_summary(ctx, stages, res) -> dict:
     for stage, key in _SECTION.items():
         r = records.get(stage)
         doc[key] = r.get("result") if r and r.get("status") == "done" else None
-    tmp = ctx.run_dir / "summary.json.tmp"
-    with open(tmp, "w") as fh:
-        json.dump(doc, fh, indent=1, default=str)
-    os.replace(tmp, ctx.run_dir / "summary.json")
+    atomic_write(ctx.run_dir / "summary.json",
+                 lambda fh: json.dump(doc, fh, indent=1, default=str))
     md = render(doc)
-    tmp = ctx.run_dir / "summary.md.tmp"
-    tmp.write_text(md)
-    os.replace(tmp, ctx.run_dir / "summary.md")
+    atomic_write(ctx.run_dir / "summary.md", lambda fh: fh.write(md))
     return doc
 
 

@@ -28,6 +28,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from kmedtl.evaluation import mean_sd
+from kmedtl.jsonio import atomic_write
 from kmedtl.study.config import METRICS
 from kmedtl.study.stats import holm_family, paired, ratio, verdict
 
@@ -615,9 +616,7 @@ def write_report(runner, path, title: str = "Study results", command: str = "") 
     text = Report(runner).render(title, command)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    atomic_write(path, lambda fh: fh.write(text))
     return path
 
 

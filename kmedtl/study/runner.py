@@ -66,6 +66,7 @@ import tensorflow as tf
 
 from kmedtl.data.scan import detached_main
 from kmedtl.errors import ConfigError, KmedtlError
+from kmedtl.jsonio import atomic_write
 from kmedtl.study import training as study_training  # looked up per call (patchable there)
 from kmedtl.study.config import StudyConfig
 from kmedtl.study.data import load_split
@@ -101,10 +102,7 @@ def _key(obj) -> str:
 
 
 def _write_json(path: Path, data) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as fh:
-        json.dump(data, fh, indent=1, default=_default)
-    os.replace(tmp, path)
+    atomic_write(path, lambda fh: json.dump(data, fh, indent=1, default=_default))
 
 
 def _default(o):

@@ -25,6 +25,7 @@ import keras
 from keras import ops
 
 from kmedtl.errors import ConfigError
+from kmedtl.jsonio import atomic_write
 
 
 def current_learning_rate(optimizer) -> float:
@@ -101,10 +102,7 @@ def write_state(path, **state) -> None:
     elif best is not None:
         state["best"] = float(best)
     os.makedirs(os.path.dirname(str(path)), exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as fh:
-        json.dump(state, fh)
-    os.replace(tmp, path)
+    atomic_write(path, lambda fh: json.dump(state, fh))
 
 
 def read_state(path) -> dict | None:

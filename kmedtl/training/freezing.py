@@ -341,27 +341,96 @@ class Phase:
                 "name": self.name}
 
 
-def plan_phases(cfg, model, epochs: int) -> list[Phase]:
-    """The phases of ``cfg.strategy`` over ``epochs`` epochs (``cfg``: a TrainSection)."""
-    s = cfg.strategy
-    if s == "full":
+class Strategy:
+    """A freezing strategy (``train.strategy``): which layers train in which epochs.
+
+    A strategy is a small class with a ``name`` and :meth:`phases`, registered in
+    :data:`STRATEGIES` with :func:`register_strategy` (fastai composes ``fine_tune`` from
+    small phases the same way).  A new strategy is one new class; its name must also be
+    listed in ``kmedtl.training.config.STRATEGIES``, which the config validates against
+    without importing Keras (a test keeps the two in step).
+    """
+
+    name: str = ""
+    #: per-group learning-rate multipliers when ``train.lr_multipliers`` is not set
+    default_multipliers: tuple[float, ...] | None = None
+
+    def phases(self, cfg, model, epochs: int) -> list[Phase]:
+        raise NotImplementedError
+
+
+#: ``train.strategy`` name -> :class:`Strategy` subclass.
+STRATEGIES: dict[str, type[Strategy]] = {}
+
+
+def register_strategy(cls: type[Strategy]) -> type[Strategy]:
+    """Class decorator: make ``cls`` available as ``train.strategy: <cls.name>``."""
+    if not cls.name or cls.name in STRATEGIES:
+        raise ValueError(f"strategy {cls.__name__}: a new, non-empty name is needed "
+                         f"(got {cls.name!r})")
+    STRATEGIES[cls.name] = cls
+    return cls
+
+
+@register_strategy
+class Full(Strategy):
+    """Everything trains."""
+
+    name = "full"
+
+    def phases(self, cfg, model, epochs):
         return [Phase(0, 0, epochs, "all", unfreeze_all)]
-    if s == "linear_probe":
+
+
+@register_strategy
+class LinearProbe(Strategy):
+    """Backbone frozen (BatchNorm in inference mode), head trains."""
+
+    name = "linear_probe"
+
+    def phases(self, cfg, model, epochs):
         return [Phase(0, 0, epochs, "linear_probe", freeze_backbone)]
-    if s == "freeze":
+
+
+@register_strategy
+class Freeze(Strategy):
+    """Backbone frozen up to a named cut (``freeze_below``) or its first K layers."""
+
+    name = "freeze"
+
+    def phases(self, cfg, model, epochs):
         if cfg.freeze_below is not None:
             return [Phase(0, 0, epochs, f"frozen_below:{cfg.freeze_below}",
                           lambda m: freeze_below(m, cfg.freeze_below))]
         return [Phase(0, 0, epochs, f"frozen_first:{cfg.freeze_layers}",
                       lambda m: freeze_first(m, cfg.freeze_layers))]
-    if s == "fine_tune":
+
+
+@register_strategy
+class FineTune(Strategy):
+    """``head_epochs`` with the backbone frozen, then everything, each phase with its own
+    schedule (fastai's ``fine_tune``); discriminative rates lr/9, lr/3, lr by default."""
+
+    name = "fine_tune"
+    default_multipliers = FINE_TUNE_MULTIPLIERS
+
+    def phases(self, cfg, model, epochs):
         h = cfg.head_epochs
         if epochs <= h:
             raise ConfigError(f"train.epochs ({epochs}) must exceed train.head_epochs ({h}) for "
                               "strategy 'fine_tune'")
         return [Phase(0, 0, h, "head", freeze_backbone, restart_schedule=True),
                 Phase(1, h, epochs, "all", unfreeze_all, restart_schedule=True)]
-    if s == "gradual":
+
+
+@register_strategy
+class Gradual(Strategy):
+    """Head first; at each fraction of ``unfreeze_at`` the next backbone group from the
+    top is unfrozen (ULMFiT's gradual unfreezing)."""
+
+    name = "gradual"
+
+    def phases(self, cfg, model, epochs):
         n = len(cfg.lr_multipliers) if cfg.lr_multipliers else None
         groups = layer_groups(model, n)
         backbone = groups[:-1]
@@ -385,14 +454,24 @@ def plan_phases(cfg, model, epochs: int) -> list[Phase]:
             phases.append(Phase(i, edges[i], edges[i + 1], name,
                                 lambda m, i=i: unfreeze_top(m, groups, i), groups=groups))
         return phases
-    raise ConfigError(f"train.strategy: {s!r} is not one of "
-                      "['full', 'linear_probe', 'freeze', 'gradual', 'fine_tune']")
+
+
+def strategy(name: str) -> Strategy:
+    """The registered strategy called ``name``."""
+    try:
+        return STRATEGIES[name]()
+    except KeyError:
+        raise ConfigError(f"train.strategy: {name!r} is not one of {list(STRATEGIES)}") from None
+
+
+def plan_phases(cfg, model, epochs: int) -> list[Phase]:
+    """The phases of ``cfg.strategy`` over ``epochs`` epochs (``cfg``: a TrainSection)."""
+    return strategy(cfg.strategy).phases(cfg, model, epochs)
 
 
 def phase_multipliers(cfg) -> list[float] | None:
     """The per-group multipliers in force (fine_tune defaults to lr/9, lr/3, lr)."""
     if cfg.lr_multipliers:
         return list(cfg.lr_multipliers)
-    if cfg.strategy == "fine_tune":
-        return list(FINE_TUNE_MULTIPLIERS)
-    return None
+    default = strategy(cfg.strategy).default_multipliers
+    return list(default) if default else None

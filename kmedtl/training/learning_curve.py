@@ -39,6 +39,7 @@ from kmedtl.errors import ConfigError
 from kmedtl.evaluation.learning_curves import learning_curve, summarise_learning_curve
 from kmedtl.evaluation.metrics import classification_metrics
 from kmedtl.evaluation.stage import predict
+from kmedtl.jsonio import atomic_write
 from kmedtl.training.config import train_section
 from kmedtl.training.stage import (
     _check_data,
@@ -183,12 +184,12 @@ def run_learning_curve(cfg, sizes, seeds: int = 3, *, out=None, fold: int = 0,
 
 
 def _write_csv(path: Path, rows: list[dict], metric: str) -> None:
-    tmp = path.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as fh:
+    def write(fh):
         w = csv.DictWriter(fh, ["n_per_class", "seed", "n_train", "n_test", metric, "seconds"])
         w.writeheader()
         w.writerows(rows)
-    tmp.replace(path)
+
+    atomic_write(path, write, newline="")
 
 
 __all__ = ["FILES", "METRICS", "parse_sizes", "run_learning_curve"]
