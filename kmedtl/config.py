@@ -165,7 +165,7 @@ FLIP_VIEWS = {"none": 1, "horizontal": 2, "vertical": 2, "horizontal_and_vertica
 class TTAOptions(Strict):
     """Test-time augmentation for evaluation (``pipeline.evaluate.tta``, ``kmedtl evaluate
     --tta``): each test and validation image is averaged over transformed copies by
-    :func:`kmedtl.training.tta.predict_tta`.  ``tta: true`` means the defaults (identity +
+    :func:`kmedtl.evaluation.tta.predict_tta`.  ``tta: true`` means the defaults (identity +
     horizontal flip), ``tta: vertical`` a flip mode with its default views."""
 
     flips: Literal["none", "horizontal", "vertical", "horizontal_and_vertical"] = "horizontal"
@@ -459,7 +459,7 @@ def parse_set(items) -> dict:
     return out
 
 
-#: The paths of a run config, by what a relative one is relative to (README.md, "Path
+#: The paths of a run config, by what a relative one is relative to (docs/pipelines.md, "Path
 #: rules").  Each is resolved once, when the config is loaded (:func:`resolve_paths`), and
 #: kept absolute from then on: the run folder's ``config.yaml`` (and ``pipeline.yaml``)
 #: name the same files for every later stage and for a resumed run, from any working

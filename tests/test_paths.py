@@ -1,5 +1,5 @@
 """Every path of a config or pipeline is resolved once, when it is loaded, and stored
-absolute (README.md, "Path rules"): files a run reads against the YAML file's folder,
+absolute (docs/pipelines.md, "Path rules"): files a run reads against the YAML file's folder,
 folders it writes against the working directory.  A run made from one working directory
 is evaluated, resumed and rerun from others on the same files."""
 
@@ -123,6 +123,7 @@ def _stored_paths(run) -> dict:
                               pipe["pipeline"]["push"]["root"]]}
 
 
+@pytest.mark.slow
 def test_a_manifest_pipeline_run_elsewhere_is_evaluated_and_rerun_from_other_folders(
         tmp_path, monkeypatch):
     """The new user's report: ``data.manifest: ../wound_manifest.csv`` trained, then
@@ -171,6 +172,7 @@ def test_a_manifest_pipeline_run_elsewhere_is_evaluated_and_rerun_from_other_fol
     assert (third / "saved_models" / "wound").is_dir() and not (third / "runs").exists()
 
 
+@pytest.mark.slow
 def test_root_data_is_not_the_run_folders_own_data_folder(tmp_path, monkeypatch):
     """``root: data`` beside the YAML; the run folder has a ``data/`` of its own (the audit
     and split stage outputs), which evaluation used to read as the dataset ("no test

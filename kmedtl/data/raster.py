@@ -3,7 +3,7 @@
 Pillow reads the header lazily (IHDR, SOF, the TIFF/BMP header), so the announced size is
 checked against ``ImageOptions.max_pixels`` and the decoded float32 size against
 ``ImageOptions.max_image_bytes`` before any pixel buffer exists: a 500 KB PNG announcing
-13000x13000 is refused, not decoded.  Pillow is only asked for the formats the README
+13000x13000 is refused, not decoded.  Pillow is only asked for the formats docs/reliability.md
 lists (:data:`FORMATS`), so EPS (which runs Ghostscript), PSD and the other 40 formats it
 knows are never tried.  The decode keeps one full-resolution copy at a time (Pillow's
 buffer is freed before the float32 one is made, scaling is in place): peak memory is about
@@ -23,7 +23,7 @@ from PIL import Image, UnidentifiedImageError
 from kmedtl.data.options import DEFAULT_MAX_IMAGE_BYTES
 from kmedtl.errors import DecodeError, ImageTooLargeError
 
-#: The formats Pillow may open: those the README lists.  Anything else (EPS runs
+#: The formats Pillow may open: those docs/reliability.md lists.  Anything else (EPS runs
 #: Ghostscript, and PSD, ICNS, FITS, ... are rarely checked parsers) is ``not_image``.
 FORMATS = ("PNG", "JPEG", "TIFF", "BMP")
 

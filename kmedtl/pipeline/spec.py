@@ -218,7 +218,7 @@ def _check_dataset(raw: dict, label: str) -> None:
                 raise type(exc)(f"{label}: data.{key} ({value}): {exc}") from None
 
 
-#: The pipeline section's paths (README.md, "Path rules"): external test sets are read
+#: The pipeline section's paths (docs/pipelines.md, "Path rules"): external test sets are read
 #: (relative to the pipeline file's folder), export and push folders written (relative to
 #: the working directory); like the config's (:data:`kmedtl.config.READ_PATHS`), each is
 #: made absolute once, when the pipeline loads.
