@@ -150,6 +150,7 @@ def independent_cross_split_groups(root):
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_brain_tumor_audit_matches_independent_hashes(datasets_dir, tmp_path):
     root = datasets_dir / "brain-tumor-mri"
     start = time.perf_counter()

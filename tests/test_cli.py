@@ -180,6 +180,7 @@ def test_data_commands_take_a_pipeline_yaml(tree, tmp_path, capsys, monkeypatch)
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_split_of_the_shipped_pipeline(datasets_dir, tmp_path, monkeypatch, capsys):
     """``kmedtl data split pipelines/brain_tumor_hierarchical.yaml --out s.json``, as the
     README's main job reads it (Training/, its hierarchy file, dedupe: similar)."""

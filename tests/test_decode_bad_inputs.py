@@ -132,6 +132,7 @@ def test_bad_file_is_skipped_with_reason_and_counts_reconcile(tmp_path, bad_name
         assert info.value.kind == kind
 
 
+@pytest.mark.slow
 def test_bad_files_are_skipped_in_a_worker_pool_too(tmp_path):
     """Eight or more tasks go through the process pool: same skips, same counts."""
     root = tmp_path / "ds"

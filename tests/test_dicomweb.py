@@ -388,6 +388,7 @@ def test_bearer_token_from_the_environment(creds, demo, tmp_path, monkeypatch, c
     assert token[::-1] not in str(err.value)
 
 
+@pytest.mark.slow
 def test_tls_ca_bundle_verify_and_client_certificate(creds, demo, tmp_path):
     """HTTPS with a private CA and a required client certificate, in front of Orthanc."""
     from orthanc_server import make_tls_files
@@ -416,6 +417,7 @@ def test_tls_ca_bundle_verify_and_client_certificate(creds, demo, tmp_path):
         assert "client_cert" in str(err.value) or "did not answer" in str(err.value)
 
 
+@pytest.mark.slow
 def test_server_killed_mid_pull_then_resumed_loses_nothing(orthanc_installed, demo, tmp_path,
                                                             monkeypatch):
     csv_path = labels_csv(tmp_path / "k.csv", study_labels(demo))
@@ -451,6 +453,7 @@ def test_server_killed_mid_pull_then_resumed_loses_nothing(orthanc_installed, de
                                       pydicom.dcmread(f["path"]).pixel_array)
 
 
+@pytest.mark.slow
 def test_study_deleted_during_the_pull_is_a_404_skip(orthanc_installed, demo, tmp_path,
                                                      monkeypatch):
     csv_path = labels_csv(tmp_path / "d.csv", study_labels(demo))
@@ -494,6 +497,7 @@ def test_a_capped_instance_listing_is_reported_not_silent(orthanc_installed, dem
     assert 0 < result.listed < 6 and c["used"] == result.listed
 
 
+@pytest.mark.slow
 def test_train_a_short_pipeline_from_the_server(creds, demo, tmp_path):
     """Pull -> patient-grouped split (PatientID in memory) -> cache -> tf.data -> fit."""
     import keras
@@ -560,6 +564,7 @@ def test_spec_refuses_secrets_and_names_fields(tmp_path):
         read_labels(bad, "SeriesInstanceUID")
 
 
+@pytest.mark.slow
 def test_kmedtl_run_trains_and_evaluates_from_the_server(creds, demo, tmp_path):
     """`data.source: dicomweb` through the config, the audit/split stages and `kmedtl run`
     (credentials from the environment only), with the shipped Lite0 backbone."""

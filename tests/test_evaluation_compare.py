@@ -75,6 +75,7 @@ def test_compare_refuses_different_case_sets_and_missing_predictions(tmp_path, c
     assert "different cases" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_split_file_reuses_a_split_and_evaluate_writes_predictions(tmp_path):
     first = tmp_path / "first.yaml"
     first.write_text(yaml.safe_dump(pipeline_dict(tmp_path, name="first"), sort_keys=False))
@@ -110,6 +111,7 @@ def test_split_file_reuses_a_split_and_evaluate_writes_predictions(tmp_path):
         run_pipeline(p3)
 
 
+@pytest.mark.slow
 def test_committed_main_job_comparison_rederives_from_its_predictions():
     """README's paired numbers (ImageNet Lite0 vs scratch) come from committed files."""
     base = "pipelines/results/brain_tumor_main_job"

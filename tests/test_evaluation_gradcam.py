@@ -45,6 +45,7 @@ def square_model():
     return model
 
 
+@pytest.mark.slow
 def test_heatmap_peaks_inside_the_square(square_model):
     rng = np.random.default_rng(1)
     x, y, boxes = _squares(rng, 60)

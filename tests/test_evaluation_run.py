@@ -118,6 +118,7 @@ def _parse(argv):
     return parser.parse_args(argv)
 
 
+@pytest.mark.slow
 def test_evaluate_writes_every_artefact(tiny_run, capsys):
     run, _ = tiny_run
     args = _parse(["evaluate", str(run), "--n-boot", "30", "--gradcam", "4",
@@ -161,6 +162,7 @@ def test_evaluate_writes_every_artefact(tiny_run, capsys):
     assert "## Known limitations" in (run / "model_card.md").read_text()
 
 
+@pytest.mark.slow
 def test_model_card_from_run_folder(tiny_run, tmp_path):
     """What the export stage calls: the card from the files a run folder holds."""
     from kmedtl.evaluation import model_card_from_run
@@ -176,6 +178,7 @@ def test_model_card_from_run_folder(tiny_run, tmp_path):
     assert card["training_data"]["split_sizes"]["test"]
 
 
+@pytest.mark.slow
 def test_evaluate_external_test_folder_with_unreadable_file(tiny_run, tmp_path):
     """--test SOURCE evaluates every image there; a broken file is skipped and listed."""
     from kmedtl.evaluation.stage import evaluate_run

@@ -36,6 +36,7 @@ def _parse(argv):
     return parser.parse_args(argv)
 
 
+@pytest.mark.slow
 def test_tta_predictions_are_the_mean_over_flipped_views(tiny_run):
     """predict(tta=...) equals a hand-made mean of the model over the 4 flip views, and
     differs from the plain prediction."""
@@ -68,6 +69,7 @@ def test_tta_predictions_are_the_mean_over_flipped_views(tiny_run):
     assert [s.id for s in tta.samples] == [s.id for s in plain.samples]
 
 
+@pytest.mark.slow
 def test_cli_tta_changes_predictions_and_metrics_json_records_it(tiny_run, tmp_path, capsys):
     from kmedtl.evaluation.stage import evaluate_run
 
@@ -89,6 +91,7 @@ def test_cli_tta_changes_predictions_and_metrics_json_records_it(tiny_run, tmp_p
     assert "test-time augmentation" in (tmp_path / "on" / "report.html").read_text()
 
 
+@pytest.mark.slow
 def test_random_tta_views_are_reproducible(tiny_run, tmp_path):
     from kmedtl.evaluation.stage import evaluate_run
 
@@ -162,6 +165,7 @@ def test_pipeline_tta_shorthands(tmp_path, tta, flips, n):
     assert (got.flips, got.views) == (flips, n) if flips else got is None
 
 
+@pytest.mark.slow
 def test_pipeline_evaluate_stage_applies_tta_and_reruns_alone_when_it_changes(tmp_path):
     from test_pipeline_run import pipeline_dict
 

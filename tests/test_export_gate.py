@@ -266,6 +266,7 @@ def _disagreeing_int8(monkeypatch):
     monkeypatch.setattr(stage, "load_predictor", load)
 
 
+@pytest.mark.slow
 def test_export_of_a_tiny_run_warns_records_and_fails_only_with_the_gate(
         tiny_run, tmp_path, monkeypatch, capsys):
     from kmedtl.cli import main

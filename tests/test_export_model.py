@@ -60,6 +60,7 @@ def test_named_outputs_numpy_and_graph_agree():
     assert (a["confidence"] < a["leaf"].max(1) + 1e-6).all()  # T > 1 softens
 
 
+@pytest.mark.slow
 def test_flat_model_exports_to_every_format(tmp_path):
     from kmedtl.export.onnx import write_onnx
     from kmedtl.export.predictors import ModelInfo, load_predictor

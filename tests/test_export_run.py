@@ -26,6 +26,7 @@ def _cli(*argv):
     return main([str(a) for a in argv])
 
 
+@pytest.mark.slow
 def test_export_writes_every_format_and_passes_parity(built):
     report = built["report"]
     out = report.out_dir
@@ -62,6 +63,7 @@ def test_export_writes_every_format_and_passes_parity(built):
     assert doc["model"]["temperature"] == pytest.approx(temp)
 
 
+@pytest.mark.slow
 def test_savedmodel_signature_defs_match_what_the_client_sends(built):
     from tensorflow.core.protobuf import saved_model_pb2
 
@@ -90,6 +92,7 @@ def test_savedmodel_signature_defs_match_what_the_client_sends(built):
     assert [d.size for d in req.inputs["pixels"].tensor_shape.dim] == [2, 32, 32, 1]
 
 
+@pytest.mark.slow
 def test_every_format_predicts_files_alike(built, datasets_dir):
     out = built["report"].out_dir
     files = jpeg_files(datasets_dir, 8)
@@ -109,6 +112,7 @@ def test_every_format_predicts_files_alike(built, datasets_dir):
     np.testing.assert_allclose(by_bytes["leaf"], ref["leaf"], atol=1e-2)
 
 
+@pytest.mark.slow
 def test_bad_requests_fail_with_a_clear_message(built, datasets_dir):
     from helpers import png_header_only
 
@@ -141,6 +145,7 @@ def test_bad_requests_fail_with_a_clear_message(built, datasets_dir):
         pix(pixels=tf.fill((1, 32, 32, 1), float("nan")))
 
 
+@pytest.mark.slow
 def test_predict_cli_prints_per_level_probabilities(built, datasets_dir, tmp_path, capsys):
     from helpers import make_dicom
 
@@ -162,6 +167,7 @@ def test_predict_cli_prints_per_level_probabilities(built, datasets_dir, tmp_pat
     assert _cli("predict", tmp_path / "nothing.onnx", jpeg) == 2
 
 
+@pytest.mark.slow
 def test_push_blessing_gate_versions_and_assets(built, tmp_path):
     from tensorflow_serving.apis import prediction_log_pb2
 
@@ -204,6 +210,7 @@ def test_push_blessing_gate_versions_and_assets(built, tmp_path):
     assert json.loads((run / "push.json").read_text())["pushed"] is False
 
 
+@pytest.mark.slow
 def test_export_cli_one_format_to_another_folder(built, tmp_path, capsys):
     out = tmp_path / "onnx_only"
     assert _cli("export", built["run"], "--formats", "onnx", "--out", out, "--opset", 15) == 0
@@ -223,6 +230,7 @@ def test_export_errors_name_the_problem(tmp_path):
         export_run(tmp_path / "run")
 
 
+@pytest.mark.slow
 def test_mixed_precision_run_exports_in_float32(built, tmp_path):
     """A run trained under mixed_float16 (GPU default) exports: the model is rebuilt in
     float32 with the trained weights before conversion."""

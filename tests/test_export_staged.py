@@ -12,6 +12,8 @@ from kmedtl.config import load_config
 from kmedtl.export import export_run, load_predictor
 from kmedtl.export.stage import BOUNDS, predict_batched, prob_keys
 
+pytestmark = pytest.mark.slow
+
 N_PARITY = 200
 
 

@@ -197,6 +197,7 @@ def write_mutants(root: Path, items, rng) -> dict[str, str]:
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_fuzzed_dicom_and_jpeg_never_crash_and_always_reconcile(datasets_dir, tmp_path):
     rng = np.random.default_rng(SEED)
     items = corpus(datasets_dir)

@@ -45,6 +45,7 @@ def _alias_bomb(levels=9, width=9) -> str:
     return "\n".join(lines) + "\n"
 
 
+@pytest.mark.slow
 def test_yaml_alias_bomb_is_refused_before_it_expands(tmp_path):
     cfg = tmp_path / "bomb.yaml"
     cfg.write_text(_alias_bomb())
@@ -53,6 +54,7 @@ def test_yaml_alias_bomb_is_refused_before_it_expands(tmp_path):
     _fails_cleanly(res, "bomb.yaml", "KMEDTL_YAML_MAX_NODES")
 
 
+@pytest.mark.slow
 def test_yaml_deep_nesting_is_refused_with_the_depth_limit(tmp_path):
     flow = tmp_path / "deep.yaml"
     flow.write_text("data: {root: data}\ntrain: {x: " + "[" * 5000 + "]" * 5000 + "}\n")
@@ -360,6 +362,7 @@ def _leftovers(folder: Path) -> list:
     return sorted(p.name for p in folder.iterdir() if p.name != "record.json")
 
 
+@pytest.mark.slow
 def test_weights_import_cleans_what_a_killed_import_left(tmp_path, monkeypatch):
     from kmedtl.pretrained import store
 

@@ -455,6 +455,7 @@ def extra(tmp_path_factory):
     return run_audit(root, base / "audit.json")
 
 
+@pytest.mark.slow
 def test_real_predictor6_overflow_file_is_skipped_as_corrupt(extra):
     """Before: counted as used (garbage spanning -32768..32767; check_frame returned
     None: predictor 6, matching byte count)."""

@@ -321,6 +321,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
+@pytest.mark.slow
 def test_workers_die_with_a_killed_parent(tmp_path):
     """kill -9 of ``kmedtl data cache`` mid-run leaves no worker behind (PR_SET_PDEATHSIG)."""
     root = tmp_path / "data"

@@ -23,6 +23,8 @@ from pathlib import Path
 import pytest
 from limits import run_capped
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 RSS_MB = 1500   # the child: TensorFlow, Keras, ONNX, a few tiny models (893 MB measured)
 TIMEOUT = 300   # seconds for the whole batch (13 s on a quiet 2-core machine, 65 s busy)

@@ -86,6 +86,7 @@ def _one_line_error(res, *needles):
 
 
 # ------------------------------------------------------------------ item 10: one writer
+@pytest.mark.slow
 def test_a_second_writer_stops_at_once_naming_the_holder_and_kill_9_frees_the_folder(
         tmp_path):
     pipe = _pipeline(tmp_path)
@@ -144,6 +145,7 @@ print('ok')
 
 
 # ------------------------------------------------------------ item 11: cache integrity
+@pytest.mark.slow
 def test_a_damaged_cache_entry_is_rebuilt_and_counted_never_reused(tmp_path):
     data = _tree(tmp_path / "data", per_class=3)
     cache = tmp_path / "cache"

@@ -35,6 +35,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 PACKAGE_ROOT = Path(__file__).resolve().parents[1] / "kmedtl"
 
 # Cycles that remain in modules outside kmedtl/models, kmedtl/training and kmedtl/data
@@ -245,6 +247,7 @@ print("IMPORTED", len(names))
 """
 
 
+@pytest.mark.slow
 def test_every_module_imports_first():
     """Each kmedtl module imported first, in a fresh set of kmedtl modules, works.
 

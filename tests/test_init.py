@@ -55,6 +55,7 @@ def _kmedtl(args, cwd, env):
 
 
 # ------------------------------------------------------------------ end to end, tiny data
+@pytest.mark.slow
 def test_colour_tree_init_then_run_unedited(tmp_path):
     data = _tree(tmp_path / "photos", _colour_image)
     work = tmp_path / "work"
@@ -306,6 +307,7 @@ def test_fingerprint_fixture_is_not_mutated():
 
 
 # ------------------------------------------------------------------ the real colour set
+@pytest.mark.slow
 def test_ham10000_manifest_gets_colour_photo_recipe_and_patients(datasets_dir, tmp_path):
     manifest = datasets_dir / "ham10000-200px" / "MANIFEST.csv"
     if not manifest.is_file():

@@ -13,6 +13,7 @@ from kmedtl.errors import ConfigError
 from kmedtl.training.learning_curve import parse_sizes
 
 
+@pytest.mark.slow
 def test_learning_curve_writes_table_json_and_plot(tmp_path, capsys):
     cfg = write_config(tmp_path, name="lc", train={"model": "flat", "epochs": 3}, per_class=10)
     out = tmp_path / "lc_out"

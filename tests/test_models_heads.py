@@ -118,6 +118,7 @@ def test_subtype_head_gets_zero_gradient_from_a_batch_of_normals():
     assert any(np.any(np.asarray(g) != 0.0) for g in grads[len(tumor_w):])
 
 
+@pytest.mark.slow
 def test_hierarchical_model_fits_one_epoch_on_random_data():
     h = tumour_hierarchy()
     model = HierarchicalClassifier(tiny(), h)
@@ -129,6 +130,7 @@ def test_hierarchical_model_fits_one_epoch_on_random_data():
     assert not np.allclose(before, model.get_layer("tumor_logits").get_weights()[0])
 
 
+@pytest.mark.slow
 def test_python_api_with_a_truncated_pretrained_resnet(tmp_path):
     source = backbone("resnet50", input_shape=(32, 32, 3))
     path = save_backbone(source, tmp_path / "resnet50_source.weights.h5")

@@ -43,6 +43,7 @@ def test_shared_backbone_has_one_set_of_weights():
     np.testing.assert_allclose(f[:, :512], f[:, 512:], rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_hierarchical_average_fusion_fits_and_sums_to_one():
     h = tumour_hierarchy()
     model = MultiInputClassifier({"t1": tiny(), "flair": tiny()}, h, head="hierarchical",

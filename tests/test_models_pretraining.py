@@ -65,6 +65,7 @@ def test_nt_xent_matches_a_direct_implementation():
     assert aligned < got  # matching views are rewarded
 
 
+@pytest.mark.slow
 def test_contrastive_pretraining_learns_from_unlabelled_images(tmp_path):
     bb = backbone("cbr_tiny", input_shape=(32, 32, 1))
     pre = ContrastivePretrainer(bb, projection_dim=16, hidden_dim=32)

@@ -74,6 +74,7 @@ def _as_dict(pred):
         "out": np.asarray(pred)}
 
 
+@pytest.mark.slow
 def test_every_model_reloads_in_a_fresh_process_with_identical_predictions(tmp_path):
     models = _models()
     expected = {}
@@ -121,6 +122,7 @@ def test_every_model_reloads_in_a_fresh_process_with_identical_predictions(tmp_p
     assert report["mixed_bfloat16"]["policy"] == "mixed_bfloat16"
 
 
+@pytest.mark.slow
 def test_loading_without_importing_kmedtl_says_what_is_missing(tmp_path):
     model = FlatClassifier(backbone("cbr_tiny", input_shape=(32, 32, 1)), 2)
     model.save(tmp_path / "m.keras")

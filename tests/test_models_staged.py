@@ -38,6 +38,7 @@ def test_hierarchy_transfer_copies_the_parent_backbone():
     assert not np.allclose(fresh.backbone.get_weights()[0], level1.backbone.get_weights()[0])
 
 
+@pytest.mark.slow
 def test_out_of_fold_confidences_never_come_from_a_model_trained_on_the_sample():
     h = tumour_hierarchy()
     rec = Recorder()
@@ -66,6 +67,7 @@ def test_out_of_fold_confidences_never_come_from_a_model_trained_on_the_sample()
     np.testing.assert_array_equal(again.oof_fold_, staged.oof_fold_)
 
 
+@pytest.mark.slow
 def test_trained_staged_model_predicts_distributions_and_exports_to_keras():
     h = tumour_hierarchy()
     staged = StagedHierarchicalClassifier(h, tiny, n_folds=2, fit_kwargs={"epochs": 1})
@@ -83,6 +85,7 @@ def test_trained_staged_model_predicts_distributions_and_exports_to_keras():
     np.testing.assert_allclose(out["tumor"], staged.predict_nodes(x)["tumor"], atol=1e-6)
 
 
+@pytest.mark.slow
 def test_deeper_trees_recurse_with_hierarchy_transfer():
     h = deep_hierarchy()
     staged = StagedHierarchicalClassifier(h, tiny, n_folds=2, fit_fn=Recorder())

@@ -91,6 +91,7 @@ def multi_run(datasets_dir, tmp_path_factory):
     return tmp / "runs" / "multi", manifest, tmp
 
 
+@pytest.mark.slow
 def test_run_trains_evaluates_and_exports_named_inputs(multi_run):
     import tensorflow as tf
 
@@ -137,6 +138,7 @@ def test_run_trains_evaluates_and_exports_named_inputs(multi_run):
     assert sorted(i.name.split(":")[0] for i in sess.get_inputs()) == ["t1", "t2"]
 
 
+@pytest.mark.slow
 def test_every_format_predicts_named_inputs_alike(multi_run):
     from kmedtl.export.errors import ExportError
     from kmedtl.export.predictors import load_predictor
@@ -171,6 +173,7 @@ def _test_cases(run: Path) -> list[dict]:
     return [{"t1": s.path, **dict(s.extra)} for s in rf.split_samples("test")]
 
 
+@pytest.mark.slow
 def test_predict_cli_takes_one_named_argument_per_case(multi_run, capsys):
     run, _, _ = multi_run
     cases = _test_cases(run)[:2]
@@ -188,6 +191,7 @@ def test_predict_cli_takes_one_named_argument_per_case(multi_run, capsys):
     assert "'flair' is not an input of the model; its inputs are ['t1', 't2']" in err
 
 
+@pytest.mark.slow
 def test_evaluate_on_data_naming_other_inputs_is_a_clear_error(multi_run, capsys):
     run, manifest, tmp = multi_run
     other = tmp / "other.csv"
@@ -268,6 +272,7 @@ def test_config_errors_name_the_field_and_the_fix(datasets_dir, tmp_path, capsys
     assert re.search(message, err), err
 
 
+@pytest.mark.slow
 def test_average_fusion_flat_head_one_backbone_per_input(datasets_dir, tmp_path):
     """The other YAML choices build and train (one epoch, linear probe: both backbones
     frozen, the two heads train) through the normal Trainer."""

@@ -59,6 +59,7 @@ def record(run, stage) -> dict:
     return json.loads((run / "stages" / f"{stage}.json").read_text())
 
 
+@pytest.mark.slow
 def test_rerun_skips_everything_and_a_changed_field_reruns_only_downstream(tmp_path):
     path = write_pipeline(tmp_path)
     res = run_pipeline(path)
@@ -122,6 +123,7 @@ def test_rerun_skips_everything_and_a_changed_field_reruns_only_downstream(tmp_p
     assert res.ran == ["evaluate"] and "outputs missing" in record(run, "evaluate")["reason"]
 
 
+@pytest.mark.slow
 def test_changed_data_reruns_audit_but_an_identical_split_keeps_the_model(tmp_path):
     """The split stage's token is its file's hash: a new audit that yields the same split
     does not retrain; a new image (a new split) does."""
@@ -140,6 +142,7 @@ def test_changed_data_reruns_audit_but_an_identical_split_keeps_the_model(tmp_pa
     assert res.summary["split"]["cross_split"]["exact_duplicate_groups"] == 0
 
 
+@pytest.mark.slow
 def test_interrupted_training_resumes_and_a_failed_stage_reruns_alone(tmp_path, monkeypatch):
     path = write_pipeline(tmp_path, train={"epochs": 3})
     run = tmp_path / "runs" / "pipe"
@@ -167,6 +170,7 @@ def test_interrupted_training_resumes_and_a_failed_stage_reruns_alone(tmp_path, 
     assert res.summary["status"] == "complete"
 
 
+@pytest.mark.slow
 def test_interrupted_training_with_a_changed_config_starts_over(tmp_path, monkeypatch):
     path = write_pipeline(tmp_path, stages=["audit", "split", "train"], train={"epochs": 3})
     run = tmp_path / "runs" / "pipe"
@@ -270,6 +274,7 @@ def test_main_job_pipeline_is_valid(datasets_dir):
     assert pipe.config.output_dir == os.path.abspath("runs")
 
 
+@pytest.mark.slow
 def test_pretraining_uses_only_images_outside_the_fold_and_feeds_training(tmp_path):
     path = write_pipeline(tmp_path, stages=["audit", "split", "pretrain", "train"],
                           per_class=12, split={"n_per_class": 3},
@@ -319,6 +324,7 @@ def test_pretraining_pool_never_holds_a_copy_of_a_test_image(tmp_path):
     assert str(leak) not in ids and ids and not ids & set(fold.train + fold.val + fold.test)
 
 
+@pytest.mark.slow
 def test_export_and_push_stages(tmp_path):
     stages = ["audit", "split", "train", "evaluate", "export", "push"]
     path = write_pipeline(tmp_path, stages=stages, pipeline={
@@ -343,6 +349,7 @@ def test_export_and_push_stages(tmp_path):
     assert "Not pushed" in (run / "summary.md").read_text()
 
 
+@pytest.mark.slow
 def test_the_data_is_prepared_once_per_process(tmp_path, monkeypatch):
     """The train stage trains on the data the split stage prepared: before, run_training
     indexed, audited, cached and split the data a second time, and the pipeline compared

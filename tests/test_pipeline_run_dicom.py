@@ -13,6 +13,8 @@ import pytest
 from kmedtl.pipeline import run_pipeline
 from kmedtl.pipeline.make_dicom_demo import SC_SOP_CLASS, make_dicom_demo
 
+pytestmark = pytest.mark.slow
+
 PIPELINE = "pipelines/dicom_manifest.yaml"
 PATIENTS_PER_CLASS, IMAGES_PER_PATIENT = 4, 3
 N = 4 * PATIENTS_PER_CLASS * IMAGES_PER_PATIENT

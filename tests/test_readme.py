@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -19,6 +21,7 @@ def _example() -> str:
     return blocks[0]
 
 
+@pytest.mark.slow
 def test_readme_python_example_runs(datasets_dir, tmp_path):
     code = _example()
     for needle in ("../shared/datasets", ".kmedtl_cache", "epochs=5"):

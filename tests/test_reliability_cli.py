@@ -29,6 +29,7 @@ def run_cli(tmp_path, *argv):
                           env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
 
 
+@pytest.mark.slow
 def test_pure_data_commands_import_neither_tensorflow_nor_keras(tmp_path):
     """Before: every command imported Keras and TensorFlow (4-5 s, I0000 lines)."""
     for label in ("A", "B"):
@@ -47,6 +48,7 @@ def test_pure_data_commands_import_neither_tensorflow_nor_keras(tmp_path):
         assert res.stderr == "", (argv, res.stderr)
 
 
+@pytest.mark.slow
 def test_stage_commands_start_without_native_start_up_lines(tmp_path):
     res = run_cli(tmp_path, "train", "--help")
     assert res.returncode == 0 and "--epochs" in res.stdout

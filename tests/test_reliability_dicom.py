@@ -141,6 +141,7 @@ def test_empty_modality_lut_item_falls_back_with_a_reason(tmp_path, zero_length,
     assert (report["counts"]["used"], report["counts"]["skipped"]) == (1, 0)
 
 
+@pytest.mark.slow
 def test_data_show_on_an_empty_modality_lut_item_has_no_traceback(tmp_path):
     path, _ = empty_modality_lut_file(tmp_path)
     res = subprocess.run([sys.executable, "-m", "kmedtl.cli", "data", "show", str(path),
@@ -263,6 +264,7 @@ def corrupt_jpeg2000(tmp_path):
     return path
 
 
+@pytest.mark.slow
 def test_pydicom_tracebacks_stay_off_the_console_and_show_with_verbose(tmp_path):
     """Before: pydicom logged 'ERROR pydicom.pixels.decoders.base' and a full traceback
     before kmedtl's one-line error."""
@@ -295,6 +297,7 @@ def test_pydicom_logging_is_untouched_outside_kmedtl_decodes(tmp_path, caplog):
 
 
 # ---------------------------------------------------------------------------- corpora
+@pytest.mark.slow
 def test_audit_of_every_wheel_file_and_the_pylibjpeg_cases_names_every_skip(
         tmp_path, pydicom_files):
     """Every file of the pydicom and pydicom-data wheels plus the pylibjpeg-data cases

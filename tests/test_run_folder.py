@@ -38,6 +38,7 @@ def _copy(run, dest, *, drop=(), config=None):
     return dest
 
 
+@pytest.mark.slow
 def test_run_folder_reads_each_artefact_once(tiny):
     run, _ = tiny
     rf = RunFolder(run)
@@ -63,6 +64,7 @@ def test_run_folder_reads_each_artefact_once(tiny):
         rf.split_samples("test", 3)
 
 
+@pytest.mark.slow
 def test_hierarchy_rule_model_then_config_then_data_then_audit(tiny, tmp_path):
     run, _ = tiny
     flat = ["normal", "glioma", "pituitary"]
@@ -93,6 +95,7 @@ def test_hierarchy_rule_model_then_config_then_data_then_audit(tiny, tmp_path):
     assert RunFolder(d).hierarchy == Hierarchy.flat(sorted(by_class))
 
 
+@pytest.mark.slow
 def test_input_shape_comes_from_the_model_and_must_match_the_config(tiny, tmp_path):
     from kmedtl.export.errors import ExportError
     from kmedtl.export.model import load_run
@@ -125,6 +128,7 @@ def test_input_shape_comes_from_the_model_and_must_match_the_config(tiny, tmp_pa
         model_input_shape(Two())
 
 
+@pytest.mark.slow
 def test_keras_predictor_metadata_comes_from_the_run_folder(tiny):
     from kmedtl.export.predictors import find_metadata, load_predictor
 
@@ -280,6 +284,7 @@ def test_training_spells_no_run_folder_name():
         "\n".join(found)
 
 
+@pytest.mark.slow
 def test_training_run_writes_every_file_where_run_folder_says(tmp_path):
     from test_training_helpers import write_config
 
@@ -326,6 +331,7 @@ def test_training_run_writes_every_file_where_run_folder_says(tmp_path):
     assert not rf.training_finished
 
 
+@pytest.mark.slow
 def test_staged_training_writes_where_run_folder_says(tmp_path):
     from test_training_helpers import write_config
 

@@ -56,6 +56,7 @@ def tuned(tmp_path_factory):
     return {"path": path, "run": tmp / "runs" / "pipe", "res": res, "seen": seen}
 
 
+@pytest.mark.slow
 def test_tune_writes_best_json_and_train_trains_its_section(tuned):
     res, run = tuned["res"], tuned["run"]
     assert res.ran == STAGES and res.summary["status"] == "complete"
@@ -89,6 +90,7 @@ def test_tune_writes_best_json_and_train_trains_its_section(tuned):
     assert "Hyperparameters from the search" in md
 
 
+@pytest.mark.slow
 def test_search_fits_on_train_scores_on_val_and_never_sees_test(tuned):
     from kmedtl.data.pipeline import make_dataset
     from kmedtl.data.prepare import prepare
@@ -111,6 +113,7 @@ def test_search_fits_on_train_scores_on_val_and_never_sees_test(tuned):
     assert not _digests(xte) & seen["digests"]  # no test image reached the search
 
 
+@pytest.mark.slow
 def test_rerun_skips_tune_and_train(tuned):
     run = tuned["run"]
     model = sha(run / "model.keras")
@@ -123,6 +126,7 @@ def test_rerun_skips_tune_and_train(tuned):
     assert res.ran == [] and res.skipped == STAGES
 
 
+@pytest.mark.slow
 def test_changed_search_reruns_tune_and_train_not_audit_or_split(tuned, tmp_path):
     run = tmp_path / "copy"
     shutil.copytree(tuned["run"], run)  # leave the shared run folder as it was
@@ -139,6 +143,7 @@ def test_changed_search_reruns_tune_and_train_not_audit_or_split(tuned, tmp_path
     assert after["tune"] != before["tune"] and after["train"] != before["train"]
 
 
+@pytest.mark.slow
 def test_tune_without_train_stops_after_it_and_searches_from_pretrained_weights(tmp_path):
     stages = ["audit", "split", "pretrain", "tune"]
     path = write_pipeline(tmp_path, stages=stages, per_class=12, split={"n_per_class": 4},

@@ -64,6 +64,7 @@ def smoke_set(name: str, tmp: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("name", PIPELINES)
+@pytest.mark.slow
 def test_shipped_pipeline_runs_as_shipped(name, datasets_dir, tmp_path):
     env = {**os.environ, "KMEDTL_DATASETS": str(datasets_dir), "TF_CPP_MIN_LOG_LEVEL": "3",
            "KMEDTL_HOME": os.environ.get("KMEDTL_HOME", str(tmp_path / "home"))}

@@ -197,6 +197,7 @@ def test_external_sources_resolve_against_the_pipeline_file(tmp_path, monkeypatc
         load_pipeline(path)
 
 
+@pytest.mark.slow
 def test_external_set_is_evaluated_beside_the_internal_test(tmp_path):
     from test_evaluation_run import _image, build_run
 
@@ -233,6 +234,7 @@ def test_external_set_is_evaluated_beside_the_internal_test(tmp_path):
     assert "Internal vs external test" in card and "external: site_b" in card
 
 
+@pytest.mark.slow
 def test_main_job_split_leaves_no_adjacent_slice_across(datasets_dir, tmp_path):
     """The issue's check, measured independently of the grouping: 32x32 grey *bilinear*
     thumbnails of the original JPEGs (not the audit's 64 px rendering), zero mean, unit
@@ -267,6 +269,7 @@ def test_main_job_split_leaves_no_adjacent_slice_across(datasets_dir, tmp_path):
     assert "test_with_similar_neighbour" in text
 
 
+@pytest.mark.slow
 def test_oct_audit_flags_the_aspect_shortcut_and_reports_similarity(datasets_dir, tmp_path):
     """``kmedtl data audit`` on the OCT set: wide scans (mostly DME and CNV) were downscaled,
     so the aspect ratio predicts the class; the JSON has a shortcut section that says so,

@@ -16,6 +16,8 @@ import pytest
 
 from kmedtl.study.cli import main
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "pipelines" / "study_smoke.yaml"
 

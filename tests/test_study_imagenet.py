@@ -148,6 +148,7 @@ def tiny_study(datasets_dir, tmp_path_factory):
     return out, cells, (tmp / "R.md").read_text()
 
 
+@pytest.mark.slow
 def test_intermediate_and_cross_domain_pretraining_start_from_imagenet(tiny_study):
     from kmedtl.models import backbone
     from kmedtl.models.weights import read_weight_file
@@ -169,6 +170,7 @@ def test_intermediate_and_cross_domain_pretraining_start_from_imagenet(tiny_stud
     assert cells["same"]["pretrain_key"] != cells["cross"]["pretrain_key"]
 
 
+@pytest.mark.slow
 def test_the_search_arm_tunes_on_the_subset_and_records_its_choice(tiny_study):
     _, cells, results = tiny_study
     s = cells["searched"]

@@ -41,6 +41,7 @@ def two_arm_study(tmp_path):
                                       {"name": "probe", "strategy": "linear_probe"}])
 
 
+@pytest.mark.slow
 def test_a_fresh_process_per_cell_writes_the_same_cells_as_in_process(two_arm_study,
                                                                        tmp_path, caplog):
     studies = load_study(two_arm_study)
@@ -79,6 +80,7 @@ def test_a_fresh_process_per_cell_writes_the_same_cells_as_in_process(two_arm_st
     assert [line.startswith("[") for line in lines] == [True, False] * 4
 
 
+@pytest.mark.slow
 def test_a_worker_that_dies_fails_only_its_cell(tmp_path, caplog):
     path = tiny_study(tmp_path, arms=[{"name": "flat"}, {"name": "doomed", "dropout": 0.3},
                                       {"name": "probe", "strategy": "linear_probe"}])

@@ -12,6 +12,7 @@ from kmedtl.study.data import load_split
 OCT = "kermany-oct2017-test"
 
 
+@pytest.mark.slow
 def test_oct_study_split_is_patient_grouped(datasets_dir, tmp_path):
     root = datasets_dir / OCT
     study = {
@@ -73,6 +74,7 @@ STUDIES = {"oct": "pipelines/study_imagenet_oct.yaml",
 
 
 @pytest.mark.parametrize("ds", sorted(STUDIES))
+@pytest.mark.slow
 def test_committed_cells_regenerate_each_dataset_report(ds, datasets_dir, tmp_path):
     """RESULTS_imagenet_<ds>.md is generated from the committed cells, without training."""
     import subprocess
@@ -90,6 +92,7 @@ def test_committed_cells_regenerate_each_dataset_report(ds, datasets_dir, tmp_pa
     assert "Holm" in committed and "| Holm p |" in committed
 
 
+@pytest.mark.slow
 def test_committed_cells_regenerate_the_cross_dataset_summary(datasets_dir, tmp_path):
     from kmedtl.study.summary import main
 

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import keras
 import numpy as np
+import pytest
 from test_training_helpers import arrays, flat_model
 
 from kmedtl.training import Trainer
 from kmedtl.training.batchnorm import recalibrate_batchnorm, trainable_batchnorms
+
+pytestmark = pytest.mark.slow  # every test trains a model (about 5 s each)
 
 FAST = {"batch_size": 8, "jit_compile": False, "verbose": 0, "tensorboard": False}
 

@@ -20,6 +20,7 @@ def _cli(*argv):
     return args.func(args)
 
 
+@pytest.mark.slow
 def test_train_cli_writes_the_run_folder_contract(tmp_path, capsys):
     cfg = write_config(tmp_path, name="demo", train={
         "strategy": "gradual", "unfreeze_at": [0.34, 0.67], "lr_multipliers": [0.1, 0.3, 1.0],
@@ -60,6 +61,7 @@ def test_train_cli_writes_the_run_folder_contract(tmp_path, capsys):
     assert "stale" not in (run / "history.csv").read_text()
 
 
+@pytest.mark.slow
 def test_killed_cli_run_resumes_when_started_again(tmp_path):
     cfg = load_config(write_config(tmp_path, train={"model": "flat", "epochs": 3}))
     with pytest.raises(RuntimeError, match="killed"):
@@ -68,6 +70,7 @@ def test_killed_cli_run_resumes_when_started_again(tmp_path):
     assert result.resumed_from_epoch == 1 and result.epochs == [0, 1, 2]
 
 
+@pytest.mark.slow
 def test_staged_workflow_runs_from_one_config(tmp_path):
     cfg = write_config(tmp_path, name="staged", train={
         "model": "staged", "epochs": 1, "staged": {"n_folds": 2, "transfer": "hierarchy"}})
@@ -89,6 +92,7 @@ def test_staged_workflow_runs_from_one_config(tmp_path):
 
 
 @pytest.mark.parametrize("balance, model", [("sampling", "flat"), ("weights", "hierarchical")])
+@pytest.mark.slow
 def test_balanced_sampling_or_class_weights(tmp_path, balance, model):
     cfg = load_config(write_config(tmp_path, data={"balance": balance},
                                    train={"model": model, "epochs": 1}))

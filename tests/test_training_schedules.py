@@ -67,6 +67,7 @@ def test_configured_cosine_and_step_schedules():
     assert make_schedule(train_section({}), 0.1, 60, 10) == 0.1
 
 
+@pytest.mark.slow
 def test_trainer_logs_the_one_cycle_learning_rate_per_epoch():
     x, y = arrays(16)
     r = Trainer(flat_model(), epochs=4, batch_size=8, schedule="one_cycle", learning_rate=0.01,

@@ -67,6 +67,7 @@ def test_space_covers_families_cuts_strategies_and_rates():
     assert cfg.unfreeze_at == [0.25, 0.625]
 
 
+@pytest.mark.slow
 def test_linear_probe_search_reuses_cached_features(tmp_path):
     hm, data = _hm(_base(cuts="none"))
     res = _search(hm, data, tmp_path)
@@ -85,6 +86,7 @@ def test_linear_probe_search_reuses_cached_features(tmp_path):
     assert best.predict(data[0][0][:2], verbose=0).shape == (2, 3)
 
 
+@pytest.mark.slow
 def test_cached_head_training_equals_training_the_frozen_model():
     base = _base()
     cfg = train_section(base, strategy="linear_probe", learning_rate=0.01, dropout=0.0,
@@ -125,6 +127,7 @@ def test_feature_cache_on_disk_is_keyed_by_backbone_and_data(tmp_path):
 
 
 @pytest.mark.parametrize("tuner", ["hyperband", "bayesian"])
+@pytest.mark.slow
 def test_stock_tuners_run(tmp_path, tuner):
     base = _base(tuner=tuner, max_trials=2, bayesian_initial_points=1, hyperband_factor=2,
                  cuts="none")
@@ -136,6 +139,7 @@ def test_stock_tuners_run(tmp_path, tuner):
     assert res.best_section is not None and res.best_section.strategy == "linear_probe"
 
 
+@pytest.mark.slow
 def test_overwrite_false_resumes_a_search(tmp_path):
     hm, data = _hm(_base(max_trials=2, cuts="none"))
     _search(hm, data, tmp_path)
@@ -161,6 +165,7 @@ class _Failing(TransferHyperModel):
         return super().fit(hp, model, *args, **kwargs)
 
 
+@pytest.mark.slow
 def test_every_trial_failing_raises_the_first_trials_error(tmp_path):
     hm, data = _hm(_base(cuts="none"), cls=_Failing)
     with pytest.raises(TuningError) as e:
@@ -170,6 +175,7 @@ def test_every_trial_failing_raises_the_first_trials_error(tmp_path):
     assert "broken trial number 0" in msg.splitlines()[0]
 
 
+@pytest.mark.slow
 def test_most_trials_failing_raises_a_few_do_not(tmp_path):
     cls = type("MostFail", (_Failing,), {"fail_on": (0, 2)})
     hm, data = _hm(_base(cuts="none", max_consecutive_failed_trials=5), cls=cls)
@@ -195,6 +201,7 @@ def test_missing_tensorboard_fails_before_any_trial(tmp_path, monkeypatch):
     assert not (tmp_path / "tuning").exists()  # no trial ran
 
 
+@pytest.mark.slow
 def test_tune_cli_writes_results_and_a_trainable_best_config(tmp_path, capsys):
     from kmedtl.training.cli import build_parser
 
@@ -248,6 +255,7 @@ print(json.dumps({"role": res.role, "rows": [[r["trial_id"], r["status"]] for r 
 """
 
 
+@pytest.mark.slow
 def test_distributed_chief_and_two_workers_run_each_trial_once(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(textwrap.dedent(WORKER))

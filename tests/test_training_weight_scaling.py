@@ -102,6 +102,7 @@ def test_transfusion_matches_each_pretrained_tensors_mean_and_std(pretrained):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+@pytest.mark.slow
 def test_a_config_with_transfusion_trains_and_records_it(tmp_path, pretrained, monkeypatch):
     import kmedtl.models
 
