@@ -24,7 +24,6 @@ these tests skip, except under CI (``CI=true``), where they fail.
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import os
 import socket
@@ -37,6 +36,7 @@ import keras
 import numpy as np
 import pytest
 import yaml
+from test_jax_backend import _require_jax  # skip, or fail under CI, without jax
 from test_training_helpers import write_images
 
 from kmedtl.config import load_config
@@ -62,18 +62,6 @@ TREE = {"normal": ["no_tumor"], "tumor": {"glioma": ["glioma_tumor"],
                                           "pituitary": ["pituitary_tumor"]}}
 
 
-def _under_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() in ("true", "1")
-
-
-def _require_jax() -> None:
-    if importlib.util.find_spec("jax") is not None:
-        return
-    message = "jax is not installed (pip install -e '.[test]' installs jax[cpu])"
-    if _under_ci():
-        pytest.fail(f"{message}; CI installs the test extras, so this must not skip",
-                    pytrace=False)
-    pytest.skip(message)
 
 
 def _free_port() -> int:
