@@ -40,7 +40,7 @@ from kmedtl.data.splits import Splits
 from kmedtl.errors import ConfigError
 from kmedtl.evaluation.evaluate import flat_values, summarise_metrics
 from kmedtl.evaluation.uncertainty import format_mean_sd
-from kmedtl.jsonio import write_json
+from kmedtl.jsonio import atomic_write, write_json
 from kmedtl.ownership import run_lock
 from kmedtl.pipeline import records as R
 from kmedtl.pipeline.spec import STAGES, Pipeline, load_pipeline
@@ -226,11 +226,11 @@ def _cpu() -> float:
 
 
 def _write_resolved(run: Path, pipe: Pipeline) -> None:
-    tmp = run / "pipeline.yaml.tmp"
-    with open(tmp, "w") as fh:
+    def write(fh):
         fh.write(f"# the resolved pipeline ({pipe.label}) as this run folder last ran it\n")
         yaml.safe_dump(pipe.to_dict(), fh, sort_keys=False)
-    tmp.replace(run / "pipeline.yaml")
+
+    atomic_write(run / "pipeline.yaml", write)
 
 
 # ---------------------------------------------------------------------------- folds
