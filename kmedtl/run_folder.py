@@ -149,6 +149,14 @@ def leaf_output(output, error: type[Exception] = ConfigError, *, first: bool = F
     return output
 
 
+def check_temperature(t, where, error: type[Exception] = ConfigError) -> float:
+    """The one rule for a fitted temperature (``calibration.json``): a positive number."""
+    if not isinstance(t, (int, float)) or isinstance(t, bool) or not t > 0:
+        raise error(f"{where}: 'temperature' must be a positive number, got {t!r}; "
+                    "rerun kmedtl evaluate")
+    return float(t)
+
+
 def normalization_for(model, default: str = "unit") -> str:
     """The pipeline normalisation a model expects (kmedtl models: ``"unit"``)."""
     pre = getattr(model, "preprocessing", None)
@@ -528,15 +536,16 @@ class RunFolder:
 
     @property
     def temperature(self) -> float:
-        """The fitted temperature of ``calibration.json`` (1.0 when there is none)."""
-        calib = self.calibration
-        if calib is None:
-            return 1.0
-        t = calib.get("temperature")
-        if not isinstance(t, (int, float)) or isinstance(t, bool) or not t > 0:
-            raise self.error(f"{self.calibration_path}: 'temperature' must be a positive "
-                             f"number, got {t!r}; rerun kmedtl evaluate")
-        return float(t)
+        """The fitted temperature of ``calibration.json`` (1.0 when there is none),
+        checked once (:func:`check_temperature`)."""
+        def make():
+            calib = self.calibration
+            if calib is None:
+                return 1.0
+            return check_temperature(calib.get("temperature"), self.calibration_path,
+                                     self.error)
+
+        return self._once("temperature", make)
 
     # ------------------------------------------------------------------ config
     @property
@@ -683,6 +692,11 @@ class RunFolder:
         return normalization_for(self.model, self.config.data.normalization)
 
     # ------------------------------------------------------------------ data and splits
+    def use_index(self, indexed: tuple) -> None:
+        """Take ``(index, hierarchy)`` of the configured data from a caller that built it
+        already (``kmedtl run``: one index, one DICOMweb query, per run)."""
+        self._cache["index"] = indexed
+
     def index(self):
         """``(index, hierarchy)`` of the configured data (:func:`load_index`), once."""
         def make():

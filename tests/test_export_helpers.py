@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import yaml
@@ -96,12 +97,12 @@ def tiny_context(size: int = 32, channels: int = 1, temperature: float = 1.0, se
     h = Hierarchy(TREE)
     model = HierarchicalClassifier(backbone(th.TINY, input_shape=(size, size, channels)), h)
 
-    class _Cfg:
-        name = "tiny"
-
-    return RunContext(run_dir=Path("."), config=_Cfg(), model=model, hierarchy=h,
-                      options=ImageOptions(size=(size, size), channels=channels),
-                      normalization="unit", temperature=temperature)
+    # a stand-in for the RunFolder that RunContext reads through
+    folder = SimpleNamespace(path=Path("."), config=SimpleNamespace(name="tiny"), hierarchy=h,
+                             image_options=ImageOptions(size=(size, size), channels=channels),
+                             normalization="unit", temperature=temperature, calibration=None,
+                             train_metrics={}, metrics=None, has_splits=False)
+    return RunContext(model=model, folder=folder)
 
 
 def jpeg_files(datasets_dir, n: int = 8, split: str = "Testing") -> list[Path]:

@@ -42,6 +42,7 @@ from scipy.optimize import minimize_scalar
 
 from kmedtl.errors import ConfigError
 from kmedtl.jsonio import atomic_write
+from kmedtl.run_folder import check_temperature
 
 DEFAULT_BINS = 15
 _EPS = 1e-12
@@ -166,7 +167,5 @@ def load_calibration(path) -> dict:
         raise ConfigError(f"{path}: calibration file not found (run kmedtl evaluate first)")
     with open(path) as fh:
         data = json.load(fh)
-    t = data.get("temperature")
-    if not isinstance(t, (int, float)) or not t > 0:
-        raise ConfigError(f"{path}: 'temperature' must be a positive number, got {t!r}")
+    check_temperature(data.get("temperature"), path)  # the one rule, RunFolder's
     return data

@@ -5,7 +5,8 @@
   match the 1e-4 parity bound.  The rebuild rewrites every ``mixed_*`` dtype policy of the
   serialized config to ``float32`` and deserialises under a float32 global policy, so it
   also works for configs that omit ``dtype`` (Flat/HierarchicalClassifier.get_config).
-- :class:`RunContext` gathers what every exporter needs from a run folder.
+- :class:`RunContext` is what every exporter needs: the float32 model and a view of
+  the run folder.
 - :func:`postprocess` turns the model's raw outputs into the named outputs every format
   returns (NumPy); :func:`postprocess_tf` is the same in-graph for the SavedModel.
 
@@ -29,7 +30,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import keras
@@ -168,20 +169,59 @@ def postprocess_tf(raw: dict, hierarchy, temperature: float = 1.0) -> dict:
 
 @dataclass
 class RunContext:
-    """What the exporters need from a run folder (see :func:`load_run`)."""
+    """What the exporters need from a run (see :func:`load_run`): the float32 rebuild of
+    its model, the precision it was trained in, and a read-only view of its
+    :class:`~kmedtl.run_folder.RunFolder`.
 
-    run_dir: Path
-    config: object
+    ``run_dir``, ``config``, ``hierarchy``, ``options``, ``normalization``,
+    ``temperature``, ``calibration``, ``train_metrics`` and ``metrics`` are read through
+    ``folder``, which reads and checks each once (``hierarchy`` is the one
+    :meth:`~kmedtl.run_folder.RunFolder.check_outputs` checked in :func:`load_run`).
+    Any object with those attributes of a RunFolder (``path``, ``image_options`` ...) can
+    stand in for it, e.g. in a test.
+    """
+
     model: object  # float32 Keras model
-    hierarchy: object
-    options: object  # ImageOptions
-    normalization: str
-    temperature: float = 1.0
-    calibration: dict | None = None
-    train_metrics: dict = field(default_factory=dict)
-    metrics: dict | None = None
+    folder: object  # the kmedtl.run_folder.RunFolder it was read from
     source_precision: str = "float32"
-    folder: object = None  # the kmedtl.run_folder.RunFolder it was read from
+
+    @property
+    def run_dir(self) -> Path:
+        return self.folder.path
+
+    @property
+    def config(self):
+        return self.folder.config
+
+    @property
+    def hierarchy(self):
+        return self.folder.hierarchy
+
+    @property
+    def options(self):
+        """The config's :class:`~kmedtl.data.options.ImageOptions`."""
+        return self.folder.image_options
+
+    @property
+    def normalization(self) -> str:
+        return self.folder.normalization
+
+    @property
+    def temperature(self) -> float:
+        """The fitted temperature of ``calibration.json`` (1.0 without one)."""
+        return self.folder.temperature
+
+    @property
+    def calibration(self) -> dict | None:
+        return self.folder.calibration
+
+    @property
+    def train_metrics(self) -> dict:
+        return self.folder.train_metrics
+
+    @property
+    def metrics(self) -> dict | None:
+        return self.folder.metrics
 
     @property
     def name(self) -> str:
@@ -213,23 +253,25 @@ def read_json(path) -> dict | None:
     return _read_json(path, error=ExportError)
 
 
-def load_run(run_dir) -> RunContext:
+def load_run(run_dir, *, indexed: tuple | None = None) -> RunContext:
     """Read ``config.yaml``, ``model.keras`` (rebuilt in float32) and ``calibration.json``
-    through :class:`kmedtl.run_folder.RunFolder`."""
+    through :class:`kmedtl.run_folder.RunFolder`; ``indexed``: the run data's
+    ``(index, hierarchy)`` when the caller has built it (:meth:`RunFolder.use_index`)."""
     rf = RunFolder(run_dir, error=ExportError)
+    if indexed is not None:
+        rf.use_index(indexed)
     rf.ensure_dir("kmedtl train writes runs/<name>/")
     rf.ensure_files(RunFolder.CONFIG, RunFolder.MODEL,
                     hint="export needs a finished training run (kmedtl train CONFIG)")
-    cfg = rf.config
+    rf.config  # noqa: B018  (config.yaml must load and validate)
     trained = rf.model
-    precision = model_precision(trained)
-    model = float32_model(trained)
-    hierarchy = rf.check_outputs()
-    ctx = RunContext(run_dir=rf.path, config=cfg, model=model, hierarchy=hierarchy,
-                     options=rf.image_options, normalization=rf.normalization,
-                     temperature=rf.temperature, calibration=rf.calibration,
-                     train_metrics=rf.train_metrics, metrics=rf.metrics,
-                     source_precision=precision, folder=rf)
+    ctx = RunContext(model=float32_model(trained), folder=rf,
+                     source_precision=model_precision(trained))
+    rf.check_outputs()  # one leaf output per leaf of the run's label tree
+    # read (and check) now what the exporters read later: a bad file fails here, not
+    # half-way through an export
+    for attr in ("image_options", "normalization", "temperature", "train_metrics", "metrics"):
+        getattr(rf, attr)
     ctx.input_shape  # noqa: B018  (the model's input must match the config's image options)
     if ctx.input_names:  # the configured data must name the model's inputs
         rf.check_inputs()
@@ -243,11 +285,11 @@ def split_pixels(ctx: RunContext, part: str = "test", limit: int | None = None,
     ``(None, None, None)`` when the data or the split file is missing.  ``limit`` keeps a
     seeded random sample (split files list samples class by class).  For a multi-input
     model ``pixels`` is ``{input name: array}`` and each path ``{input name: file}``."""
-    rf = ctx.folder if ctx.folder is not None else RunFolder(ctx.run_dir, error=ExportError)
+    rf = ctx.folder
     if not rf.has_splits:
         return None, None, None
     try:
-        samples = rf.split_samples(part, int(ctx.train_metrics.get("fold", 0)))
+        samples = rf.split_samples(part)  # of the fold the model was trained on
     except (KmedtlError, OSError) as exc:
         logging.getLogger("kmedtl.export").warning(
             "export: the run's data cannot be read (%s); no %s-set checks", exc, part)

