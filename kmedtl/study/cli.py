@@ -2,7 +2,9 @@
 
 The cells train in worker processes replaced after every ``--cells-per-process`` cells
 (default :data:`kmedtl.study.runner.CELLS_PER_PROCESS`; 0 = in this process), which keeps
-a long study's memory bounded; see :mod:`kmedtl.study.runner`.
+a long study's memory bounded; see :mod:`kmedtl.study.runner`.  ``--executor dask
+--scheduler HOST:PORT`` sends the cells to a Dask cluster instead
+(:mod:`kmedtl.study.dask_executor`).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import logging
 import sys
 from pathlib import Path
 
-from kmedtl.errors import KmedtlError
+from kmedtl.errors import ConfigError, KmedtlError
 from kmedtl.study.config import load_study
 from kmedtl.study.report import plot_learning_curves, write_report
 from kmedtl.study.runner import CELLS_PER_PROCESS, StudyRunner
@@ -42,7 +44,30 @@ def parser() -> argparse.ArgumentParser:
                    "which the next --resume retries (default "
                    f"{_default_cells_per_process()}; 0: every cell in this process, whose "
                    "memory grows over a long run; lower K if cells die of memory)")
+    p.add_argument("--executor", choices=("local", "dask"), default="local",
+                   help="where the cells train: local (this machine's worker processes, "
+                   "default) or dask (the workers of the Dask scheduler at --scheduler, each "
+                   "training in a child process replaced after --cells-per-process cells)")
+    p.add_argument("--scheduler", metavar="HOST:PORT", default=None,
+                   help="address of a running `dask scheduler` (with --executor dask); its "
+                   "workers need kmedtl and the study's data at the same paths")
     return p
+
+
+def _executor(args):
+    """The ``executor`` of :meth:`StudyRunner.run` the flags ask for (None: local)."""
+    if args.executor != "dask":
+        if args.scheduler is not None:
+            raise ConfigError("--scheduler needs --executor dask")
+        return None
+    if args.scheduler is None:
+        raise ConfigError("--executor dask needs --scheduler HOST:PORT of a running "
+                          "`dask scheduler` (start one with `dask scheduler`, and workers "
+                          "with `dask worker HOST:PORT --nthreads 1`)")
+    # lazy: dask is an optional extra (kmedtl[dask]); its ImportError names the pip command
+    from kmedtl.study.dask_executor import DaskExecutor
+
+    return DaskExecutor(args.scheduler, cells_per_process=args.cells_per_process)
 
 
 def _default_cells_per_process() -> int:
@@ -64,6 +89,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s",
                         datefmt="%H:%M:%S", stream=sys.stdout, force=True)
     try:
+        executor = None if args.report_only else _executor(args)
         studies = [c for p in args.studies for c in load_study(p)]
         runner = StudyRunner(studies, args.out)
         if args.report_only:
@@ -71,7 +97,8 @@ def main(argv=None) -> int:
         else:
             status = runner.run(resume=args.resume, overwrite=args.overwrite,
                                 max_minutes=args.max_minutes,
-                                cells_per_process=args.cells_per_process)
+                                cells_per_process=args.cells_per_process,
+                                executor=executor)
             total = status["planned_unique"] - status["not_applicable"]
             print(f"study: {status['done']} of {total} cells done ({status['ran_now']} now, "
                   f"{status['failed_now']} failed, "

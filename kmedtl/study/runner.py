@@ -40,6 +40,12 @@ failed cell is retried on the next ``--resume``.  ``status.json`` records the mo
 workers started and lost, the peak RSS of the parent and of the workers, and each cell's
 RSS after it ran (``memory``).  K = 0 trains in the calling process as before (cheapest for
 tiny studies and debugging; its memory grows over the run).
+
+Cells on a Dask cluster (``--executor dask --scheduler HOST:PORT``)
+--------------------------------------------------------------------
+:mod:`kmedtl.study.dask_executor` sends each cell to a Dask worker, which trains it in a
+worker process of its own as above (into a private folder) and returns what it wrote; this
+process writes every file of the output folder (:meth:`StudyRunner.finish_cell`).
 """
 
 from __future__ import annotations
@@ -323,12 +329,18 @@ class StudyRunner:
         """Train one cell and write ``cells/<key>.json`` (``<key>.error.json`` if it raised).
 
         The one per-cell code path: :meth:`run` calls it in its own process (K = 0) and every
-        worker process calls it for each cell it is sent.  Returns a short, picklable outcome:
-        ``{"key", "ok", "error", "pid", "rss_mb", "peak_rss_mb"}`` (this process's RSS after
-        the cell and its peak RSS so far, in MB)."""
+        worker process calls it for each cell it is sent (a Dask worker's too, into a private
+        folder; the Dask executor then writes the result here with :meth:`finish_cell`).  Returns
+        a short, picklable outcome: ``{"key", "ok", "error", "pid", "rss_mb",
+        "peak_rss_mb"}`` (the training process's RSS after the cell and its peak RSS so far,
+        in MB)."""
+        return self.finish_cell(c, self.compute_cell(c))
+
+    def compute_cell(self, c: Cell) -> dict:
+        """Train one cell and write nothing: ``{"row": <the cell's JSON>, "outcome": ...}``,
+        or ``{"error", "traceback", "outcome"}`` if it raised (pretraining included)."""
         split = self.load() if self.split is None else self.split
         study = {s.name: s for s in self.studies}[c.study]
-        err = self.cell_path(c.key).with_suffix(".error.json")
         try:
             weights = self._pretrained(c, study) if c.init != "scratch" else None
             info = study_training.train_cell(
@@ -338,12 +350,9 @@ class StudyRunner:
             metrics = cell_metrics(split.y_test, probs, study.evaluation.n_boot,
                                    study.evaluation.alpha, seed=c.seed)
         except Exception as exc:  # one failing cell must not end the study
-            log.error("cell %s/%s N=%s seed=%d failed: %s", c.study, c.arm, c.n, c.seed, exc)
-            _write_json(err, {"key": c.key, "study": c.study, "arm": c.arm, "n": c.n,
-                              "seed": c.seed, "error": f"{type(exc).__name__}: {exc}",
-                              "traceback": traceback.format_exc()})
-            return _outcome(c, False, f"{type(exc).__name__}: {exc}")
-        err.unlink(missing_ok=True)
+            error = f"{type(exc).__name__}: {exc}"
+            return {"error": error, "traceback": traceback.format_exc(),
+                    "outcome": _outcome(c, False, error)}
         row = {"kind": "kmedtl-study-cell", "version": 1, "key": c.key,
                "study": c.study, "arm": c.arm, "shared_with": c.shared_with,
                "n": c.n, "seed": c.seed, "init": c.init, "pretrain_key": c.pretrain_key,
@@ -351,16 +360,33 @@ class StudyRunner:
                "probs": np.round(probs, 6).tolist(),
                "fingerprint": split.fingerprint, "hardware": self.hardware(),
                "finished_at": datetime.now(UTC).isoformat(timespec="seconds")}
+        return {"row": row, "outcome": _outcome(c, True)}
+
+    def finish_cell(self, c: Cell, result: dict) -> dict:
+        """Write what :meth:`compute_cell` returned: ``cells/<key>.json``, or
+        ``<key>.error.json`` (retried on the next run; a ``record`` in ``result`` is written
+        as it is, e.g. a worker's death); log it; return its outcome."""
+        err = self.cell_path(c.key).with_suffix(".error.json")
+        if "row" not in result:
+            log.error("cell %s/%s N=%s seed=%d failed: %s", c.study, c.arm, c.n, c.seed,
+                      result["error"].split(": ", 1)[-1])
+            _write_json(err, result.get("record") or {
+                "key": c.key, "study": c.study, "arm": c.arm, "n": c.n, "seed": c.seed,
+                "error": result["error"], "traceback": result["traceback"]})
+            return result["outcome"]
+        err.unlink(missing_ok=True)
+        row = result["row"]
         _write_json(self.cell_path(c.key), row)
-        m = metrics[study.evaluation.primary]
+        study = {s.name: s for s in self.studies}[c.study]
+        m = row["metrics"][study.evaluation.primary]
         log.info("    %s = %.3f (%.3f-%.3f) in %.0f s", study.evaluation.primary,
                  m["value"], m["ci_low"] or float("nan"), m["ci_high"] or float("nan"),
-                 info["seconds"])
-        return _outcome(c, True)
+                 row["seconds"])
+        return result["outcome"]
 
     def run(self, resume: bool = False, overwrite: bool = False,
             max_minutes: float | None = None, cells_per_process: int = CELLS_PER_PROCESS,
-            worker_init=None) -> dict:
+            worker_init=None, executor=None) -> dict:
         """Train every planned cell not yet done; returns the status dict (also written to
         ``status.json``).
 
@@ -370,7 +396,14 @@ class StudyRunner:
         process.  ``worker_init``: a picklable callable (a module-level function, or a
         ``functools.partial`` of one) that each worker calls once, after loading the split
         and before its first cell -- e.g. to set thread counts; the tests use it to make a
-        worker die.  Not called with K = 0."""
+        worker die.  Not called with K = 0.
+
+        ``executor``: instead of this machine's worker processes, an object whose
+        ``open(runner)`` returns a pool of the same shape as :class:`_InProcess` (``run_all``,
+        ``close``, ``started``, ``died``, ``peak``, ``memory()``), e.g.
+        :class:`kmedtl.study.dask_executor.DaskExecutor` (cells on a Dask cluster); it is
+        opened before planning, so an unreachable cluster fails at once.
+        ``cells_per_process`` and ``worker_init`` do not apply to it."""
         try:
             k = int(cells_per_process)
         except (TypeError, ValueError):
@@ -378,6 +411,14 @@ class StudyRunner:
         if k < 0 or k != cells_per_process:
             raise ConfigError(f"cells_per_process must be an integer >= 0 (0: every cell in "
                               f"this process), got {cells_per_process!r}")
+        remote = executor.open(self) if executor is not None else None
+        try:
+            return self._run(resume, overwrite, max_minutes, k, worker_init, remote)
+        finally:
+            if remote is not None:
+                remote.close(kill=True)  # no-op after a normal end
+
+    def _run(self, resume, overwrite, max_minutes, k, worker_init, remote) -> dict:
         cells = self.plan()
         runnable = [c for c in cells if c.skip_reason is None]
         finished = [c for c in runnable if self.done(c.key)]
@@ -396,19 +437,13 @@ class StudyRunner:
         todo = [c for c in runnable if overwrite or not self.done(c.key)]
         log.info("%d cells planned (%d unique, %d not applicable), %d to run",
                  len(self.all_planned), len(cells), len(cells) - len(runnable), len(todo))
-        pool = _Workers(self, k, worker_init) if k and todo else _InProcess(self)
+        pool = (remote if remote is not None else
+                _Workers(self, k, worker_init) if k and todo else _InProcess(self))
         try:
-            for i, c in enumerate(todo):
-                if deadline and time.perf_counter() > deadline:
-                    stopped = [x.key for x in todo[i:]]
-                    log.info("time budget of %.0f min spent: %d cell(s) left for --resume",
-                             max_minutes, len(stopped))
-                    break
-                log.info("[%d/%d] %s/%s N=%s seed=%d", i + 1, len(todo), c.study, c.arm,
-                         c.n, c.seed)
-                res = pool.run(c)
+            for res in pool.run_all(todo, deadline, max_minutes, stopped):
                 ran, failed = ran + res["ok"], failed + (not res["ok"])
-                rows.append({k_: res.get(k_) for k_ in ("key", "pid", "rss_mb", "peak_rss_mb")})
+                rows.append({k_: res.get(k_) for k_ in ("key", "pid", "rss_mb", "peak_rss_mb")}
+                            | ({"worker": res["worker"]} if "worker" in res else {}))
         except BaseException:
             pool.close(kill=True)
             raise
@@ -423,7 +458,7 @@ class StudyRunner:
             # largest peak a worker reported after a cell
             "peak_rss_mb": {"parent": _peak_rss_mb(), "children": _peak_rss_mb(children=True),
                             "workers_reported": pool.peak or None},
-            "cells": rows}
+            "cells": rows, **pool.memory()}
         status = {"kind": "kmedtl-study-status", "studies": [s.source for s in self.studies],
                   "planned_unique": len(cells), "not_applicable": len(cells) - len(runnable),
                   "ran_now": ran, "failed_now": failed,
@@ -462,7 +497,28 @@ def _outcome(c: Cell, ok: bool, error: str | None = None) -> dict:
 
 
 # ---------------------------------------------------------------------------- workers
-class _InProcess:
+class _Serial:
+    """Cells one after another, in plan order (:class:`_InProcess`, :class:`_Workers`)."""
+
+    def run_all(self, todo: list[Cell], deadline, max_minutes, stopped: list):
+        """The outcome of each cell of ``todo``; the keys of cells not started by the time
+        budget's ``deadline`` go to ``stopped``."""
+        for i, c in enumerate(todo):
+            if deadline and time.perf_counter() > deadline:
+                stopped.extend(x.key for x in todo[i:])
+                log.info("time budget of %.0f min spent: %d cell(s) left for --resume",
+                         max_minutes, len(stopped))
+                return
+            log.info("[%d/%d] %s/%s N=%s seed=%d", i + 1, len(todo), c.study, c.arm, c.n,
+                     c.seed)
+            yield self.run(c)
+
+    def memory(self) -> dict:
+        """Extra ``status.json`` memory fields of this mode."""
+        return {}
+
+
+class _InProcess(_Serial):
     """K = 0: every cell in the calling process."""
 
     started = died = 0
@@ -491,7 +547,7 @@ def _exit_cause(code) -> tuple[str, str | None]:
     return f"exited with status {code}", None
 
 
-class _Workers:
+class _Workers(_Serial):
     """The cells of :meth:`StudyRunner.run` in a spawned worker process that is replaced by
     a fresh one after every ``k`` cells.
 
