@@ -20,6 +20,7 @@ Example::
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -30,7 +31,7 @@ import numpy as np
 
 from kmedtl.errors import ConfigError
 
-__all__ = ["json_safe", "read_json", "write_json"]
+__all__ = ["canonical", "digest", "digest_items", "json_safe", "read_json", "write_json"]
 
 
 def json_safe(obj):
@@ -48,14 +49,16 @@ def json_safe(obj):
     return obj
 
 
-def atomic_write(path, write, *, newline: str | None = None) -> str:
+def atomic_write(path, write, *, newline: str | None = None, binary: bool = False) -> str:
     """``write(fh)`` into ``<path>.tmp``, then rename it over ``path``: a reader never sees
     half a file, and a failed write leaves the old file and no temporary one.  Returns the
-    path (a string)."""
+    path (a string).  ``binary``: ``fh`` takes bytes (UTF-8 text otherwise)."""
     path = os.fspath(path)
     tmp = f"{path}.tmp"
+    opened = (dict(mode="wb") if binary else
+              dict(mode="w", encoding="utf-8", newline=newline))
     try:
-        with open(tmp, "w", encoding="utf-8", newline=newline) as fh:
+        with open(tmp, **opened) as fh:
             write(fh)
         os.replace(tmp, path)
     except BaseException:
@@ -87,3 +90,31 @@ def read_json(path, *, error: type[Exception] = ConfigError,
             return json.load(fh)
     except (OSError, ValueError) as exc:
         raise error(f"{path}: unreadable JSON ({exc}); {hint}") from None
+
+
+# ------------------------------------------------------------------------ fingerprints
+# kmedtl's digests of values, in one place: `kmedtl run`'s stage fingerprints and tokens
+# (:func:`digest`) and the study's split fingerprint (:func:`digest_items`).  They are two
+# functions because each value is stored: stage records hold digests, and every study cell
+# key holds the split fingerprint, so changing either algorithm would orphan committed
+# records and cells (tests/test_fingerprints.py pins both values).
+
+
+def canonical(obj) -> str:
+    """``obj`` as compact JSON with sorted keys (``str()`` for what JSON cannot encode)."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def digest(obj) -> str:
+    """SHA-256 (hex) of :func:`canonical` ``obj``: the pipeline's stage fingerprints."""
+    return hashlib.sha256(canonical(obj).encode()).hexdigest()
+
+
+def digest_items(items, size: int = 8) -> str:
+    """BLAKE2b (``size`` bytes, hex) of ``str(item)`` for each item, each ended by a NUL
+    byte: the study's split fingerprint (image size, split options, relative image paths)."""
+    h = hashlib.blake2b(digest_size=size)
+    for s in items:
+        h.update(str(s).encode())
+        h.update(b"\0")
+    return h.hexdigest()

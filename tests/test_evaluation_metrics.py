@@ -153,3 +153,45 @@ def test_inconsistency_heads_vs_leaf():
     mask = inconsistent_mask(h, leaf, node_probs=node_probs)
     assert mask["heads_vs_leaf"].tolist() == [True, False]
     assert mask["any"].tolist() == [True, False]
+
+
+# ------------------------------------------------------------------ bootstrap forms
+@pytest.mark.filterwarnings("ignore:y_pred contains classes not in y_true")
+def test_confusion_forms_equal_sklearn_one_matrix_and_a_stack():
+    from kmedtl.errors import ConfigError
+    from kmedtl.evaluation.metrics import (
+        auroc_macro_ranks,
+        auroc_per_class,
+        confusion_counts,
+        confusion_metric,
+        weighted_confusions,
+    )
+
+    rng = np.random.default_rng(3)
+    stack, expected = [], {"balanced_accuracy": [], "kappa": [], "f1_macro": []}
+    for trial in range(6):
+        k = 4
+        y = rng.integers(0, 3 if trial % 2 else k, 40)  # odd trials: a class never present
+        p = rng.dirichlet(np.ones(k), 40)
+        pred = p.argmax(1)
+        cm = confusion_counts(y, pred, k)
+        np.testing.assert_array_equal(cm, skm.confusion_matrix(y, pred, labels=range(k)))
+        want = {"balanced_accuracy": skm.balanced_accuracy_score(y, pred),
+                "kappa": skm.cohen_kappa_score(y, pred),
+                "f1_macro": skm.f1_score(y, pred, labels=range(k), average="macro",
+                                         zero_division=0)}
+        for name, value in want.items():
+            assert confusion_metric(cm, name) == pytest.approx(value, abs=1e-12)
+            expected[name].append(value)
+        assert auroc_macro_ranks(y, p) == pytest.approx(np.nanmean(auroc_per_class(y, p)),
+                                                        abs=1e-12)
+        stack.append(cm)
+    for name, values in expected.items():  # vectorised over a stack of matrices
+        np.testing.assert_allclose(confusion_metric(np.stack(stack), name), values, atol=1e-12)
+    with pytest.raises(ConfigError, match="not a confusion-matrix metric"):
+        confusion_metric(stack[0], "auroc_macro")
+    counts = rng.integers(0, 3, (5, 40))  # a bootstrap's draws: one matrix per resample
+    many = weighted_confusions(y, pred, k, counts)
+    for row, cm in zip(counts, many):
+        drawn = confusion_counts(np.repeat(y, row), np.repeat(pred, row), k)
+        np.testing.assert_array_equal(cm, drawn)

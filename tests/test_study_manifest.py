@@ -45,16 +45,19 @@ def test_a_recipe_with_imagenet_weights_builds_a_pretrained_backbone():
     import numpy as np
 
     from kmedtl.models import backbone
-    from kmedtl.study.training import _backbone, train_section_for
+    from kmedtl.study.training import _with_weights, train_section_for
+    from kmedtl.training.build import build_training_backbone
 
     ref = np.asarray(backbone("efficientnet_lite0", weights="imagenet",
                               input_shape=(32, 32, 3)).get_layer("top_conv").kernel)
     tc = train_section_for({"backbone": "efficientnet_lite0", "weights": "imagenet",
                             "epochs": 1}, 25, 0)
-    got = np.asarray(_backbone(tc, (32, 32, 3), None).get_layer("top_conv").kernel)
+    got = np.asarray(build_training_backbone(_with_weights(tc, None), (32, 32, 3))
+                     .get_layer("top_conv").kernel)
     np.testing.assert_array_equal(got, ref)
+    assert _with_weights(tc, "pre.weights.h5").weights == "pre.weights.h5"  # the entry wins
     scratch = train_section_for({"backbone": "efficientnet_lite0", "epochs": 1}, 25, 0)
-    rnd = np.asarray(_backbone(scratch, (32, 32, 3), None).get_layer("top_conv").kernel)
+    rnd = np.asarray(build_training_backbone(scratch, (32, 32, 3)).get_layer("top_conv").kernel)
     assert np.abs(rnd - ref).max() > 0.01
 
 

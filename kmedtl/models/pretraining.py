@@ -45,7 +45,7 @@ from kmedtl.models.weights import save_backbone
 
 @dataclass
 class PretrainResult:
-    path: Path
+    path: Path | None
     model: keras.Model
     history: keras.callbacks.History
 
@@ -65,15 +65,18 @@ def pretrain_backbone(
 
     ``x``/``y`` are whatever ``keras.Model.fit`` takes (arrays, or a dataset with
     ``y=None``), with integer labels over ``classes`` (Hierarchy, names or int).
-    ``path`` ends in ``.keras`` or ``.weights.h5``; the head is not saved.
+    ``path`` ends in ``.keras`` or ``.weights.h5``; the head is not saved.  ``path=None``
+    saves nothing (:func:`kmedtl.training.pretrain.pretrain` saves after re-averaging the
+    BatchNorm statistics).
     """
-    path = Path(path)
-    if not path.name.endswith((".keras", ".weights.h5")):
+    path = None if path is None else Path(path)
+    if path is not None and not path.name.endswith((".keras", ".weights.h5")):
         raise ModelError(f"path={str(path)!r}: use a .keras or .weights.h5 file name")
     model = FlatClassifier(backbone, classes, dropout=dropout, name="pretraining")
     model.compile(**{"optimizer": "adam", **(compile_kwargs or {})})
     history = model.fit(x, y, **{"epochs": 10, "verbose": 0, **(fit_kwargs or {})})
-    save_backbone(model, path)
+    if path is not None:
+        save_backbone(model, path)
     return PretrainResult(path, model, history)
 
 

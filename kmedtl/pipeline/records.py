@@ -34,7 +34,7 @@ import uuid
 from pathlib import Path
 
 from kmedtl import __version__
-from kmedtl.jsonio import atomic_write
+from kmedtl.jsonio import atomic_write, canonical, digest  # digests live in jsonio
 
 RECORD_KIND = "kmedtl-stage"
 RECORD_VERSION = 1
@@ -47,14 +47,6 @@ STAGE_VERSIONS = {"audit": 1, "split": 1, "pretrain": 1, "tune": 1, "train": 1,
 UPSTREAM = {"audit": (), "split": ("audit",), "pretrain": ("split",),
             "tune": ("split", "pretrain"), "train": ("split", "pretrain", "tune"),
             "evaluate": ("train",), "export": ("train",), "push": ("evaluate", "export")}
-
-
-def canonical(obj) -> str:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
-
-
-def digest(obj) -> str:
-    return hashlib.sha256(canonical(obj).encode()).hexdigest()
 
 
 def file_sha256(path, chunk: int = 1 << 20) -> str:

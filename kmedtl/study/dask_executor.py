@@ -39,7 +39,6 @@ import atexit
 import json
 import logging
 import multiprocessing as mp
-import os
 import shutil
 import tempfile
 import threading
@@ -49,6 +48,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from kmedtl.errors import BackendUnavailableError, ConfigError, KmedtlError
+from kmedtl.jsonio import atomic_write
 from kmedtl.study.runner import (
     CELLS_PER_PROCESS,
     Cell,
@@ -169,15 +169,8 @@ class _DaskCells:
 
     def _write_pretrain(self, payload: dict, worker) -> None:
         """The weights a cell pretrained, written to ``pretrain/`` as a local run does."""
-        path = self.runner.out / "pretrain" / f"{payload['key']}.weights.h5"
-        if path.exists() and path.with_suffix("").with_suffix(".json").exists():
-            return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(payload["weights"])
-        os.replace(tmp, path)
-        meta = {**payload["meta"], "path": str(path)}  # where a local run would have it
-        _write_json(path.with_suffix("").with_suffix(".json"), meta)
+        _place(self.runner, payload, record_path=True)
+        meta = payload["meta"]
         log.info("pretrained %s on %s in %.0f s", meta.get("name"), worker,
                  meta.get("seconds") or 0)
 
@@ -336,14 +329,14 @@ def _dask_cell(studies, fingerprint: str, token: str, k: int, c: Cell, dep,
         return result
 
 
-def _place(runner: StudyRunner, payload: dict) -> None:
-    """Put pretrained weights where :meth:`StudyRunner._pretrained` finds them."""
+def _place(runner: StudyRunner, payload: dict, *, record_path: bool = False) -> None:
+    """Put pretrained weights where :meth:`StudyRunner._pretrained` finds them (atomically);
+    ``record_path``: the record says where they are, as a local run's does."""
     path = runner.out / "pretrain" / f"{payload['key']}.weights.h5"
     meta = path.with_suffix("").with_suffix(".json")
     if path.exists() and meta.exists():
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(payload["weights"])
-    os.replace(tmp, path)
-    _write_json(meta, payload["meta"])
+    atomic_write(path, lambda fh: fh.write(payload["weights"]), binary=True)
+    _write_json(meta, {**payload["meta"], "path": str(path)} if record_path
+                else payload["meta"])

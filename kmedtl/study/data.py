@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from collections import Counter, defaultdict
@@ -28,18 +27,11 @@ from kmedtl.config import load_config
 from kmedtl.data import splits as splitlib
 from kmedtl.data.pipeline import make_dataset
 from kmedtl.data.prepare import prepare
+from kmedtl.jsonio import digest_items
 from kmedtl.study.config import StudyData
 from kmedtl.training.features import materialise
 
 log = logging.getLogger("kmedtl.study")
-
-
-def _digest(items) -> str:
-    h = hashlib.blake2b(digest_size=8)
-    for s in items:
-        h.update(str(s).encode())
-        h.update(b"\0")
-    return h.hexdigest()
 
 
 @dataclass
@@ -148,8 +140,10 @@ def load_split(d: StudyData, progress: bool = False) -> StudySplit:
     summary["image"] = f"{d.image_size} px, {d.channels} channel(s), pad-resized"
     split = StudySplit(h, x.astype("float32"), y.astype(int), order,
                        np.arange(n_train), np.arange(n_train, len(order)), summary)
-    split.fingerprint = _digest([d.image_size, d.channels, d.dedupe, d.near_threshold, d.test,
-                                 d.test_fraction, d.split_seed,
-                                 *[os.path.relpath(i, d.root) for i in order], "|", n_train])
+    # part of every cell key: its value must not change (tests/test_fingerprints.py)
+    split.fingerprint = digest_items([d.image_size, d.channels, d.dedupe, d.near_threshold,
+                                      d.test, d.test_fraction, d.split_seed,
+                                      *[os.path.relpath(i, d.root) for i in order], "|",
+                                      n_train])
     log.info("study split: %s", summary)
     return split

@@ -32,95 +32,40 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy.stats import rankdata, ttest_1samp
+from scipy.stats import ttest_1samp
 
 from kmedtl.evaluation import bootstrap, compare_models, mean_sd
+from kmedtl.evaluation.metrics import (
+    auroc_macro_ranks,
+    confusion_counts,
+    confusion_metric,
+    weighted_confusions,
+)
 from kmedtl.study.config import METRICS
 
 
-def _confusion(y, pred, k):
-    return np.bincount(y * k + pred, minlength=k * k).reshape(k, k).astype(float)
-
-
-def _auroc_macro(y, p) -> float:
-    """Mean one-vs-rest AUROC over the classes present (Mann-Whitney U with average ranks:
-    the same value as ``sklearn.metrics.roc_auc_score`` per class, ~50x faster, which
-    matters inside a 1000-resample bootstrap)."""
-    out = []
-    for c in range(p.shape[1]):
-        pos = y == c
-        n_pos = int(pos.sum())
-        n_neg = len(y) - n_pos
-        if n_pos == 0 or n_neg == 0:
-            continue
-        r = rankdata(p[:, c])
-        out.append((r[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-    return float(np.mean(out)) if out else float("nan")
-
-
 def metric_values(y, probs) -> dict[str, float]:
-    """The four study metrics of leaf probabilities, from the confusion matrix (``nan``
-    where undefined).  Equal to scikit-learn's ``balanced_accuracy_score``,
-    ``cohen_kappa_score``, ``f1_score(average="macro", zero_division=0)`` over all classes
-    and the mean of the defined one-vs-rest AUROCs (checked in tests/test_study_stats.py)."""
+    """The four study metrics of leaf probabilities (``nan`` where undefined):
+    :func:`~kmedtl.evaluation.metrics.confusion_metric` of the confusion matrix (equal to
+    scikit-learn's ``balanced_accuracy_score``, ``cohen_kappa_score``, ``f1_score(average=
+    "macro", zero_division=0)`` over all classes) and the mean of the defined one-vs-rest
+    AUROCs (:func:`~kmedtl.evaluation.metrics.auroc_macro_ranks`) -- the bootstrap forms."""
     y = np.asarray(y).astype(int)
     p = np.asarray(probs, dtype=float)
-    k = p.shape[1]
-    cm = _confusion(y, p.argmax(1), k)
-    n = cm.sum()
-    support, predicted, tp = cm.sum(1), cm.sum(0), np.diag(cm)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        recall = np.where(support > 0, tp / np.maximum(support, 1), np.nan)
-        prec = np.where(predicted > 0, tp / np.maximum(predicted, 1), 0.0)
-        f1 = np.where(prec + np.nan_to_num(recall) > 0,
-                      2 * prec * np.nan_to_num(recall) / (prec + np.nan_to_num(recall)), 0.0)
-        po = tp.sum() / n
-        pe = (support * predicted).sum() / n ** 2
-        kappa = (po - pe) / (1 - pe) if pe < 1 else float("nan")
-    return {"balanced_accuracy": float(np.nanmean(recall)), "kappa": float(kappa),
-            "auroc_macro": _auroc_macro(y, p), "f1_macro": float(f1.mean())}
+    cm = confusion_counts(y, p.argmax(1), p.shape[1])
+    return {"balanced_accuracy": float(confusion_metric(cm, "balanced_accuracy")),
+            "kappa": float(confusion_metric(cm, "kappa")),
+            "auroc_macro": auroc_macro_ranks(y, p),
+            "f1_macro": float(confusion_metric(cm, "f1_macro"))}
 
 
 def metric(name: str, y, probs) -> float:
-    """One study metric (the cheap ones skip the AUROC)."""
-    if name == "auroc_macro":
-        return _auroc_macro(np.asarray(y).astype(int), np.asarray(probs, dtype=float))
-    return metric_values(y, probs)[name] if name != "balanced_accuracy" else float(
-        np.nanmean(_recalls(y, probs)))
-
-
-def _recalls(y, probs):
+    """One study metric (the confusion-matrix ones skip the AUROC)."""
     y = np.asarray(y).astype(int)
-    p = np.asarray(probs)
-    cm = _confusion(y, p.argmax(1), p.shape[1])
-    support = cm.sum(1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(support > 0, np.diag(cm) / np.maximum(support, 1), np.nan)
-
-
-
-def _from_confusion(cm, name: str):
-    """``name`` (balanced accuracy, kappa or macro F1) of confusion matrices ``cm`` of
-    shape ``(..., k, k)`` (rows = true class), vectorised over the leading axes; the same
-    definitions as :func:`metric_values`."""
-    cm = np.asarray(cm, dtype=float)
-    support, predicted = cm.sum(-1), cm.sum(-2)
-    tp = np.diagonal(cm, axis1=-2, axis2=-1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        recall = np.where(support > 0, tp / np.maximum(support, 1), np.nan)
-        if name == "balanced_accuracy":
-            return np.nanmean(recall, axis=-1)
-        if name == "kappa":
-            n = cm.sum((-2, -1))
-            po = tp.sum(-1) / n
-            pe = (support * predicted).sum(-1) / n ** 2
-            return np.where(pe < 1, (po - pe) / (1 - pe), np.nan)
-        if name == "f1_macro":
-            r = np.nan_to_num(recall)
-            prec = np.where(predicted > 0, tp / np.maximum(predicted, 1), 0.0)
-            f1 = np.where(prec + r > 0, 2 * prec * r / (prec + r), 0.0)
-            return f1.mean(-1)
-    raise ValueError(f"{name}: not a confusion-matrix metric")
+    p = np.asarray(probs, dtype=float)
+    if name == "auroc_macro":
+        return auroc_macro_ranks(y, p)
+    return float(confusion_metric(confusion_counts(y, p.argmax(1), p.shape[1]), name))
 
 
 def cell_metrics(y, probs, n_boot: int = 1000, alpha: float = 0.05, seed: int = 0) -> dict:
@@ -178,13 +123,11 @@ def _per_seed_replicates(y, probs: list, name: str, counts: np.ndarray) -> np.nd
     if name != "auroc_macro":
         out = []
         for p in probs:
-            onehot = np.zeros((len(y), k * k))
-            onehot[np.arange(len(y)), y * k + np.asarray(p).argmax(1)] = 1.0
-            cm = (counts @ onehot).reshape(-1, k, k)
-            out.append(_from_confusion(cm, name))
+            cm = weighted_confusions(y, np.asarray(p).argmax(1), k, counts)
+            out.append(confusion_metric(cm, name))
         return np.stack(out, axis=1)
     idx = [np.repeat(np.arange(len(y)), c.astype(int)) for c in counts]
-    return np.array([[_auroc_macro(y[i], np.asarray(p)[i]) for p in probs] for i in idx])
+    return np.array([[auroc_macro_ranks(y[i], np.asarray(p)[i]) for p in probs] for i in idx])
 
 
 def seed_bootstrap(y, probs_a: list, probs_b: list, metric: str = "balanced_accuracy",

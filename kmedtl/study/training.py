@@ -10,14 +10,17 @@ Arm kinds (``train.model``):
 
 - ``flat`` / ``hierarchical``: :class:`~kmedtl.models.FlatClassifier` /
   :class:`~kmedtl.models.HierarchicalClassifier` (one softmax per parent node, leaf
-  probabilities as products along the tree) over ``train.backbone`` cut at ``train.cut``;
+  probabilities as products along the tree) over ``train.backbone`` cut at ``train.cut``,
+  built as ``kmedtl run`` builds it (:func:`kmedtl.training.build.build_model`:
+  ``train.precision``, ``train.weight_scaling``);
 - ``staged``: :class:`~kmedtl.models.StagedHierarchicalClassifier` (An et al. 2021: a
   level-1 model, a level-2 model initialised from it -- hierarchy transfer -- and a
   logistic-regression stacker on out-of-fold confidences, ``n_folds`` folds), every node
   model trained by the Trainer with the same recipe.
 
 ``init``: ``scratch`` (random weights) or a pretrain entry, whose backbone weights
-(:func:`pretrain`) are loaded by layer name -- so a truncated backbone (``train.cut``)
+(:func:`pretrain`, through :func:`kmedtl.training.pretrain.pretrain`) become the cell's
+``train.weights`` and are loaded by layer name -- so a truncated backbone (``train.cut``)
 takes the lower blocks of the pretrained one (TruncatedTL).
 
 The study also registers ``cbr_micro`` in the backbone registry: the Transfusion CBR
@@ -31,27 +34,19 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
-from pathlib import Path
 
 import keras
 import numpy as np
 from sklearn.model_selection import train_test_split
 
-from kmedtl.models import (
-    ContrastivePretrainer,
-    FlatClassifier,
-    HierarchicalClassifier,
-    StagedHierarchicalClassifier,
-    backbone,
-    hierarchy_targets,
-    pretrain_backbone,
-    save_backbone,
-)
+from kmedtl.models import StagedHierarchicalClassifier, hierarchy_targets
 from kmedtl.models import backbones as _bb
 from kmedtl.models import truncation as _trunc
 from kmedtl.models.cbr import cbr_network
 from kmedtl.training import Trainer, train_section
 from kmedtl.training.batchnorm import recalibrate_batchnorm as _recalibrate
+from kmedtl.training.build import build_model, build_training_backbone
+from kmedtl.training.pretrain import pretrain as pretrain_backbone
 from kmedtl.training.tuning import TransferHyperModel, run_search
 
 log = logging.getLogger("kmedtl.study")
@@ -90,19 +85,25 @@ def epochs_for(epochs, n) -> int:
     return int(epochs)
 
 
+def _section(recipe: dict, label: str, **fields):
+    """The :class:`~kmedtl.training.TrainSection` of a study recipe (a mapping: it is part of
+    every cell key) with ``fields`` on top; the study's own keys dropped, no TensorBoard,
+    silent, and no BatchNorm pass by the Trainer (the study runs its own)."""
+    raw = {k: v for k, v in recipe.items() if k not in ("init", "recalibrate_bn")}
+    raw.update(tensorboard=False, verbose=0, recalibrate_bn=False, **fields)
+    return train_section(raw, label)
+
+
 def train_section_for(recipe: dict, n, seed: int):
-    """The :class:`~kmedtl.training.TrainSection` of a cell: the recipe with the N-specific
-    epoch count and the seed; no TensorBoard, silent."""
-    fields = {k: v for k, v in recipe.items() if k not in ("init", "recalibrate_bn")}
-    fields["epochs"] = epochs_for(fields.get("epochs", 10), n)
-    fields.update(seed=int(seed), tensorboard=False, verbose=0, recalibrate_bn=False)
-    return train_section(fields, "study")
+    """The section of a cell: the recipe with the N-specific epoch count and the seed."""
+    return _section(recipe, "study", epochs=epochs_for(recipe.get("epochs", 10), n),
+                    seed=int(seed))
 
 
-def _backbone(tc, input_shape, weights):
-    # a pretrain entry's weights, else the recipe's own (``weights: imagenet``), else random
-    return backbone(tc.backbone, weights=weights if weights is not None else tc.weights,
-                    cut=tc.cut, input_shape=tuple(input_shape))
+def _with_weights(tc, weights):
+    """The section whose backbone starts from a pretrain entry's weights (a file, loaded by
+    layer name), else from the recipe's own (``weights: imagenet``), else random."""
+    return tc if weights is None else tc.derive("study", weights=str(weights))
 
 
 def train_cell(split, recipe: dict, n, seed: int, *, weights=None, n_folds: int = 2,
@@ -125,8 +126,9 @@ def train_cell(split, recipe: dict, n, seed: int, *, weights=None, n_folds: int 
         search = _search(split, tc, x, y, shape, seed)
         tc = search.pop("section")
         info.update(search=search, strategy=tc.strategy, cut=tc.cut)
+    tc = _with_weights(tc, weights)
     if tc.model == "staged":
-        node_cfg = train_section(tc, model="flat")
+        node_cfg = tc.derive("study", model="flat")
 
         def fit_fn(model, xs, ys, *, name, fold, indices):
             Trainer(model, node_cfg).fit((xs, np.asarray(ys)))
@@ -134,22 +136,18 @@ def train_cell(split, recipe: dict, n, seed: int, *, weights=None, n_folds: int 
                 recalibrate_batchnorm(model, xs)
 
         staged = StagedHierarchicalClassifier(
-            h, lambda: _backbone(tc, shape, weights), transfer="hierarchy",
+            h, lambda: build_training_backbone(tc, shape), transfer="hierarchy",
             dropout=tc.dropout, pooling=tc.pooling, n_folds=n_folds, seed=int(seed),
             fit_fn=fit_fn)
         staged.fit(x, y.astype(np.int64))
         probs = staged.predict_proba(split.x_test)
         info["n_folds"] = n_folds
     else:
-        bb = _backbone(tc, shape, weights)
-        info["params"] = int(bb.count_params())
-        if tc.model == "hierarchical":
-            model = HierarchicalClassifier(bb, h, dropout=tc.dropout, pooling=tc.pooling)
-            names = [h.leaves[i] for i in y]
-            targets = hierarchy_targets(h, names)
-        else:
-            model = FlatClassifier(bb, h, dropout=tc.dropout, pooling=tc.pooling)
-            targets = y
+        # train.precision, train.weight_scaling and the backbone cut, as `kmedtl run` builds
+        model = build_model(tc, h, shape)
+        info["params"] = int(model.backbone.count_params())
+        targets = hierarchy_targets(h, [h.leaves[i] for i in y]) \
+            if tc.model == "hierarchical" else y
         result = Trainer(model, tc).fit((x, targets))
         if recalibrate:
             info["bn_recalibrated"] = recalibrate_batchnorm(model, x)
@@ -170,13 +168,13 @@ def _search(split, tc, x, y, shape, seed: int) -> dict:
     t0 = time.perf_counter()
     rows = np.arange(len(y))
     tr, va = train_test_split(rows, test_size=0.2, stratify=y, random_state=int(seed))
-    base = train_section(tc, tune=tc.tune.model_copy(update={"seed": int(seed)}))
+    base = tc.derive("study", tune={"seed": int(seed)})
     hm = TransferHyperModel(base, split.hierarchy, shape)
     with tempfile.TemporaryDirectory(prefix="kmedtl-study-search-") as d:
         res = run_search(hm, (x[tr], y[tr]), (x[va], y[va]), directory=d, verbose=0)
     if res.best_section is None:
         raise RuntimeError("the search finished no trial")
-    section = train_section(res.best_section, epochs=tc.epochs, seed=int(seed))
+    section = res.best_section.derive("study", epochs=tc.epochs, seed=int(seed))
     keras.utils.clear_session(free_memory=True)
     keras.utils.set_random_seed(int(seed))
     return {"section": section, "best": res.best_hyperparameters,
@@ -188,93 +186,66 @@ def _search(split, tc, x, y, shape, seed: int) -> dict:
 
 
 # ---------------------------------------------------------------------------- pretraining
-def _rotations(x: np.ndarray):
-    """Each image in its four 90-degree rotations, labelled 0..3 (RotNet, Gidaris 2018)."""
-    xs = [np.rot90(x, k, axes=(1, 2)) for k in range(4)]
-    return np.concatenate(xs).astype("float32"), np.repeat(np.arange(4), len(x))
+def _level1(split, rows) -> np.ndarray:
+    """The level-1 node (e.g. normal vs tumour) of each of ``split.y[rows]``."""
+    return np.asarray(split.hierarchy.level_matrix(1))[split.y[rows]].argmax(1)
 
 
-def _intermediate(split, spec, rows, name: str, recipe: dict):
-    """ImageNet weights, then the level-1 task of ``split.x[rows]`` with the study's own
-    recipe (``epochs`` from the pretrain spec); returns (model, losses)."""
-    fields = {k: v for k, v in recipe.items() if k not in ("init", "recalibrate_bn")}
-    fields.update(backbone=name, weights="imagenet", model="flat", cut=None,
-                  epochs=int(spec.epochs), batch_size=int(spec.batch_size), seed=spec.seed,
-                  tensorboard=False, verbose=0, recalibrate_bn=False)
-    if fields.get("strategy") == "fine_tune" and fields["epochs"] <= fields.get("head_epochs", 1):
+def _intermediate_section(spec, name: str, recipe: dict):
+    """The study's own recipe on ImageNet weights for the level-1 task, with the pretrain
+    entry's epochs, batch size and seed."""
+    if recipe.get("strategy") == "fine_tune" and int(spec.epochs) <= recipe.get("head_epochs", 1):
         raise ValueError(f"pretrain: epochs ({spec.epochs}) must exceed the recipe's "
-                         f"head_epochs ({fields.get('head_epochs', 1)})")
-    tc = train_section(fields, "study pretrain")
-    h = split.hierarchy
-    y = np.asarray(h.level_matrix(1))[split.y[rows]].argmax(1)
-    bb = backbone(name, weights="imagenet", input_shape=tuple(split.x.shape[1:]))
-    model = FlatClassifier(bb, list(h.levels[0]), dropout=tc.dropout, pooling=tc.pooling)
-    result = Trainer(model, tc).fit((split.x[rows], y))
-    return model, list(result.history.get("loss") or [])
+                         f"head_epochs ({recipe.get('head_epochs', 1)})")
+    return _section(recipe, "study pretrain", backbone=name, weights="imagenet", model="flat",
+                    cut=None, epochs=int(spec.epochs), batch_size=int(spec.batch_size),
+                    seed=spec.seed)
 
 
 def pretrain(split, spec, rows: np.ndarray, path, default_backbone: str,
              recipe: dict | None = None) -> dict:
     """Pretrain ``spec.backbone`` on ``split.x[rows]`` and save its weights to ``path``
-    (``.weights.h5``).
+    (``.weights.h5``) with :func:`kmedtl.training.pretrain.pretrain`; BatchNorm statistics
+    are re-averaged over the pool images.
 
-    ``simclr``: :class:`kmedtl.models.ContrastivePretrainer` (two augmented views per
-    image, NT-Xent), no labels.  ``rotation``: :func:`kmedtl.models.pretrain_backbone` on
-    "which of four 90-degree rotations is this image", no diagnosis labels.  ``level1``:
-    :func:`~kmedtl.models.pretrain_backbone` on a different, coarser label task of the pool
-    images -- the level-1 node of the hierarchy (normal vs tumour) -- as in same-domain
-    supervised transfer (Romero et al. 2020, Alzubaidi et al. 2020).
+    ``simclr`` (no labels) and ``rotation`` ("which of four 90-degree rotations is this
+    image", no diagnosis labels) train a random backbone.  ``level1``: supervised on a
+    different, coarser label task of the pool images -- the level-1 node of the hierarchy
+    (normal vs tumour) -- as in same-domain supervised transfer (Romero et al. 2020,
+    Alzubaidi et al. 2020).  ``weights: imagenet``: the level-1 task from ImageNet weights
+    with the study's own ``recipe`` (intermediate training; BatchNorm re-averaged unless the
+    recipe says ``recalibrate_bn: false`` or ``freeze_bn``).
     """
     t0 = time.perf_counter()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     keras.utils.clear_session(free_memory=True)
     keras.utils.set_random_seed(spec.seed)
     name = spec.backbone or default_backbone
     if spec.max_images and len(rows) > spec.max_images:
         rows = np.random.default_rng(spec.seed).choice(rows, spec.max_images, replace=False)
     x = split.x[rows]
-    tmp = path.with_name(f".{path.name}.tmp.weights.h5")
     shape = tuple(split.x.shape[1:])
-    bb = None if spec.weights == "imagenet" else backbone(name, input_shape=shape)
+    common = {"path": path, "epochs": spec.epochs, "batch_size": spec.batch_size,
+              "learning_rate": spec.learning_rate}
     if spec.weights == "imagenet":
         if recipe is None:
             raise ValueError("pretrain: weights: imagenet trains with the study's recipe; "
                              "pass recipe=")
-        model, losses = _intermediate(split, spec, rows, name, recipe)
-        if recipe.get("recalibrate_bn", True) and not recipe.get("freeze_bn"):
-            recalibrate_batchnorm(model.backbone, x)
-        save_backbone(model, tmp)
-    elif spec.method == "simclr":
-        model = ContrastivePretrainer(bb, temperature=spec.temperature)
-        model.compile(optimizer=keras.optimizers.Adam(spec.learning_rate))
-        hist = model.fit(x, epochs=spec.epochs, batch_size=spec.batch_size, shuffle=True,
-                         verbose=0)
-        recalibrate_batchnorm(bb, x)
-        save_backbone(model, tmp)
-        losses = hist.history.get("loss", [])
+        out = pretrain_backbone(
+            x, _level1(split, rows), method="supervised",
+            train=_intermediate_section(spec, name, recipe),
+            classes=list(split.hierarchy.levels[0]), path=path,
+            recalibrate=recipe.get("recalibrate_bn", True) and not recipe.get("freeze_bn"))
+    elif spec.method == "level1":
+        out = pretrain_backbone(x, _level1(split, rows), method="supervised",
+                                backbone=_bb.backbone(name, input_shape=shape),
+                                classes=list(split.hierarchy.levels[0]), **common)
     else:
-        if spec.method == "rotation":
-            xr, yr = _rotations(x)
-            classes = ["r0", "r90", "r180", "r270"]
-        else:  # level1: the coarse task (normal vs tumour) on the pool's own labels
-            h = split.hierarchy
-            xr = x
-            yr = np.asarray(h.level_matrix(1))[split.y[rows]].argmax(1)
-            classes = list(h.levels[0])
-        res = pretrain_backbone(
-            bb, xr, yr, classes=classes, path=tmp,
-            compile_kwargs={"optimizer": keras.optimizers.Adam(spec.learning_rate),
-                            "loss": "sparse_categorical_crossentropy",
-                            "metrics": ["accuracy"]},
-            fit_kwargs={"epochs": spec.epochs, "batch_size": spec.batch_size,
-                        "shuffle": True, "verbose": 0})
-        recalibrate_batchnorm(res.model.backbone, x)
-        save_backbone(res.model, tmp)
-        losses = res.history.history.get("loss", [])
-    tmp.replace(path)
+        out = pretrain_backbone(x, method=spec.method,
+                                backbone=_bb.backbone(name, input_shape=shape),
+                                temperature=spec.temperature, **common)
+    losses = out.losses
     return {"method": spec.method, "backbone": name, "n_images": int(len(rows)),
             "weights": spec.weights,
             "epochs": spec.epochs, "first_loss": losses[0] if losses else None,
             "last_loss": losses[-1] if losses else None,
-            "seconds": round(time.perf_counter() - t0, 2), "path": str(path)}
+            "seconds": round(time.perf_counter() - t0, 2), "path": str(out.path)}
