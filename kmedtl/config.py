@@ -531,7 +531,7 @@ def resolve_paths(raw: dict, base_dir=None, *, read=READ_PATHS, write=WRITE_PATH
 
 
 def load_config(source: str | Path | dict, base_dir: str | Path | None = None,
-                overrides: dict | None = None) -> Config:
+                overrides: dict | None = None, *, schema: type[Config] | None = None) -> Config:
     """Load and validate a YAML config (path or already-parsed dict), with ``overrides``
     (:func:`parse_set`) merged in before validation.
 
@@ -541,6 +541,9 @@ def load_config(source: str | Path | dict, base_dir: str | Path | None = None,
     folder (``base_dir``; for a mapping without one, the working directory), folders it
     writes (``output_dir``, ``data.cache_dir``, ``train.tune.cache_dir``) and the
     ``overrides``' paths against the working directory.
+
+    ``schema``: a subclass of :class:`Config` to validate into (training's
+    :class:`kmedtl.training.config.RunConfig`, whose ``train`` section is typed).
     """
     label = str(source) if not isinstance(source, dict) else "config"
     if isinstance(source, dict):
@@ -561,7 +564,7 @@ def load_config(source: str | Path | dict, base_dir: str | Path | None = None,
     except ConfigError as exc:  # name the file (a limit's message names it already)
         msg = str(exc)
         raise ConfigError(msg if msg.startswith(label) else f"{label}: {msg}") from None
-    cfg = validate(Config, raw, label)
+    cfg = validate(schema or Config, raw, label)
     for section, field in ((cfg, "output_dir"), (cfg.data, "cache_dir")):  # the defaults
         value = getattr(section, field)
         if value and not os.path.isabs(value):

@@ -565,12 +565,32 @@ def test_spec_refuses_secrets_and_names_fields(tmp_path):
 
 
 @pytest.mark.slow
-def test_kmedtl_run_trains_and_evaluates_from_the_server(creds, demo, tmp_path):
+def test_kmedtl_run_trains_and_evaluates_from_the_server(creds, demo, tmp_path, monkeypatch):
     """`data.source: dicomweb` through the config, the audit/split stages and `kmedtl run`
-    (credentials from the environment only), with the shipped Lite0 backbone."""
+    (credentials from the environment only), with the shipped Lite0 backbone.  The run
+    queries the server once: one pull, and no study search after it."""
     import yaml
+    from dicomweb_client import DICOMwebClient
 
+    import kmedtl.data.prepare as prepare_mod
     from kmedtl.pipeline import run_pipeline
+
+    calls = {"pull": 0, "qido": 0, "qido_in_first_pull": None}
+    real_pull, real_search = prepare_mod.pull, DICOMwebClient.search_for_studies
+
+    def counting_pull(*args, **kwargs):
+        calls["pull"] += 1
+        out = real_pull(*args, **kwargs)
+        if calls["qido_in_first_pull"] is None:
+            calls["qido_in_first_pull"] = calls["qido"]
+        return out
+
+    def counting_search(self, *args, **kwargs):
+        calls["qido"] += 1
+        return real_search(self, *args, **kwargs)
+
+    monkeypatch.setattr(prepare_mod, "pull", counting_pull)
+    monkeypatch.setattr(DICOMwebClient, "search_for_studies", counting_search)
 
     labels = labels_csv(tmp_path / "labels.csv", study_labels(demo))
     cfg = {
@@ -597,6 +617,8 @@ def test_kmedtl_run_trains_and_evaluates_from_the_server(creds, demo, tmp_path):
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     res = run_pipeline(path)
     assert res.ran == ["audit", "split", "train", "evaluate"]
+    assert calls["pull"] == 1, calls  # the data index is built once per run
+    assert calls["qido"] == calls["qido_in_first_pull"] >= 1, calls
     s = res.summary
     assert s["data"]["counts"]["used"] == 48 and s["data"]["counts"]["skipped"] == 0
     assert s["split"]["cross_split"]["patients"] == 0 and s["split"]["patients"] == 16

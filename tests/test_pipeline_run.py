@@ -325,7 +325,13 @@ def test_pretraining_pool_never_holds_a_copy_of_a_test_image(tmp_path):
 
 
 @pytest.mark.slow
-def test_export_and_push_stages(tmp_path):
+def test_export_and_push_stages(tmp_path, monkeypatch):
+    import kmedtl.data.prepare as prep_mod
+
+    indexed = []  # the data is indexed once per run, not again by evaluate and export
+    real_index = prep_mod.index_folder
+    monkeypatch.setattr(prep_mod, "index_folder",
+                        lambda *a, **k: indexed.append(a[0]) or real_index(*a, **k))
     stages = ["audit", "split", "train", "evaluate", "export", "push"]
     path = write_pipeline(tmp_path, stages=stages, pipeline={
         "stages": stages, "evaluate": {"n_boot": 50, "n_gradcam": 0, "n_examples": 0},
@@ -336,6 +342,7 @@ def test_export_and_push_stages(tmp_path):
     res = run_pipeline(path)
     run = tmp_path / "runs" / "pipe"
     assert res.ran == stages and res.summary["status"] == "complete"
+    assert len(indexed) == 1, indexed
     assert res.summary["export"]["verified"] is True
     push = res.summary["push"]
     assert push["pushed"] is True and (tmp_path / "saved_models" / "pipe").is_dir()

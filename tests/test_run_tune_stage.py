@@ -1,5 +1,6 @@
 """``kmedtl run``'s ``tune`` stage: the ``train.tune`` search on the fold's training and
-validation parts, ``tuning/best.json``, the train stage training its best section, resume by
+validation parts, ``tuning/best_config.yaml`` (the one tuning artefact, as ``kmedtl tune``
+writes it), the train stage training its best section, resume by
 fingerprint (synthetic PNG trees, a 3-stage CBR at 32 px)."""
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from test_pipeline_run import record, sha, write_pipeline
 from kmedtl.errors import ConfigError
 from kmedtl.pipeline import load_pipeline, run_pipeline
 from kmedtl.pipeline import records as R
+from kmedtl.training import load_run_config
 
 TUNE = {"max_trials": 2, "epochs": 1, "strategies": ["linear_probe", "full"],
         "lr_ratios": [1.0, 3.0], "seed": 1}
@@ -57,20 +59,24 @@ def tuned(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_tune_writes_best_json_and_train_trains_its_section(tuned):
+def test_tune_writes_best_config_and_train_trains_its_section(tuned):
     res, run = tuned["res"], tuned["run"]
     assert res.ran == STAGES and res.summary["status"] == "complete"
-    best = json.loads((run / "tuning" / "best.json").read_text())
-    for name in ("results.csv", "results.md", "search/oracle.json"):
+    best = record(run, "tune")["result"]  # what the search did: the stage record
+    for name in ("best_config.yaml", "results.csv", "results.md", "search/oracle.json"):
         assert (run / "tuning" / name).is_file(), name
-    assert best["kind"] == "kmedtl-tune-best" and best["search"]["trials"] == 2
+    assert not (run / "tuning" / "best.json").exists()  # one tuning artefact
+    # the artefact is a whole config `kmedtl train` takes, holding the chosen section
+    chosen = load_run_config(run / "tuning" / "best_config.yaml")
+    assert chosen.train.model_dump(mode="json") == best["train"]
+    assert best["search"]["trials"] == 2
     assert best["hyperparameters"]["strategy"] in ("linear_probe", "full")
     assert best["from_search"]["strategy"] == best["hyperparameters"]["strategy"]
     assert best["from_search"]["learning_rate"] == pytest.approx(
         best["hyperparameters"]["learning_rate"])
     assert best["train"]["epochs"] == 2  # the config's train.epochs, not the trials' 1
     assert best["trial_train"]["epochs"] == 1
-    # the train stage recorded, and trained, exactly best.json's hyperparameters
+    # the train stage recorded, and trained, exactly the search's hyperparameters
     tuned_rec = record(run, "train")["result"]["tuned"]
     assert tuned_rec["from_search"] == best["from_search"]
     assert tuned_rec["hyperparameters"] == best["hyperparameters"]
@@ -135,7 +141,7 @@ def test_changed_search_reruns_tune_and_train_not_audit_or_split(tuned, tmp_path
                        overrides={"train": {"tune": {"max_trials": 3}}})
     assert res.ran == ["tune", "train"] and res.skipped == ["audit", "split"]
     assert res.summary["tune"]["search"]["trials"] == 3
-    best = json.loads((run / "tuning" / "best.json").read_text())
+    best = record(run, "tune")["result"]
     assert best["search"]["max_trials"] == 3 and best["search"]["resumed"] is False
     assert record(run, "train")["result"]["tuned"]["from_search"] == best["from_search"]
     after = {s: record(run, s)["fingerprint"] for s in STAGES}
@@ -154,19 +160,21 @@ def test_tune_without_train_stops_after_it_and_searches_from_pretrained_weights(
     run = tmp_path / "runs" / "pipe"
     res = run_pipeline(path)
     assert res.ran == stages and res.summary["status"] == "complete"
-    assert (run / "tuning" / "best.json").is_file() and not (run / "model.keras").exists()
+    best_config = run / "tuning" / "best_config.yaml"
+    assert best_config.is_file() and not (run / "model.keras").exists()
     assert res.summary["train"] is None and res.summary["tune"]["best_score"] is not None
-    best = json.loads((run / "tuning" / "best.json").read_text())
+    best = record(run, "tune")["result"]
     assert best["train"]["weights"] == str(run / "pretrain" / "backbone.weights.h5")
+    assert load_run_config(best_config).train.weights == best["train"]["weights"]
     assert record(run, "tune")["upstream"]["pretrain"] == record(run, "pretrain")["token"]
     assert run_pipeline(path).skipped == stages
     # an interrupted search of the same inputs continues (KerasTuner reloads its oracle)
-    best = json.loads((run / "tuning" / "best.json").read_text())
     rec = record(run, "tune")
+    best = rec["result"]
     (run / "stages" / "tune.json").write_text(json.dumps({**rec, "status": "interrupted"}))
     res = run_pipeline(path)
     assert res.ran == ["tune"] and res.resumed == ["tune"] and res.skipped == stages[:3]
-    again = json.loads((run / "tuning" / "best.json").read_text())
+    again = record(run, "tune")["result"]
     assert again["search"]["resumed"] is True and again["search"]["trials"] == 2
     assert again["hyperparameters"] == best["hyperparameters"]
     assert record(run, "tune")["token"] == rec["token"]  # same section: training would stay

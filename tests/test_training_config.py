@@ -7,7 +7,7 @@ from test_training_helpers import TINY, write_config  # noqa: F401  (registers T
 
 from kmedtl.config import load_config
 from kmedtl.errors import ConfigError
-from kmedtl.training import TrainSection, train_section
+from kmedtl.training import TrainSection, load_run_config, run_config, train_section
 
 
 def test_defaults_and_overrides():
@@ -81,9 +81,57 @@ def test_resolved_config_round_trips(tmp_path):
     from kmedtl.training import resolved_config
 
     path = write_config(tmp_path, train={"strategy": "linear_probe"})
-    cfg = load_config(path)
-    out = resolved_config(cfg, train_section(cfg), cfg.hierarchy())
+    cfg = load_run_config(path)
+    out = resolved_config(cfg, cfg.hierarchy())
     text = yaml.safe_dump(out, sort_keys=False)
-    again = load_config(yaml.safe_load(text))
-    assert train_section(again) == train_section(cfg)
+    again = load_run_config(yaml.safe_load(text))
+    assert again.train == cfg.train
+    assert again == cfg.model_copy(update={"data": again.data})  # only the tree inlined
     assert again.hierarchy() == cfg.hierarchy()
+
+
+# ------------------------------------------------------------------- RunConfig
+def test_run_config_validates_train_at_load_and_names_the_file(tmp_path):
+    path = write_config(tmp_path, train={"optimizer": "adagrad"})
+    load_config(path)  # the data layer's Config does not look at train
+    with pytest.raises(ConfigError) as e:
+        load_run_config(path)
+    msg = str(e.value)
+    assert msg.startswith(str(path)) and "train.optimizer" in msg and "adagrad" in msg
+
+
+def test_run_config_cross_section_rules_at_load(tmp_path):
+    """Normalisation and the backbone's smallest input are checked when the file loads,
+    before any audit, cache or split would run."""
+    path = write_config(tmp_path, data={"normalization": "imagenet"})
+    with pytest.raises(ConfigError, match=r"data.normalization: .*set data.normalization: unit"):
+        load_run_config(path)
+    small = write_config(tmp_path / "s", train={"backbone": "efficientnet_lite0"},
+                         data={"image": {"size": 16}})
+    with pytest.raises(ConfigError, match=r"data.image.size: train.backbone "
+                                          r"'efficientnet_lite0' needs images of at least"):
+        load_run_config(small)
+    tune = write_config(tmp_path / "t", data={"image": {"size": [40, 64]}},
+                        train={"tune": {"backbones": [TINY, "inceptionv3"]}})
+    with pytest.raises(ConfigError,
+                       match=r"train.tune.backbones 'inceptionv3' needs images of at least 75x75"):
+        load_run_config(tune)
+
+
+def test_derive_validates_and_never_edits_the_original(tmp_path):
+    cfg = load_run_config(write_config(tmp_path, train={"strategy": "linear_probe"}))
+    before = cfg.model_dump()
+    v = cfg.derive(train={"epochs": 3, "tune": {"max_trials": 2}})
+    assert (v.train.epochs, v.train.tune.max_trials) == (3, 2)
+    assert v.train.tune.tuner == cfg.train.tune.tuner  # nested sections merged, not replaced
+    assert cfg.model_dump() == before
+    # pydantic's model_copy(update=) would accept this; derive runs the validators again
+    with pytest.raises(ConfigError, match="head_epochs"):
+        cfg.derive(train={"strategy": "fine_tune", "epochs": 1})
+    with pytest.raises(ConfigError, match="head_epochs"):
+        cfg.train.derive(strategy="fine_tune", epochs=1)
+    whole = cfg.derive(train=train_section({"backbone": TINY, "epochs": 2}))
+    assert whole.train.epochs == 2 and whole.train.strategy == "full"
+    assert run_config(cfg) is cfg
+    assert run_config(load_config(write_config(tmp_path / "p", train={"epochs": 4}))
+                      ).train.epochs == 4

@@ -196,9 +196,12 @@ def require_usable(report: dict, where: str) -> None:
 
 
 def prepare(cfg: PrepareConfig, *, workers: int | None = None,
-            progress: bool | None = None) -> Prepared:
+            progress: bool | None = None, indexed: tuple | None = None) -> Prepared:
+    """Index (unless ``indexed``, the ``(index, hierarchy)`` :func:`load_index` already gave
+    for this ``cfg``: ``kmedtl run`` indexes once, so a DICOMweb source is queried once),
+    audit, cache and split the configured data."""
     t0 = time.perf_counter()
-    index, hierarchy = load_index(cfg)
+    index, hierarchy = load_index(cfg) if indexed is None else indexed
     options = cfg.image_options()
     workers = workers or cfg.data.workers
     report = audit(index, options, cache_dir=cfg.data.cache_dir, workers=workers,

@@ -201,7 +201,7 @@ def evaluate_run(run_dir, *, test: str | None = None, out=None, fold: int | None
                  target_sensitivity: float = 0.95, negative: str | None = None,
                  ordered: bool = False, n_bins: int = 15, n_gradcam: int = 8,
                  n_examples: int = 12, tta=None, exclude_training: bool = False,
-                 external=None) -> dict:
+                 external=None, indexed: tuple | None = None) -> dict:
     """Evaluate the model of a run folder; returns ``metrics.json``'s content (with the
     written paths under ``"artefacts"``).  See the module docstring for the steps.
 
@@ -216,9 +216,14 @@ def evaluate_run(run_dir, *, test: str | None = None, out=None, fold: int | None
     ``external``: ``[{"name", "source", "dedupe"}]`` external test sets (another folder,
     manifest or config), each evaluated like ``test`` into ``<out>/external/<name>/``
     (its own metrics, report and model card) and summarised beside the internal test under
-    ``"external"`` in this ``metrics.json``, the report and the model card."""
+    ``"external"`` in this ``metrics.json``, the report and the model card.
+
+    ``indexed``: the ``(index, hierarchy)`` of the run's data, already built by the caller
+    (``kmedtl run`` indexes once per run, so a DICOMweb source is queried once)."""
     tta = tta_options(tta, "evaluate.tta")
     rf = RunFolder(run_dir).ensure_dir()
+    if indexed is not None:
+        rf.use_index(indexed)
     run = rf.path
     out_dir = Path(out) if out else run
     plot_dir = out_dir / RunFolder.PLOTS_DIR

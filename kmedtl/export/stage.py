@@ -416,7 +416,7 @@ def _swap_in(tmp: Path, final: Path):
 def export_run(run_dir, *, formats=FORMATS, out_dir=None, verify: bool = True,
                tflite_variants=("float32", "float16", "dynamic_int8", "int8"),
                opset: int | None = None, representative_samples: int = 100,
-               quantized_gate: str = "warn") -> ExportReport:
+               quantized_gate: str = "warn", indexed: tuple | None = None) -> ExportReport:
     """Export a run folder's model (see the module docstring); returns the report.
 
     ``verify`` checks parity against the Keras model (``report.verified``; failures are
@@ -430,6 +430,9 @@ def export_run(run_dir, *, formats=FORMATS, out_dir=None, verify: bool = True,
     folders that interrupted exports (``kill -9``) left there are removed first
     (:func:`kmedtl.ownership.remove_stale`).  Exporting into the run folder (the default)
     holds the run folder's one-writer lock (:func:`kmedtl.ownership.run_lock`).
+
+    ``indexed``: the ``(index, hierarchy)`` of the run's data, already built by the caller
+    (``kmedtl run`` indexes once per run, so a DICOMweb source is queried once).
     """
     t0 = time.perf_counter()
     formats = tuple(formats)
@@ -445,12 +448,12 @@ def export_run(run_dir, *, formats=FORMATS, out_dir=None, verify: bool = True,
         remove_stale(out.parent, (f".{out.name}.tmp-", f".{out.name}.old-"),
                      what="export temporary folder")
         return _export_locked(run_dir, out, formats, verify, tflite_variants, opset,
-                              representative_samples, quantized_gate, t0)
+                              representative_samples, quantized_gate, t0, indexed)
 
 
 def _export_locked(run_dir, out: Path, formats, verify, tflite_variants, opset,
-                   representative_samples, quantized_gate, t0) -> ExportReport:
-    ctx = load_run(run_dir)
+                   representative_samples, quantized_gate, t0, indexed=None) -> ExportReport:
+    ctx = load_run(run_dir, indexed=indexed)
     run = ctx.run_dir
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(owned_name(f".{out.name}.tmp-"))

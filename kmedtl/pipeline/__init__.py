@@ -20,9 +20,11 @@ Run folder (``<output_dir>/<name>/`` or ``--run-dir``)::
     data/audit.json      audit stage: counts, skipped files, duplicates, patient overlap
     data/splits.json     split stage: the leakage-free split (kmedtl-splits v1)
     pretrain/            pretrain stage: backbone.weights.h5, pretrain.json
-    tuning/              tune stage (search space: train.tune): best.json (best
-                         hyperparameters, the train section the train stage uses),
-                         results.csv, results.md, search/ (KerasTuner), features/
+    tuning/              tune stage (search space: train.tune): best_config.yaml (the
+                         best trial's whole config, which the train stage trains, as
+                         kmedtl tune writes it; the search's provenance is in
+                         stages/tune.json), results.csv, results.md, search/
+                         (KerasTuner), features/
     config.yaml, splits.json, audit.json, model.keras, checkpoints/, backup/, logs/,
     history.csv, train_metrics.json      train stage (contract: kmedtl.training)
     metrics.json, report.html, model_card.*, calibration.json, plots/   evaluate stage

@@ -37,7 +37,7 @@ from kmedtl.config import (  # noqa: F401  (parse_set: re-exported for kmedtl.pi
 )
 from kmedtl.errors import ConfigError
 from kmedtl.schema import Strict, validate
-from kmedtl.training.config import train_section
+from kmedtl.training.config import RunConfig, load_run_config
 
 #: Every stage, in the order they run.
 STAGES = ("audit", "split", "pretrain", "tune", "train", "evaluate", "export", "push")
@@ -191,10 +191,14 @@ class PipelineSection(Strict):
 class Pipeline:
     """A loaded pipeline: the run config, the pipeline section and where it came from."""
 
-    config: Config
+    config: RunConfig  # every section validated once, when the pipeline was loaded
     spec: PipelineSection
     label: str  # the file name (or "pipeline") used in messages
-    train: object = None  # the validated train section (kmedtl.training.TrainSection)
+
+    @property
+    def train(self):
+        """The validated train section (:class:`kmedtl.training.TrainSection`)."""
+        return self.config.train
 
     def to_dict(self) -> dict:
         out = self.config.model_dump(mode="json")
@@ -291,7 +295,7 @@ def load_pipeline(source, overrides: dict | None = None) -> Pipeline:
         raise ConfigError(f"{label}: pipeline.evaluate.external: names must differ, got "
                           f"{names}")
     try:
-        cfg = load_config(raw, base_dir=base_dir)
+        cfg = load_run_config(raw, base_dir=base_dir)
     except ConfigError as exc:
         msg = str(exc)
         if msg.startswith("config:"):
@@ -299,12 +303,11 @@ def load_pipeline(source, overrides: dict | None = None) -> Pipeline:
         elif not msg.startswith(label):
             msg = f"{label}: {msg}"
         raise ConfigError(msg) from None
-    train = train_section(cfg, label)
-    _check_tune(cfg, spec, train, label)
-    return Pipeline(cfg, spec, label, train)
+    _check_tune(cfg, spec, label)
+    return Pipeline(cfg, spec, label)
 
 
-def _check_tune(cfg: Config, spec: PipelineSection, train, label: str) -> None:
+def _check_tune(cfg: RunConfig, spec: PipelineSection, label: str) -> None:
     """The ``tune`` stage searches ``train.tune`` with one Keras model per trial and scores
     trials on the validation part (never the test part)."""
     if "tune" not in spec.stages:
@@ -314,6 +317,7 @@ def _check_tune(cfg: Config, spec: PipelineSection, train, label: str) -> None:
             f"{label}: split.val: the 'tune' stage scores its trials on the validation part, "
             "but split.val is 0 (no validation part; the test part is never used for the "
             "search); set split.val > 0, e.g. 0.15, or remove 'tune' from pipeline.stages")
+    train = cfg.train
     if train.model in ("staged", "multi_input"):
         raise ConfigError(
             f"{label}: pipeline.stages: the 'tune' stage searches one single-input Keras "

@@ -13,8 +13,9 @@ pretrain      same-domain pretraining of ``train.backbone`` on the images the fo
               ``pretrain/backbone.weights.h5``, ``pretrain/pretrain.json``
 tune          the KerasTuner search of ``train.tune`` (:mod:`kmedtl.training.tuning`) on
               the fold: trials fit on its training part and are scored on its validation
-              part (never the test part): ``tuning/best.json`` (best hyperparameters and
-              the train section the train stage uses), ``tuning/results.csv``,
+              part (never the test part): ``tuning/best_config.yaml`` (the best trial's
+              whole config, as ``kmedtl tune`` writes it; the search's provenance is in
+              the stage record), ``tuning/results.csv``,
               ``tuning/results.md``, ``tuning/search/`` (KerasTuner's project, so an
               interrupted search resumes), ``tuning/features/`` (feature cache)
 train         :func:`kmedtl.training.run_training` into the run folder (its contract:
@@ -22,7 +23,7 @@ train         :func:`kmedtl.training.run_training` into the run folder (its cont
               ...) on the data the pipeline prepared (once per process; a resumed
               pipeline's split must equal ``data/splits.json``); resumes from ``backup/``
               after an interruption; with ``tune`` in the pipeline it trains the train
-              section of ``tuning/best.json``
+              section of ``tuning/best_config.yaml``
 evaluate      :func:`kmedtl.evaluation.stage.evaluate_run`: ``metrics.json``,
               ``report.html``, ``model_card.md``, ``plots/``
 export        ``kmedtl.export.export_run`` (SavedModel / TFLite / ONNX, parity verified)
@@ -56,13 +57,12 @@ from kmedtl.data.prepare import load_index, prepare
 from kmedtl.data.splits import Splits
 from kmedtl.errors import ConfigError, KmedtlError
 from kmedtl.evaluation.stage import evaluate_run
-from kmedtl.models import ContrastivePretrainer, save_backbone
-from kmedtl.models.pretraining import pretrain_backbone
 from kmedtl.pipeline.records import Records, digest, file_sha256
 from kmedtl.run_folder import RunFolder
 from kmedtl.training import tuning
-from kmedtl.training.config import train_section
+from kmedtl.training.config import load_run_config, resolved_config
 from kmedtl.training.features import FeatureCache, materialise
+from kmedtl.training.pretrain import pretrain
 from kmedtl.training.stage import (
     build_backbone,
     check_tunable,
@@ -120,9 +120,10 @@ class Context:
         return self._index
 
     def prepared(self):
-        """:func:`kmedtl.data.prepare.prepare` once per process (audit + cache + split)."""
+        """:func:`kmedtl.data.prepare.prepare` once per process (audit + cache + split), on
+        the index :meth:`index` built when it was built first (one DICOMweb query a run)."""
         if self._prepared is None:
-            self._prepared = prepare(self.cfg)
+            self._prepared = prepare(self.cfg, indexed=self._index)
         return self._prepared
 
     def fold(self, splits):
@@ -316,21 +317,12 @@ def stage_pretrain(ctx: Context) -> StageOutput:
     shutil.rmtree(out_dir, ignore_errors=True)
     out_dir.mkdir(parents=True)
     path = out_dir / "backbone.weights.h5"
-    bb = build_backbone(tc, prep.options.shape)
-    fit = {"epochs": p.epochs, "batch_size": p.batch_size, "verbose": 0}
-    if p.method == "supervised":
-        res = pretrain_backbone(bb, x, np.asarray(y), classes=classes, path=path,
-                                dropout=p.dropout,
-                                compile_kwargs={"optimizer": keras.optimizers.Adam(
-                                    p.learning_rate), "loss": "sparse_categorical_crossentropy",
-                                    "metrics": ["accuracy"]},
-                                fit_kwargs=fit)
-        history = res.history.history
-    else:
-        model = ContrastivePretrainer(bb)
-        model.compile(optimizer=keras.optimizers.Adam(p.learning_rate))
-        history = model.fit(x, **fit).history
-        save_backbone(model, path)
+    supervised = p.method == "supervised"
+    history = pretrain(x, np.asarray(y) if supervised else None, method=p.method,
+                       backbone=build_backbone(tc, prep.options.shape),
+                       classes=classes if supervised else None, path=path, epochs=p.epochs,
+                       batch_size=p.batch_size, learning_rate=p.learning_rate,
+                       dropout=p.dropout, recalibrate=False).history
     counts = Counter(classes[int(i)] for i in y) if p.method == "supervised" else \
         Counter(h.leaves[int(i)] for i in y)
     info = {"method": p.method, "task": p.task if p.method == "supervised" else None,
@@ -348,31 +340,38 @@ def stage_pretrain(ctx: Context) -> StageOutput:
 
 # ------------------------------------------------------------------------------ tune
 TUNING_DIR = "tuning"
-BEST_KIND = "kmedtl-tune-best"
 #: The train fields a search trial sets (:meth:`TransferHyperModel.trial_section`).
 SEARCHED_FIELDS = ("backbone", "cut", "strategy", "learning_rate", "lr_multipliers",
                    "dropout", "freeze_below", "freeze_layers", "unfreeze_at", "head_epochs")
 
 
 def best_path(run_dir) -> Path:
-    return Path(run_dir) / TUNING_DIR / "best.json"
+    """The one tuning artefact, ``tuning/best_config.yaml`` (as ``kmedtl tune`` writes it)."""
+    return RunFolder(run_dir).tuning_best_config_path
 
 
-def read_best(ctx: Context) -> dict:
-    """``tuning/best.json`` of this run folder, checked."""
+def read_best(ctx: Context):
+    """The :class:`~kmedtl.training.config.RunConfig` of ``tuning/best_config.yaml``,
+    validated; a missing or broken file names itself and the remedy."""
     path = best_path(ctx.run_dir)
     try:
-        doc = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
+        return load_run_config(path)
+    except KmedtlError as exc:
         raise PipelineStageError(
             f"{path}: the train stage of a pipeline with a 'tune' stage trains the search's "
-            f"best hyperparameters, but this file is missing or unreadable ({exc}); rerun "
-            "the search with --force tune") from None
-    if not isinstance(doc, dict) or doc.get("kind") != BEST_KIND or \
-            not isinstance(doc.get("train"), dict):
-        raise PipelineStageError(f"{path}: not a tune stage result (kind {BEST_KIND!r} with a "
-                                 "'train' section); rerun the search with --force tune")
-    return doc
+            f"best hyperparameters, but this file is missing or invalid ({exc}); rerun the "
+            "search with --force tune") from None
+
+
+def read_search(ctx: Context) -> dict:
+    """What the tune stage's record says the search chose (objective, trial, score,
+    hyperparameters, ...): the provenance the train stage and the summary report."""
+    rec = ctx.records.read("tune") or {}
+    result = rec.get("result") if rec.get("status") == "done" else None
+    if not isinstance(result, dict):
+        raise PipelineStageError(f"{ctx.records.path('tune')}: the tune stage has no finished "
+                                 "record; rerun the search with --force tune")
+    return result
 
 
 def _ids_digest(samples) -> str:
@@ -400,10 +399,8 @@ def stage_tune(ctx: Context, *, resume: bool = False) -> StageOutput:
     fail_hook("tune")
     t0 = time.perf_counter()
     label = ctx.pipe.label
-    cfg = train_config(ctx, tuned=False)
-    tc = ctx.pipe.train  # the train section, validated once by load_pipeline
-    if "pretrain" in ctx.spec.stages:  # train.weights: the pretrained backbone (train_config)
-        tc = train_section(tc, label, weights=cfg.train["weights"])
+    cfg = train_config(ctx, tuned=False)  # with the pretrained backbone, if any
+    tc = cfg.train
     check_weight_scaling(tc)
     check_tunable(tc)
     if tuning.distributed_role() == "worker":
@@ -429,10 +426,10 @@ def stage_tune(ctx: Context, *, resume: bool = False) -> StageOutput:
     if not resume:
         _clear_tuning(tdir)
     tdir.mkdir(parents=True, exist_ok=True)
-    data = datasets(cfg, prep, tc, targets_for(tc), f)
+    data = datasets(cfg, prep, targets_for(tc), f)
     base = tc
     if data["steps_per_epoch"] and tc.steps_per_epoch is None:  # data.balance: sampling
-        base = train_section(tc, steps_per_epoch=data["steps_per_epoch"])
+        base = tc.derive(label, steps_per_epoch=data["steps_per_epoch"])
     cache = None
     if tc.tune.feature_cache:
         cache = FeatureCache(tc.tune.cache_dir or tdir / "features", batch_size=tc.batch_size)
@@ -459,7 +456,7 @@ def stage_tune(ctx: Context, *, resume: bool = False) -> StageOutput:
     # the best trial's hyperparameters at the full train.epochs (fine-tune head epochs and
     # gradual unfreeze points scale with the epochs)
     final = hm.trial_section(hp, epochs=tc.epochs, model=model)
-    final = train_section(final, steps_per_epoch=tc.steps_per_epoch, verbose=tc.verbose)
+    final = final.derive(label, steps_per_epoch=tc.steps_per_epoch, verbose=tc.verbose)
     as_searched = hm.trial_section(hp, epochs=trial_epochs, model=model)
     del model
     statuses = Counter(r["status"] for r in rows)
@@ -467,8 +464,7 @@ def stage_tune(ctx: Context, *, resume: bool = False) -> StageOutput:
               if k != "head_epochs" or final.strategy == "fine_tune"}
     changed = {k: {"config": getattr(tc, k), "search": v} for k, v in chosen.items()
                if getattr(tc, k) != v}
-    doc = {"kind": BEST_KIND, "version": 1,
-           "objective": result.objective, "direction": result.direction,
+    doc = {"objective": result.objective, "direction": result.direction,
            "best_trial": best_trial.trial_id, "best_score": float(top["score"]),
            "hyperparameters": {k: v for k, v in hp.values.items()
                                if not k.startswith("tuner/")},
@@ -484,33 +480,29 @@ def stage_tune(ctx: Context, *, resume: bool = False) -> StageOutput:
                     "train_ids": _ids_digest(train_samples),
                     "val_ids": _ids_digest(val_samples)},
            "seconds": round(time.perf_counter() - t0, 3)}
-    out = best_path(ctx.run_dir)
-    _write_json(out, doc)
-    result_doc = {k: doc[k] for k in ("objective", "direction", "best_trial", "best_score",
-                                      "hyperparameters", "from_search", "changed", "search",
-                                      "seconds")}
-    result_doc["data"] = {k: v for k, v in doc["data"].items() if not k.endswith("_ids")}
-    result_doc["top"] = [{k: v for k, v in r.items() if k != "error" or v}
-                         for r in rows[:5]]
+    # the one tuning artefact: the best trial's whole config, loadable by `kmedtl train`
+    # (as `kmedtl tune` writes it); what the search did goes into the stage record
+    out = Path(ctx.folder.write_best_config(
+        resolved_config(cfg.derive(label, train=final), prep.hierarchy)))
+    doc["top"] = [{k: v for k, v in r.items() if k != "error" or v} for r in rows[:5]]
     outputs = [out, *(Path(p) for p in result.files.values())]
     # the token is what training will use: a rerun picking the same section keeps the model
-    return StageOutput(result_doc, outputs, token=digest(doc["train"]))
+    return StageOutput(doc, outputs, token=digest(doc["train"]))
 
 
 # ------------------------------------------------------------------------------ train
 def train_config(ctx: Context, *, tuned: bool = True):
-    """The run config that training sees: the train section of ``tuning/best.json`` when the
-    pipeline tunes (and ``tuned``), and ``train.weights`` = the pretrained backbone when the
-    pipeline pretrains."""
-    cfg = ctx.cfg.model_copy(deep=True)
+    """The :class:`~kmedtl.training.config.RunConfig` training sees: the pipeline's, with
+    the train section of ``tuning/best_config.yaml`` when the pipeline tunes (and ``tuned``), and
+    ``train.weights`` = the pretrained backbone when the pipeline pretrains (derived and
+    validated again, never edited in place)."""
+    update: dict = {}
     if tuned and "tune" in ctx.spec.stages:
-        section = dict(read_best(ctx)["train"])
-        section["verbose"] = ctx.pipe.train.verbose  # verbosity does not rerun the search
-        cfg.train = section
+        update.update(read_best(ctx).train.model_dump())
+        update["verbose"] = ctx.pipe.train.verbose  # verbosity does not rerun the search
     if "pretrain" in ctx.spec.stages:
-        cfg.train = {**cfg.train, "weights": str(ctx.run_dir / "pretrain" /
-                                                 "backbone.weights.h5")}
-    return cfg
+        update["weights"] = str(ctx.run_dir / "pretrain" / "backbone.weights.h5")
+    return ctx.cfg.derive(ctx.pipe.label, train=update) if update else ctx.cfg
 
 
 class _DieAt:
@@ -550,9 +542,6 @@ def stage_train(ctx: Context, *, resume: bool) -> StageOutput:
     if not resume:  # a different config's half-finished run must not be resumed
         shutil.rmtree(run / "backup", ignore_errors=True)
     cfg = train_config(ctx)  # the tune and pretrain stages change only its train section
-    # the section load_pipeline validated, unless the tune or pretrain stage changed it
-    tc = (ctx.pipe.train if not {"tune", "pretrain"} & set(ctx.spec.stages)
-          else train_section(cfg, ctx.pipe.label))
     # Training gets the data this process prepared (once: the split stage's, when it ran
     # here).  A resumed pipeline prepares it afresh, so check it against the split file
     # the split stage wrote before spending any time on training.
@@ -564,7 +553,7 @@ def stage_train(ctx: Context, *, resume: bool) -> StageOutput:
                                  "the data gives now (the data changed while the pipeline "
                                  "ran?); rerun with --force split")
     run_training(cfg, run, overwrite=not resume, label=ctx.pipe.label, callbacks=callbacks,
-                 fold=ctx.spec.fold, train=tc, prepared=prep)
+                 fold=ctx.spec.fold, prepared=prep)
     rf = ctx.folder  # a fresh view: training wrote its files
     m = rf.train_metrics
     keep = ("model", "backbone", "cut", "fold", "n_train", "n_val", "n_test", "monitor",
@@ -572,10 +561,10 @@ def stage_train(ctx: Context, *, resume: bool) -> StageOutput:
             "train_metrics", "timings", "jit_compile", "precision", "backend")
     out = {k: m.get(k) for k in keep if k in m}
     out["epochs_run"] = len(m["epochs"]) if isinstance(m.get("epochs"), list) else m.get("epochs")
-    out["weights"] = cfg.train.get("weights")
+    out["weights"] = cfg.train.weights
     if "tune" in ctx.spec.stages:  # which hyperparameters came from the search
-        best = read_best(ctx)
-        tuned = {"source": str(Path(TUNING_DIR) / "best.json"),
+        best = read_search(ctx)
+        tuned = {"source": str(best_path(".")),
                  "objective": best.get("objective"), "best_trial": best.get("best_trial"),
                  "best_score": best.get("best_score"),
                  "hyperparameters": best.get("hyperparameters"),
@@ -592,7 +581,7 @@ def stage_train(ctx: Context, *, resume: bool) -> StageOutput:
 def stage_evaluate(ctx: Context) -> StageOutput:
     fail_hook("evaluate")
     e = ctx.spec.evaluate
-    doc = evaluate_run(ctx.run_dir, fold=ctx.spec.fold, **e.model_dump())
+    doc = evaluate_run(ctx.run_dir, fold=ctx.spec.fold, indexed=ctx.index(), **e.model_dump())
     binary = doc.get("binary") or {}
     result = {"n_test": doc.get("n_test"), "headline": doc.get("headline"),
               "bootstrap": doc.get("bootstrap"),
@@ -640,7 +629,7 @@ def stage_export(ctx: Context) -> StageOutput:
     report = export.export_run(ctx.run_dir, formats=tuple(x.formats), out_dir=out_dir,
                             verify=x.verify, tflite_variants=tuple(x.tflite_variants),
                             opset=x.opset, representative_samples=x.representative_samples,
-                            quantized_gate=x.quantized_gate)
+                            quantized_gate=x.quantized_gate, indexed=ctx.index())
     doc = _to_dict(report)
     verified = bool(getattr(report, "verified", False))
     where = getattr(report, "out_dir", out_dir)

@@ -8,7 +8,8 @@ package registers its serializable objects (``kmedtl>DiscriminativeOptimizer``,
 Parts, each usable alone
 ------------------------
 - :class:`Trainer` / :func:`fine_tune` -- the fit loop (:mod:`~kmedtl.training.trainer`);
-- :class:`TrainSection` / :func:`train_section` -- the typed ``train:`` config;
+- :class:`RunConfig` / :func:`load_run_config` -- the whole run config, validated once at
+  load; :class:`TrainSection` / :func:`train_section` -- its typed ``train:`` section;
 - freezing: :func:`freeze_backbone`, :func:`freeze_batchnorm`, :func:`freeze_below`,
   :func:`freeze_first`,
   :func:`unfreeze_all`, :func:`layer_groups`, :func:`group_multipliers`,
@@ -17,6 +18,9 @@ Parts, each usable alone
 - schedules: :class:`OneCycle`, :class:`OneCycleMomentum`, :class:`OffsetSchedule`,
   :class:`ExponentialSweep`, :func:`make_schedule` (cosine and step are Keras');
 - :func:`lr_find` -- the LR range test with a loss-vs-LR plot;
+- :func:`kmedtl.training.pretrain.pretrain` -- same-domain pretraining of a backbone
+  (SimCLR, rotation, supervised), saved atomically; ``kmedtl run``'s pretrain stage and the
+  study both call it (not re-exported here: the name is its module's);
 - :class:`SparseAUC`, :class:`CohenKappa`, :class:`SmoothedSparseCategoricalCrossentropy`;
 - :class:`FeatureCache`, :func:`split_at_features` -- cached frozen-backbone features;
 - tuning (imported on first use): :class:`TransferHyperModel`, :func:`run_search`,
@@ -92,10 +96,13 @@ from kmedtl.models.precision import precision_policy, resolve_precision
 from kmedtl.training.config import (
     MultiInputSection,
     OneCycleSection,
+    RunConfig,
     StagedSection,
     TrainSection,
     TuneSection,
+    load_run_config,
     resolved_config,
+    run_config,
     train_section,
 )
 from kmedtl.training.features import FeatureCache, split_at_features
@@ -155,6 +162,7 @@ __all__ = [
     "SparseAUC",
     "MultiInputSection",
     "RECOMMENDED_RECIPE",
+    "RunConfig",
     "StagedSection",
     "TrainResult",
     "TrainSection",
@@ -170,6 +178,7 @@ __all__ = [
     "freeze_first",
     "group_multipliers",
     "layer_groups",
+    "load_run_config",
     "lr_find",
     "make_optimizer",
     "make_schedule",
@@ -180,6 +189,7 @@ __all__ = [
     "resolved_config",
     "run_lr_find",
     "run_search",
+    "run_config",
     "run_training",
     "run_tuning",
     "save_inference_model",

@@ -16,14 +16,15 @@ import argparse
 import json
 import os
 
-from kmedtl.config import load_config, parse_set
+from kmedtl.config import parse_set
 from kmedtl.training import data_parallel as dp
+from kmedtl.training.config import load_run_config
 from kmedtl.training.learning_curve import METRICS, parse_sizes, run_learning_curve
 from kmedtl.training.stage import run_lr_find, run_training, run_tuning
 
 
-def _config(path):
-    return load_config(path)
+def _config(path):  # every section, train included, validated here, once
+    return load_run_config(path)
 
 
 def _cluster_env(args) -> None:
@@ -80,7 +81,7 @@ def cmd_lr_find(args) -> int:
 
 def _config_with_overrides(path, items):
     """The run config at ``path`` with ``--set KEY=VALUE`` overrides merged in."""
-    return load_config(path, overrides=parse_set(items))
+    return load_run_config(path, overrides=parse_set(items))
 
 
 def cmd_learning_curve(args) -> int:

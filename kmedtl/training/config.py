@@ -1,7 +1,12 @@
-"""The ``train:`` section of a run config, typed.
+"""The run config, typed: :class:`RunConfig` and its ``train:`` section.
 
 :class:`kmedtl.config.Config` keeps ``train`` as a free mapping (the data layer does not
-know about training); :func:`train_section` validates it into a :class:`TrainSection`.
+know about training).  :class:`RunConfig` is the config training, tuning and ``kmedtl run``
+take: every section validated once, when the file is loaded (:func:`load_run_config`),
+``train`` as a :class:`TrainSection`, and the rules that span sections (normalisation,
+image size vs backbone) checked there too.  Variants are derived with
+:meth:`RunConfig.derive` / :meth:`TrainSection.derive`, which validate again.
+:func:`train_section` validates a bare ``train`` mapping (the Python API).
 Errors are one :class:`~kmedtl.errors.ConfigError` whose lines name ``train.<field>``, what
 was given and what is allowed, worded by :func:`kmedtl.schema.format_validation_error`::
 
@@ -11,18 +16,21 @@ was given and what is allowed, worded by :func:`kmedtl.schema.format_validation_
 
 Example::
 
-    >>> cfg = train_section({"backbone": "cbr_tiny", "strategy": "linear_probe"})
-    >>> cfg.epochs, cfg.optimizer, cfg.strategy
+    >>> cfg = run_config(Config(train={"backbone": "cbr_tiny", "strategy": "linear_probe"}))
+    >>> cfg.train.epochs, cfg.train.optimizer, cfg.train.strategy
     (10, 'adam', 'linear_probe')
+    >>> cfg.derive(train={"epochs": 3}).train.epochs  # a variant, validated again
+    3
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal, Union
 
 from pydantic import Field, field_validator, model_validator
 
-from kmedtl.config import Config, apply_recipe
+from kmedtl.config import Config, apply_recipe, load_config
 from kmedtl.errors import ConfigError
 from kmedtl.models.backbones import backbone_names, get_spec
 from kmedtl.schema import Strict, validate
@@ -201,6 +209,14 @@ class TrainSection(Strict):
     multi_input: MultiInputSection = Field(default_factory=MultiInputSection)
     tune: TuneSection = Field(default_factory=TuneSection)
 
+    def derive(self, label: str = "config", **update) -> TrainSection:
+        """A variant of this section (a tune result, a pretrain stage, a study arm): ``update``
+        applied, nested sections merged, and every validator run again.  Not pydantic's
+        ``model_copy(update=...)``, which skips validation and so would let a variant carry a
+        combination the validators refuse (``strategy: fine_tune`` with ``epochs`` no larger
+        than ``head_epochs``)."""
+        return _validated(self.model_dump(), label, update)
+
     @field_validator("backbone")
     @classmethod
     def _known_backbone(cls, v):
@@ -280,7 +296,11 @@ class _Wrapper(Strict):
 def train_section(source: Any = None, label: str = "config", **overrides) -> TrainSection:
     """Validate a ``train`` mapping (or a :class:`kmedtl.config.Config`, or a
     :class:`TrainSection`) with ``overrides`` applied; errors name ``train.<field>``."""
-    if isinstance(source, Config):
+    if isinstance(source, RunConfig):
+        if not overrides:
+            return source.train
+        raw = source.train.model_dump()
+    elif isinstance(source, Config):
         raw = dict(source.train)
     elif isinstance(source, TrainSection):
         raw = source.model_dump()
@@ -290,7 +310,13 @@ def train_section(source: Any = None, label: str = "config", **overrides) -> Tra
         raw = dict(source)
     else:
         raise ConfigError(f"{label}: train must be a mapping, got {type(source).__name__}")
-    raw = apply_recipe(raw, label)
+    return _validated(apply_recipe(raw, label), label, overrides)
+
+
+def _validated(raw: dict, label: str, overrides: dict) -> TrainSection:
+    """``raw`` with ``overrides`` applied (a mapping merged into a nested section), as a
+    validated :class:`TrainSection` whose errors name ``train.<field>``."""
+    raw = dict(raw)
     for key, value in overrides.items():
         if isinstance(value, dict) and isinstance(raw.get(key), dict):
             raw[key] = {**raw[key], **value}
@@ -299,12 +325,95 @@ def train_section(source: Any = None, label: str = "config", **overrides) -> Tra
     return validate(_Wrapper, {"train": raw}, label).train
 
 
-def resolved_config(cfg, train: TrainSection, hierarchy=None) -> dict:
+class RunConfig(Config):
+    """The whole run config, typed from end to end: :class:`~kmedtl.config.Config`'s data,
+    split and augment sections with ``train`` validated into a :class:`TrainSection`, and
+    the rules that span sections checked here, once, when the config is loaded -- before
+    any audit, cache or split runs.
+
+    What training, tuning and ``kmedtl run`` take.  A variant (a tune result, a pretrained
+    backbone, a study arm, ``--epochs``) is made with :meth:`derive`, never by editing a
+    mapping.  The data layer keeps the plain :class:`~kmedtl.config.Config` (it does not
+    know about training); :func:`run_config` lifts one into a ``RunConfig``.
+    """
+
+    train: TrainSection = Field(default_factory=TrainSection)
+
+    @field_validator("train", mode="before")
+    @classmethod
+    def _expand_recipe(cls, v):  # replaces Config's: here the recipe feeds the typed section
+        if isinstance(v, dict):
+            try:
+                return apply_recipe(v, "config")
+            except ConfigError as exc:
+                raise ValueError(str(exc).removeprefix("config: train.")) from None
+        return v
+
+    @model_validator(mode="after")
+    def _across_sections(self):
+        if self.data.normalization != "unit":
+            raise ValueError(
+                f"data.normalization: kmedtl models normalise inside the model and take "
+                f"images in [0, 1]; set data.normalization: unit (got "
+                f"{self.data.normalization!r})")
+        size = self.data.image.size
+        smallest = min(size) if isinstance(size, tuple) else size
+        names = [self.train.backbone, *(self.train.tune.backbones or [])]
+        for name in dict.fromkeys(names):
+            try:
+                need = get_spec(name).min_size
+            except Exception:  # an unknown tune.backbones entry: the tuner names it
+                continue
+            if smallest < need:
+                where = ("train.backbone" if name == self.train.backbone
+                         else "train.tune.backbones")
+                raise ValueError(
+                    f"data.image.size: {where} {name!r} needs images of at least "
+                    f"{need}x{need} pixels (got {size}); set data.image.size: {need} or "
+                    "more, or choose another backbone")
+        return self
+
+    def derive(self, label: str = "config", *, train: TrainSection | dict | None = None,
+               **sections) -> RunConfig:
+        """A validated variant of this config.  ``train``: a whole :class:`TrainSection`
+        (replaces the section) or a mapping of fields (merged, as
+        :meth:`TrainSection.derive`); other keywords replace whole sections.  Every
+        validator, the cross-section ones included, runs again."""
+        raw = self.model_dump()
+        if isinstance(train, TrainSection):
+            raw["train"] = train.model_dump()
+        elif train:
+            raw["train"] = self.train.derive(label, **train).model_dump()
+        for key, value in sections.items():
+            raw[key] = value.model_dump() if hasattr(value, "model_dump") else value
+        return validate(RunConfig, raw, label)
+
+
+def run_config(source: Any, label: str = "config") -> RunConfig:
+    """``source`` as a :class:`RunConfig`: returned as is when it is one, validated from a
+    :class:`~kmedtl.config.Config` (its paths are already resolved) or a YAML path
+    (:func:`load_run_config`)."""
+    if isinstance(source, RunConfig):
+        return source
+    if isinstance(source, Config):
+        return validate(RunConfig, source.model_dump(), label)
+    if isinstance(source, (str, Path)):
+        return load_run_config(source)
+    raise ConfigError(f"{label}: expected a run config (a YAML path or a loaded config), got "
+                      f"{type(source).__name__}")
+
+
+def load_run_config(source, base_dir=None, overrides: dict | None = None) -> RunConfig:
+    """:func:`kmedtl.config.load_config` (paths resolved once, ``overrides`` merged) into a
+    :class:`RunConfig`: every section, ``train`` included, validated at load."""
+    return load_config(source, base_dir, overrides, schema=RunConfig)
+
+
+def resolved_config(cfg: RunConfig, hierarchy=None) -> dict:
     """The whole run config as written to ``config.yaml``: every default filled in, the
     ``train`` section validated and the label tree inlined (so the run folder is
     self-contained)."""
     out = cfg.model_dump(mode="json")
-    out["train"] = train.model_dump(mode="json")
     if hierarchy is not None:
         out["data"]["hierarchy"] = hierarchy.to_config()
     return out

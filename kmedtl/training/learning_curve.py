@@ -40,9 +40,8 @@ from kmedtl.evaluation.learning_curves import learning_curve, summarise_learning
 from kmedtl.evaluation.metrics import classification_metrics
 from kmedtl.evaluation.stage import predict
 from kmedtl.jsonio import atomic_write
-from kmedtl.training.config import train_section
+from kmedtl.training.config import run_config
 from kmedtl.training.stage import (
-    _check_data,
     build_model,
     check_weight_scaling,
     model_inputs,
@@ -98,13 +97,13 @@ def run_learning_curve(cfg, sizes, seeds: int = 3, *, out=None, fold: int = 0,
         raise ConfigError(f"--seeds: {seeds}; give the number of seeds, >= 1")
     if metric not in METRICS:
         raise ConfigError(f"--metric: {metric!r} is not one of {list(METRICS)}")
-    tc = train_section(cfg, label, verbose=0, tensorboard=False)
+    cfg = run_config(cfg, label).derive(label, train={"verbose": 0, "tensorboard": False})
+    tc = cfg.train
     if tc.model == "staged":
         raise ConfigError("train.model: learning-curve trains one Keras model per point; use "
                           "flat, hierarchical or multi_input (e.g. --set train.model=hierarchical)")
-    _check_data(cfg)
     check_weight_scaling(tc)
-    inputs = model_inputs(cfg, tc)
+    inputs = model_inputs(cfg)
     primary = primary_input(cfg.data)
     out_dir = Path(out) if out else run_folder(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -151,7 +150,7 @@ def run_learning_curve(cfg, sizes, seeds: int = 3, *, out=None, fold: int = 0,
                                 **common)
         steps = tc.steps_per_epoch or (math.ceil(len(subset) / tc.batch_size)
                                        if cfg.data.balance == "sampling" else None)
-        model = build_model(train_section(tc, seed=seed), h, prep.options.shape, inputs)
+        model = build_model(tc.derive(seed=seed), h, prep.options.shape, inputs)
         Trainer(model, tc, seed=seed).fit(train_ds, val_ds, steps_per_epoch=steps,
                                           evaluate=False)
         pred = predict(model, test_samples, h, prep.options, batch_size=tc.batch_size,

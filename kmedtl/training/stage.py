@@ -34,7 +34,7 @@ from kmedtl.training.build import (  # noqa: F401  (build_backbone, targets_for:
     check_weight_scaling,
     targets_for,
 )
-from kmedtl.training.config import TrainSection, resolved_config, train_section
+from kmedtl.training.config import RunConfig, resolved_config, run_config
 from kmedtl.training.distribute import enable_determinism, get_strategy, strategy_scope
 from kmedtl.training.features import FeatureCache, materialise
 from kmedtl.training.freezing import plan_phases
@@ -43,20 +43,16 @@ from kmedtl.training.trainer import Trainer, save_inference_model
 
 
 # ---------------------------------------------------------------------------- data
-def _check_data(cfg):
-    if cfg.data.normalization != "unit":
-        raise ConfigError(f"data.normalization: kmedtl models normalise inside the model and "
-                          f"take images in [0, 1]; set data.normalization: unit (got "
-                          f"{cfg.data.normalization!r})")
-
-
-def datasets(cfg, prep, tc: TrainSection, targets: str, fold: int = 0) -> dict:
+# Every function here takes one RunConfig (kmedtl.training.config): its train section is
+# validated, and the rules across sections (data.normalization, image size vs backbone)
+# checked, when it was loaded.
+def datasets(cfg: RunConfig, prep, targets: str, fold: int = 0) -> dict:
     """``train`` (shuffled, augmented, balanced as ``data.balance``), ``train_eval``
     (plain), ``val`` (or None) and the step count for one epoch."""
     # lazy: tf.data loads TensorFlow, absent under KERAS_BACKEND=jax
     from kmedtl.data.pipeline import make_dataset
 
-    _check_data(cfg)
+    tc = cfg.train
     common = dict(hierarchy=prep.hierarchy, options=prep.options, cache=prep.cache,
                   batch_size=tc.batch_size, targets=targets, normalization="unit",
                   decoder=cfg.data.decoder, primary_input=primary_input(cfg.data))
@@ -77,9 +73,10 @@ def datasets(cfg, prep, tc: TrainSection, targets: str, fold: int = 0) -> dict:
     return out
 
 
-def model_inputs(cfg, tc: TrainSection) -> list[str] | None:
-    """The image inputs the model of ``tc`` takes (``multi_input``: checked, at least two),
-    else ``None``; a multi-image source for a single-image model is an error."""
+def model_inputs(cfg: RunConfig) -> list[str] | None:
+    """The image inputs the configured model takes (``multi_input``: checked, at least
+    two), else ``None``; a multi-image source for a single-image model is an error."""
+    tc = cfg.train
     names = input_names(cfg.data)
     if tc.model == "multi_input":
         return check_multi_input(tc, names)
@@ -90,7 +87,7 @@ def model_inputs(cfg, tc: TrainSection) -> list[str] | None:
     return None
 
 
-def check_tunable(tc: TrainSection) -> None:
+def check_tunable(tc) -> None:
     """The tuner searches single-input backbones/cuts/strategies: not ``multi_input``."""
     if tc.model == "multi_input":
         raise ConfigError("train.model: the search (kmedtl tune, the 'tune' stage) builds "
@@ -117,10 +114,10 @@ def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
     rf.path.mkdir(parents=True, exist_ok=True)
 
 
-def write_provenance(run_dir: Path, cfg, tc: TrainSection, prep) -> None:
+def write_provenance(run_dir: Path, cfg: RunConfig, prep) -> None:
     """``config.yaml`` (resolved), ``splits.json`` and ``audit.json``, each atomically."""
     rf = RunFolder(run_dir)
-    rf.write_config(resolved_config(cfg, tc, prep.hierarchy))
+    rf.write_config(resolved_config(cfg, prep.hierarchy))
     rf.write_splits(prep.splits, root=prep.index.root)
     rf.write_audit(public(prep.report))
 
@@ -128,40 +125,40 @@ def write_provenance(run_dir: Path, cfg, tc: TrainSection, prep) -> None:
 # ---------------------------------------------------------------------------- train
 def run_training(cfg, run_dir=None, *, epochs: int | None = None, overwrite: bool = False,
                  label: str = "config", callbacks=(), fold: int = 0,
-                 train: TrainSection | None = None, prepared: Prepared | None = None):
+                 prepared: Prepared | None = None):
     """``kmedtl train``: prepare data, build, train, write ``runs/<name>/``.
 
     Returns the :class:`~kmedtl.training.TrainResult` (staged runs: a dict).  An
     interrupted run (``backup/`` holds its state) resumes when called again.  ``fold``
     picks the fold of a k-fold / repeated split (recorded as ``"fold"`` in
-    ``train_metrics.json``).  ``train``: the already validated train section (``kmedtl
-    run`` passes the one it validated when the pipeline loaded); default: ``cfg.train``.
-    ``prepared``: the data already prepared from ``cfg``'s data and split sections
+    ``train_metrics.json``).  ``cfg``: a :class:`~kmedtl.training.config.RunConfig`
+    (``kmedtl run`` passes the one its pipeline loaded, with the tune and pretrain stages'
+    results derived into it), or a config :func:`~kmedtl.training.config.run_config`
+    lifts into one.  ``prepared``: the data already prepared from ``cfg``'s data and split sections
     (``kmedtl run`` passes the one its split stage wrote, so the data is indexed, audited,
     cached and split once); default: :func:`~kmedtl.data.prepare.prepare` ``(cfg)``.
     """
     t0 = time.perf_counter()
-    overrides = {"epochs": epochs} if epochs else {}
-    if train is None or overrides:
-        tc = train_section(train if train is not None else cfg, label, **overrides)
-    else:
-        tc = train
-    _check_data(cfg)
+    cfg = run_config(cfg, label)
+    if epochs:
+        cfg = cfg.derive(label, train={"epochs": epochs})
+    tc = cfg.train
     check_weight_scaling(tc)
-    inputs = model_inputs(cfg, tc)
+    inputs = model_inputs(cfg)
     run_dir = run_folder(cfg, run_dir)
     dp = data_parallel.activate() if tc.distribution is not None else None
     if dp is not None and not data_parallel.is_chief():  # only process 0 writes the run folder
-        return _train_locked(cfg, run_dir, tc, inputs, overwrite=overwrite, fold=fold,
+        return _train_locked(cfg, run_dir, inputs, overwrite=overwrite, fold=fold,
                              prepared=prepared, callbacks=callbacks, t0=t0, dp=dp)
     # one writer per run folder (kmedtl.ownership): a second one stops here, naming this
     with run_lock(run_dir, "kmedtl train"):
-        return _train_locked(cfg, run_dir, tc, inputs, overwrite=overwrite, fold=fold,
+        return _train_locked(cfg, run_dir, inputs, overwrite=overwrite, fold=fold,
                              prepared=prepared, callbacks=callbacks, t0=t0, dp=dp)
 
 
-def _train_locked(cfg, run_dir: Path, tc: TrainSection, inputs, *, overwrite, fold,
-                  prepared, callbacks, t0, dp=None):
+def _train_locked(cfg: RunConfig, run_dir: Path, inputs, *, overwrite, fold, prepared,
+                  callbacks, t0, dp=None):
+    tc = cfg.train
     writer = dp is None or data_parallel.is_chief()
     if writer:
         prepare_run_dir(run_dir, overwrite)
@@ -173,12 +170,12 @@ def _train_locked(cfg, run_dir: Path, tc: TrainSection, inputs, *, overwrite, fo
         raise ConfigError(f"--fold {fold}: the split has {len(prep.splits.folds)} fold(s) "
                           f"(split.method: {cfg.split.method})")
     if writer:
-        write_provenance(run_dir, cfg, tc, prep)
+        write_provenance(run_dir, cfg, prep)
     # the data preparation counts even when the caller did it (kmedtl run's split stage)
     prepare_seconds = time.perf_counter() - t0 + (prep.seconds if prepared is not None else 0)
     if tc.model == "staged":
-        return run_staged(cfg, tc, prep, run_dir, prepare_seconds, fold)
-    data = datasets(cfg, prep, tc, targets_for(tc), fold)
+        return run_staged(cfg, prep, run_dir, prepare_seconds, fold)
+    data = datasets(cfg, prep, targets_for(tc), fold)
     if dp is not None:  # whole global batches, this process keeps its slice of each
         data_parallel.check_batch(tc.batch_size, dp["devices"])
         for key, n in (("train", None if data["steps_per_epoch"] else data["n_train"]),
@@ -219,18 +216,19 @@ def _arrays(dataset):
     return materialise(dataset)
 
 
-def run_staged(cfg, tc: TrainSection, prep, run_dir: Path, prepare_seconds: float,
+def run_staged(cfg: RunConfig, prep, run_dir: Path, prepare_seconds: float,
                fold: int = 0) -> dict:
     """The staged hierarchical workflow (level-1, level-2 with hierarchy transfer,
     out-of-fold stacking) from one config; each node model is trained by the Trainer with
     ``train.strategy``/schedule/multipliers.  History rows carry ``stage`` and ``fold``."""
     t0 = time.perf_counter()
-    data = datasets(cfg, prep, tc, "leaf", fold)
+    tc = cfg.train
+    data = datasets(cfg, prep, "leaf", fold)
     h = prep.hierarchy
     x_tr, y_tr = _arrays(data["train_eval"])
     labels = [h.leaves[int(i)] for i in y_tr]
     rows: list[dict] = []
-    node_cfg = train_section(tc, model="flat", verbose=0)
+    node_cfg = tc.derive(model="flat", verbose=0)
 
     def fit_fn(model, x, y, *, name, fold, indices):
         result = Trainer(model, node_cfg).fit((x, np.asarray(y)))
@@ -299,16 +297,17 @@ def run_lr_find(cfg, out_png=None, *, steps: int = 200, start_lr: float = 1e-7,
     """``kmedtl lr-find``: sweep the LR on the configured model in the state it starts
     training in (the strategy's first phase); writes the PNG (default
     ``<run>/lr_find.png``) and ``lr_find.json`` beside it."""
-    tc = train_section(cfg, label)
+    cfg = run_config(cfg, label)
+    tc = cfg.train
     check_weight_scaling(tc)
     if tc.model == "staged":
         raise ConfigError("train.model: lr-find needs one Keras model; use flat, "
                           "hierarchical or multi_input (the staged workflow trains one model "
                           "per node)")
-    inputs = model_inputs(cfg, tc)
+    inputs = model_inputs(cfg)
     keras.utils.set_random_seed(tc.seed)
     prep = prepare(cfg)
-    data = datasets(cfg, prep, tc, targets_for(tc))
+    data = datasets(cfg, prep, targets_for(tc))
     model = build_model(tc, prep.hierarchy, prep.options.shape, inputs)
     plan_phases(tc, model, tc.epochs)[0].apply(model)
     result = lr_find(model, data["train"], start_lr=start_lr, end_lr=end_lr, steps=steps,
@@ -333,8 +332,10 @@ def run_tuning(cfg, run_dir=None, *, label: str = "config", overwrite: bool | No
                                    "epochs": epochs}.items() if v is not None}
     if overwrite is not None:
         tune_over["overwrite"] = overwrite
-    tc = train_section(cfg, label, **({"tune": tune_over} if tune_over else {}))
-    _check_data(cfg)
+    cfg = run_config(cfg, label)
+    if tune_over:
+        cfg = cfg.derive(label, train={"tune": tune_over})
+    tc = cfg.train
     check_weight_scaling(tc)
     if tc.model == "staged":
         raise ConfigError("train.model: the search builds one Keras model per trial; tune "
@@ -345,17 +346,17 @@ def run_tuning(cfg, run_dir=None, *, label: str = "config", overwrite: bool | No
     # one writer per run folder (kmedtl.ownership; none for KerasTuner's chief/workers,
     # which share the folder by design): a second one stops here, naming this one
     with run_lock(rf.path, "kmedtl tune"):
-        return _tune_locked(cfg, rf, tc, run_search, TransferHyperModel, verbose)
+        return _tune_locked(cfg, rf, run_search, TransferHyperModel, verbose)
 
 
-def _tune_locked(cfg, rf: RunFolder, tc: TrainSection, run_search, TransferHyperModel,
-                 verbose):
+def _tune_locked(cfg: RunConfig, rf: RunFolder, run_search, TransferHyperModel, verbose):
+    tc = cfg.train
     run_dir, tdir = rf.path, rf.tuning_dir
     tdir.mkdir(parents=True, exist_ok=True)
     keras.utils.set_random_seed(tc.tune.seed)
     prep = prepare(cfg)
-    write_provenance(run_dir, cfg, tc, prep)
-    data = datasets(cfg, prep, tc, targets_for(tc))
+    write_provenance(run_dir, cfg, prep)
+    data = datasets(cfg, prep, targets_for(tc))
     if data["val"] is None:
         raise ConfigError("split.val: the search needs a validation split (split.val > 0)")
     cache = None
@@ -368,7 +369,7 @@ def _tune_locked(cfg, rf: RunFolder, tc: TrainSection, run_search, TransferHyper
     result = run_search(hm, data["train"], data["val"], directory=tdir,
                         epochs=tc.tune.epochs or tc.epochs, verbose=verbose)
     if result.best_section is not None:
-        best = resolved_config(cfg, result.best_section, prep.hierarchy)
+        best = resolved_config(cfg.derive(train=result.best_section), prep.hierarchy)
         result.files["best_config"] = rf.write_best_config(best)
     return result
 

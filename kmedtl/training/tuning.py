@@ -45,7 +45,7 @@ from keras_tuner.src.distribute import utils as kt_distribute  # chief/worker (n
 from kmedtl import models  # looked up per call, as kmedtl.models.<name> (patchable there)
 from kmedtl.errors import ConfigError, KmedtlError
 from kmedtl.training.build import build_model
-from kmedtl.training.config import TrainSection, TuneSection, train_section
+from kmedtl.training.config import TrainSection, TuneSection
 from kmedtl.training.features import FeatureCache, array_digest, materialise, split_at_features
 from kmedtl.training.freezing import backbone_layers, freeze_backbone, stage_groups
 from kmedtl.training.metrics import infer_mode, resolve_monitor
@@ -165,7 +165,7 @@ class TransferHyperModel(kt.HyperModel):
         self._cut_names: dict[str, list] = {}
         self._arrays: dict[str, tuple] = {}
         for fam in self.families:  # fail early on an unknown family
-            train_section(base, backbone=fam)
+            base.derive(backbone=fam)
 
     # -------------------------------------------------------------- space
     def cuts(self, family: str) -> list[str]:
@@ -266,7 +266,7 @@ class TransferHyperModel(kt.HyperModel):
                 upd["lr_multipliers"] = None
             else:
                 upd["head_epochs"] = min(self.base.head_epochs, epochs - 1)
-        return train_section(self.base, **upd)
+        return self.base.derive(**upd)
 
     # -------------------------------------------------------------- HyperModel API
     def build(self, hp):
@@ -276,9 +276,9 @@ class TransferHyperModel(kt.HyperModel):
         # Same family + cut -> same initial weights in every trial (and a reusable
         # feature cache for frozen backbones).
         keras.utils.set_random_seed(self.tune.seed)
-        cfg = train_section(self.base, backbone=values["backbone"], cut=values["cut"],
-                            dropout=float(values["dropout"]), strategy="full",
-                            freeze_below=None, freeze_layers=None, unfreeze_at=[])
+        cfg = self.base.derive(backbone=values["backbone"], cut=values["cut"],
+                               dropout=float(values["dropout"]), strategy="full",
+                               freeze_below=None, freeze_layers=None, unfreeze_at=[])
         return build_model(cfg, self.hierarchy, self.input_shape)
 
     def fit(self, hp, model, *args, **kwargs):
@@ -310,7 +310,7 @@ class TransferHyperModel(kt.HyperModel):
         ftr = self.feature_cache.features(extractor, xtr, ktr)
         fva = self.feature_cache.features(extractor, xva, kva)
         args = Trainer(model, cfg).compile_args()
-        head_cfg = train_section(cfg, strategy="full", lr_multipliers=None)
+        head_cfg = cfg.derive(strategy="full", lr_multipliers=None)
         result = Trainer(head, head_cfg, callbacks=[_OnModel(c, model, head) for c in callbacks],
                          loss=args["loss"], metrics=args["metrics"],
                          loss_weights=args.get("loss_weights"), verbose=verbose).fit(
