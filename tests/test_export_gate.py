@@ -161,7 +161,8 @@ def _stage_ctx(tmp_path, **export):
 
     RunFolder(tmp_path).stages_dir.mkdir(parents=True, exist_ok=True)  # the runner's
     return SimpleNamespace(spec=SimpleNamespace(export=ExportSection(**export)),
-                           run_dir=tmp_path, folder=RunFolder(tmp_path))
+                           run_dir=tmp_path, folder=RunFolder(tmp_path),
+                           index=lambda: None)  # the run's data index (export_run is faked)
 
 
 def _fake_report(tmp_path, gate: str):

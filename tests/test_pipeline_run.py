@@ -13,9 +13,10 @@ import yaml
 from test_training_helpers import TINY, TREE, write_images
 
 from kmedtl.cli import main as kmedtl_main
+from kmedtl.data.leakage import pretrain_pool
 from kmedtl.errors import ConfigError, DatasetNotFoundError
 from kmedtl.pipeline import load_pipeline, run_pipeline
-from kmedtl.pipeline.stages import FAIL_ENV, SimulatedInterruption, pretrain_pool
+from kmedtl.pipeline.stages import FAIL_ENV, SimulatedInterruption
 
 UNTIL_EVALUATE = ["audit", "split", "train", "evaluate"]
 

@@ -374,9 +374,9 @@ def test_pretrain_pool_leaves_out_similar_and_excluded_images():
     set) nor one linked by similar content to a val/test image."""
     from types import SimpleNamespace
 
+    from kmedtl.data.leakage import pretrain_pool
     from kmedtl.data.sources import DatasetIndex, Sample
     from kmedtl.data.splits import Fold, Splits
-    from kmedtl.pipeline.stages import pretrain_pool
 
     samples = [Sample(f"/d/{n}.png", "x") for n in ("tr", "va", "te", "free", "look", "ext")]
     ids = [x.id for x in samples]

@@ -50,8 +50,8 @@ import keras
 import numpy as np
 
 from kmedtl import export, jsonio
-from kmedtl.data import splits as splitlib
-from kmedtl.data.audit import dicom_patients, public
+from kmedtl.data import leakage
+from kmedtl.data.audit import public
 from kmedtl.data.pipeline import make_dataset
 from kmedtl.data.prepare import load_index, prepare
 from kmedtl.data.splits import Splits
@@ -171,32 +171,6 @@ def stage_audit(ctx: Context) -> StageOutput:
 
 
 # ------------------------------------------------------------------------------ split
-#: Correlation at which the split reports test images with a train/val look-alike.
-NEIGHBOUR_REPORT_R = 0.95
-
-
-def similar_neighbours(links, fold, r_min: float = NEIGHBOUR_REPORT_R,
-                       linked_from: float = 0.0) -> dict:
-    """How many test images have a train or validation image whose thumbnail correlates
-    ``>= r_min`` with theirs (the audit's similarity links; reported whatever
-    ``split.dedupe`` is, so a split grouped only by exact or pHash duplicates shows what
-    it leaves across).  The audit keeps links from ``linked_from`` (the similarity
-    threshold) up, so the count is complete only when ``r_min >= linked_from``; otherwise
-    ``r_min`` is raised to it and the record says so."""
-    r_min = max(r_min, linked_from)
-    test = set(fold.test)
-    seen = set(fold.train) | set(fold.val)
-    hit = set()
-    for a, b, r in links:
-        if r >= r_min:
-            if a in test and b in seen:
-                hit.add(a)
-            elif b in test and a in seen:
-                hit.add(b)
-    return {"r_min": r_min, "count": len(hit), "test": len(test),
-            "share": round(len(hit) / len(test), 4) if test else 0.0}
-
-
 def stage_split(ctx: Context) -> StageOutput:
     fail_hook("split")
     prep = ctx.prepared()
@@ -205,39 +179,15 @@ def stage_split(ctx: Context) -> StageOutput:
     out = ctx.folder.pipeline_splits_path
     out.parent.mkdir(parents=True, exist_ok=True)
     splits.save(str(out), root=prep.index.root)
-    # --- independent leakage check on the fold used downstream
-    assign = fold.assignment()
+    # --- independent leakage check on the fold used downstream (kmedtl.data.leakage)
     internal = prep.report["_internal"]
-    by_digest: dict = {}
-    for sid, d in internal["digests"].items():
-        if sid in assign:
-            by_digest.setdefault((d, sid.rsplit("#", 1)[1] if "#" in sid else None),
-                                 set()).add(assign[sid])
-    exact_cross = sum(1 for parts in by_digest.values() if len(parts) > 1)
-    near_cross = sum(1 for a, b in internal["near_pairs"]
-                     if a in assign and b in assign and assign[a] != assign[b])
-    similar_cross = sum(1 for a, b, _ in internal["similar_pairs"]
-                        if a in assign and b in assign and assign[a] != assign[b])
-    patients = {s.id: s.patient_id for s in prep.index.samples if s.patient_id}
-    patients.update(dicom_patients(prep.index))
-    parts_of: dict = {}
-    for sid, pid in patients.items():
-        if sid in assign:
-            parts_of.setdefault(pid, set()).add(assign[sid])
-    patient_cross = sum(1 for parts in parts_of.values() if len(parts) > 1)
+    cross = leakage.cross_split(fold, internal, prep.index)
     dedupe = ctx.cfg.split.dedupe
-    problems = []
-    if dedupe != "none" and exact_cross:
-        problems.append(f"{exact_cross} exact-duplicate group(s) span parts")
-    if dedupe in ("near", "similar") and near_cross:
-        problems.append(f"{near_cross} near-duplicate pair(s) span parts")
-    if dedupe == "similar" and similar_cross:
-        problems.append(f"{similar_cross} similar-content pair(s) span parts")
-    if patient_cross:
-        problems.append(f"{patient_cross} patient(s) span parts")
+    problems = leakage.leaks(cross, dedupe)
     if problems:
         raise PipelineStageError(f"{out}: the split leaks: {'; '.join(problems)} (split.method "
                                  f"{splits.method}, split.dedupe {dedupe}); please report this")
+    assign = fold.assignment()
     label_of = {s.id: prep.hierarchy.leaf_of(s.label) for s in prep.index.samples}
     sizes = {p: dict(sorted(Counter(label_of[i] for i in getattr(fold, p)).items()))
              for p in ("train", "val", "test")}
@@ -248,41 +198,20 @@ def stage_split(ctx: Context) -> StageOutput:
     dropped = Counter(d.get("reason") for d in splits.dropped)
     result = {"method": splits.method, "seed": splits.seed, "fold": ctx.spec.fold,
               "n_folds": len(splits.folds), "dedupe": dedupe,
-              "test_with_similar_neighbour": similar_neighbours(
+              "test_with_similar_neighbour": leakage.similar_neighbours(
                   internal["similar_pairs"], fold,
                   linked_from=ctx.cfg.split.similar_threshold),
               "sizes": {p: sum(v.values()) for p, v in sizes.items()}, "by_class": sizes,
               "dropped": len(splits.dropped), "dropped_by_reason": dict(dropped),
-              "unused": unused, "patients": len(parts_of),
-              "cross_split": {"exact_duplicate_groups": exact_cross,
-                              "near_duplicate_pairs": near_cross,
-                              "similar_content_pairs": similar_cross,
-                              "patients": patient_cross}}
+              "unused": unused, "patients": cross["patients"],
+              "cross_split": {"exact_duplicate_groups": cross["exact_duplicate_groups"],
+                              "near_duplicate_pairs": cross["near_duplicate_pairs"],
+                              "similar_content_pairs": cross["similar_content_pairs"],
+                              "patients": cross["patients_across"]}}
     return StageOutput(result, [out], token=file_sha256(out))
 
 
 # ------------------------------------------------------------------------------ pretrain
-def pretrain_pool(prep, fold, similar: bool = True) -> list:
-    """Samples in none of the fold's parts that share no leakage group (patient, exact,
-    near or -- with ``similar`` -- similar-content duplicate) with a val or test sample,
-    and that the split did not drop (e.g. copies of an external set,
-    ``split.exclude_copies_of``: pretraining on them would leak the external test)."""
-    ids = [s.id for s in prep.index.samples]
-    patients = {s.id: s.patient_id for s in prep.index.samples if s.patient_id}
-    patients.update(dicom_patients(prep.index))
-    internal = prep.report["_internal"]
-    links = list(internal["near_pairs"])
-    if similar:
-        links += [(a, b) for a, b, _ in internal.get("similar_pairs", ())]
-    groups = splitlib.leakage_groups(ids, patients, internal["digests"], links)
-    group_of = dict(zip(ids, groups.tolist()))
-    held_out = {group_of[i] for i in fold.val + fold.test if i in group_of}
-    used = set(fold.train) | set(fold.val) | set(fold.test)
-    dropped = {d["id"] for d in prep.splits.dropped}
-    return [s for s in prep.index.samples
-            if s.id not in used and s.id not in dropped and group_of[s.id] not in held_out]
-
-
 def stage_pretrain(ctx: Context) -> StageOutput:
     fail_hook("pretrain")
     t0 = time.perf_counter()
@@ -291,7 +220,7 @@ def stage_pretrain(ctx: Context) -> StageOutput:
     fold = ctx.fold(prep.splits)
     tc = ctx.pipe.train  # the train section, validated once by load_pipeline
     seed = tc.seed if p.seed is None else p.seed
-    pool = pretrain_pool(prep, fold, similar=ctx.cfg.split.dedupe == "similar")
+    pool = leakage.pretrain_pool(prep, fold, similar=ctx.cfg.split.dedupe == "similar")
     if p.max_images is not None and len(pool) > p.max_images:
         rng = np.random.default_rng(seed)
         pool = [pool[i] for i in sorted(rng.choice(len(pool), p.max_images, replace=False))]
