@@ -347,6 +347,27 @@ class RunFolder:
         """The pipeline's split stage output (``data/splits.json``)."""
         return self.path / self.DATA_DIR / self.SPLITS
 
+    @property
+    def pretrain_dir(self) -> Path:
+        """The pipeline's pretrain stage output (``backbone.weights.h5``, ``pretrain.json``)."""
+        return self.path / "pretrain"
+
+    def write_pipeline_audit(self, report) -> str:
+        """Write the audit stage's ``data/audit.json`` (``default=str``)."""
+        return self.write_json(f"{self.DATA_DIR}/{self.AUDIT}", report, strict=False,
+                               default=str)
+
+    def write_pipeline_splits(self, splits, root=None) -> str:
+        """Write the split stage's ``data/splits.json`` (ids relative to ``root``)."""
+        path = self.pipeline_splits_path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        splits.save(str(path), root=root)
+        return str(path)
+
+    def write_pretrain_record(self, info) -> str:
+        """Write the pretrain stage's ``pretrain/pretrain.json`` (``default=str``)."""
+        return self.write_json("pretrain/pretrain.json", info, strict=False, default=str)
+
     # ------------------------------------------------------------------ training paths
     @property
     def checkpoints_dir(self) -> Path:
@@ -464,8 +485,11 @@ class RunFolder:
         return jsonio.read_json(self.path / name, error=self.error)
 
     def write_json(self, name: str, data, **kwargs) -> str:
-        """Write a JSON artefact atomically (:func:`kmedtl.jsonio.write_json`)."""
-        return jsonio.write_json(self.path / name, data, **kwargs)
+        """Write a JSON artefact atomically (:func:`kmedtl.jsonio.write_json`); ``name`` is
+        relative to the folder (``data/audit.json``), its parent made if needed."""
+        path = self.path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return jsonio.write_json(path, data, **kwargs)
 
     def _forget(self, *keys) -> None:
         for key in keys:

@@ -49,7 +49,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from kmedtl import export, jsonio
+from kmedtl import export
 from kmedtl.data import leakage
 from kmedtl.data.audit import public
 from kmedtl.data.pipeline import make_dataset
@@ -61,15 +61,13 @@ from kmedtl.pipeline.records import Records, digest, file_sha256
 from kmedtl.run_folder import RunFolder
 from kmedtl.training import tuning
 from kmedtl.training.config import load_run_config, resolved_config
-from kmedtl.training.features import FeatureCache, materialise
+from kmedtl.training.features import materialise
 from kmedtl.training.pretrain import pretrain
 from kmedtl.training.stage import (
     build_backbone,
     check_tunable,
-    check_weight_scaling,
-    datasets,
     run_training,
-    targets_for,
+    tune,
 )
 
 log = logging.getLogger("kmedtl.pipeline")
@@ -153,9 +151,7 @@ def stage_audit(ctx: Context) -> StageOutput:
     fail_hook("audit")
     prep = ctx.prepared()
     report = public(prep.report)
-    out = ctx.folder.pipeline_audit_path
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _write_json(out, report)
+    out = Path(ctx.folder.write_pipeline_audit(report))
     c = report["counts"]
     reasons = Counter(s.get("kind") or s.get("reason") for s in report["skipped"])
     result = {"counts": {k: c.get(k) for k in ("read", "used", "skipped", "samples")},
@@ -176,9 +172,7 @@ def stage_split(ctx: Context) -> StageOutput:
     prep = ctx.prepared()
     splits = prep.splits
     fold = ctx.fold(splits)
-    out = ctx.folder.pipeline_splits_path
-    out.parent.mkdir(parents=True, exist_ok=True)
-    splits.save(str(out), root=prep.index.root)
+    out = Path(ctx.folder.write_pipeline_splits(splits, root=prep.index.root))
     # --- independent leakage check on the fold used downstream (kmedtl.data.leakage)
     internal = prep.report["_internal"]
     cross = leakage.cross_split(fold, internal, prep.index)
@@ -242,7 +236,7 @@ def stage_pretrain(ctx: Context) -> StageOutput:
         classes = list(h.levels[0])
     else:
         classes = list(h.leaves)
-    out_dir = ctx.run_dir / "pretrain"
+    out_dir = ctx.folder.pretrain_dir
     shutil.rmtree(out_dir, ignore_errors=True)
     out_dir.mkdir(parents=True)
     path = out_dir / "backbone.weights.h5"
@@ -261,14 +255,13 @@ def stage_pretrain(ctx: Context) -> StageOutput:
             "epochs": p.epochs, "history": {k: [float(v) for v in vs]
                                            for k, vs in history.items()},
             "weights": str(path), "seconds": round(time.perf_counter() - t0, 3)}
-    _write_json(out_dir / "pretrain.json", info)
+    ctx.folder.write_pretrain_record(info)
     result = {k: v for k, v in info.items() if k != "history"}
     result["final"] = {k: vs[-1] for k, vs in info["history"].items() if vs}
     return StageOutput(result, [path, out_dir / "pretrain.json"])
 
 
 # ------------------------------------------------------------------------------ tune
-TUNING_DIR = "tuning"
 #: The train fields a search trial sets (:meth:`TransferHyperModel.trial_section`).
 SEARCHED_FIELDS = ("backbone", "cut", "strategy", "learning_rate", "lr_multipliers",
                    "dropout", "freeze_below", "freeze_layers", "unfreeze_at", "head_epochs")
@@ -330,7 +323,6 @@ def stage_tune(ctx: Context, *, resume: bool = False) -> StageOutput:
     label = ctx.pipe.label
     cfg = train_config(ctx, tuned=False)  # with the pretrained backbone, if any
     tc = cfg.train
-    check_weight_scaling(tc)
     check_tunable(tc)
     if tuning.distributed_role() == "worker":
         raise ConfigError(
@@ -351,57 +343,28 @@ def stage_tune(ctx: Context, *, resume: bool = False) -> StageOutput:
     if test_ids & {s.id for s in train_samples + val_samples}:  # never: the split is checked
         raise PipelineStageError(f"{label}: fold {f}: test images in the training or "
                                  "validation part; please report this")
-    tdir = ctx.run_dir / TUNING_DIR
+    tdir = ctx.folder.tuning_dir
     if not resume:
         _clear_tuning(tdir)
     tdir.mkdir(parents=True, exist_ok=True)
-    data = datasets(cfg, prep, targets_for(tc), f)
-    base = tc
-    if data["steps_per_epoch"] and tc.steps_per_epoch is None:  # data.balance: sampling
-        base = tc.derive(label, steps_per_epoch=data["steps_per_epoch"])
-    cache = None
-    if tc.tune.feature_cache:
-        cache = FeatureCache(tc.tune.cache_dir or tdir / "features", batch_size=tc.batch_size)
-    keras.utils.set_random_seed(tc.tune.seed)
-    hm = tuning.TransferHyperModel(base, prep.hierarchy, prep.options.shape,
-                                   plain_train=data["train_eval"], plain_val=data["val"],
-                                   feature_cache=cache)
-    trial_epochs = tc.tune.epochs or tc.epochs
-    result = tuning.run_search(hm, data["train"], data["val"], directory=tdir,
-                               epochs=trial_epochs, verbose=0 if tc.verbose == 0 else 1,
-                               overwrite=not resume)
-    rows = result.rows
-    # the first row of results.csv: best score, ties broken by trial id (KerasTuner's own
-    # order of tied trials can change when it reloads a search)
-    top = rows[0] if rows else None
-    trials = result.tuner.oracle.trials if result.tuner is not None else {}
-    if top is None or top["score"] is None or not np.isfinite(top["score"]) or \
-            top["trial_id"] not in trials:
-        raise PipelineStageError(f"{tdir}: the search found no trial with a finite "
-                                 f"{result.objective} (see {tdir / 'results.md'})")
-    best_trial = trials[top["trial_id"]]
-    hp = best_trial.hyperparameters
-    model = hm.build(hp)
-    # the best trial's hyperparameters at the full train.epochs (fine-tune head epochs and
-    # gradual unfreeze points scale with the epochs)
-    final = hm.trial_section(hp, epochs=tc.epochs, model=model)
-    final = final.derive(label, steps_per_epoch=tc.steps_per_epoch, verbose=tc.verbose)
-    as_searched = hm.trial_section(hp, epochs=trial_epochs, model=model)
-    del model
+    # the one tuning operation (kmedtl.training.stage.tune), as `kmedtl tune` runs it
+    tuned = tune(cfg, prep, directory=tdir, fold=f, overwrite=not resume,
+                 feature_dir=ctx.folder.tuning_features_dir,
+                 verbose=0 if tc.verbose == 0 else 1)
+    result, rows, final = tuned.result, tuned.result.rows, tuned.section
     statuses = Counter(r["status"] for r in rows)
     chosen = {k: getattr(final, k) for k in SEARCHED_FIELDS
               if k != "head_epochs" or final.strategy == "fine_tune"}
     changed = {k: {"config": getattr(tc, k), "search": v} for k, v in chosen.items()
                if getattr(tc, k) != v}
     doc = {"objective": result.objective, "direction": result.direction,
-           "best_trial": best_trial.trial_id, "best_score": float(top["score"]),
-           "hyperparameters": {k: v for k, v in hp.values.items()
-                               if not k.startswith("tuner/")},
+           "best_trial": tuned.trial_id, "best_score": tuned.score,
+           "hyperparameters": tuned.hyperparameters,
            "from_search": chosen, "changed": changed,
            "train": final.model_dump(mode="json"),
-           "trial_train": as_searched.model_dump(mode="json"),
+           "trial_train": tuned.as_searched.model_dump(mode="json"),
            "search": {"tuner": tc.tune.tuner, "max_trials": tc.tune.max_trials,
-                      "trial_epochs": trial_epochs, "train_epochs": tc.epochs,
+                      "trial_epochs": tuned.trial_epochs, "train_epochs": tc.epochs,
                       "trials": len(rows), "by_status": dict(statuses),
                       "resumed": resume},
            "data": {"fold": f, "n_train": len(train_samples), "n_val": len(val_samples),
@@ -500,7 +463,7 @@ def stage_train(ctx: Context, *, resume: bool) -> StageOutput:
                  "from_search": best.get("from_search"), "changed": best.get("changed")}
         out["tuned"] = tuned
         m["tuned"] = tuned
-        _write_json(rf.train_metrics_path, m)
+        rf.write_train_metrics(m)
     outputs = [rf.model_path, rf.train_metrics_path, rf.config_path, rf.splits_path,
                rf.history_path]
     return StageOutput(out, outputs)
@@ -573,7 +536,8 @@ def stage_export(ctx: Context) -> StageOutput:
     if x.verify and x.require_verified and not verified:
         report_path = ctx.folder.stages_dir / "export_report.json"
         if where:
-            _write_json(report_path, doc)
+            ctx.folder.write_json(f"{RunFolder.STAGES_DIR}/export_report.json", doc, strict=False,
+                                  default=str)
         failures = "; ".join(d.get("failures") or []) or "see the report"
         raise PipelineStageError(
             f"{where or ctx.run_dir}: the exported model failed verification: {failures} "
@@ -626,11 +590,6 @@ def _jsonable(obj):
         return obj
     except (TypeError, ValueError):
         return str(obj)
-
-
-def _write_json(path, data):
-    """Stage records as they are (``default=str``), atomically (:mod:`kmedtl.jsonio`)."""
-    jsonio.write_json(path, data, strict=False, default=str)
 
 
 STAGE_FUNCS = {"audit": stage_audit, "split": stage_split, "pretrain": stage_pretrain,

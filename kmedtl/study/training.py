@@ -47,7 +47,7 @@ from kmedtl.training import Trainer, train_section
 from kmedtl.training.batchnorm import recalibrate_batchnorm as _recalibrate
 from kmedtl.training.build import build_model, build_training_backbone
 from kmedtl.training.pretrain import pretrain as pretrain_backbone
-from kmedtl.training.tuning import TransferHyperModel, run_search
+from kmedtl.training.tuning import TransferHyperModel, search
 
 log = logging.getLogger("kmedtl.study")
 
@@ -161,20 +161,22 @@ def train_cell(split, recipe: dict, n, seed: int, *, weights=None, n_folds: int 
 
 
 def _search(split, tc, x, y, shape, seed: int) -> dict:
-    """KerasTuner (:func:`kmedtl.training.tuning.run_search`) over ``train.tune``'s space on
-    the N-subset alone: a stratified 20% of it is the validation split, the test set is
-    never seen.  Returns the best trial's recipe (``section``, with the cell's own epochs, for
-    the final fit on the whole subset) and what the search did."""
+    """KerasTuner (:func:`kmedtl.training.tuning.search`, as ``kmedtl tune`` runs it) over
+    ``train.tune``'s space on the N-subset alone: a stratified 20% of it is the validation
+    split, the test set is never seen.  Returns the best trial's recipe (``section``, with
+    the cell's own epochs, for the final fit on the whole subset) and what the search did."""
     t0 = time.perf_counter()
     rows = np.arange(len(y))
     tr, va = train_test_split(rows, test_size=0.2, stratify=y, random_state=int(seed))
     base = tc.derive("study", tune={"seed": int(seed)})
     hm = TransferHyperModel(base, split.hierarchy, shape)
     with tempfile.TemporaryDirectory(prefix="kmedtl-study-search-") as d:
-        res = run_search(hm, (x[tr], y[tr]), (x[va], y[va]), directory=d, verbose=0)
-    if res.best_section is None:
-        raise RuntimeError("the search finished no trial")
-    section = res.best_section.derive("study", epochs=tc.epochs, seed=int(seed))
+        tuned = search(hm, (x[tr], y[tr]), (x[va], y[va]), directory=d, epochs=tc.epochs,
+                       verbose=0)
+    res = tuned.result
+    # the best trial as searched, given the cell's epochs (how the committed cells of the
+    # search arms were made; ``tuned.section`` would rescale head epochs and unfreeze points)
+    section = tuned.as_searched.derive("study", epochs=tc.epochs, seed=int(seed))
     keras.utils.clear_session(free_memory=True)
     keras.utils.set_random_seed(int(seed))
     return {"section": section, "best": res.best_hyperparameters,

@@ -88,7 +88,12 @@ def model_inputs(cfg: RunConfig) -> list[str] | None:
 
 
 def check_tunable(tc) -> None:
-    """The tuner searches single-input backbones/cuts/strategies: not ``multi_input``."""
+    """The tuner searches single-input backbones/cuts/strategies, one Keras model per
+    trial: not ``staged`` or ``multi_input``; and ``train.weight_scaling`` needs weights."""
+    check_weight_scaling(tc)
+    if tc.model == "staged":
+        raise ConfigError("train.model: the search builds one Keras model per trial; tune "
+                          "with flat or hierarchical, then train staged with the best config")
     if tc.model == "multi_input":
         raise ConfigError("train.model: the search (kmedtl tune, the 'tune' stage) builds "
                           "single-image models; tune train.model flat or hierarchical on the "
@@ -319,15 +324,51 @@ def run_lr_find(cfg, out_png=None, *, steps: int = 200, start_lr: float = 1e-7,
 
 
 # ---------------------------------------------------------------------------- tune
+def tune(cfg: RunConfig, prep, *, directory, fold: int = 0, feature_dir=None,
+         overwrite: bool | None = None, verbose=1):
+    """The search of ``train.tune`` on ``fold`` of the prepared data: trials fit on its
+    training part and are scored on its validation part (never the test part).  Returns
+    :class:`kmedtl.training.tuning.Tuned`; its ``section`` is what training then trains
+    (at ``train.epochs``, with the config's ``steps_per_epoch`` and ``verbose``).  The one
+    tuning operation of ``kmedtl tune`` and ``kmedtl run``'s tune stage."""
+    # lazy: keras_tuner loads TensorFlow, absent under KERAS_BACKEND=jax
+    from kmedtl.training import tuning
+
+    tc = cfg.train
+    check_tunable(tc)
+    tuning.preflight()
+    data = datasets(cfg, prep, targets_for(tc), fold)
+    if data["val"] is None:
+        raise ConfigError(f"split.val: the search scores trials on the validation part, but "
+                          f"fold {fold} has none (split.val: {cfg.split.val}); set split.val "
+                          "> 0 (the test part is never used for the search)")
+    base = tc
+    if data["steps_per_epoch"] and tc.steps_per_epoch is None:  # data.balance: sampling
+        base = tc.derive(steps_per_epoch=data["steps_per_epoch"])
+    cache = None
+    if tc.tune.feature_cache:
+        # on disk in train.tune.cache_dir, else feature_dir, else in memory
+        cache = FeatureCache(tc.tune.cache_dir or feature_dir, batch_size=tc.batch_size)
+    keras.utils.set_random_seed(tc.tune.seed)
+    hm = tuning.TransferHyperModel(base, prep.hierarchy, prep.options.shape,
+                                   plain_train=data["train_eval"], plain_val=data["val"],
+                                   feature_cache=cache)
+    tuned = tuning.search(hm, data["train"], data["val"], directory=directory,
+                          epochs=tc.epochs, overwrite=overwrite, verbose=verbose)
+    if tuned.section is not None:
+        tuned.section = tuned.section.derive(steps_per_epoch=tc.steps_per_epoch,
+                                             verbose=tc.verbose)
+    return tuned
+
+
 def run_tuning(cfg, run_dir=None, *, label: str = "config", overwrite: bool | None = None,
                max_trials: int | None = None, tuner: str | None = None,
                epochs: int | None = None, verbose=1):
-    """``kmedtl tune``: the KerasTuner search of ``train.tune`` on the configured data;
-    writes ``<run>/tuning/{results.csv, results.md, best_config.yaml}`` and KerasTuner's
-    project folder ``<run>/tuning/search/``."""
-    # lazy: keras_tuner loads TensorFlow, absent under KERAS_BACKEND=jax
-    from kmedtl.training.tuning import TransferHyperModel, preflight, run_search
-
+    """``kmedtl tune``: :func:`tune` on fold 0 of the configured data; writes
+    ``<run>/tuning/{results.csv, results.md, best_config.yaml}`` (the best trial's whole
+    config at ``train.epochs``: ``kmedtl train`` takes it) and KerasTuner's project folder
+    ``<run>/tuning/search/``.  Returns the search's
+    :class:`~kmedtl.training.tuning.SearchResult`."""
     tune_over = {k: v for k, v in {"max_trials": max_trials, "tuner": tuner,
                                    "epochs": epochs}.items() if v is not None}
     if overwrite is not None:
@@ -335,41 +376,18 @@ def run_tuning(cfg, run_dir=None, *, label: str = "config", overwrite: bool | No
     cfg = run_config(cfg, label)
     if tune_over:
         cfg = cfg.derive(label, train={"tune": tune_over})
-    tc = cfg.train
-    check_weight_scaling(tc)
-    if tc.model == "staged":
-        raise ConfigError("train.model: the search builds one Keras model per trial; tune "
-                          "with flat or hierarchical, then train staged with the best config")
-    check_tunable(tc)
-    preflight()
+    check_tunable(cfg.train)  # before any data is prepared
     rf = RunFolder.for_config(cfg, run_dir)
     # one writer per run folder (kmedtl.ownership; none for KerasTuner's chief/workers,
     # which share the folder by design): a second one stops here, naming this one
     with run_lock(rf.path, "kmedtl tune"):
-        return _tune_locked(cfg, rf, run_search, TransferHyperModel, verbose)
-
-
-def _tune_locked(cfg: RunConfig, rf: RunFolder, run_search, TransferHyperModel, verbose):
-    tc = cfg.train
-    run_dir, tdir = rf.path, rf.tuning_dir
-    tdir.mkdir(parents=True, exist_ok=True)
-    keras.utils.set_random_seed(tc.tune.seed)
-    prep = prepare(cfg)
-    write_provenance(run_dir, cfg, prep)
-    data = datasets(cfg, prep, targets_for(tc))
-    if data["val"] is None:
-        raise ConfigError("split.val: the search needs a validation split (split.val > 0)")
-    cache = None
-    if tc.tune.feature_cache:
-        cache = FeatureCache(tc.tune.cache_dir or rf.tuning_features_dir,
-                             batch_size=tc.batch_size)
-    hm = TransferHyperModel(tc, prep.hierarchy, prep.options.shape,
-                            plain_train=data["train_eval"], plain_val=data["val"],
-                            feature_cache=cache)
-    result = run_search(hm, data["train"], data["val"], directory=tdir,
-                        epochs=tc.tune.epochs or tc.epochs, verbose=verbose)
-    if result.best_section is not None:
-        best = resolved_config(cfg.derive(train=result.best_section), prep.hierarchy)
-        result.files["best_config"] = rf.write_best_config(best)
-    return result
-
+        rf.tuning_dir.mkdir(parents=True, exist_ok=True)
+        prep = prepare(cfg)
+        write_provenance(rf.path, cfg, prep)
+        tuned = tune(cfg, prep, directory=rf.tuning_dir, feature_dir=rf.tuning_features_dir,
+                     verbose=verbose)
+        result = tuned.result
+        if tuned.section is not None:
+            best = resolved_config(cfg.derive(train=tuned.section), prep.hierarchy)
+            result.files["best_config"] = rf.write_best_config(best)
+        return result

@@ -474,3 +474,50 @@ def run_search(hypermodel: TransferHyperModel, train, val, *, directory, epochs=
         model = hypermodel.build(best[0])  # freeze depth and groups depend on the model
         result.best_section = hypermodel.trial_section(best[0], epochs=epochs, model=model)
     return result
+
+
+@dataclass
+class Tuned:
+    """What :func:`search` chose: the first row of ``results.csv`` (best score, ties broken
+    by trial id: KerasTuner's own order of tied trials can change when it reloads a
+    search), as train sections at the full ``train.epochs`` (``section``: fine-tune head
+    epochs and gradual unfreeze points scale with the epochs) and at the trials' epochs
+    (``as_searched``).  A KerasTuner worker chooses nothing (``section`` is None)."""
+
+    result: SearchResult
+    trial_epochs: int
+    trial_id: str | None = None
+    score: float | None = None
+    hyperparameters: dict = field(default_factory=dict)
+    section: TrainSection | None = None
+    as_searched: TrainSection | None = None
+
+
+def search(hypermodel: TransferHyperModel, train, val, *, directory, epochs: int,
+           trial_epochs: int | None = None, overwrite=None, verbose=1) -> Tuned:
+    """The one search operation ``kmedtl tune``, ``kmedtl run``'s tune stage and the study's
+    search arm share: :func:`run_search`, then the best trial read from its results table
+    (:class:`Tuned`).  ``epochs``: what the chosen section trains for; ``trial_epochs``:
+    each trial's (default ``train.tune.epochs``, else ``train.epochs``)."""
+    trial_epochs = int(trial_epochs or hypermodel.tune.epochs or hypermodel.base.epochs)
+    result = run_search(hypermodel, train, val, directory=directory, epochs=trial_epochs,
+                        verbose=verbose, overwrite=overwrite)
+    out = Tuned(result, trial_epochs)
+    if result.role == "worker":
+        return out
+    top = result.rows[0] if result.rows else None
+    trials = result.tuner.oracle.trials if result.tuner is not None else {}
+    if top is None or top["score"] is None or not np.isfinite(top["score"]) or \
+            top["trial_id"] not in trials:
+        raise TuningError(f"{directory}: the search found no trial with a finite "
+                          f"{result.objective} (see {Path(directory) / 'results.md'})")
+    hp = trials[top["trial_id"]].hyperparameters
+    model = hypermodel.build(hp)  # freeze depth and groups depend on the model
+    out.section = hypermodel.trial_section(hp, epochs=int(epochs), model=model)
+    out.as_searched = hypermodel.trial_section(hp, epochs=trial_epochs, model=model)
+    del model
+    out.trial_id, out.score = top["trial_id"], float(top["score"])
+    out.hyperparameters = {k: v for k, v in hp.values.items() if not k.startswith("tuner/")}
+    # one answer to "which trial was best" wherever the result is read
+    result.best_hyperparameters, result.best_section = out.hyperparameters, out.as_searched
+    return out
