@@ -141,7 +141,7 @@ def pretrain(x, y=None, *, method: str, path, backbone=None, train: TrainSection
     tmp = _temporary(path)
     try:
         save_backbone(model, tmp)
-        tmp.replace(path)  # binary weights: atomic by rename (jsonio.atomic_write is text)
+        tmp.replace(path)  # atomic by rename (Keras writes the file by name, not a handle)
     finally:
         tmp.unlink(missing_ok=True)
     return Pretrained(path, model, {k: [float(v) for v in vs] for k, vs in history.items()},
