@@ -180,7 +180,7 @@ def train_cell(arm: str, seed: int, out: Path, keep_runs: Path | None,
     h = prep.hierarchy
     run_dir = Path(tempfile.mkdtemp(prefix=f"kmedtl-gen-{arm}-s{seed}-"))
     try:
-        res = run_training(cfg, run_dir, prepared=prep, overwrite=True, train=pl.train)
+        res = run_training(cfg, run_dir, prepared=prep, overwrite=True)
         train_s = time.perf_counter() - t0
         model = load_model(run_dir / "model.keras")
         xv, yv = _arrays(prep.samples("val"), h, prep.options, prep.cache)

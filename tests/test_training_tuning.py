@@ -19,7 +19,13 @@ from test_training_helpers import REPO, TESTS, TINY, arrays, hierarchy, write_co
 from kmedtl.config import load_config
 from kmedtl.training import FeatureCache, Trainer, train_section
 from kmedtl.training.features import split_at_features
-from kmedtl.training.tuning import TransferHyperModel, TuningError, preflight, run_search
+from kmedtl.training.tuning import (
+    TransferHyperModel,
+    TuningError,
+    preflight,
+    run_search,
+    search,
+)
 
 
 def _base(**tune):
@@ -132,11 +138,14 @@ def test_stock_tuners_run(tmp_path, tuner):
     base = _base(tuner=tuner, max_trials=2, bayesian_initial_points=1, hyperband_factor=2,
                  cuts="none")
     hm, data = _hm(base)
-    res = _search(hm, data, tmp_path, epochs=2)
+    tuned = search(hm, data[0], data[1], directory=tmp_path / "tuning", epochs=2, verbose=0)
+    res = tuned.result
     assert type(res.tuner).__name__ == {"hyperband": "Hyperband",
                                         "bayesian": "BayesianOptimization"}[tuner]
     assert res.rows and all(r["status"] == "COMPLETED" for r in res.rows)
     assert res.best_section is not None and res.best_section.strategy == "linear_probe"
+    # the best trial is the first row of the table, at both epoch counts
+    assert tuned.trial_id == res.rows[0]["trial_id"] and tuned.section == tuned.as_searched
 
 
 @pytest.mark.slow

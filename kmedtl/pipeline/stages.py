@@ -206,6 +206,11 @@ def stage_split(ctx: Context) -> StageOutput:
 
 
 # ------------------------------------------------------------------------------ pretrain
+def _pretrained_weights(ctx: Context) -> Path:
+    """The backbone the pretrain stage writes and the tune and train stages start from."""
+    return ctx.folder.pretrain_dir / "backbone.weights.h5"
+
+
 def stage_pretrain(ctx: Context) -> StageOutput:
     fail_hook("pretrain")
     t0 = time.perf_counter()
@@ -239,7 +244,7 @@ def stage_pretrain(ctx: Context) -> StageOutput:
     out_dir = ctx.folder.pretrain_dir
     shutil.rmtree(out_dir, ignore_errors=True)
     out_dir.mkdir(parents=True)
-    path = out_dir / "backbone.weights.h5"
+    path = _pretrained_weights(ctx)
     supervised = p.method == "supervised"
     history = pretrain(x, np.asarray(y) if supervised else None, method=p.method,
                        backbone=build_backbone(tc, prep.options.shape),
@@ -267,15 +272,10 @@ SEARCHED_FIELDS = ("backbone", "cut", "strategy", "learning_rate", "lr_multiplie
                    "dropout", "freeze_below", "freeze_layers", "unfreeze_at", "head_epochs")
 
 
-def best_path(run_dir) -> Path:
-    """The one tuning artefact, ``tuning/best_config.yaml`` (as ``kmedtl tune`` writes it)."""
-    return RunFolder(run_dir).tuning_best_config_path
-
-
 def read_best(ctx: Context):
     """The :class:`~kmedtl.training.config.RunConfig` of ``tuning/best_config.yaml``,
     validated; a missing or broken file names itself and the remedy."""
-    path = best_path(ctx.run_dir)
+    path = ctx.folder.tuning_best_config_path  # the one tuning artefact
     try:
         return load_run_config(path)
     except KmedtlError as exc:
@@ -393,7 +393,7 @@ def train_config(ctx: Context, *, tuned: bool = True):
         update.update(read_best(ctx).train.model_dump())
         update["verbose"] = ctx.pipe.train.verbose  # verbosity does not rerun the search
     if "pretrain" in ctx.spec.stages:
-        update["weights"] = str(ctx.run_dir / "pretrain" / "backbone.weights.h5")
+        update["weights"] = str(_pretrained_weights(ctx))
     return ctx.cfg.derive(ctx.pipe.label, train=update) if update else ctx.cfg
 
 
@@ -456,7 +456,7 @@ def stage_train(ctx: Context, *, resume: bool) -> StageOutput:
     out["weights"] = cfg.train.weights
     if "tune" in ctx.spec.stages:  # which hyperparameters came from the search
         best = read_search(ctx)
-        tuned = {"source": str(best_path(".")),
+        tuned = {"source": f"{RunFolder.TUNING_DIR}/{RunFolder.TUNING_BEST_CONFIG}",
                  "objective": best.get("objective"), "best_trial": best.get("best_trial"),
                  "best_score": best.get("best_score"),
                  "hyperparameters": best.get("hyperparameters"),

@@ -157,8 +157,7 @@ class _DaskCells:
             return None, False
         if c.pretrain_key in self.pretrains:
             return self.pretrains[c.pretrain_key], False
-        path = self.runner.out / "pretrain" / f"{c.pretrain_key}.weights.h5"
-        meta = path.with_suffix("").with_suffix(".json")
+        path, meta = self.runner.pretrain_paths(c.pretrain_key)
         if path.exists() and meta.exists():
             payload = {"key": c.pretrain_key, "weights": path.read_bytes(),
                        "meta": json.loads(meta.read_text())}
@@ -320,8 +319,7 @@ def _dask_cell(studies, fingerprint: str, token: str, k: int, c: Cell, dep,
                       "record": record, "outcome": outcome}
         err.unlink(missing_ok=True)
         if pretrains:
-            weights = runner.out / "pretrain" / f"{c.pretrain_key}.weights.h5"
-            meta = weights.with_suffix("").with_suffix(".json")
+            weights, meta = runner.pretrain_paths(c.pretrain_key)
             if weights.exists() and meta.exists():
                 result["pretrained"] = {"key": c.pretrain_key, "weights": weights.read_bytes(),
                                         "meta": json.loads(meta.read_text())}
@@ -332,8 +330,7 @@ def _dask_cell(studies, fingerprint: str, token: str, k: int, c: Cell, dep,
 def _place(runner: StudyRunner, payload: dict, *, record_path: bool = False) -> None:
     """Put pretrained weights where :meth:`StudyRunner._pretrained` finds them (atomically);
     ``record_path``: the record says where they are, as a local run's does."""
-    path = runner.out / "pretrain" / f"{payload['key']}.weights.h5"
-    meta = path.with_suffix("").with_suffix(".json")
+    path, meta = runner.pretrain_paths(payload["key"])
     if path.exists() and meta.exists():
         return
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -277,6 +277,11 @@ class StudyRunner:
     def cell_path(self, key: str) -> Path:
         return self.out / "cells" / f"{key}.json"
 
+    def pretrain_paths(self, key: str) -> tuple[Path, Path]:
+        """``pretrain/<key>.weights.h5`` and its record ``pretrain/<key>.json``."""
+        path = self.out / "pretrain" / f"{key}.weights.h5"
+        return path, path.with_suffix("").with_suffix(".json")
+
     def done(self, key: str) -> bool:
         return self.cell_path(key).exists()
 
@@ -289,8 +294,7 @@ class StudyRunner:
 
     # ------------------------------------------------------------------ running
     def _pretrained(self, cell: Cell, study: StudyConfig) -> str:
-        path = self.out / "pretrain" / f"{cell.pretrain_key}.weights.h5"
-        meta = path.with_suffix("").with_suffix(".json")
+        path, meta = self.pretrain_paths(cell.pretrain_key)
         if path.exists() and meta.exists():
             return str(path)
         spec = study.pretrain[cell.init]

@@ -31,7 +31,7 @@ from typing import Any, Literal, Union
 from pydantic import Field, field_validator, model_validator
 
 from kmedtl.config import Config, apply_recipe, load_config
-from kmedtl.errors import ConfigError
+from kmedtl.errors import ConfigError, ModelError
 from kmedtl.models.backbones import backbone_names, get_spec
 from kmedtl.schema import Strict, validate
 
@@ -362,7 +362,7 @@ class RunConfig(Config):
         for name in dict.fromkeys(names):
             try:
                 need = get_spec(name).min_size
-            except Exception:  # an unknown tune.backbones entry: the tuner names it
+            except ModelError:  # an unknown tune.backbones entry: the tuner names it
                 continue
             if smallest < need:
                 where = ("train.backbone" if name == self.train.backbone

@@ -467,13 +467,7 @@ def run_search(hypermodel: TransferHyperModel, train, val, *, directory, epochs=
     check_failures(tuner, 0.0 if consecutive is not None else t.max_failed_fraction)
     result.rows = results_table(tuner)
     result.files = write_results(result.rows, directory, objective)
-    best = tuner.get_best_hyperparameters(1)
-    if best:
-        result.best_hyperparameters = {k: v for k, v in best[0].values.items()
-                                       if not k.startswith("tuner/")}
-        model = hypermodel.build(best[0])  # freeze depth and groups depend on the model
-        result.best_section = hypermodel.trial_section(best[0], epochs=epochs, model=model)
-    return result
+    return result  # the best trial is read from the table by search()
 
 
 @dataclass
@@ -518,6 +512,5 @@ def search(hypermodel: TransferHyperModel, train, val, *, directory, epochs: int
     del model
     out.trial_id, out.score = top["trial_id"], float(top["score"])
     out.hyperparameters = {k: v for k, v in hp.values.items() if not k.startswith("tuner/")}
-    # one answer to "which trial was best" wherever the result is read
     result.best_hyperparameters, result.best_section = out.hyperparameters, out.as_searched
     return out
