@@ -67,7 +67,9 @@ def test_similar_pairs_is_blocked_the_same_at_any_block_size():
     one, n1, p1 = hashing.similar_pairs(thumbs, 0.9, block=7)
     two, n2, p2 = hashing.similar_pairs(thumbs, 0.9, block=1024)
     assert sorted((i, j) for i, j, _ in one) == sorted((i, j) for i, j, _ in two)
-    np.testing.assert_allclose(n1, n2, atol=1e-6)
+    # float32 cosines: a different block shape changes BLAS's summation order, so values
+    # agree to a few float32 ulps (1.1e-6 seen on CI), not bit for bit
+    np.testing.assert_allclose(n1, n2, atol=1e-5)
     assert len(one) > 0
 
 
