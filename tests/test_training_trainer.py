@@ -276,3 +276,26 @@ def test_mirrored_strategy_over_two_logical_cpus_matches_one_device():
     assert res["replicas"] == 2 and len(res["devices"]) == 2
     assert res["opt"] == "DiscriminativeOptimizer"
     assert res["diff"] < 1e-5
+
+
+class SlowEpochEnd(keras.callbacks.Callback):
+    """Stands for a slow checkpoint/backup write at the end of each epoch."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        import time
+
+        time.sleep(0.4)
+
+
+def test_epoch_timings_include_the_writes_at_each_epoch_end(tmp_path):
+    """train_metrics' epoch seconds and images/s span the end-of-epoch callbacks
+    (checkpoints, backups, logs), not only the batches: before, the timer stopped
+    before them and overstated the train stage's speed."""
+    x, y = arrays(16)
+    result = Trainer(flat_model(), epochs=3, batch_size=8, jit_compile=False, verbose=0,
+                     run_dir=tmp_path / "run", callbacks=[SlowEpochEnd()]).fit((x, y), (x, y))
+    t = result.timings
+    assert t["median_epoch_seconds"] >= 0.4
+    assert t["images_per_second"] <= 16 / 0.4  # (3 epochs: the median is a traced one)
+    saved = json.loads((tmp_path / "run" / "train_metrics.json").read_text())["timings"]
+    assert saved["median_epoch_seconds"] == t["median_epoch_seconds"]

@@ -404,7 +404,7 @@ class Trainer:
 
     def _callbacks(self, phase, paths, monitor, mode, checkpoint, timer, completed, user):
         cfg = self.cfg
-        out = [cb.LearningRateLogger(), cb.MonitorGuard(monitor), timer, checkpoint,
+        out = [cb.LearningRateLogger(), cb.MonitorGuard(monitor), checkpoint,
                keras.callbacks.TerminateOnNaN()]
         if cfg.early_stopping:
             out.append(keras.callbacks.EarlyStopping(monitor=monitor, mode=mode,
@@ -421,7 +421,8 @@ class Trainer:
             if cfg.tensorboard:
                 out.append(keras.callbacks.TensorBoard(str(paths["logs_dir"])))
             out.append(cb.RunState(paths["state"], phase.index, completed, checkpoint))
-        return [*out, *self.extra_callbacks, *user]
+        # the timer last: an epoch's time includes its checkpoint, backup and log writes
+        return [*out, *self.extra_callbacks, *user, timer]
 
     def _recalibrate(self, data, steps):
         """train.recalibrate_bn: BatchNorm statistics averaged over the training images
