@@ -98,10 +98,7 @@ def bare_row(cfg, prep, data, epochs) -> dict:
     step with nothing around it (no decoding, augmentation, validation or callbacks but
     the timer).  The batches are the stage's (augmented once, while the first epoch fills
     the in-memory cache; later epochs only read it), so the graph, shapes and sample
-    weights are the stage's too.  Same epochs and steps as the stage rows.
-
-    (Not ``train_on_batch``: on Keras 3 + TensorFlow each call feeds a fresh Python
-    generator to the train function, which ran at about 0.6x of this loop here.)"""
+    weights are the stage's too.  Same epochs and steps as the stage rows."""
     model = fresh_model(cfg, prep)
     tc = cfg.train.derive(epochs=epochs)
     plan_phases(tc, model, epochs)[0].apply(model)  # what Trainer.fit does before compiling
