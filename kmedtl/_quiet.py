@@ -14,11 +14,13 @@ Three kinds of native output reach a terminal whatever Python's ``logging`` says
   printed when the interpreter first allocates its tensors.
 
 :func:`native_output_filtered` wraps the few calls that print them (importing TensorFlow,
-TFLite conversion, creating an interpreter).  It points file descriptors 1 and 2 at pipes
-read by a small filter process, which passes on every line that is not on the noise list
-(:data:`NOISE`) as soon as it is written.  The filter is a separate process, not a thread
-or a temporary file, so that nothing is lost or held back when the native code aborts
-(``Check failed``, a segfault) or prints more than a pipe holds while it keeps the GIL.
+TFLite conversion, creating an interpreter); :func:`console_stderr_filtered` wraps a
+training run's ``fit`` in the ``kmedtl`` command (stderr only).  It points file
+descriptors 1 and 2 at pipes read by a small filter process, which passes on every line
+that is not on the noise list (:data:`NOISE`) as soon as it is written.  The filter is a
+separate process, not a thread or a temporary file, so that nothing is lost or held back
+when the native code aborts (``Check failed``, a segfault) or prints more than a pipe
+holds while it keeps the GIL.
 
 What it never swallows: anything not matching :data:`NOISE`; in particular ``W``/``E``
 lines from any source other than the known start-up ones (CUDA/oneDNN probing), Python
@@ -86,12 +88,32 @@ NOISY_WARNINGS = (
 )
 
 _verbose = False
+#: set by :func:`configure`, i.e. by the ``kmedtl`` command: this process owns a console
+_console = False
 
 
 def configure(verbose: bool) -> None:
-    """``--verbose`` (True) turns filtering off for this process; False turns it back on."""
-    global _verbose
+    """``--verbose`` (True) turns filtering off for this process; False turns it back on.
+    Called by the ``kmedtl`` command, which marks the process as a console command (see
+    :func:`console_stderr_filtered`)."""
+    global _verbose, _console
     _verbose = bool(verbose)
+    _console = True
+
+
+@contextlib.contextmanager
+def console_stderr_filtered():
+    """:func:`native_output_filtered` on stderr only, and only in the ``kmedtl`` command
+    (library callers' descriptors are left alone).  For a whole training run: native code
+    logs a line or two of :data:`NOISE` once a graph first executes (on CPUs without
+    AVX-512, ``oneDNN supports DT_INT32 only on platforms with AVX-512``, from the first
+    ``fit``), while stdout keeps Keras' progress bar unfiltered (a ``\r``-updated bar would
+    wait for its newline in a line filter)."""
+    if not _console:
+        yield
+        return
+    with native_output_filtered(fds=(2,)):
+        yield
 
 
 def quiet_environment(verbose: bool) -> None:
@@ -171,5 +193,5 @@ def native_output_filtered(fds=(1, 2)):
                 proc.wait(timeout=10)
 
 
-__all__ = ["NOISE", "NOISY_WARNINGS", "configure", "filtering", "native_output_filtered",
-           "quiet_environment"]
+__all__ = ["NOISE", "NOISY_WARNINGS", "configure", "console_stderr_filtered", "filtering",
+           "native_output_filtered", "quiet_environment"]

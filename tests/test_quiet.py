@@ -197,3 +197,36 @@ def test_export_verbose_keeps_them(small_run, tmp_path):
     assert "fully_quantize:" in res.stderr
     assert "INFO: Created TensorFlow Lite XNNPACK delegate for CPU." in res.stderr
     assert any(ln.startswith("I0000") for ln in res.stderr.splitlines())  # TF's own INFO
+
+
+#: The line a training run printed once on a CPU without AVX-512 (AMD EPYC, CI).
+ONEDNN_INT32 = (b"E0000 00:00:1796659055.047133   15641 util.cc:131] oneDNN supports DT_INT32 "
+                b"only on platforms with AVX-512. Falling back to the default Eigen-based "
+                b"implementation if present.\n")
+
+
+def test_training_stderr_is_filtered_in_the_command_only(capfd, monkeypatch):
+    """The Trainer's fit runs inside console_stderr_filtered: in the kmedtl command the
+    one-time native line is dropped from stderr while stdout (Keras' progress bar) is not
+    redirected; a library caller's descriptors are never touched."""
+    import kmedtl._quiet as quiet
+
+    monkeypatch.setattr(quiet, "_console", False)  # a library caller: nothing redirected
+    before = os.fstat(2).st_ino
+    with quiet.console_stderr_filtered():
+        assert os.fstat(2).st_ino == before
+        os.write(2, ONEDNN_INT32)
+    assert ONEDNN_INT32.decode() in capfd.readouterr().err
+
+    monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "2")
+    monkeypatch.setattr(quiet, "_verbose", False)
+    monkeypatch.setattr(quiet, "_console", True)  # what configure() does in the command
+    stdout_before = os.fstat(1).st_ino
+    with quiet.console_stderr_filtered():
+        assert os.fstat(1).st_ino == stdout_before  # stdout left alone
+        os.write(2, ONEDNN_INT32)
+        os.write(2, REAL_LINES[0])
+        os.write(1, b"epoch 1/1\r")
+    out, err = capfd.readouterr()
+    assert "DT_INT32" not in err and REAL_LINES[0].decode() in err
+    assert out == "epoch 1/1\r"

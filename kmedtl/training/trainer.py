@@ -54,6 +54,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from kmedtl._quiet import console_stderr_filtered
 from kmedtl.errors import ConfigError
 from kmedtl.models.precision import model_precision, resolve_jit_compile
 from kmedtl.run_folder import RunFolder, leaf_output
@@ -345,6 +346,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ helpers
     def _fit_phase(self, compile_fn, make_callbacks, fit_kwargs):
+        with console_stderr_filtered():  # native one-time log lines (kmedtl command only)
+            return self._fit_phase_inner(compile_fn, make_callbacks, fit_kwargs)
+
+    def _fit_phase_inner(self, compile_fn, make_callbacks, fit_kwargs):
         compile_fn()
         counter = cb.BatchCounter()
         try:
