@@ -227,3 +227,17 @@ def test_loading_a_file_that_is_not_a_split_file(tmp_path):
     path.write_text(json.dumps({"kind": "something-else"}))
     with pytest.raises(ConfigError, match="not a kmedtl split file"):
         S.Splits.load(path)
+
+
+def test_too_few_images_per_class_for_a_fraction_names_the_field_and_the_fix():
+    """12 images (3 classes of 4), as a first try on one's own data: the validation part
+    (15% of the 70% left) needs a class of at least 5 images.  Before: scikit-learn's
+    'n_splits=5 cannot be greater than the number of members in each class' traceback."""
+    ids = [f"img{i}" for i in range(12)]
+    labels = np.arange(12) % 3
+    with pytest.raises(ConfigError, match=r"split\.val: holding out .* needs a class of at "
+                                          r"least 5 images; the largest here has 3; use a "
+                                          r"smaller split\.val"):
+        S.holdout(ids, labels, ids, val=0.15, test=0.3)
+    fold = S.holdout(ids, labels, ids, val=0.0, test=0.3).folds[0]  # the remedy it names
+    assert sorted(fold.train + fold.val + fold.test) == sorted(ids)

@@ -122,7 +122,7 @@ class Splits:
                    [dict(d, id=absolute(d["id"])) for d in data.get("dropped", [])])
 
 
-def _sgkf_take(idx, labels, groups, fraction, seed):
+def _sgkf_take(idx, labels, groups, fraction, seed, what="split"):
     """Split ``idx`` into (rest, held) with ~``fraction`` held out, stratified and grouped."""
     if fraction <= 0:
         return idx, idx[:0]
@@ -131,6 +131,12 @@ def _sgkf_take(idx, labels, groups, fraction, seed):
     if n_groups < n_splits:
         raise ConfigError(f"split: {n_groups} independent groups cannot be split into "
                           f"{n_splits} parts; use a smaller fraction or more data")
+    _, counts = np.unique(labels[idx], return_counts=True)
+    if counts.max() < n_splits:  # scikit-learn's own message names neither field nor fix
+        raise ConfigError(
+            f"{what}: holding out {fraction:.0%} of {len(idx)} images stratified by class "
+            f"needs a class of at least {n_splits} images; the largest here has "
+            f"{counts.max()}; use a smaller {what} (or 0), split.method: kfold, or more data")
     sgkf = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     rest, held = next(sgkf.split(idx, labels[idx], groups[idx]))
     return idx[rest], idx[held]
@@ -141,8 +147,9 @@ def holdout(ids, labels, groups, val=0.15, test=0.15, seed=0) -> Splits:
     _check_fractions(val, test)
     ids, labels, groups = list(ids), np.asarray(labels), np.asarray(groups)
     idx = np.arange(len(ids))
-    rest, te = _sgkf_take(idx, labels, groups, test, seed)
-    tr, va = _sgkf_take(rest, labels, groups, val / (1.0 - test) if val else 0.0, seed + 1)
+    rest, te = _sgkf_take(idx, labels, groups, test, seed, "split.test")
+    tr, va = _sgkf_take(rest, labels, groups, val / (1.0 - test) if val else 0.0, seed + 1,
+                        "split.val")
     fold = Fold(*[[ids[i] for i in sorted(part)] for part in (tr, va, te)])
     return Splits("holdout", seed, [fold], {"val": val, "test": test})
 
@@ -157,7 +164,7 @@ def kfold(ids, labels, groups, k=5, val=0.15, seed=0) -> Splits:
     sgkf = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
     for f, (rest, te) in enumerate(sgkf.split(idx, labels, groups)):
         tr, va = _sgkf_take(idx[rest], labels, groups, val / (1 - 1 / k) if val else 0.0,
-                            seed + 1 + f)
+                            seed + 1 + f, "split.val")
         folds.append(Fold(*[[ids[i] for i in sorted(p)] for p in (tr, va, idx[te])]))
     return Splits("kfold", seed, folds, {"k": k, "val": val})
 
@@ -194,7 +201,7 @@ def source_split(ids, labels, groups, source_splits, val=0.15, seed=0) -> Splits
                     for i in keep if split[i] == "train" and groups[i] in val_groups]
         va = kept_val
     else:
-        tr, va = _sgkf_take(keep, labels, groups, val, seed)
+        tr, va = _sgkf_take(keep, labels, groups, val, seed, "split.val")
     te = np.nonzero(split == "test")[0]
     fold = Fold(*[[ids[i] for i in sorted(p)] for p in (tr, va, te)])
     return Splits("source", seed, [fold], {"val": val}, dropped)
