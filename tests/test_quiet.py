@@ -230,3 +230,27 @@ def test_training_stderr_is_filtered_in_the_command_only(capfd, monkeypatch):
     out, err = capfd.readouterr()
     assert "DT_INT32" not in err and REAL_LINES[0].decode() in err
     assert out == "epoch 1/1\r"
+
+
+def test_a_training_fit_in_the_command_drops_the_native_line(capfd, monkeypatch):
+    """The Trainer wiring, on any CPU: a line written to fd 2 during fit (as TF's oneDNN
+    check does on CPUs without AVX-512) is dropped in the command, kept for a library
+    caller.  (tests/test_init.py's end-to-end run sees the real line only on such CPUs.)"""
+    import keras
+    from test_training_helpers import arrays, flat_model
+
+    import kmedtl._quiet as quiet
+    from kmedtl.training import Trainer
+
+    class NativeLine(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            os.write(2, ONEDNN_INT32)
+
+    x, y = arrays(8)
+    monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "2")
+    monkeypatch.setattr(quiet, "_verbose", False)
+    for console, shown in ((True, False), (False, True)):
+        monkeypatch.setattr(quiet, "_console", console)
+        Trainer(flat_model(), epochs=1, batch_size=8, jit_compile=False, verbose=0,
+                callbacks=[NativeLine()]).fit((x, y))
+        assert ("DT_INT32" in capfd.readouterr().err) is shown, console

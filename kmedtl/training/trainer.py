@@ -308,9 +308,10 @@ class Trainer:
             else:
                 fit_kwargs.update(x=train, shuffle=False)  # datasets shuffle themselves
             t0 = time.perf_counter()
-            history = self._fit_phase(
-                lambda lr=lr, p=patterns, m=mom: self.compile(lr, p, m), make_callbacks,
-                fit_kwargs)
+            with console_stderr_filtered():  # native one-time log lines (kmedtl command)
+                history = self._fit_phase(
+                    lambda lr=lr, p=patterns, m=mom: self.compile(lr, p, m), make_callbacks,
+                    fit_kwargs)
             fit_seconds += time.perf_counter() - t0
             if first_epoch_seconds is None and timer.seconds:
                 first_epoch_seconds = timer.seconds[0]
@@ -346,10 +347,6 @@ class Trainer:
 
     # ------------------------------------------------------------------ helpers
     def _fit_phase(self, compile_fn, make_callbacks, fit_kwargs):
-        with console_stderr_filtered():  # native one-time log lines (kmedtl command only)
-            return self._fit_phase_inner(compile_fn, make_callbacks, fit_kwargs)
-
-    def _fit_phase_inner(self, compile_fn, make_callbacks, fit_kwargs):
         compile_fn()
         counter = cb.BatchCounter()
         try:
