@@ -18,7 +18,9 @@ share of validation images (0: all of them).  Rows:
 - ablations of ``stage``, one part removed each: ``no_augment``, ``no_validation``,
   ``no_run_dir`` (no backups/CSV/TensorBoard; the best-weights checkpoint goes to a
   temporary folder), ``no_tensorboard`` (``train.tensorboard: false``),
-  ``no_metrics`` (no AUC/kappa/accuracy in the train step).
+  ``no_metrics`` (no AUC/kappa/accuracy in the train step);
+- ``autotune``: ``stage`` with tf.data's autotuner on for every stream (kmedtl's default
+  before it was turned off; see :func:`kmedtl.data.pipeline.make_dataset`).
 
 A row's images/s is the training images of one epoch over that epoch's wall time
 (validation and callbacks included), the median over the epochs after the first (the
@@ -26,11 +28,19 @@ first traces the graph); "whole" is every epoch's images over the whole call (tr
 and the final evaluations included).  Every row is timed in this process, one after another, so
 rows compare on the same machine and load; ``--rounds R`` repeats the whole set in
 rotating order and reports medians.
+
+Each epoch also records where its wall time went (``usage``): the process's CPU seconds
+(user + system, all threads), the machine's idle, I/O-wait and *steal* seconds from
+``/proc/stat`` (steal: time a virtual CPU was ready but the hypervisor ran another guest),
+garbage collections, and the median and slowest step.  A slow epoch with steal is the
+machine's neighbours; with more process CPU for the same steps it is contention inside the
+process; with idle CPU and one slow step it is a stall (input, GC, I/O).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import math
@@ -57,7 +67,7 @@ from kmedtl.training.freezing import freeze_batchnorm, plan_phases  # noqa: E402
 from kmedtl.training.stage import datasets  # noqa: E402
 
 ROWS = ("bare", "stage", "no_augment", "no_validation", "no_run_dir", "no_tensorboard",
-        "no_metrics")
+        "no_metrics", "autotune")
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -77,6 +87,61 @@ class Subset:
     def samples(self, part, fold=0):
         out = self._prep.samples(part, fold)
         return out[:self.n[part]] if part in self.n else out
+
+
+def _machine_seconds() -> dict:
+    """Cumulative idle, iowait and steal seconds of all CPUs (``/proc/stat``; empty
+    where there is none, e.g. macOS)."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    except OSError:
+        return {}
+    hz = os.sysconf("SC_CLK_TCK")
+    ticks = [int(f) for f in fields] + [0] * 8
+    return {"idle": ticks[3] / hz, "iowait": ticks[4] / hz, "steal": ticks[7] / hz}
+
+
+class Usage(keras.callbacks.Callback):
+    """Per epoch: wall, process CPU, machine idle/iowait/steal seconds, GC collections and
+    step times (see the module docstring for how to read them)."""
+
+    def __init__(self):
+        super().__init__()
+        self.epochs: list[dict] = []
+
+    def _now(self):
+        t = os.times()
+        return {"wall": time.perf_counter(), "process_cpu": t.user + t.system,
+                "gc": sum(g["collections"] for g in gc.get_stats()), **_machine_seconds()}
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start, self._steps, self._last = self._now(), [], time.perf_counter()
+        self._val = 0.0
+
+    def on_train_batch_end(self, batch, logs=None):
+        now = time.perf_counter()
+        self._steps.append(now - self._last)
+        self._last = now
+
+    def on_test_begin(self, logs=None):
+        self._val_t0 = time.perf_counter()
+
+    def on_test_end(self, logs=None):
+        self._val += time.perf_counter() - self._val_t0
+        self._last = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        end = self._now()
+        out = {k: round(end[k] - self._start[k], 3) for k in end}
+        steps = self._steps[1:] or self._steps  # the first spans the epoch's start
+        if steps:
+            # first step: it waits for the input pipeline's first batch; validation: the
+            # evaluation pass; after: from the last step (or validation) to this callback
+            out |= {"first_step": round(self._steps[0], 3),
+                    "step_median": round(statistics.median(steps), 4),
+                    "step_max": round(max(steps), 4), "validation": round(self._val, 3),
+                    "after": round(time.perf_counter() - self._last, 3)}
+        self.epochs.append(out)
 
 
 def fresh_model(cfg, prep):
@@ -106,28 +171,39 @@ def bare_row(cfg, prep, data, epochs) -> dict:
         freeze_batchnorm(model)
     Trainer(model, tc).compile(tc.learning_rate)
     steps = data["steps"]
-    timer = EpochTimer()
+    timer, usage = EpochTimer(), Usage()
     t0 = time.perf_counter()
     model.fit(data["train"].take(steps).cache().repeat(), epochs=epochs,
-              steps_per_epoch=steps, verbose=0, callbacks=[timer], shuffle=False)
+              steps_per_epoch=steps, verbose=0, callbacks=[usage, timer], shuffle=False)
     return _timed(timer.seconds, steps * cfg.train.batch_size, epochs,
-                  time.perf_counter() - t0)
+                  time.perf_counter() - t0, usage)
 
 
-def _timed(seconds, n_images, epochs, total) -> dict:
+def _timed(seconds, n_images, epochs, total, usage) -> dict:
     steady = seconds[1:] or seconds
-    return {"epoch_seconds": seconds,
+    return {"epoch_seconds": seconds, "usage": usage.epochs,
             "images_per_second": n_images / statistics.median(steady),
             "whole_images_per_second": n_images * epochs / total,
             "total_seconds": total, "images_per_epoch": n_images}
 
 
+def with_autotune(ds):
+    import tensorflow as tf  # loaded already (the streams are tf.data)
+
+    opts = tf.data.Options()
+    opts.autotune.enabled = True  # the outer with_options wins over make_dataset's
+    return ds.with_options(opts)
+
+
 def stage_row(row, cfg, prep, data, epochs) -> dict:
     model = fresh_model(cfg, prep)
+    if row == "autotune":
+        data = {**data, **{k: with_autotune(data[k]) for k in ("train", "val", "train_eval")
+                           if data[k] is not None}}
     train = data["train_plain"] if row == "no_augment" else data["train"]
     val = None if row == "no_validation" else data["val"]
     kwargs = {"metrics": no_metrics(model)} if row == "no_metrics" else {}
-    timer = EpochTimer()  # last callback: its epoch spans checkpoints, backups and logs
+    timer, usage = EpochTimer(), Usage()  # timer last: it spans checkpoints, backups, logs
     with tempfile.TemporaryDirectory(prefix="kmedtl_bench_") as tmp:
         run_dir = None if row == "no_run_dir" else Path(tmp) / "run"
         tc = cfg.train.derive(epochs=epochs, verbose=0)
@@ -135,12 +211,13 @@ def stage_row(row, cfg, prep, data, epochs) -> dict:
             tc = tc.derive(tensorboard=False)
         if row in ("no_validation", "no_metrics"):  # no val_ keys / no kappa to monitor
             tc = tc.derive(monitor="loss")
-        trainer = Trainer(model, tc, run_dir=run_dir, callbacks=[timer], **kwargs)
+        trainer = Trainer(model, tc, run_dir=run_dir, callbacks=[usage, timer],
+                          **kwargs)
         t0 = time.perf_counter()
         trainer.fit(train, val, steps_per_epoch=data["steps_per_epoch"],
                     eval_train=data["train_eval"])  # as the stage: final evaluations too
         total = time.perf_counter() - t0
-    return _timed(timer.seconds, data["steps"] * cfg.train.batch_size, epochs, total)
+    return _timed(timer.seconds, data["steps"] * cfg.train.batch_size, epochs, total, usage)
 
 
 def main(argv=None):

@@ -34,6 +34,15 @@ def test_every_row_is_timed_on_the_same_epochs_and_images(tmp_path, capsys):
         assert len(run["epoch_seconds"]) == 2, row
         assert run["images_per_epoch"] == 12, row  # 3 steps of 4 (the first 12 images)
         assert run["images_per_second"] > 0 and run["whole_images_per_second"] > 0, row
+        # where each epoch's time went: one record per epoch, 3 steps counted in each
+        assert len(run["usage"]) == 2, row
+        for epoch in run["usage"]:
+            assert epoch["wall"] > 0 and epoch["process_cpu"] > 0, row
+            assert 0 < epoch["first_step"] <= epoch["wall"], row
+            assert epoch["step_median"] <= epoch["step_max"] <= epoch["wall"], row
+            assert epoch["validation"] >= 0 and epoch["after"] >= 0, row
+            if row not in ("bare", "no_validation"):  # bare: the step alone
+                assert epoch["validation"] > 0, row
         assert doc["images_per_second"][row] == run["images_per_second"]
     table = capsys.readouterr().out
     assert "| bare | " in table and "1.00x" in table

@@ -197,3 +197,25 @@ def test_worker_crash_is_reported_and_the_pass_goes_on(tmp_path, monkeypatch):
     assert [(r.path.endswith("img_crashme.png"), r.error_kind) for r in bad] == \
         [(True, "worker_crashed")]
     assert sum(r.ok for r in results) == 12
+
+
+def test_streams_run_without_the_tfdata_autotuner_and_give_the_same_batches(tree, tmp_path):
+    """Every stream has tf.data's autotuner off unless asked (make_dataset's docstring says
+    why: its model thread stalled each new epoch's first step on 2 CPUs); it only changes
+    scheduling, so the batches are the same either way."""
+    index = index_folder(tree, H)
+    cache = build_cache(index, OPTS, tmp_path / "cache", workers=1)
+    streams = {
+        "eval": dict(cache=cache, batch_size=5),
+        "train": dict(cache=cache, batch_size=4, training=True, seed=3,
+                      augment=Augmentation(flip="horizontal", seed=3)),
+        "uncached weights": dict(batch_size=4, balance="weights"),
+        "sampling": dict(cache=cache, batch_size=4, training=True, balance="sampling"),
+    }
+    for name, kw in streams.items():
+        assert make_dataset(index.samples, H, OPTS, **kw).options().autotune.enabled is False, name
+        assert make_dataset(index.samples, H, OPTS, autotune=True,
+                            **kw).options().autotune.enabled is True, name
+    off, _ = _collect(make_dataset(index.samples, H, OPTS, **streams["eval"]))
+    on, _ = _collect(make_dataset(index.samples, H, OPTS, autotune=True, **streams["eval"]))
+    np.testing.assert_array_equal(off, on)

@@ -163,7 +163,7 @@ def make_dataset(samples: list[Sample], hierarchy, options: ImageOptions, *,
                  drop_remainder: bool = False, report: PipelineReport | None = None,
                  decoder: str = "pydicom",
                  num_parallel_calls: int | None = None,
-                 primary_input: str = "image") -> tf.data.Dataset:
+                 primary_input: str = "image", autotune: bool = False) -> tf.data.Dataset:
     """Build the ``tf.data.Dataset`` of ``(images, targets)`` (``sample_weight`` third when
     ``balance="weights"``).
 
@@ -171,6 +171,14 @@ def make_dataset(samples: list[Sample], hierarchy, options: ImageOptions, *,
     ``steps_per_epoch`` to ``fit``.  Multi-input samples (manifest image columns) yield a
     dict of images keyed ``primary_input`` (the main image, default ``image``; see
     :func:`kmedtl.data.prepare.input_names`) and the column names.
+
+    ``autotune`` (default off) turns on tf.data's autotuner.  Off, every ``AUTOTUNE``
+    parallelism is the number of CPUs the process may use and prefetch buffers grow on
+    their own.  Why off: Keras makes a new iterator every epoch, and destroying the old one
+    waits for the autotuner's model thread; on 2 CPUs the first step of an epoch then sat
+    6-10 s with both cores idle in 1 epoch of 4-6 (a native stack showed the wait in
+    ``RootDataset::Iterator``'s destructor), which cost the train stage 15-30% against
+    the bare train step (``benchmarks/train_loop.py``, row ``autotune``).
     """
     if balance not in BALANCE:
         raise ConfigError(f"data.balance: {balance!r} is not one of {list(BALANCE)}")
@@ -249,7 +257,9 @@ def make_dataset(samples: list[Sample], hierarchy, options: ImageOptions, *,
     aug_layers = (augment.layers(), augment.mixers()) if augment is not None else None
     widths = target_widths(hierarchy, targets)
     ds = ds.map(finish, num_parallel_calls=parallel)
-    return ds.prefetch(tf.data.AUTOTUNE)
+    opts = tf.data.Options()
+    opts.autotune.enabled = autotune
+    return ds.prefetch(tf.data.AUTOTUNE).with_options(opts)
 
 
 def sample_inputs(samples: list[Sample], primary_input: str = "image") -> list[str]:
