@@ -282,6 +282,24 @@ def test_main_job_details_come_from_the_committed_run():
     assert removed["count"] + ext_all["n"] == removed["of"] == 394
 
 
+def test_fresh_main_job_wall_time_comes_from_its_record():
+    rec = _json(MAIN / "wall_time.json")
+    st = {k: round(v["seconds"]) for k, v in rec["stages"].items()}
+    assert rec["wall_seconds"] == pytest.approx(
+        rec["environment_seconds"] + rec["pipeline_seconds"], abs=1)
+    assert sum(v["seconds"] for v in rec["stages"].values()) <= rec["pipeline_seconds"]
+    results = _page("docs/results.md")
+    t = rec["train_timings"]
+    assert (f"{rec['wall_seconds']} s in all, of which the environment "
+            f"{round(rec['environment_seconds'])} s, audit {st['audit']} s, train {st['train']} s "
+            f"({round(t['images_per_second'])} images/s, median epoch "
+            f"{t['median_epoch_seconds']:.1f} s), evaluate {st['evaluate']} s and export "
+            f"{st['export']} s") in results
+    scores = [rec[k] for k in ("internal_test_balanced_accuracy",
+                               "external_testing_balanced_accuracy")]
+    assert f"scored {_ci3(scores[0])} on the internal test and {_ci3(scores[1])}" in results
+
+
 def test_pooled_split_numbers_come_from_the_committed_runs():
     """Before issue 19: the pooled-split main job and the from-scratch comparison
     (tests/test_evaluation_compare.py re-derives compare.json from the predictions)."""
