@@ -288,6 +288,7 @@ def test_fresh_main_job_wall_time_comes_from_its_record():
     assert rec["wall_seconds"] == pytest.approx(
         rec["environment_seconds"] + rec["pipeline_seconds"], abs=1)
     assert sum(v["seconds"] for v in rec["stages"].values()) <= rec["pipeline_seconds"]
+    assert f"The main job took {rec['wall_seconds']} s from a fresh clone" in _page("README.md")
     results = _page("docs/results.md")
     t = rec["train_timings"]
     assert (f"{rec['wall_seconds']} s in all, of which the environment "
