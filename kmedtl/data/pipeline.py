@@ -176,9 +176,9 @@ def make_dataset(samples: list[Sample], hierarchy, options: ImageOptions, *,
     parallelism is the number of CPUs the process may use and prefetch buffers grow on
     their own.  Why off: Keras makes a new iterator every epoch, and destroying the old one
     waits for the autotuner's model thread; on 2 CPUs the first step of an epoch then sat
-    6-10 s with both cores idle in 1 epoch of 4-6 (a native stack showed the wait in
-    ``RootDataset::Iterator``'s destructor), which cost the train stage 15-30% against
-    the bare train step (``benchmarks/train_loop.py``, row ``autotune``).
+    6-10 s with both cores idle in 7 of 27 epochs (a native stack showed the wait in
+    ``RootDataset::Iterator``'s destructor): the train stage ran at 0.78x the bare train
+    step with it, 0.86x without (``benchmarks/train_loop.py``, row ``autotune``).
     """
     if balance not in BALANCE:
         raise ConfigError(f"data.balance: {balance!r} is not one of {list(BALANCE)}")
