@@ -455,6 +455,16 @@ def test_generalisation_numbers_come_from_its_results():
             f"{min(adabn):.2f}-{max(adabn):.2f}") in results
     cost = mean(main, "internal test") - mean(means[("pad", "adabn")], "internal test")
     assert f"costs {round(100 * cost)} points on the internal test" in results
+    crop = means[("crop", "plain")]
+    assert f"leaves `Testing/` where it was, {crop[col['Testing/ (all)']]}" in results
+    domain = {r[0]: r for r in tables[3][1:]}  # arm -> seeds, val, diffs, test, diffs
+    assert tables[3][0][2] == "validation" and tables[3][0][4] == "internal test"
+    test_d, val_d = ([float(x) for x in domain["crop"][k].split(",")] for k in (5, 3))
+    assert min(test_d) > 0 > max(val_d)  # "higher ... on every seed", "lower ... every seed"
+    assert (f"internal test on every seed ({domain['crop'][4]} against {domain['pad'][4]})"
+            in results)
+    assert (f"internal validation on every seed ({domain['crop'][2]} against "
+            f"{domain['pad'][2]})") in results
     ens = [float(r[3]) for r in tables[1][1:]]
     assert f"seed ensembles of 3 reach {min(ens):.3f}-{max(ens):.3f}" in results
     chosen = re.search(r"Chosen: \*\*(\w+) / (\w+)\*\*", text).groups()
