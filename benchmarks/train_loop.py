@@ -32,9 +32,11 @@ rotating order and reports medians.
 Each epoch also records where its wall time went (``usage``): the process's CPU seconds
 (user + system, all threads), the machine's idle, I/O-wait and *steal* seconds from
 ``/proc/stat`` (steal: time a virtual CPU was ready but the hypervisor ran another guest),
-garbage collections, and the median and slowest step.  A slow epoch with steal is the
-machine's neighbours; with more process CPU for the same steps it is contention inside the
-process; with idle CPU and one slow step it is a stall (input, GC, I/O).
+garbage collections, the first step (it waits for the epoch's first batch), the median
+and slowest of the others, the validation pass and the callbacks after it.  A slow epoch
+with steal is the machine's neighbours; with more process CPU for the same steps it is
+contention inside the process; with idle CPU and one slow step it is a stall (input, GC,
+I/O, a thread waited for: tf.data's autotuner was one, see the ``autotune`` row).
 """
 
 from __future__ import annotations
