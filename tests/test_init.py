@@ -205,16 +205,21 @@ def test_balance_rule():
     assert c.value == "weights" and "a 151 / b 100" in c.why
 
 
-def test_resize_rule_when_geometry_predicts_the_class():
+def test_resize_rule_pads_and_names_crop_when_geometry_predicts_the_class():
     assert kinit.choose_resize(_fp()).value == "pad"
-    # a non-geometry shortcut (file size) leaves pad alone
-    assert kinit.choose_resize(_fp(shortcuts__flagged=["file_size"])).value == "pad"
-    crop = kinit.choose_resize(_fp(shortcuts__flagged=["aspect_ratio"],
-                                   geometry__elongation={"p90": 1.3}))
-    assert crop.value == "crop" and "aspect_ratio" in crop.why
-    stretch = kinit.choose_resize(_fp(shortcuts__flagged=["width", "height"],
-                                      geometry__elongation={"p90": 2.0}))
-    assert stretch.value == "stretch"
+    # a non-geometry shortcut (file size) leaves pad alone, with no crop advice
+    c = kinit.choose_resize(_fp(shortcuts__flagged=["file_size"]))
+    assert c.value == "pad" and "crop" not in c.why
+    # geometry flagged: still pad (crop lost on brain MRI validation on every seed), and the
+    # comment and the notes name the flags and the check to run
+    for flagged, p90 in ((["aspect_ratio"], 1.3), (["width", "height"], 2.0)):
+        fp = _fp(shortcuts__flagged=flagged, geometry__elongation={"p90": p90})
+        c = kinit.choose_resize(fp)
+        assert c.value == "pad" and all(f in c.why for f in flagged)
+        assert "resize: crop" in c.why
+        assert any("data.image.resize=crop" in h for h in kinit.hints(fp, None))
+    assert not any("resize=crop" in h
+                   for h in kinit.hints(_fp(shortcuts__flagged=["file_size"]), None))
 
 
 def test_split_rules():

@@ -478,6 +478,50 @@ def test_generalisation_numbers_come_from_its_results():
     assert f"oracle ceiling {oracle}" in results
 
 
+def _signed(xs) -> str:
+    return ", ".join(f"{x:+.3f}" for x in xs)
+
+
+def test_init_rules_numbers_come_from_their_study():
+    """docs/results.md's paragraph on `kmedtl init`'s rules quotes the study's report, and
+    the rules `init` applies are the ones the study chose on validation."""
+    from kmedtl import init as kinit
+
+    study = ROOT / "pipelines" / "study_init_rules"
+    text = (study / "RESULTS.md").read_text()
+    summary = _json(study / "summary.json")
+    results = _page("docs/results.md")
+    cells, minutes = re.search(r"- (\d+) cells, (\d+) min of training", text).groups()
+    assert f"{cells} cells, {minutes} min on 2 CPU cores" in results
+    tables = _tables(text)
+    ham = {r[0]: r for r in tables[0][1:]}  # arm, change, seeds, val, diffs, test, diffs, ...
+    assert tables[0][0][3] == "validation" and tables[0][0][5] == "test"
+    pair = summary["ham"]["radiology_aug-vs-grey"]
+    assert pair["verdict"].startswith("holds") and min(pair["test_diffs"]) > 0
+    assert (f"colour beat grey on validation on every seed ({_signed(pair['validation_diffs'])})"
+            in results)
+    assert f"on the test split by {_signed(pair['test_diffs'])}" in results
+    choice = summary["ham"]["augment_choice"]
+    assert choice["arm"] == "photo_geometry" and choice["holds"]
+    assert choice["augment"] == kinit.PHOTO_AUGMENT  # init writes the family chosen
+    assert f"it scored {ham['init'][3]} on validation" in results
+    assert f"without the jitter, {choice['val']}" in results
+    assert f"the radiology family ({ham['radiology_aug'][3]})" in results
+    assert f"(test {choice['test']})" in results
+    assert f"scores {ham['grey'][5]} on the same test split" in results
+    assert (f"on HAM10000 the recipe it writes scores {choice['test']} balanced accuracy on "
+            f"test, a copy of the main job's {ham['grey'][5]}") in _page("README.md")
+    oct_rows = {r[0]: r for r in tables[1][1:]}
+    assert (f"`init`'s recipe scores {oct_rows['init'][3]} on validation and "
+            f"{oct_rows['init'][5]} on test") in results
+    brain = summary["brain"]["crop"]
+    assert brain["val"]["verdict"].startswith("holds")
+    assert kinit.choose_resize({"shortcuts": {"flagged": ["width"]}}).value == "pad"
+    for part, words in (("val", "on validation"), ("internal", "on the internal test"),
+                        ("external", "on `Testing/`")):
+        assert f"{_signed(brain[part]['diffs'])} {words}" in results
+
+
 # ------------------------------------------------------------- the real data (slow)
 @pytest.mark.slow
 def test_brain_tumour_audit_counts_in_the_readme(datasets_dir, tmp_path):
