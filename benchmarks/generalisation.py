@@ -37,6 +37,7 @@ import shutil
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -156,14 +157,41 @@ def _adabn(model, x):
     return saved
 
 
-def train_cell(arm: str, seed: int, out: Path, keep_runs: Path | None,
-               epochs: int | None = None) -> Path:
+@contextmanager
+def trained(cfg, prefix: str, keep: Path | None = None):
+    """Prepare ``cfg``'s data and train it with the pipeline's own train stage in a temporary
+    run folder; yields ``(prepared, result, model, train seconds)``.  Afterwards the run
+    folder is copied to ``keep`` (if given) and removed, and the Keras session cleared."""
     import keras
 
     from kmedtl.data.prepare import prepare
-    from kmedtl.pipeline.spec import load_pipeline
     from kmedtl.run_folder import load_model
     from kmedtl.training.stage import run_training
+
+    t0 = time.perf_counter()
+    prep = prepare(cfg)
+    run_dir = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        res = run_training(cfg, run_dir, prepared=prep, overwrite=True)
+        yield prep, res, load_model(run_dir / "model.keras"), time.perf_counter() - t0
+    finally:
+        keras.utils.clear_session(free_memory=True)
+        if keep is not None:
+            shutil.copytree(run_dir, keep, dirs_exist_ok=True)
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def write_cell(path: Path, cell: dict) -> None:
+    """Write one cell's JSON atomically (a stopped run leaves no half cell)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(cell))
+    os.replace(tmp, path)
+
+
+def train_cell(arm: str, seed: int, out: Path, keep_runs: Path | None,
+               epochs: int | None = None) -> Path:
+    from kmedtl.pipeline.spec import load_pipeline
 
     path = out / "cells" / f"{arm}-s{seed}.json"
     if path.exists():
@@ -176,13 +204,9 @@ def train_cell(arm: str, seed: int, out: Path, keep_runs: Path | None,
     pl = load_pipeline(MAIN, overrides=overrides)
     cfg = pl.config
     t0 = time.perf_counter()
-    prep = prepare(cfg)
-    h = prep.hierarchy
-    run_dir = Path(tempfile.mkdtemp(prefix=f"kmedtl-gen-{arm}-s{seed}-"))
-    try:
-        res = run_training(cfg, run_dir, prepared=prep, overwrite=True)
-        train_s = time.perf_counter() - t0
-        model = load_model(run_dir / "model.keras")
+    keep = keep_runs / f"{arm}-s{seed}" if keep_runs is not None else None
+    with trained(cfg, f"kmedtl-gen-{arm}-s{seed}-", keep) as (prep, res, model, train_s):
+        h = prep.hierarchy
         xv, yv = _arrays(prep.samples("val"), h, prep.options, prep.cache)
         xt, yt = _arrays(prep.samples("test"), h, prep.options, prep.cache)
         ext_samples, ext_ids = _external(cfg, h)
@@ -207,17 +231,9 @@ def train_cell(arm: str, seed: int, out: Path, keep_runs: Path | None,
                 if isinstance(v, np.ndarray):
                     cell[part][k] = np.round(v, 5).tolist()
         cell["seconds"] = round(time.perf_counter() - t0, 1)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(cell))
-        os.replace(tmp, path)
+        write_cell(path, cell)
         print(f"{path.name}: trained in {train_s:.0f} s, cell {cell['seconds']:.0f} s",
               flush=True)
-    finally:
-        keras.utils.clear_session(free_memory=True)
-        if keep_runs is not None:
-            shutil.copytree(run_dir, keep_runs / f"{arm}-s{seed}", dirs_exist_ok=True)
-        shutil.rmtree(run_dir, ignore_errors=True)
     return path
 
 

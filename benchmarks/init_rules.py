@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -39,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from generalisation import _arrays, _ms, _predict, _scores  # noqa: E402
+from generalisation import _arrays, _ms, _predict, _scores, trained, write_cell  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -137,12 +136,7 @@ def arm_config(init_yaml: Path, dataset: str, arm: str, seed: int,
 
 def train_cell(dataset: str, arm: str, seed: int, out: Path, work: Path,
                epochs: int | None = None) -> Path:
-    import keras
-
-    from kmedtl.data.prepare import prepare
     from kmedtl.pipeline.spec import load_pipeline
-    from kmedtl.run_folder import load_model
-    from kmedtl.training.stage import run_training
 
     path = out / "cells" / f"{dataset}-{arm}-s{seed}.json"
     if path.exists():
@@ -150,15 +144,10 @@ def train_cell(dataset: str, arm: str, seed: int, out: Path, work: Path,
         return path
     raw = arm_config(write_init_yaml(dataset, work), dataset, arm, seed, epochs)
     pl = load_pipeline(raw)
-    cfg = pl.config
     t0 = time.perf_counter()
-    prep = prepare(cfg)
-    h = prep.hierarchy
-    run_dir = Path(tempfile.mkdtemp(prefix=f"kmedtl-rules-{dataset}-{arm}-s{seed}-"))
-    try:
-        res = run_training(cfg, run_dir, prepared=prep, overwrite=True)
-        train_s = time.perf_counter() - t0
-        model = load_model(run_dir / "model.keras")
+    with trained(pl.config, f"kmedtl-rules-{dataset}-{arm}-s{seed}-") as (
+            prep, res, model, train_s):
+        h = prep.hierarchy
         cell = {"dataset": dataset, "arm": arm, "seed": seed,
                 "change": ARMS[dataset][arm][1],
                 "recipe": {"channels": raw["data"]["image"]["channels"],
@@ -175,15 +164,9 @@ def train_cell(dataset: str, arm: str, seed: int, out: Path, work: Path,
             cell[part] = {"y": y.tolist(),
                           "plain": np.round(_predict(model, x, False), 5).tolist()}
         cell["seconds"] = round(time.perf_counter() - t0, 1)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(cell))
-        os.replace(tmp, path)
+        write_cell(path, cell)
         print(f"{path.name}: trained in {train_s:.0f} s, cell {cell['seconds']:.0f} s",
               flush=True)
-    finally:
-        keras.utils.clear_session(free_memory=True)
-        shutil.rmtree(run_dir, ignore_errors=True)
     return path
 
 

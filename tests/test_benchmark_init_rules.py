@@ -7,9 +7,9 @@ from __future__ import annotations
 import importlib.util
 import shutil
 
-import numpy as np
 import pytest
 from helpers import smooth_image, write_image
+from test_benchmark_generalisation import _part
 from test_training_helpers import REPO
 
 from kmedtl import init as kinit
@@ -86,13 +86,6 @@ def test_verdict_takes_the_seed_as_the_unit():
     assert bench.verdict([0.05, -0.01, 0.02]) == "no consistent difference"
     assert bench.verdict([0.0, 0.0]) == "tie"
     assert bench.verdict([0.3]) == "too few seeds"
-
-
-def _part(y, right):
-    """Probabilities that get the first ``right`` images right and the rest wrong."""
-    y = np.array(y)
-    pred = np.where(np.arange(len(y)) < right, y, (y + 1) % 2)
-    return {"y": y.tolist(), "plain": np.eye(2)[pred].tolist()}
 
 
 def test_table_pairs_each_arm_with_init_seed_by_seed():
