@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from generalisation import _arrays, _ms, _predict, _scores, trained, write_cell  # noqa: E402
+from generalisation import _arrays, _cells, _ms, _predict, _scores, trained, write_cell  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -171,19 +171,15 @@ def train_cell(dataset: str, arm: str, seed: int, out: Path, work: Path,
 
 
 # ---------------------------------------------------------------------------- report
-def _cells(out: Path) -> list[dict]:
-    return [json.loads(f.read_text()) for f in sorted((out / "cells").glob("*.json"))]
-
-
-def verdict(diffs: list[float]) -> str:
-    """The rule against one alternative, from the per-seed validation differences
-    (init minus alternative): the seed is the unit."""
+def verdict(diffs: list[float], a: str = "init", b: str = "alternative") -> str:
+    """Choice ``a`` against ``b``, from the per-seed validation differences ``a - b``: the
+    seed is the unit."""
     if len(diffs) < 2:
         return "too few seeds"
     if min(diffs) >= 0:
-        return "holds (init >= on every seed)" if max(diffs) > 0 else "tie"
+        return f"holds ({a} >= on every seed)" if max(diffs) > 0 else "tie"
     if max(diffs) < 0:
-        return "fails (alternative better on every seed)"
+        return f"fails ({b} better on every seed)"
     return "no consistent difference"
 
 
@@ -249,14 +245,14 @@ def dataset_lines(cells: list[dict], dataset: str) -> tuple[list[str], dict]:
         d = {part: [score[(a, sd, part)]["balanced_accuracy"]
                     - score[(b, sd, part)]["balanced_accuracy"] for sd in seeds]
              for part in ("val", "test")}
-        v = verdict(d["val"]).replace("init", a).replace("alternative", b)
+        v = verdict(d["val"], a, b)
         lines += ["", f"**{what}** (`{a}` − `{b}`, which differ in nothing else), per seed: "
                       f"validation {', '.join(f'{x:+.3f}' for x in d['val'])}; test "
                       f"{', '.join(f'{x:+.3f}' for x in d['test'])}. Verdict on validation: "
                       f"{v}."]
         verdicts[f"{a}-vs-{b}"] = {"validation_diffs": d["val"], "test_diffs": d["test"],
                                    "verdict": v}
-    chosen = augment_choice(cs)
+    chosen = augment_choice(cs, score)
     if chosen:
         lines += ["", f"**Augmentation family, chosen on validation** (among the arms that "
                       f"differ from `init` only in `augment`, with all "
@@ -270,10 +266,11 @@ def dataset_lines(cells: list[dict], dataset: str) -> tuple[list[str], dict]:
     return lines, verdicts
 
 
-def augment_choice(cs: list[dict]) -> dict | None:
+def augment_choice(cs: list[dict], score: dict) -> dict | None:
     """Among the arms whose recipe equals ``init``'s except ``augment`` (init included),
     the one with the highest mean validation balanced accuracy over the seeds they all
-    have; ``holds`` when it beats every other such arm on every seed."""
+    have; ``holds`` when it beats every other such arm on every seed.  ``score`` maps
+    (arm, seed, part) to that cell's scores."""
     init = next((c["recipe"] for c in cs if c["arm"] == "init"), None)
     if init is None:
         return None
@@ -285,18 +282,16 @@ def augment_choice(cs: list[dict]) -> dict | None:
     if len(arms) < 2 or len(seeds) < 2:
         return None
 
-    def ba(arm, sd, part):
-        c = by[(arm, sd)]
-        return _scores(np.array(c[part]["y"]), c[part]["plain"])["balanced_accuracy"]
+    def ba(arm, part):
+        return [score[(arm, sd, part)]["balanced_accuracy"] for sd in seeds]
 
-    mean = {arm: float(np.mean([ba(arm, sd, "val") for sd in seeds])) for arm in arms}
+    mean = {arm: float(np.mean(ba(arm, "val"))) for arm in arms}
     best = max(arms, key=lambda a: mean[a])
-    holds = all(ba(best, sd, "val") > ba(other, sd, "val")
-                for other in arms if other != best for sd in seeds)
+    holds = all(x > y for other in arms if other != best
+                for x, y in zip(ba(best, "val"), ba(other, "val")))
     return {"arm": best, "augment": by[(best, seeds[0])]["recipe"]["augment"],
             "seeds": len(seeds), "holds": holds,
-            "val": _ms([ba(best, sd, "val") for sd in seeds]),
-            "test": _ms([ba(best, sd, "test") for sd in seeds]),
+            "val": _ms(ba(best, "val")), "test": _ms(ba(best, "test")),
             "candidates": {a: round(m, 4) for a, m in mean.items()}}
 
 
@@ -336,7 +331,7 @@ def brain_lines(gen: Path = GENERALISATION) -> tuple[list[str], dict]:
     verdicts = {}
     for part, name in parts:
         d = [ba[("pad", sd, part)] - ba[("crop", sd, part)] for sd in seeds]
-        v = verdict(d) if part == "val" else _sign(d, "pad", "crop")
+        v = verdict(d, "pad", "crop") if part == "val" else _sign(d, "pad", "crop")
         verdicts[part] = {"diffs": d, "verdict": v}
         lines.append(f"| {name} | {_ms([ba[('pad', sd, part)] for sd in seeds])} | "
                      f"{_ms([ba[('crop', sd, part)] for sd in seeds])} | "

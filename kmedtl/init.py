@@ -233,8 +233,14 @@ def choose_size(fp: dict) -> Choice:
                         f"of {SIZE_GRID}, within {MIN_SIZE}..{MAX_SIZE})")
 
 
+def geometry_flags(fp: dict) -> list[str]:
+    """The flagged shortcut-audit properties that say "the image geometry predicts the
+    class"."""
+    return [p for p in GEOMETRY_SHORTCUTS if p in fp["shortcuts"]["flagged"]]
+
+
 def choose_resize(fp: dict) -> Choice:
-    flagged = [p for p in GEOMETRY_SHORTCUTS if p in fp["shortcuts"]["flagged"]]
+    flagged = geometry_flags(fp)
     if not flagged:
         why = ("no size/aspect shortcut flagged" if not fp["shortcuts"].get("skipped")
                else f"shortcut audit skipped ({fp['shortcuts']['skipped']})")
@@ -510,12 +516,10 @@ def hints(fp: dict, hierarchy_file: str | None) -> list[str]:
                    "only: look-alike images of one patient can straddle it; give patient ids "
                    "(a manifest) if you have them")
     if fp["shortcuts"]["flagged"]:
-        flagged = fp["shortcuts"]["flagged"]
-        geometry = [p for p in GEOMETRY_SHORTCUTS if p in flagged]
-        out.append("the shortcut audit flags " + ", ".join(flagged) +
+        out.append("the shortcut audit flags " + ", ".join(fp["shortcuts"]["flagged"]) +
                    ": check the model's errors by these properties (`kmedtl data audit`)" +
                    ("; the pad bands may encode the class, so compare `--set "
-                    "data.image.resize=crop` over seeds" if geometry else ""))
+                    "data.image.resize=crop` over seeds" if geometry_flags(fp) else ""))
     if fp["colour"]["undecodable"] or fp["counts"]["skipped"] - sum(
             fp["ignored_by_kind"].values()):
         out.append("some files could not be used: `kmedtl data audit SOURCE` lists them with "

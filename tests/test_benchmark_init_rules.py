@@ -86,6 +86,7 @@ def test_verdict_takes_the_seed_as_the_unit():
     assert bench.verdict([0.05, -0.01, 0.02]) == "no consistent difference"
     assert bench.verdict([0.0, 0.0]) == "tie"
     assert bench.verdict([0.3]) == "too few seeds"
+    assert bench.verdict([-0.1, -0.2], "pad", "crop") == "fails (crop better on every seed)"
 
 
 def test_table_pairs_each_arm_with_init_seed_by_seed():
@@ -134,7 +135,7 @@ def test_brain_resize_rule_is_read_from_the_generalisation_cells():
         "| validation", "| internal test", "| Testing/ (another acquisition)"]
     v = summary["crop"]
     assert len(v["val"]["diffs"]) == 3  # one per seed, paired
-    assert v["val"]["verdict"] == bench.verdict(v["val"]["diffs"])
+    assert v["val"]["verdict"] == bench.verdict(v["val"]["diffs"], "pad", "crop")
     # the evidence behind the rule: pad is at least as good on validation on every seed
     assert v["val"]["verdict"].startswith("holds")
     assert v["external"]["verdict"] in ("crop higher on every seed", "pad higher on every seed",

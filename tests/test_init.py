@@ -212,10 +212,10 @@ def test_resize_rule_pads_and_names_crop_when_geometry_predicts_the_class():
     assert c.value == "pad" and "crop" not in c.why
     # geometry flagged: still pad (crop lost on brain MRI validation on every seed), and the
     # comment and the notes name the flags and the check to run
-    for flagged, p90 in ((["aspect_ratio"], 1.3), (["width", "height"], 2.0)):
-        fp = _fp(shortcuts__flagged=flagged, geometry__elongation={"p90": p90})
+    for flagged in (["aspect_ratio"], ["width", "height", "file_size"]):
+        fp = _fp(shortcuts__flagged=flagged)
         c = kinit.choose_resize(fp)
-        assert c.value == "pad" and all(f in c.why for f in flagged)
+        assert c.value == "pad" and all(f in c.why for f in kinit.geometry_flags(fp))
         assert "resize: crop" in c.why
         assert any("data.image.resize=crop" in h for h in kinit.hints(fp, None))
     assert not any("resize=crop" in h
